@@ -1,0 +1,80 @@
+/* Minimal kernel types for imdsguard's BPF programs.
+ *
+ * The programs need only the UAPI context of cgroup sock_addr hooks (stable ABI, same on
+ * every architecture) and a handful of kernel structs that are read through CO-RE
+ * (preserve_access_index), so their field offsets are relocated against the running
+ * kernel's BTF at load time. Keeping these few definitions here instead of a
+ * per-architecture vmlinux.h keeps one header valid for amd64 and arm64.
+ */
+#pragma once
+
+typedef unsigned char __u8;
+typedef short __s16;
+typedef unsigned short __u16;
+typedef int __s32;
+typedef unsigned int __u32;
+typedef long long __s64;
+typedef unsigned long long __u64;
+typedef __u16 __be16;
+typedef __u32 __be32;
+typedef __u32 __wsum;
+
+enum bpf_map_type {
+	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_RINGBUF = 27,
+};
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* UAPI: include/uapi/linux/bpf.h. The verifier rewrites accesses to this context. */
+struct bpf_sock_addr {
+	__u32 user_family;
+	__u32 user_ip4;    /* network byte order */
+	__u32 user_ip6[4]; /* network byte order */
+	__u32 user_port;   /* network byte order, in the low 16 bits */
+	__u32 family;
+	__u32 type;
+	__u32 protocol;
+	__u32 msg_src_ip4;
+	__u32 msg_src_ip6[4];
+	__u64 sk;
+};
+
+/* Kernel-internal structs, relocated by CO-RE: only the fields read are declared. */
+struct qstr {
+	const unsigned char *name;
+} __attribute__((preserve_access_index));
+
+struct dentry {
+	struct dentry *d_parent;
+	struct qstr d_name;
+} __attribute__((preserve_access_index));
+
+struct super_block {
+	__u32 s_dev;
+} __attribute__((preserve_access_index));
+
+struct inode {
+	unsigned long i_ino;
+	struct super_block *i_sb;
+} __attribute__((preserve_access_index));
+
+struct path {
+	struct dentry *dentry;
+} __attribute__((preserve_access_index));
+
+struct file {
+	struct path f_path;
+	struct inode *f_inode;
+} __attribute__((preserve_access_index));
+
+struct mm_struct {
+	struct file *exe_file;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	struct mm_struct *mm;
+	__u64 start_boottime;
+} __attribute__((preserve_access_index));

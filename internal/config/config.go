@@ -1,0 +1,197 @@
+// Package config reads and validates the agent's YAML configuration. Every error names
+// the key and the line it came from, so an operator can fix a file without guessing, and
+// the agent refuses to start on any error rather than run with half a config.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the agent's configuration. Field names in YAML are a contract with operators
+// and outside test harnesses: rename nothing.
+type Config struct {
+	// Cgroup is the cgroup v2 directory whose processes are guarded. Empty means the
+	// cgroup2 root, i.e. every process of the host.
+	Cgroup string `yaml:"cgroup"`
+	IMDS   IMDS   `yaml:"imds"`
+	Events Events `yaml:"events"`
+	Log    Log    `yaml:"log"`
+	Agent  Agent  `yaml:"agent"`
+}
+
+// IMDS says where the Instance Metadata Service is. Only tests change the defaults.
+type IMDS struct {
+	IPv4 string `yaml:"ipv4"`
+	IPv6 string `yaml:"ipv6"`
+	Port int    `yaml:"port"`
+
+	Addr4 netip.Addr `yaml:"-"`
+	Addr6 netip.Addr `yaml:"-"`
+}
+
+// Events says where the one-JSON-line-per-connection record goes.
+type Events struct {
+	// Output is "stdout" or a file path (appended to, created 0600).
+	Output string `yaml:"output"`
+}
+
+// Log configures the agent's own diagnostic log (not the events).
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Output string `yaml:"output"` // stderr, stdout or a file path
+}
+
+// Agent holds tuning knobs that rarely need changing.
+type Agent struct {
+	// StatsInterval is how often drop counters are checked and reported.
+	StatsInterval time.Duration `yaml:"stats_interval"`
+	// QueueSize bounds the events waiting between the ring-buffer reader and enrichment.
+	QueueSize int `yaml:"queue_size"`
+	// ReadyFile, when set, is written once the hooks are attached (for supervisors/tests).
+	ReadyFile string `yaml:"ready_file"`
+}
+
+// Default returns the configuration used for every key a file leaves out.
+func Default() Config {
+	return Config{
+		IMDS:   IMDS{IPv4: "169.254.169.254", IPv6: "fd00:ec2::254", Port: 80},
+		Events: Events{Output: "stdout"},
+		Log:    Log{Level: "info", Output: "stderr"},
+		Agent:  Agent{StatsInterval: 10 * time.Second, QueueSize: 4096},
+	}
+}
+
+// Error is a configuration problem tied to a key and, when known, a line.
+type Error struct {
+	File string
+	Line int
+	Key  string
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	if e.File != "" {
+		b.WriteString(e.File)
+		b.WriteString(":")
+	}
+	if e.Line > 0 {
+		fmt.Fprintf(&b, "%d:", e.Line)
+	}
+	if b.Len() > 0 {
+		b.WriteString(" ")
+	}
+	if e.Key != "" {
+		fmt.Fprintf(&b, "%s: ", e.Key)
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// Load reads and validates the file at path.
+func Load(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	var ce *Error
+	if errors.As(err, &ce) {
+		ce.File = path
+	}
+	return cfg, err
+}
+
+// Parse decodes and validates YAML. Unknown keys, wrong types and bad values are errors.
+func Parse(data []byte) (Config, error) {
+	cfg := Default()
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return Config{}, yamlError(err)
+	}
+	if len(root.Content) > 0 {
+		if err := checkKeys(root.Content[0], reflectKeys(), ""); err != nil {
+			return Config{}, err
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(data))
+		dec.KnownFields(true)
+		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+			ye := yamlError(err)
+			ye.Key = keyAtLine(&root, ye.Line)
+			return Config{}, ye
+		}
+	}
+	if err := cfg.validate(&root); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func (c *Config) validate(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+	}
+	if c.Cgroup != "" && !filepath.IsAbs(c.Cgroup) {
+		return bad("cgroup", "must be an absolute path, got %q", c.Cgroup)
+	}
+	a4, err := netip.ParseAddr(c.IMDS.IPv4)
+	if err != nil || !a4.Is4() {
+		return bad("imds.ipv4", "not an IPv4 address: %q", c.IMDS.IPv4)
+	}
+	a6, err := netip.ParseAddr(c.IMDS.IPv6)
+	if err != nil || !a6.Is6() || a6.Is4In6() {
+		return bad("imds.ipv6", "not an IPv6 address: %q", c.IMDS.IPv6)
+	}
+	c.IMDS.Addr4, c.IMDS.Addr6 = a4, a6
+	if c.IMDS.Port < 1 || c.IMDS.Port > 65535 {
+		return bad("imds.port", "must be 1-65535, got %d", c.IMDS.Port)
+	}
+	if c.Events.Output == "" {
+		return bad("events.output", `must be "stdout" or a file path`)
+	}
+	if c.Events.Output != "stdout" && !filepath.IsAbs(c.Events.Output) {
+		return bad("events.output", `must be "stdout" or an absolute file path, got %q`, c.Events.Output)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	if c.Log.Output != "stderr" && c.Log.Output != "stdout" && !filepath.IsAbs(c.Log.Output) {
+		return bad("log.output", `must be "stderr", "stdout" or an absolute file path, got %q`, c.Log.Output)
+	}
+	if c.Agent.StatsInterval < time.Second {
+		return bad("agent.stats_interval", "must be at least 1s, got %s", c.Agent.StatsInterval)
+	}
+	if c.Agent.QueueSize < 1 || c.Agent.QueueSize > 1<<20 {
+		return bad("agent.queue_size", "must be 1-1048576, got %d", c.Agent.QueueSize)
+	}
+	if c.Agent.ReadyFile != "" && !filepath.IsAbs(c.Agent.ReadyFile) {
+		return bad("agent.ready_file", "must be an absolute path, got %q", c.Agent.ReadyFile)
+	}
+	return nil
+}
+
+// yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.
+func yamlError(err error) *Error {
+	var te *yaml.TypeError
+	if errors.As(err, &te) && len(te.Errors) > 0 {
+		err = errors.New(te.Errors[0])
+	}
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	var line int
+	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
+		msg = strings.TrimSpace(msg[strings.Index(msg, ":")+1:])
+	}
+	return &Error{Line: line, Msg: msg}
+}
