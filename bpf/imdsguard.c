@@ -13,7 +13,8 @@
 char __license[] SEC("license") = "GPL";
 
 #define TASK_COMM_LEN 16
-#define EXE_DEPTH 8     /* path components of the executable recorded in the kernel */
+#define EXE_DEPTH 16    /* path components of the executable recorded in the kernel */
+#define EXE_WALK 24     /* loop bound: components plus mount crossings */
 #define EXE_NAME_LEN 48 /* bytes per component, NUL included */
 
 #define VERDICT_ALLOW 0
@@ -40,7 +41,8 @@ struct event {
 	__u8 daddr[16];        /* IPv4 in the first 4 bytes, else IPv6 */
 	__u8 verdict;
 	__u8 exe_depth;        /* components filled in exe_names, leaf first */
-	__u8 _pad[6];
+	__u8 exe_truncated;    /* exe_names hold only the last components of the path */
+	__u8 _pad[5];
 	char comm[TASK_COMM_LEN];
 	char exe_names[EXE_DEPTH][EXE_NAME_LEN];
 };
@@ -81,20 +83,35 @@ static __always_inline void fill_exe(struct event *e)
 	e->exe_ino = BPF_CORE_READ(exe, f_inode, i_ino);
 	e->exe_dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
 
-	/* Walk the dentry chain up to the file system's root. Mount points are not
-	 * crossed: user space joins this with /proc when the process is still alive. */
+	/* Build the path the way d_path() does, which cgroup programs may not call: walk
+	 * dentries up to the mount's root, then continue from where that mount hangs in its
+	 * parent, until the root of the mount tree. Leaf first; user space reverses it. */
+	struct vfsmount *vfsmnt = BPF_CORE_READ(exe, f_path.mnt);
+	struct mount *mnt = (void *)vfsmnt - bpf_core_field_offset(struct mount, mnt);
+	struct dentry *mnt_root = BPF_CORE_READ(vfsmnt, mnt_root);
 	struct dentry *d = BPF_CORE_READ(exe, f_path.dentry);
-	__u8 depth = 0;
+	__u32 depth = 0;
 #pragma unroll
-	for (int i = 0; i < EXE_DEPTH; i++) {
+	for (int i = 0; i < EXE_WALK; i++) {
+		if (d == mnt_root) {
+			struct mount *parent_mnt = BPF_CORE_READ(mnt, mnt_parent);
+			if (parent_mnt == mnt)
+				break; /* root of the mount tree */
+			d = BPF_CORE_READ(mnt, mnt_mountpoint);
+			mnt = parent_mnt;
+			mnt_root = BPF_CORE_READ(mnt, mnt.mnt_root);
+			continue;
+		}
 		struct dentry *parent = BPF_CORE_READ(d, d_parent);
-		if (!d || parent == d)
+		if (!d || parent == d || depth >= EXE_DEPTH)
 			break;
 		const unsigned char *name = BPF_CORE_READ(d, d_name.name);
-		bpf_probe_read_kernel_str(e->exe_names[i], EXE_NAME_LEN, name);
+		bpf_probe_read_kernel_str(e->exe_names[depth & (EXE_DEPTH - 1)], EXE_NAME_LEN, name);
 		depth++;
 		d = parent;
 	}
+	if (d != mnt_root || depth >= EXE_DEPTH)
+		e->exe_truncated = 1; /* deeper than we walk: path is a suffix */
 	e->exe_depth = depth;
 }
 
@@ -126,6 +143,7 @@ static __always_inline int record(struct bpf_sock_addr *ctx, __u16 family, const
 	}
 	e->verdict = VERDICT_ALLOW;
 	e->exe_depth = 0;
+	e->exe_truncated = 0;
 	e->exe_ino = 0;
 	e->exe_dev = 0;
 	e->start_boottime = 0;

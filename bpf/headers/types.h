@@ -61,7 +61,19 @@ struct inode {
 	struct super_block *i_sb;
 } __attribute__((preserve_access_index));
 
+struct vfsmount {
+	struct dentry *mnt_root;
+} __attribute__((preserve_access_index));
+
+/* fs/mount.h: the vfsmount is embedded in struct mount, which knows where it hangs. */
+struct mount {
+	struct mount *mnt_parent;
+	struct dentry *mnt_mountpoint;
+	struct vfsmount mnt;
+} __attribute__((preserve_access_index));
+
 struct path {
+	struct vfsmount *mnt;
 	struct dentry *dentry;
 } __attribute__((preserve_access_index));
 

@@ -31,9 +31,10 @@ type imdsguardEvent struct {
 	Daddr         [16]uint8
 	Verdict       uint8
 	ExeDepth      uint8
-	Pad           [6]uint8
+	ExeTruncated  uint8
+	Pad           [5]uint8
 	Comm          [16]int8
-	ExeNames      [8][48]int8
+	ExeNames      [16][48]int8
 }
 
 // Names of all BPF objects in the ELF.

@@ -1,0 +1,127 @@
+package hook
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Event is one connect() to IMDS as the kernel saw it. Every field here was recorded in
+// the kernel at connect time, so it stays true after the process has exited.
+type Event struct {
+	Time          time.Time
+	StartBoottime uint64 // task start, ns since boot; with PID it names one process
+	PID           uint32 // thread-group id in the host's pid namespace
+	TID           uint32
+	UID, GID      uint32
+	Comm          string
+	CgroupID      uint64
+	NetnsCookie   uint64
+	SocketCookie  uint64
+	Dst           netip.AddrPort
+	// ExePath is the executable's path within its own file system (mount points are
+	// not crossed), "" for kernel threads. ExeDev (user-space encoding) and ExeIno
+	// identify the file itself.
+	ExePath string
+	// ExeTruncated says ExePath holds only the last components of a deeper path.
+	ExeTruncated bool
+	ExeDev       uint64
+	ExeIno       uint64
+	Verdict      Verdict
+}
+
+// Verdict is what the kernel did with the connect().
+type Verdict uint8
+
+const (
+	VerdictAllow Verdict = 0
+	VerdictDeny  Verdict = 1
+)
+
+func (v Verdict) String() string {
+	switch v {
+	case VerdictAllow:
+		return "allow"
+	case VerdictDeny:
+		return "deny"
+	}
+	return fmt.Sprintf("verdict(%d)", uint8(v))
+}
+
+var rawEventSize = int(unsafe.Sizeof(imdsguardEvent{}))
+
+func decode(sample []byte, c clock) (Event, error) {
+	if len(sample) < rawEventSize {
+		return Event{}, fmt.Errorf("decode event: %d bytes, want %d", len(sample), rawEventSize)
+	}
+	var raw imdsguardEvent
+	if _, err := binary.Decode(sample, binary.NativeEndian, &raw); err != nil {
+		return Event{}, fmt.Errorf("decode event: %w", err)
+	}
+	return fromRaw(&raw, c), nil
+}
+
+func fromRaw(r *imdsguardEvent, c clock) Event {
+	ev := Event{
+		Time:          c.wall(r.KtimeNs),
+		StartBoottime: r.StartBoottime,
+		PID:           r.Tgid,
+		TID:           r.Tid,
+		UID:           r.Uid,
+		GID:           r.Gid,
+		Comm:          cString(r.Comm[:]),
+		CgroupID:      r.CgroupId,
+		NetnsCookie:   r.NetnsCookie,
+		SocketCookie:  r.SocketCookie,
+		ExeIno:        r.ExeIno,
+		Verdict:       Verdict(r.Verdict),
+	}
+	if r.ExeIno != 0 {
+		// Kernel dev_t is major<<20|minor; stat(2) uses the glibc encoding.
+		ev.ExeDev = unix.Mkdev(r.ExeDev>>20, r.ExeDev&(1<<20-1))
+	}
+	var addr netip.Addr
+	if r.Family == unix.AF_INET {
+		addr = netip.AddrFrom4([4]byte(r.Daddr[:4]))
+	} else {
+		addr = netip.AddrFrom16(r.Daddr)
+	}
+	ev.Dst = netip.AddrPortFrom(addr, r.Dport)
+	depth := min(int(r.ExeDepth), len(r.ExeNames))
+	if depth > 0 {
+		parts := make([]string, depth)
+		for i := 0; i < depth; i++ {
+			parts[depth-1-i] = cString(r.ExeNames[i][:])
+		}
+		ev.ExePath = "/" + strings.Join(parts, "/")
+		ev.ExeTruncated = r.ExeTruncated != 0
+	}
+	return ev
+}
+
+func cString(b []int8) string {
+	u := unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(b))), len(b))
+	if i := bytes.IndexByte(u, 0); i >= 0 {
+		u = u[:i]
+	}
+	return string(u)
+}
+
+// clock turns bpf_ktime_get_ns (CLOCK_MONOTONIC) into wall time.
+type clock struct{ offset time.Duration }
+
+func newClock() clock {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return clock{offset: time.Duration(time.Now().UnixNano() - ts.Nano())}
+}
+
+func (c clock) wall(ktime uint64) time.Time {
+	return time.Unix(0, int64(ktime)+int64(c.offset))
+}

@@ -1,0 +1,306 @@
+// Package testbed brings up a private copy of an EC2 instance's view of IMDS on one
+// Linux box, so that every part of imdsguard is proven against real kernels and real
+// clients without touching the machine's own network or cgroups:
+//
+//   - a network namespace in which 169.254.169.254 and fd00:ec2::254 are local addresses
+//     served by amazon-ec2-metadata-mock (AWS's own IMDS emulator), with fresh credentials;
+//   - a child cgroup v2 that BPF programs attach to, so they guard only the bed's
+//     processes;
+//   - helpers that run client processes inside both.
+//
+// Everything is removed by Close, which tests call through tb.Cleanup.
+package testbed
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/imdsguard/imdsguard/internal/cgroup"
+)
+
+// Addresses of IMDS inside the bed, the same as on EC2.
+var (
+	IMDSv4 = netip.MustParseAddr("169.254.169.254")
+	IMDSv6 = netip.MustParseAddr("fd00:ec2::254")
+)
+
+// IMDSPort is where the emulator listens inside the bed.
+const IMDSPort = 80
+
+// Role is the IAM role name the emulator serves credentials for.
+const Role = "baskinc-role"
+
+// Credentials are what the emulator hands out for Role. They are fresh per bed so
+// that SDK clients, which refuse expired credentials, accept them.
+type Credentials struct {
+	AccessKeyID     string
+	SecretAccessKey string
+	Token           string
+	Expiration      time.Time
+}
+
+// Options shape a bed.
+type Options struct {
+	// IMDSv2Only makes the emulator refuse requests without a session token.
+	IMDSv2Only bool
+	// Log receives the emulator's output; nil discards it.
+	Log io.Writer
+}
+
+// Bed is one running test bed.
+type Bed struct {
+	Name        string // network namespace name, also the cgroup's base name
+	NetnsPath   string // /run/netns/<Name>: for nsenter --net and setns
+	CgroupRoot  string // the host's cgroup2 mount
+	Cgroup      string // the bed's child cgroup directory
+	Creds       Credentials
+	InstanceID  string
+	Dir         string // scratch directory, removed on Close
+	EmulatorPID int
+
+	emulator *exec.Cmd
+	waitErr  chan error
+	closers  []func() error
+	closed   bool
+}
+
+var seq atomic.Uint64
+
+// New builds a bed. It needs root; on any failure what was already built is removed.
+func New(opts Options) (b *Bed, err error) {
+	if os.Geteuid() != 0 {
+		return nil, ErrNotRoot
+	}
+	name := fmt.Sprintf("imdsguard-t%d-%d", os.Getpid(), seq.Add(1))
+	b = &Bed{Name: name, NetnsPath: "/run/netns/" + name}
+	defer func() {
+		if err != nil {
+			_ = b.Close()
+			b = nil
+		}
+	}()
+	if b.Dir, err = os.MkdirTemp("", name+"-"); err != nil {
+		return nil, fmt.Errorf("create scratch dir: %w", err)
+	}
+	// Clients run as an unprivileged uid must be able to reach binaries in it.
+	if err := os.Chmod(b.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("chmod scratch dir: %w", err)
+	}
+	b.closers = append(b.closers, func() error { return os.RemoveAll(b.Dir) })
+	if err := b.makeNetns(); err != nil {
+		return nil, err
+	}
+	if err := b.makeCgroup(); err != nil {
+		return nil, err
+	}
+	if err := b.startEmulator(opts); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// ErrNotRoot is returned when the bed cannot be built for lack of privileges.
+var ErrNotRoot = errors.New("testbed needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF)")
+
+func run(name string, args ...string) error {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func (b *Bed) makeNetns() error {
+	if err := run("ip", "netns", "add", b.Name); err != nil {
+		return fmt.Errorf("create network namespace: %w", err)
+	}
+	b.closers = append(b.closers, func() error { return run("ip", "netns", "del", b.Name) })
+	// No dummy link type on some kernels: IMDS's addresses go on the namespace's lo.
+	for _, args := range [][]string{
+		{"-n", b.Name, "link", "set", "lo", "up"},
+		{"-n", b.Name, "addr", "add", IMDSv4.String() + "/32", "dev", "lo"},
+		{"-n", b.Name, "-6", "addr", "add", IMDSv6.String() + "/128", "dev", "lo", "nodad"},
+	} {
+		if err := run("ip", args...); err != nil {
+			return fmt.Errorf("set up network namespace: %w", err)
+		}
+	}
+	return nil
+}
+
+func (b *Bed) makeCgroup() error {
+	root, err := cgroup.Root()
+	if err != nil {
+		return fmt.Errorf("find cgroup2: %w", err)
+	}
+	b.CgroupRoot = root
+	b.Cgroup = filepath.Join(root, b.Name)
+	if err := os.Mkdir(b.Cgroup, 0o755); err != nil {
+		return fmt.Errorf("create cgroup: %w", err)
+	}
+	b.closers = append(b.closers, func() error { return removeCgroup(b.Cgroup) })
+	return nil
+}
+
+// removeCgroup kills whatever still runs in dir and removes it.
+func removeCgroup(dir string) error {
+	// cgroup.kill (5.14+) kills every process in the subtree at once.
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		killProcs(dir)
+	}
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if err = os.Remove(dir); err == nil || errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		killProcs(dir)
+	}
+	return fmt.Errorf("remove cgroup %s: %w", dir, err)
+}
+
+func killProcs(dir string) {
+	data, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	for _, f := range strings.Fields(string(data)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+func (b *Bed) startEmulator(opts Options) error {
+	bin, err := Emulator()
+	if err != nil {
+		return err
+	}
+	b.InstanceID = "i-1234567890abcdef0"
+	now := time.Now().UTC().Truncate(time.Second)
+	b.Creds = Credentials{
+		AccessKeyID:     "ASIA" + strings.ToUpper(randHex(8)),
+		SecretAccessKey: "secret-" + randHex(16),
+		Token:           "token-" + randHex(24),
+		Expiration:      now.Add(6 * time.Hour),
+	}
+	conf := map[string]any{"metadata": map[string]any{"values": map[string]any{
+		"iam-security-credentials": map[string]any{
+			"Code": "Success", "Type": "AWS-HMAC",
+			"LastUpdated":     now.Format(time.RFC3339),
+			"AccessKeyId":     b.Creds.AccessKeyID,
+			"SecretAccessKey": b.Creds.SecretAccessKey,
+			"Token":           b.Creds.Token,
+			"Expiration":      b.Creds.Expiration.Format(time.RFC3339),
+		},
+	}}}
+	confPath := filepath.Join(b.Dir, "aemm-config.json")
+	data, _ := json.Marshal(conf)
+	if err := os.WriteFile(confPath, data, 0o600); err != nil {
+		return fmt.Errorf("write emulator config: %w", err)
+	}
+	// 0.0.0.0 listens dual-stack, so one emulator serves both IMDS addresses; the
+	// namespace is private, so nothing else can reach it.
+	args := []string{"--net=" + b.NetnsPath, bin, "-n", "0.0.0.0", "-p", strconv.Itoa(IMDSPort), "-c", confPath}
+	if opts.IMDSv2Only {
+		args = append(args, "-I")
+	}
+	cmd := exec.Command("nsenter", args...)
+	cmd.Dir = b.Dir
+	cmd.Env = append(os.Environ(), "HOME="+b.Dir)
+	w := opts.Log
+	if w == nil {
+		w = io.Discard
+	}
+	cmd.Stdout, cmd.Stderr = w, w
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start emulator: %w", err)
+	}
+	b.emulator, b.EmulatorPID = cmd, cmd.Process.Pid
+	b.waitErr = make(chan error, 1)
+	go func() { b.waitErr <- cmd.Wait() }()
+	b.closers = append(b.closers, func() error {
+		_ = cmd.Process.Kill()
+		<-b.waitErr
+		return nil
+	})
+	return b.waitReady()
+}
+
+// waitReady polls the emulator from inside the namespace until it answers.
+func (b *Bed) waitReady() error {
+	client := b.HTTPClient()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		select {
+		case err := <-b.waitErr:
+			b.waitErr <- err
+			return fmt.Errorf("emulator exited before it was ready: %v", err)
+		default:
+		}
+		resp, err := client.Get("http://" + IMDSv4.String() + "/latest/meta-data/instance-id")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusUnauthorized {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("emulator not ready after 30s: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Close tears the bed down, in reverse order of creation, and reports every failure.
+func (b *Bed) Close() error {
+	if b == nil || b.closed {
+		return nil
+	}
+	b.closed = true
+	var errs []error
+	for i := len(b.closers) - 1; i >= 0; i-- {
+		if err := b.closers[i](); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// HTTPClient returns a client whose sockets are created inside the bed's network
+// namespace. The calling process is not in the bed's cgroup, so its connections are
+// not seen by hooks attached there.
+func (b *Bed) HTTPClient() *http.Client {
+	return &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			DialContext:       b.DialContext,
+			DisableKeepAlives: true,
+		},
+	}
+}
+
+// DialContext dials from inside the bed's network namespace.
+func (b *Bed) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	var conn net.Conn
+	err := InNetns(b.NetnsPath, func() error {
+		var err error
+		conn, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+		return err
+	})
+	return conn, err
+}
+
+var buildMu sync.Mutex
