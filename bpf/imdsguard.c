@@ -26,13 +26,14 @@ volatile const __u16 imds_port = 0;
 
 struct event {
 	__u64 ktime_ns;        /* CLOCK_MONOTONIC at connect() */
-	__u64 start_boottime;  /* task start, ns since boot: tells pid reuse apart */
+	__u64 start_boottime;  /* process (group leader) start, ns since boot: tells pid reuse apart */
 	__u64 cgroup_id;
 	__u64 netns_cookie;
 	__u64 socket_cookie;
 	__u64 exe_ino;
 	__u32 exe_dev;         /* kernel encoding: major<<20 | minor */
 	__u32 tgid;            /* host pid namespace */
+	__u32 ppid;            /* parent's tgid at connect time */
 	__u32 tid;
 	__u32 uid;
 	__u32 gid;
@@ -42,7 +43,7 @@ struct event {
 	__u8 verdict;
 	__u8 exe_depth;        /* components filled in exe_names, leaf first */
 	__u8 exe_truncated;    /* exe_names hold only the last components of the path */
-	__u8 _pad[5];
+	__u8 _pad[1];
 	char comm[TASK_COMM_LEN];
 	char exe_names[EXE_DEPTH][EXE_NAME_LEN];
 };
@@ -77,7 +78,9 @@ static __always_inline void fill_exe(struct event *e)
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
 
-	e->start_boottime = BPF_CORE_READ(task, start_boottime);
+	/* /proc/<pid>/stat shows the group leader's start time, whichever thread connects. */
+	e->start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
+	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
 	if (!exe)
 		return; /* kernel thread */
 	e->exe_ino = BPF_CORE_READ(exe, f_inode, i_ino);
@@ -147,6 +150,7 @@ static __always_inline int record(struct bpf_sock_addr *ctx, __u16 family, const
 	e->exe_ino = 0;
 	e->exe_dev = 0;
 	e->start_boottime = 0;
+	e->ppid = 0;
 	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
 	__builtin_memset(e->exe_names, 0, sizeof(e->exe_names));
 	bpf_get_current_comm(e->comm, sizeof(e->comm));

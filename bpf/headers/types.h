@@ -87,6 +87,9 @@ struct mm_struct {
 } __attribute__((preserve_access_index));
 
 struct task_struct {
+	int tgid;
+	struct task_struct *real_parent;
+	struct task_struct *group_leader;
 	struct mm_struct *mm;
 	__u64 start_boottime;
 } __attribute__((preserve_access_index));

@@ -19,6 +19,7 @@ type Event struct {
 	StartBoottime uint64 // task start, ns since boot; with PID it names one process
 	PID           uint32 // thread-group id in the host's pid namespace
 	TID           uint32
+	PPID          uint32 // parent's thread-group id at connect time
 	UID, GID      uint32
 	Comm          string
 	CgroupID      uint64
@@ -73,6 +74,7 @@ func fromRaw(r *imdsguardEvent, c clock) Event {
 		StartBoottime: r.StartBoottime,
 		PID:           r.Tgid,
 		TID:           r.Tid,
+		PPID:          r.Ppid,
 		UID:           r.Uid,
 		GID:           r.Gid,
 		Comm:          cString(r.Comm[:]),

@@ -3,6 +3,7 @@ package hook
 import (
 	"context"
 	"errors"
+	"os"
 	"testing"
 	"time"
 
@@ -62,6 +63,9 @@ func TestPrivilegedHookAttributesClients(t *testing.T) {
 	}
 	for _, r := range runs {
 		ev, _ := waitFor(t, events, r.PID)
+		if int(ev.PPID) != os.Getpid() {
+			t.Errorf("%s: ppid %d, want this test (%d)", r.Name, ev.PPID, os.Getpid())
+		}
 		if int(ev.UID) != r.UID {
 			t.Errorf("%s: uid %d, want %d", r.Name, ev.UID, r.UID)
 		}

@@ -23,6 +23,7 @@ type imdsguardEvent struct {
 	ExeIno        uint64
 	ExeDev        uint32
 	Tgid          uint32
+	Ppid          uint32
 	Tid           uint32
 	Uid           uint32
 	Gid           uint32
@@ -32,7 +33,7 @@ type imdsguardEvent struct {
 	Verdict       uint8
 	ExeDepth      uint8
 	ExeTruncated  uint8
-	Pad           [5]uint8
+	Pad           [1]uint8
 	Comm          [16]int8
 	ExeNames      [16][48]int8
 }
