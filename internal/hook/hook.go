@@ -145,14 +145,19 @@ func (h *Hook) Stats() (Stats, error) {
 // Run reads the ring buffer and sends decoded events to out until ctx is done or the
 // hook is closed. It never blocks on out: when out is full the event is counted in
 // Stats().QueueDrops and dropped, so the kernel's ring keeps draining.
+//
+// When ctx is done, Run first delivers what is still in the ring, then returns: detach
+// before cancelling and no event is lost on shutdown.
 func (h *Hook) Run(ctx context.Context, out chan<- Event) error {
-	stop := context.AfterFunc(ctx, func() { h.reader.Close() })
+	// Flush wakes a blocked read; the reader then returns what is pending, then
+	// ErrFlushed.
+	stop := context.AfterFunc(ctx, func() { _ = h.reader.Flush() })
 	defer stop()
 	clock := newClock()
 	var rec ringbuf.Record
 	for {
 		if err := h.reader.ReadInto(&rec); err != nil {
-			if errors.Is(err, ringbuf.ErrClosed) {
+			if errors.Is(err, ringbuf.ErrClosed) || errors.Is(err, ringbuf.ErrFlushed) {
 				return nil
 			}
 			return fmt.Errorf("read ring buffer: %w", err)

@@ -1,0 +1,173 @@
+// Command imdsguard is the host agent: it ties every connection to the Instance
+// Metadata Service to the process that made it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+
+	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/agent"
+	"github.com/imdsguard/imdsguard/internal/config"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = ""
+
+// DefaultConfig is read by `run` when --config is not given and the file exists.
+const DefaultConfig = "/etc/imdsguard/config.yaml"
+
+const usage = `imdsguard guards the EC2 Instance Metadata Service on this host.
+
+Usage:
+  imdsguard run [--config FILE]     attach the hooks and record IMDS connections
+  imdsguard check-config FILE       validate a config file and print the effective config
+  imdsguard version                 print the version
+
+Configuration keys and their defaults are documented in the README.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// errUsage marks errors that are the caller's wording, not the host's state.
+var errUsage = errors.New("usage")
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "run":
+		err = cmdRun(args[1:], stderr)
+	case "check-config":
+		err = cmdCheckConfig(args[1:], stdout)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "imdsguard", versionString())
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		err = fmt.Errorf("%w: unknown command %q", errUsage, args[0])
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintf(stderr, "imdsguard: %v\n\n%s", err, usage)
+		return 2
+	default:
+		fmt.Fprintf(stderr, "imdsguard: %v\n", err)
+		return 1
+	}
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+func cmdCheckConfig(args []string, stdout io.Writer) error {
+	if len(args) != 1 {
+		return fmt.Errorf("%w: check-config takes exactly one file", errUsage)
+	}
+	cfg, err := config.Load(args[0])
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "%s: ok\n---\n%s", args[0], cfg)
+	return nil
+}
+
+func cmdRun(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	path := fs.String("config", "", "config file (default "+DefaultConfig+" when it exists)")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	}
+	cfg := config.Default()
+	var err error
+	switch {
+	case *path != "":
+		cfg, err = config.Load(*path)
+	case fileExists(DefaultConfig):
+		*path = DefaultConfig
+		cfg, err = config.Load(*path)
+	default:
+		cfg, err = config.Parse(nil)
+	}
+	if err != nil {
+		return err
+	}
+	log, closeLog, err := newLogger(cfg.Log, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeLog()
+	log.Info().Str("event", "agent_starting").Str("version", versionString()).Str("config", *path).Msg("starting")
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	hup := make(chan struct{}, 1)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGHUP)
+	defer signal.Stop(sig)
+	go func() {
+		for range sig {
+			select {
+			case hup <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	if err := agent.Run(ctx, cfg, log, hup); err != nil {
+		log.Error().Err(err).Str("event", "agent_failed").Msg("agent stopped with an error")
+		return err
+	}
+	return nil
+}
+
+func newLogger(c config.Log, stderr io.Writer) (zerolog.Logger, func(), error) {
+	var w io.Writer = stderr
+	closeFn := func() {}
+	switch c.Output {
+	case "stderr":
+	case "stdout":
+		w = os.Stdout
+	default:
+		f, err := os.OpenFile(c.Output, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return zerolog.Logger{}, nil, fmt.Errorf("open log output: %w", err)
+		}
+		w, closeFn = f, func() { f.Close() }
+	}
+	level, err := zerolog.ParseLevel(c.Level)
+	if err != nil {
+		return zerolog.Logger{}, nil, fmt.Errorf("log.level: %w", err)
+	}
+	return zerolog.New(w).Level(level).With().Timestamp().Logger(), closeFn, nil
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}

@@ -1,0 +1,40 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestCLI(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(good, []byte("imds:\n  port: 8080\n"), 0o600)
+	os.WriteFile(bad, []byte("imds:\n  port: 80\n  colour: blue\n"), 0o600)
+	cases := []struct {
+		args       []string
+		code       int
+		out, errOut string
+	}{
+		{nil, 2, "", "Usage:"},
+		{[]string{"version"}, 0, "imdsguard ", ""},
+		{[]string{"frobnicate"}, 2, "", `unknown command "frobnicate"`},
+		{[]string{"check-config"}, 2, "", "exactly one file"},
+		{[]string{"check-config", good}, 0, "port: 8080", ""},
+		{[]string{"check-config", bad}, 1, "", bad + ":3: imds.colour: unknown key"},
+		{[]string{"check-config", filepath.Join(dir, "none.yaml")}, 1, "", "no such file"},
+		{[]string{"run", "--config", bad}, 1, "", "imds.colour: unknown key"},
+		{[]string{"run", "--bogus"}, 2, "", "flag provided but not defined"},
+		{[]string{"run", "extra"}, 2, "", `unexpected argument "extra"`},
+	}
+	for _, c := range cases {
+		var out, errOut bytes.Buffer
+		code := run(c.args, &out, &errOut)
+		if code != c.code || !strings.Contains(out.String(), c.out) || !strings.Contains(errOut.String(), c.errOut) {
+			t.Errorf("imdsguard %v: code %d\nstdout: %s\nstderr: %s", c.args, code, out.String(), errOut.String())
+		}
+	}
+}

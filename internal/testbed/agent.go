@@ -1,0 +1,193 @@
+package testbed
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// AgentProc is an imdsguard agent binary running inside the bed's network namespace,
+// guarding the bed's cgroup.
+type AgentProc struct {
+	Cmd        *exec.Cmd
+	ConfigPath string
+	EventsPath string
+
+	mu     sync.Mutex
+	log    bytes.Buffer
+	exited chan struct{}
+	err    error
+}
+
+// StartAgent writes a config that points the agent at the bed (cgroup, IMDS, an events
+// file in the bed's directory), appends extraYAML to it, starts the agent through
+// nsenter --net, and returns once the agent says its hooks are attached.
+func (b *Bed) StartAgent(extraYAML string) (*AgentProc, error) {
+	bin, err := Agent()
+	if err != nil {
+		return nil, err
+	}
+	a := &AgentProc{
+		ConfigPath: filepath.Join(b.Dir, "imdsguard.yaml"),
+		EventsPath: filepath.Join(b.Dir, "events.json"),
+		exited:     make(chan struct{}),
+	}
+	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\n%s",
+		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, extraYAML)
+	if err := os.WriteFile(a.ConfigPath, []byte(conf), 0o600); err != nil {
+		return nil, fmt.Errorf("write agent config: %w", err)
+	}
+	a.Cmd = exec.Command("nsenter", "--net="+b.NetnsPath, bin, "run", "--config", a.ConfigPath)
+	a.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	stderr, err := a.Cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	a.Cmd.Stdout = io.Discard
+	if err := a.Cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start agent: %w", err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		once := sync.Once{}
+		for sc.Scan() {
+			a.mu.Lock()
+			a.log.Write(sc.Bytes())
+			a.log.WriteByte('\n')
+			a.mu.Unlock()
+			if strings.Contains(sc.Text(), `"event":"agent_started"`) {
+				once.Do(func() { close(ready) })
+			}
+		}
+		a.err = a.Cmd.Wait()
+		close(a.exited)
+	}()
+	b.closers = append(b.closers, func() error { a.Stop(); return nil })
+	select {
+	case <-ready:
+		return a, nil
+	case <-a.exited:
+		return nil, fmt.Errorf("agent exited before it was ready: %v\n%s", a.err, a.Log())
+	case <-time.After(30 * time.Second):
+		a.Stop()
+		return nil, fmt.Errorf("agent not ready after 30s:\n%s", a.Log())
+	}
+}
+
+// Log returns what the agent wrote to stderr so far.
+func (a *AgentProc) Log() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.log.String()
+}
+
+// Stop sends SIGTERM and waits for the agent to exit; it returns the exit error (nil for
+// a clean exit 0). A second call returns the same result.
+func (a *AgentProc) Stop() error {
+	select {
+	case <-a.exited:
+		return a.err
+	default:
+	}
+	_ = a.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-a.exited:
+	case <-time.After(15 * time.Second):
+		_ = a.Cmd.Process.Kill()
+		<-a.exited
+		return errors.New("agent did not stop within 15s of SIGTERM")
+	}
+	return a.err
+}
+
+// Event is one line of the agent's events output, as the README documents it.
+type Event struct {
+	Time         time.Time `json:"time"`
+	Event        string    `json:"event"`
+	PID          int       `json:"pid"`
+	TID          int       `json:"tid"`
+	PPID         int       `json:"ppid"`
+	UID          int       `json:"uid"`
+	GID          int       `json:"gid"`
+	User         string    `json:"user"`
+	Comm         string    `json:"comm"`
+	Exe          string    `json:"exe"`
+	Cmdline      []string  `json:"cmdline"`
+	Cgroup       string    `json:"cgroup"`
+	CgroupID     uint64    `json:"cgroup_id"`
+	Unit         string    `json:"unit"`
+	ContainerID  string    `json:"container_id"`
+	Netns        uint64    `json:"netns"`
+	SocketCookie uint64    `json:"socket_cookie"`
+	Dst          string    `json:"dst"`
+	Verdict      string    `json:"verdict"`
+	Missing      []string  `json:"missing"`
+}
+
+// Events reads every complete line of the events file. Unknown fields are an error, so
+// a field added without documenting it here fails the tests.
+func (a *AgentProc) Events() ([]Event, error) {
+	data, err := os.ReadFile(a.EventsPath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	var out []Event
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		if len(line) == 0 {
+			continue
+		}
+		dec := json.NewDecoder(bytes.NewReader(line))
+		dec.DisallowUnknownFields()
+		var e Event
+		if err := dec.Decode(&e); err != nil {
+			return nil, fmt.Errorf("events line %q: %w", line, err)
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
+// WaitEvents waits until the events file holds an event for each pid, and returns
+// all events. It watches the file; the deadline only bounds a failure.
+func (a *AgentProc) WaitEvents(pids ...int) ([]Event, error) {
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		events, err := a.Events()
+		if err != nil {
+			return nil, err
+		}
+		seen := map[int]bool{}
+		for _, e := range events {
+			seen[e.PID] = true
+		}
+		missing := 0
+		for _, p := range pids {
+			if !seen[p] {
+				missing++
+			}
+		}
+		if missing == 0 {
+			return events, nil
+		}
+		select {
+		case <-a.exited:
+			return events, fmt.Errorf("agent exited: %v\n%s", a.err, a.Log())
+		default:
+		}
+		if time.Now().After(deadline) {
+			return events, fmt.Errorf("no event for %d of pids %v after 15s", missing, pids)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
