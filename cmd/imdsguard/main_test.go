@@ -15,8 +15,8 @@ func TestCLI(t *testing.T) {
 	os.WriteFile(good, []byte("imds:\n  port: 8080\n"), 0o600)
 	os.WriteFile(bad, []byte("imds:\n  port: 80\n  colour: blue\n"), 0o600)
 	cases := []struct {
-		args       []string
-		code       int
+		args        []string
+		code        int
 		out, errOut string
 	}{
 		{nil, 2, "", "Usage:"},

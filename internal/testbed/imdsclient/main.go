@@ -3,12 +3,24 @@
 //
 //	imds-client sdk            token PUT, then instance id and role credentials (IMDSv2)
 //	imds-client connect-exit   connect to IMDS, send a request and exit without waiting
+//	imds-client connect-loop N tcp|udp
+//	                           N connect()+close() to a loopback listener of its own;
+//	                           prints nanoseconds per connect (benchmark baseline)
+//	imds-client udp-flood RATE SECONDS ADDR:PORT
+//	                           UDP connect() to ADDR:PORT at RATE/s (0: flat out); UDP
+//	                           connect runs the connect hook but sends nothing; prints
+//	                           the number of connects made
 package main
 
 import (
+	"errors"
+	"net/netip"
+	"strconv"
+
 	"context"
 	"encoding/json"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
 	"net"
 	"os"
@@ -27,8 +39,8 @@ func main() {
 }
 
 func run(args []string) error {
-	if len(args) != 1 {
-		return fmt.Errorf("usage: imds-client sdk|connect-exit")
+	if len(args) == 0 {
+		return fmt.Errorf("usage: imds-client sdk|connect-exit|connect-loop|udp-flood")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -37,6 +49,10 @@ func run(args []string) error {
 		return sdk(ctx)
 	case "connect-exit":
 		return connectExit(ctx)
+	case "connect-loop":
+		return connectLoop(args[1:])
+	case "udp-flood":
+		return udpFlood(args[1:])
 	}
 	return fmt.Errorf("unknown mode %q", args[0])
 }
@@ -93,4 +109,93 @@ func connectExit(ctx context.Context) error {
 	_, err = io.WriteString(conn, "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
 	fmt.Println(os.Getpid())
 	return err
+}
+
+func connectLoop(args []string) error {
+	if len(args) != 2 {
+		return fmt.Errorf("usage: connect-loop N tcp|udp")
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n <= 0 {
+		return fmt.Errorf("bad count %q", args[0])
+	}
+	typ := unix.SOCK_STREAM
+	if args[1] == "udp" {
+		typ = unix.SOCK_DGRAM
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	sa := &unix.SockaddrInet4{Port: ln.Addr().(*net.TCPAddr).Port, Addr: [4]byte{127, 0, 0, 1}}
+	// Reset on close: no TIME_WAIT, so the loop never runs out of ports.
+	linger := &unix.Linger{Onoff: 1, Linger: 0}
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("socket: %w", err)
+		}
+		if typ == unix.SOCK_STREAM {
+			_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
+		}
+		if err := unix.Connect(fd, sa); err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("connect: %w", err)
+		}
+		unix.Close(fd)
+	}
+	fmt.Println(time.Since(start).Nanoseconds() / int64(n))
+	return nil
+}
+
+func udpFlood(args []string) error {
+	if len(args) != 3 {
+		return fmt.Errorf("usage: udp-flood RATE SECONDS ADDR:PORT")
+	}
+	rate, err1 := strconv.Atoi(args[0])
+	secs, err2 := strconv.ParseFloat(args[1], 64)
+	ap, err3 := netip.ParseAddrPort(args[2])
+	if err := errors.Join(err1, err2, err3); err != nil || !ap.Addr().Is4() {
+		return fmt.Errorf("bad arguments %q: %v", args, err)
+	}
+	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	n := 0
+	start := time.Now()
+	end := start.Add(time.Duration(secs * float64(time.Second)))
+	for {
+		now := time.Now()
+		if now.After(end) {
+			break
+		}
+		// Pace in small batches so the rate holds without a timer per connect.
+		if rate > 0 && n >= int(float64(rate)*now.Sub(start).Seconds()) {
+			time.Sleep(100 * time.Microsecond)
+			continue
+		}
+		for i := 0; i < 32; i++ {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return fmt.Errorf("socket: %w", err)
+			}
+			err = unix.Connect(fd, sa)
+			unix.Close(fd)
+			if err != nil {
+				return fmt.Errorf("connect: %w", err)
+			}
+			n++
+		}
+	}
+	fmt.Println(n)
+	return nil
 }

@@ -1,0 +1,60 @@
+# imdsguard. `sudo make demo` and `sudo make test` are the two commands that matter;
+# both install what they need (Debian packages via apt-get, Go tools via go.mod).
+
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
+# Privileged tests (BPF, namespaces, cgroups) run only when this is set; see README.
+PRIV     := IMDSGUARD_PRIVILEGED=1
+# Commands the test bed runs, and the Debian packages that provide them.
+TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool
+
+.PHONY: all build test unit demo bench generate check-generate deps build-deps root clean
+
+all: build
+
+build:
+	$(GO) build $(GOFLAGS_BUILD) -o bin/imdsguard ./cmd/imdsguard
+
+# Unit tests only: no root needed, privileged tests skip and say why.
+unit:
+	$(GO) test ./...
+
+# Everything, as CI runs it: privileged tests run serially (they share the kernel).
+test: root deps
+	$(GO) vet ./...
+	$(PRIV) $(GO) test -count=1 -p 1 -parallel 1 -timeout 20m ./...
+
+demo: root deps
+	$(GO) run ./scripts/demo
+
+bench: root deps
+	$(GO) run ./scripts/bench
+
+# Regenerate the BPF objects and their Go bindings (needs clang; installed if missing).
+generate: build-deps
+	$(GO) generate ./internal/hook/
+
+# Fails when the committed bpf2go output does not match bpf/.
+check-generate: generate
+	git diff --exit-code -- internal/hook/
+
+root:
+	@if [ "$$(id -u)" != 0 ]; then echo "this target needs root (BPF, namespaces, cgroups): run it with sudo" >&2; exit 1; fi
+
+deps:
+	@missing=""; for d in $(TEST_DEPS); do cmd=$${d%%:*}; pkg=$${d##*:}; \
+		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+build-deps:
+	@if ! command -v clang >/dev/null 2>&1 || [ ! -f /usr/include/bpf/bpf_helpers.h ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang llvm libbpf-dev bpftool; \
+	fi
+
+clean:
+	rm -rf bin dist
