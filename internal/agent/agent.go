@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -50,6 +51,9 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		return err
 	}
 	defer h.Close()
+	// Loading parsed the kernel's BTF (megabytes) for CO-RE; hand that back now rather
+	// than carry it for the agent's lifetime.
+	debug.FreeOSMemory()
 	if err := h.Attach(dir); err != nil {
 		return err
 	}
@@ -79,7 +83,13 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		defer wg.Done()
 		for ev := range queue {
 			out.Write(record(ev, resolver))
+			if len(queue) == 0 {
+				if err := out.Flush(); err != nil {
+					log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
+				}
+			}
 		}
+		_ = out.Flush()
 	}()
 
 	stats := newStatsReporter(h, log)

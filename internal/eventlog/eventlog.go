@@ -4,6 +4,7 @@
 package eventlog
 
 import (
+	"bufio"
 	"fmt"
 	"io"
 	"os"
@@ -36,11 +37,14 @@ type Record struct {
 	Missing      []string
 }
 
-// Writer appends records to stdout or a file. It is safe for concurrent use.
+// Writer appends records to stdout or a file. It is safe for concurrent use. Lines
+// are buffered: call Flush when no more records are waiting, so that a burst costs one
+// write and a lone event still reaches the file at once.
 type Writer struct {
 	mu   sync.Mutex
 	path string // "" for stdout
 	f    *os.File
+	buf  *bufio.Writer
 	log  zerolog.Logger
 }
 
@@ -60,7 +64,18 @@ func Open(output string) (*Writer, error) {
 }
 
 func (w *Writer) setOut(out io.Writer) {
-	w.log = zerolog.New(out)
+	w.buf = bufio.NewWriterSize(out, 64*1024)
+	w.log = zerolog.New(w.buf)
+}
+
+// Flush writes buffered lines out.
+func (w *Writer) Flush() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.buf.Flush(); err != nil {
+		return fmt.Errorf("write events: %w", err)
+	}
+	return nil
 }
 
 // Reopen reopens the file, for log rotation (SIGHUP). A no-op on stdout.
@@ -78,6 +93,7 @@ func (w *Writer) Reopen() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.f != nil {
+		_ = w.buf.Flush()
 		w.f.Close()
 	}
 	w.f = f
@@ -129,10 +145,14 @@ func nonNil(s []string) []string {
 func (w *Writer) Close() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	ferr := w.buf.Flush()
 	if w.f == nil {
-		return nil
+		return ferr
 	}
 	err := w.f.Sync()
+	if ferr != nil {
+		err = ferr
+	}
 	if cerr := w.f.Close(); err == nil {
 		err = cerr
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -20,6 +21,12 @@ func TestWriteSchema(t *testing.T) {
 		Exe: "/usr/bin/curl", Cmdline: []string{"curl", "-H", "a b"}, Cgroup: "/system.slice/x.service",
 		CgroupID: 99, Unit: "x.service", Netns: 4026531840, SocketCookie: 5, Dst: "169.254.169.254:80", Verdict: "allow"})
 	w.Write(Record{Time: at, PID: 12, Missing: []string{"cmdline"}, Verdict: "allow"})
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(path); strings.Count(string(data), "\n") != 2 {
+		t.Fatalf("after Flush the file holds %q", data)
+	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
