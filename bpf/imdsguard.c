@@ -1,9 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0
-/* imdsguard's connect hooks: attribute every connect() to the Instance Metadata Service
- * to the process that made it, at the moment it makes it.
+/* imdsguard's kernel side.
  *
- * These programs run on every connect() in the guarded cgroup, so the common case (not
- * IMDS) must return after a couple of compares and touch no map.
+ * connect4/connect6 run on every connect() in the guarded cgroup. A connect() that is not
+ * to the Instance Metadata Service returns after a couple of compares and touches no map.
+ * A connect() to IMDS is attributed to its process (one ring-buffer event), judged by the
+ * allowlist (deny = EPERM, nothing leaves the host), and, when allowed from the host's
+ * network namespace and the agent is alive, redirected to the agent's local broker.
+ *
+ * sockops maps the redirected socket's source port to its cookie, so the broker can find
+ * the connect-time record of each connection it accepts. getpeername4/6 give the client
+ * back the address it asked for.
  */
 #include "types.h"
 #include "bpf/bpf_helpers.h"
@@ -16,13 +22,126 @@ char __license[] SEC("license") = "GPL";
 #define EXE_DEPTH 16    /* path components of the executable recorded in the kernel */
 #define EXE_WALK 24     /* loop bound: components plus mount crossings */
 #define EXE_NAME_LEN 48 /* bytes per component, NUL included */
+#define CGROUP_LEVELS 16 /* ancestors checked against cgroup rules */
+#define MAX_RULES 64
 
-#define VERDICT_ALLOW 0
+enum verdict {
+	VERDICT_ALLOW = 0,
+	VERDICT_DENY = 1,
+	VERDICT_AUDIT_DENY = 2,  /* audit mode: the policy denies, the kernel allowed */
+	VERDICT_FAIL_OPEN = 3,   /* agent gone, failure_mode open: straight to IMDS */
+	VERDICT_FAIL_CLOSED = 4, /* agent gone, failure_mode closed: EPERM */
+};
+
+#define FLAG_REDIRECTED 1
+#define FLAG_V2_REQUIRED 2
+#define RULE_NONE 0xff
 
 /* Set by the loader before load (spec.Variables); network byte order. */
 volatile const __u32 imds_ip4 = 0;
 volatile const __u32 imds_ip6[4] = {0, 0, 0, 0};
 volatile const __u16 imds_port = 0;
+
+/* ---- policy: two generations, the active one flipped atomically ---- */
+
+struct policy {
+	__u64 has_uid;     /* rules that have a uid criterion, one bit per rule */
+	__u64 has_gid;
+	__u64 has_exe;
+	__u64 has_cgroup;
+	__u64 allow;       /* rules whose action is allow */
+	__u64 v2_required; /* rules that require IMDSv2 */
+	__u64 host_netns;  /* netns cookie of the agent: only its namespace is redirected */
+	__u32 nrules;
+	__u32 own_mark;    /* SO_MARK of the broker's own sockets: never judged or redirected */
+	__u16 broker_port; /* network byte order; 0 = no broker */
+	__u8 default_allow;
+	__u8 enforce;
+	__u8 fail_closed;
+	__u8 loaded;       /* 0 until the agent wrote a policy */
+	__u8 _pad[2];
+};
+
+struct id_key {
+	__u32 gen;
+	__u32 id;
+};
+
+struct exe_key {
+	__u32 gen;
+	__u32 dev; /* kernel encoding */
+	__u64 ino;
+};
+
+struct cgroup_key {
+	__u64 gen;
+	__u64 id;
+};
+
+#define PINNED __uint(pinning, LIBBPF_PIN_BY_NAME)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct policy);
+	PINNED;
+} policies SEC(".maps");
+
+/* Index 0: the active policy generation (0 or 1). Written by the agent after the new
+ * generation is complete, so a connect() never sees half a policy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	PINNED;
+} active_gen SEC(".maps");
+
+/* Index 0: CLOCK_MONOTONIC ns of the agent's last heartbeat. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	PINNED;
+} heartbeat SEC(".maps");
+
+#define HEARTBEAT_TIMEOUT_NS 1000000000ULL
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct id_key);
+	__type(value, __u64);
+	PINNED;
+} rule_uids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct id_key);
+	__type(value, __u64);
+	PINNED;
+} rule_gids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct exe_key);
+	__type(value, __u64);
+	PINNED;
+} rule_exes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct cgroup_key);
+	__type(value, __u64);
+	PINNED;
+} rule_cgroups SEC(".maps");
+
+/* ---- attribution ---- */
 
 struct event {
 	__u64 ktime_ns;        /* CLOCK_MONOTONIC at connect() */
@@ -40,31 +159,86 @@ struct event {
 	__u16 family;          /* AF_INET or AF_INET6 as called */
 	__u16 dport;           /* host byte order */
 	__u8 daddr[16];        /* IPv4 in the first 4 bytes, else IPv6 */
-	__u8 verdict;
+	__u8 verdict;          /* enum verdict */
 	__u8 exe_depth;        /* components filled in exe_names, leaf first */
 	__u8 exe_truncated;    /* exe_names hold only the last components of the path */
-	__u8 _pad[1];
+	__u8 rule;             /* index of the first matching rule, RULE_NONE for the default */
+	__u8 flags;            /* FLAG_* */
+	__u8 _pad[7];
 	char comm[TASK_COMM_LEN];
 	char exe_names[EXE_DEPTH][EXE_NAME_LEN];
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22); /* 4 MiB: ~6k events of headroom */
+	__uint(max_entries, 1 << 22); /* 4 MiB: ~4.7k events of headroom */
 } events SEC(".maps");
 
-/* Counters read by user space: index 0 = events dropped because the ring was full. */
-#define STAT_RINGBUF_FULL 0
-#define STAT_MAX 1
+/* What the broker needs about a redirected connection, keyed by the client socket's
+ * cookie. LRU: entries of closed sockets age out. */
+struct redirect {
+	__u64 start_boottime;
+	__u64 cgroup_id;
+	__u32 tgid;
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	__u8 daddr[16];
+	__u16 dport;  /* host byte order */
+	__u16 family;
+	__u8 rule;
+	__u8 flags;
+	__u8 verdict;
+	__u8 _pad[5];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct redirect);
+	PINNED;
+} redirects SEC(".maps");
+
+/* Client source port (and family) → socket cookie, for every connection to the broker
+ * port made from the guarded cgroup. */
+struct port_key {
+	__u16 port; /* host byte order */
+	__u16 family;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct port_key);
+	__type(value, __u64);
+	PINNED;
+} broker_ports SEC(".maps");
+
+/* Counters read by user space; they keep counting while the agent is gone. */
+enum stat {
+	STAT_RINGBUF_FULL = 0,
+	STAT_DENIED = 1,
+	STAT_AUDIT_DENIED = 2,
+	STAT_FAIL_OPEN = 3,
+	STAT_FAIL_CLOSED = 4,
+	STAT_REDIRECTED = 5,
+	STAT_MAX = 6,
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
+	PINNED;
 } stats SEC(".maps");
 
-/* Keeps struct event in BTF for bpf2go's -type. */
+/* Keeps these types in BTF for bpf2go's -type. */
 const struct event *unused_event __attribute__((unused));
+const struct policy *unused_policy __attribute__((unused));
+const struct redirect *unused_redirect __attribute__((unused));
+const struct port_key *unused_port_key __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -72,6 +246,106 @@ static __always_inline void count(__u32 idx)
 	if (v)
 		(*v)++;
 }
+
+/* ---- the decision ---- */
+
+struct task_view {
+	__u64 pid_tgid;
+	__u64 uid_gid;
+	__u64 cgroup_id;
+	__u64 exe_ino;
+	__u32 exe_dev;
+};
+
+static __always_inline void read_task(struct task_view *t)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+
+	t->pid_tgid = bpf_get_current_pid_tgid();
+	t->uid_gid = bpf_get_current_uid_gid();
+	t->cgroup_id = bpf_get_current_cgroup_id();
+	t->exe_ino = 0;
+	t->exe_dev = 0;
+	if (exe) {
+		t->exe_ino = BPF_CORE_READ(exe, f_inode, i_ino);
+		t->exe_dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
+	}
+}
+
+static __always_inline __u64 lookup_bits(void *map, void *key)
+{
+	__u64 *v = bpf_map_lookup_elem(map, key);
+	return v ? *v : 0;
+}
+
+/* Index of the lowest set bit of a non-zero x (clang's BPF backend has no ctz). */
+static __always_inline __u8 lowest_bit(__u64 x)
+{
+	__u8 n = 0;
+	if (!(x & 0xffffffffULL)) {
+		n += 32;
+		x >>= 32;
+	}
+	if (!(x & 0xffff)) {
+		n += 16;
+		x >>= 16;
+	}
+	if (!(x & 0xff)) {
+		n += 8;
+		x >>= 8;
+	}
+	if (!(x & 0xf)) {
+		n += 4;
+		x >>= 4;
+	}
+	if (!(x & 0x3)) {
+		n += 2;
+		x >>= 2;
+	}
+	if (!(x & 0x1))
+		n += 1;
+	return n;
+}
+
+/* Returns the first matching rule's index, RULE_NONE when none matches. Rules are
+ * conjunctions of criteria: a rule matches when every criterion it has matches. */
+static __always_inline __u8 match(const struct policy *p, __u32 gen, const struct task_view *t)
+{
+	__u64 candidates = p->nrules >= 64 ? ~0ULL : ((1ULL << p->nrules) - 1);
+
+	if (p->has_uid & candidates) {
+		struct id_key k = {.gen = gen, .id = (__u32)t->uid_gid};
+		candidates &= lookup_bits(&rule_uids, &k) | ~p->has_uid;
+	}
+	if (p->has_gid & candidates) {
+		struct id_key k = {.gen = gen, .id = t->uid_gid >> 32};
+		candidates &= lookup_bits(&rule_gids, &k) | ~p->has_gid;
+	}
+	if (p->has_exe & candidates) {
+		struct exe_key k = {.gen = gen, .dev = t->exe_dev, .ino = t->exe_ino};
+		candidates &= lookup_bits(&rule_exes, &k) | ~p->has_exe;
+	}
+	if (p->has_cgroup & candidates) {
+		/* A unit, cgroup or container rule matches its cgroup and everything below. */
+		__u64 bits = 0;
+#pragma unroll
+		for (int level = 0; level < CGROUP_LEVELS; level++) {
+			__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+			if (!id)
+				break;
+			struct cgroup_key k = {.gen = gen, .id = id};
+			bits |= lookup_bits(&rule_cgroups, &k);
+		}
+		candidates &= bits | ~p->has_cgroup;
+	}
+	if (!candidates)
+		return RULE_NONE;
+	/* Lowest set bit: rules are ordered, first match wins. */
+	return lowest_bit(candidates);
+}
+
+/* ---- the event ---- */
 
 static __always_inline void fill_exe(struct event *e)
 {
@@ -83,8 +357,6 @@ static __always_inline void fill_exe(struct event *e)
 	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
 	if (!exe)
 		return; /* kernel thread */
-	e->exe_ino = BPF_CORE_READ(exe, f_inode, i_ino);
-	e->exe_dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
 
 	/* Build the path the way d_path() does, which cgroup programs may not call: walk
 	 * dentries up to the mount's root, then continue from where that mount hangs in its
@@ -113,42 +385,41 @@ static __always_inline void fill_exe(struct event *e)
 		depth++;
 		d = parent;
 	}
+	e->exe_depth = depth;
 	if (d != mnt_root || depth >= EXE_DEPTH)
 		e->exe_truncated = 1; /* deeper than we walk: path is a suffix */
-	e->exe_depth = depth;
 }
 
-static __always_inline int record(struct bpf_sock_addr *ctx, __u16 family, const __u32 ip[4], int v4)
+static __always_inline void emit(struct bpf_sock_addr *ctx, const struct task_view *t, __u64 cookie,
+				 __u16 family, const __u32 ip[4], int v4, __u8 verdict, __u8 rule, __u8 flags)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(STAT_RINGBUF_FULL);
-		return 1;
+		return;
 	}
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u64 uid_gid = bpf_get_current_uid_gid();
-
 	e->ktime_ns = bpf_ktime_get_ns();
-	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->cgroup_id = t->cgroup_id;
 	e->netns_cookie = bpf_get_netns_cookie(ctx);
-	e->socket_cookie = bpf_get_socket_cookie(ctx);
-	e->tgid = pid_tgid >> 32;
-	e->tid = (__u32)pid_tgid;
-	e->uid = (__u32)uid_gid;
-	e->gid = uid_gid >> 32;
+	e->socket_cookie = cookie;
+	e->exe_ino = t->exe_ino;
+	e->exe_dev = t->exe_dev;
+	e->tgid = t->pid_tgid >> 32;
+	e->tid = (__u32)t->pid_tgid;
+	e->uid = (__u32)t->uid_gid;
+	e->gid = t->uid_gid >> 32;
 	e->family = family;
 	e->dport = bpf_ntohs(imds_port);
 	__builtin_memset(e->daddr, 0, sizeof(e->daddr));
-	if (v4) {
+	if (v4)
 		__builtin_memcpy(e->daddr, &ip[0], 4);
-	} else {
+	else
 		__builtin_memcpy(e->daddr, ip, 16);
-	}
-	e->verdict = VERDICT_ALLOW;
+	e->verdict = verdict;
+	e->rule = rule;
+	e->flags = flags;
 	e->exe_depth = 0;
 	e->exe_truncated = 0;
-	e->exe_ino = 0;
-	e->exe_dev = 0;
 	e->start_boottime = 0;
 	e->ppid = 0;
 	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
@@ -156,6 +427,101 @@ static __always_inline int record(struct bpf_sock_addr *ctx, __u16 family, const
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	fill_exe(e);
 	bpf_ringbuf_submit(e, 0);
+}
+
+/* Judges one IMDS connect(). Returns 1 to let it proceed (possibly redirected), 0 for
+ * EPERM. */
+static __always_inline int judge(struct bpf_sock_addr *ctx, __u16 family, __u32 ip[4], int v4, int mapped)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 zero = 0;
+	__u32 *genp = bpf_map_lookup_elem(&active_gen, &zero);
+	__u32 gen = genp ? (*genp & 1) : 0;
+	struct policy *p = bpf_map_lookup_elem(&policies, &gen);
+	struct task_view t;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	if (p && p->own_mark && sk->mark == p->own_mark)
+		return 1; /* the broker's own upstream socket */
+
+	read_task(&t);
+	if (!p || !p->loaded) {
+		/* No policy loaded yet (first start): witness only. */
+		emit(ctx, &t, cookie, family, ip, v4, VERDICT_ALLOW, RULE_NONE, 0);
+		return 1;
+	}
+
+	__u8 rule = match(p, gen, &t);
+	int allow = rule == RULE_NONE ? p->default_allow : (p->allow >> rule) & 1;
+	__u8 flags = 0;
+	if (rule != RULE_NONE && ((p->v2_required >> rule) & 1))
+		flags |= FLAG_V2_REQUIRED;
+
+	if (!allow) {
+		if (p->enforce) {
+			count(STAT_DENIED);
+			emit(ctx, &t, cookie, family, ip, v4, VERDICT_DENY, rule, flags);
+			return 0;
+		}
+		count(STAT_AUDIT_DENIED);
+	}
+	__u8 verdict = allow ? VERDICT_ALLOW : VERDICT_AUDIT_DENY;
+
+	/* Only TCP from the agent's own network namespace goes through the broker: a
+	 * container's loopback is not the host's. */
+	if (!p->broker_port || sk->type != SOCK_STREAM || bpf_get_netns_cookie(ctx) != p->host_netns) {
+		emit(ctx, &t, cookie, family, ip, v4, verdict, rule, flags);
+		return 1;
+	}
+	__u64 *hb = bpf_map_lookup_elem(&heartbeat, &zero);
+	if (!hb || bpf_ktime_get_ns() - *hb > HEARTBEAT_TIMEOUT_NS) {
+		if (p->fail_closed) {
+			count(STAT_FAIL_CLOSED);
+			emit(ctx, &t, cookie, family, ip, v4, VERDICT_FAIL_CLOSED, rule, flags);
+			return 0;
+		}
+		count(STAT_FAIL_OPEN);
+		emit(ctx, &t, cookie, family, ip, v4, allow ? VERDICT_FAIL_OPEN : verdict, rule, flags);
+		return 1;
+	}
+
+	struct redirect r = {};
+	r.start_boottime = 0;
+	r.cgroup_id = t.cgroup_id;
+	r.tgid = t.pid_tgid >> 32;
+	r.tid = (__u32)t.pid_tgid;
+	r.uid = (__u32)t.uid_gid;
+	r.gid = t.uid_gid >> 32;
+	if (v4)
+		__builtin_memcpy(r.daddr, &ip[0], 4);
+	else
+		__builtin_memcpy(r.daddr, ip, 16);
+	r.dport = bpf_ntohs(imds_port);
+	r.family = family;
+	r.rule = rule;
+	r.flags = flags | FLAG_REDIRECTED;
+	r.verdict = verdict;
+	if (bpf_map_update_elem(&redirects, &cookie, &r, BPF_ANY)) {
+		/* Cannot remember it: the broker would refuse it, so go direct. */
+		emit(ctx, &t, cookie, family, ip, v4, verdict, rule, flags);
+		return 1;
+	}
+	count(STAT_REDIRECTED);
+	emit(ctx, &t, cookie, family, ip, v4, verdict, rule, flags | FLAG_REDIRECTED);
+	if (v4) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+	} else if (mapped) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = (__u32)p->broker_port;
 	return 1;
 }
 
@@ -165,7 +531,7 @@ int imds_connect4(struct bpf_sock_addr *ctx)
 	if (ctx->user_ip4 != imds_ip4 || ctx->user_port != (__u32)imds_port)
 		return 1;
 	__u32 ip[4] = {ctx->user_ip4, 0, 0, 0};
-	return record(ctx, AF_INET, ip, 1);
+	return judge(ctx, AF_INET, ip, 1, 0);
 }
 
 SEC("cgroup/connect6")
@@ -179,9 +545,64 @@ int imds_connect6(struct bpf_sock_addr *ctx)
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
 	if (ip[0] == imds_ip6[0] && ip[1] == imds_ip6[1] && ip[2] == imds_ip6[2] && ip[3] == imds_ip6[3])
-		return record(ctx, AF_INET6, ip, 0);
+		return judge(ctx, AF_INET6, ip, 0, 0);
 	/* IPv4-mapped (::ffff:a.b.c.d): what a dual-stack socket uses for IPv4. */
 	if (ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff) && ip[3] == imds_ip4)
-		return record(ctx, AF_INET6, ip, 0);
+		return judge(ctx, AF_INET6, ip, 0, 1);
+	return 1;
+}
+
+/* The client asked for IMDS: getpeername() must say IMDS, not the broker. */
+static __always_inline struct redirect *redirected(void *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	return bpf_map_lookup_elem(&redirects, &cookie);
+}
+
+SEC("cgroup/getpeername4")
+int imds_getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct redirect *r = redirected(ctx);
+	if (r && r->family == AF_INET) {
+		__u32 ip;
+		__builtin_memcpy(&ip, r->daddr, 4);
+		ctx->user_ip4 = ip;
+		ctx->user_port = (__u32)bpf_htons(r->dport);
+	}
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int imds_getpeername6(struct bpf_sock_addr *ctx)
+{
+	struct redirect *r = redirected(ctx);
+	if (r && r->family == AF_INET6) {
+		__u32 ip[4];
+		__builtin_memcpy(ip, r->daddr, 16);
+		ctx->user_ip6[0] = ip[0];
+		ctx->user_ip6[1] = ip[1];
+		ctx->user_ip6[2] = ip[2];
+		ctx->user_ip6[3] = ip[3];
+		ctx->user_port = (__u32)bpf_htons(r->dport);
+	}
+	return 1;
+}
+
+SEC("sockops")
+int imds_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	__u32 zero = 0;
+	__u32 *genp = bpf_map_lookup_elem(&active_gen, &zero);
+	__u32 gen = genp ? (*genp & 1) : 0;
+	struct policy *p = bpf_map_lookup_elem(&policies, &gen);
+	if (!p || !p->broker_port || (__u16)(skops->remote_port >> 16) != p->broker_port)
+		return 1;
+	/* Every connection to the broker port gets an entry, redirected or not, so a
+	 * stale entry can never vouch for a socket that was not redirected. */
+	struct port_key k = {.port = (__u16)skops->local_port, .family = (__u16)skops->family};
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	bpf_map_update_elem(&broker_ports, &k, &cookie, BPF_ANY);
 	return 1;
 }

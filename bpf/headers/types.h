@@ -19,11 +19,28 @@ typedef __u16 __be16;
 typedef __u32 __be32;
 typedef __u32 __wsum;
 
+#define __bpf_md_ptr(type, name) \
+	union {                  \
+		type name;       \
+		__u64 : 64;      \
+	} __attribute__((aligned(8)))
+
 enum bpf_map_type {
+	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
+
+enum {
+	BPF_ANY = 0,
+	BPF_NOEXIST = 1,
+	BPF_EXIST = 2,
+};
+
+#define SOCK_STREAM 1
+#define BPF_SOCK_OPS_TCP_CONNECT_CB 3
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -39,7 +56,34 @@ struct bpf_sock_addr {
 	__u32 protocol;
 	__u32 msg_src_ip4;
 	__u32 msg_src_ip6[4];
-	__u64 sk;
+	__bpf_md_ptr(struct bpf_sock *, sk);
+};
+
+/* UAPI: the socket behind a sock_addr context; only the fields read are declared, at
+ * their UAPI offsets. */
+struct bpf_sock {
+	__u32 bound_dev_if;
+	__u32 family;
+	__u32 type;
+	__u32 protocol;
+	__u32 mark;
+};
+
+/* UAPI: sock_ops context, up to the fields read. */
+struct bpf_sock_ops {
+	__u32 op;
+	union {
+		__u32 args[4];
+		__u32 reply;
+		__u32 replylong[4];
+	};
+	__u32 family;
+	__u32 remote_ip4;
+	__u32 local_ip4;
+	__u32 remote_ip6[4];
+	__u32 local_ip6[4];
+	__u32 remote_port; /* network byte order, in the high 16 bits on little endian */
+	__u32 local_port;  /* host byte order */
 };
 
 /* Kernel-internal structs, relocated by CO-RE: only the fields read are declared. */

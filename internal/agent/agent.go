@@ -46,7 +46,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		}
 	}()
 
-	h, err := hook.Load(hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)})
+	h, err := hook.Load(hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)}, "")
 	if err != nil {
 		return err
 	}

@@ -25,23 +25,32 @@ type Event struct {
 	NetnsCookie   uint64
 	SocketCookie  uint64
 	Dst           netip.AddrPort
-	// ExePath is the executable's path within its own file system (mount points are
-	// not crossed), "" for kernel threads. ExeDev (user-space encoding) and ExeIno
-	// identify the file itself.
+	// ExePath is the executable's path as the kernel walked it at connect time
+	// (relative to the root of the process's mount tree), "" for kernel threads.
+	// ExeDev (user-space encoding) and ExeIno identify the file itself.
 	ExePath string
 	// ExeTruncated says ExePath holds only the last components of a deeper path.
 	ExeTruncated bool
 	ExeDev       uint64
 	ExeIno       uint64
 	Verdict      Verdict
+	// Rule is the index of the first matching allowlist rule, -1 when the default
+	// applied (or no policy was loaded).
+	Rule       int
+	Redirected bool // sent to the broker
+	V2Required bool // the matching rule requires IMDSv2
 }
 
 // Verdict is what the kernel did with the connect().
 type Verdict uint8
 
+// Verdicts, as the kernel's enum verdict.
 const (
-	VerdictAllow Verdict = 0
-	VerdictDeny  Verdict = 1
+	VerdictAllow      Verdict = 0
+	VerdictDeny       Verdict = 1 // EPERM: the allowlist refused it (enforce)
+	VerdictAuditDeny  Verdict = 2 // allowed, but the allowlist would refuse it (audit)
+	VerdictFailOpen   Verdict = 3 // agent gone: let through straight to IMDS
+	VerdictFailClosed Verdict = 4 // agent gone: EPERM
 )
 
 func (v Verdict) String() string {
@@ -50,6 +59,12 @@ func (v Verdict) String() string {
 		return "allow"
 	case VerdictDeny:
 		return "deny"
+	case VerdictAuditDeny:
+		return "audit_deny"
+	case VerdictFailOpen:
+		return "fail_open"
+	case VerdictFailClosed:
+		return "fail_closed"
 	}
 	return fmt.Sprintf("verdict(%d)", uint8(v))
 }
@@ -82,6 +97,9 @@ func fromRaw(r *imdsguardEvent, c clock) Event {
 		SocketCookie:  r.SocketCookie,
 		ExeIno:        r.ExeIno,
 		Verdict:       Verdict(r.Verdict),
+		Rule:          ruleIndex(r.Rule),
+		Redirected:    r.Flags&flagRedirected != 0,
+		V2Required:    r.Flags&flagV2Required != 0,
 	}
 	if r.ExeIno != 0 {
 		// Kernel dev_t is major<<20|minor; stat(2) uses the glibc encoding.

@@ -1,6 +1,6 @@
-// Package hook loads imdsguard's connect4/connect6 programs into the kernel, attaches
-// them to one cgroup v2 directory and reads the events they record for every connect()
-// to the Instance Metadata Service.
+// Package hook loads imdsguard's kernel programs, attaches them to one cgroup v2
+// directory, keeps them pinned so that they outlive the agent, and is the agent's only
+// door to their maps: events, policy, heartbeat and the broker's connection records.
 package hook
 
 import (
@@ -8,12 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
 )
 
 // Target is the IMDS endpoint the programs watch for, fixed at load time.
@@ -23,19 +26,31 @@ type Target struct {
 	Port uint16
 }
 
+// layoutVersion names the pin directory. Bump it when a map's layout changes: pins of
+// the old layout are then left to the old agent and the new one starts a fresh set.
+const layoutVersion = "v1"
+
 // Hook owns the loaded programs, their links and the ring-buffer reader.
 type Hook struct {
 	objs   imdsguardObjects
-	links  []link.Link
+	links  []attached
 	reader *ringbuf.Reader
+	pinDir string // "" when not pinned
 
 	// queueDrops counts events read from the kernel but dropped because the consumer
 	// was behind (the reader never blocks on it).
 	queueDrops atomic.Uint64
 }
 
-// Load loads the programs with the target baked in as constants.
-func Load(t Target) (*Hook, error) {
+type attached struct {
+	name string
+	l    link.Link
+}
+
+// Load loads the programs with the target baked in as constants. With pinDir set, maps
+// are pinned there (and reused when already pinned by an earlier agent), so policy,
+// heartbeat and counters survive a restart. pinDir must be on a bpf file system.
+func Load(t Target, pinDir string) (*Hook, error) {
 	if !t.IPv4.Is4() || !t.IPv6.Is6() || t.Port == 0 {
 		return nil, fmt.Errorf("load hooks: incomplete target %+v", t)
 	}
@@ -66,10 +81,25 @@ func Load(t Target) (*Hook, error) {
 		}
 	}
 	h := &Hook{}
-	if err := spec.LoadAndAssign(&h.objs, nil); err != nil {
+	opts := &ebpf.CollectionOptions{}
+	if pinDir != "" {
+		h.pinDir = filepath.Join(pinDir, layoutVersion)
+		if err := os.MkdirAll(h.pinDir, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin directory: %w", err)
+		}
+		opts.Maps.PinPath = h.pinDir
+	} else {
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+	}
+	if err := spec.LoadAndAssign(&h.objs, opts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load BPF programs: verifier rejected them: %+v", ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("load BPF programs: pinned maps in %s have another layout (remove them with `imdsguard uninstall`): %w", h.pinDir, err)
 		}
 		return nil, fmt.Errorf("load BPF programs: %w", err)
 	}
@@ -82,38 +112,156 @@ func Load(t Target) (*Hook, error) {
 	return h, nil
 }
 
-// Attach attaches both programs to the cgroup v2 directory at path.
-func (h *Hook) Attach(path string) error {
-	for _, a := range []struct {
-		name string
-		prog *ebpf.Program
-		typ  ebpf.AttachType
-	}{
+type program struct {
+	name string
+	prog *ebpf.Program
+	typ  ebpf.AttachType
+}
+
+func (h *Hook) programs() []program {
+	return []program{
 		{"connect4", h.objs.ImdsConnect4, ebpf.AttachCGroupInet4Connect},
 		{"connect6", h.objs.ImdsConnect6, ebpf.AttachCGroupInet6Connect},
-	} {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: path, Attach: a.typ, Program: a.prog})
-		if err != nil {
-			return fmt.Errorf("attach %s to %s: %w", a.name, path, err)
+		{"getpeername4", h.objs.ImdsGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{"getpeername6", h.objs.ImdsGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+		{"sockops", h.objs.ImdsSockops, ebpf.AttachCGroupSockOps},
+	}
+}
+
+// Attach attaches the programs to the cgroup v2 directory at path. When pinned links of
+// an earlier agent exist for the same cgroup, their programs are swapped for the new
+// ones in place (bpf_link_update): no connect() is ever unguarded during a restart or an
+// upgrade. Pinned links for another cgroup are replaced.
+func (h *Hook) Attach(path string) error {
+	var cgroupID uint64
+	if h.pinDir != "" {
+		var st unix.Stat_t
+		if err := unix.Stat(path, &st); err != nil {
+			return fmt.Errorf("stat cgroup %s: %w", path, err)
 		}
-		h.links = append(h.links, l)
+		cgroupID = st.Ino
+	}
+	for _, p := range h.programs() {
+		if h.pinDir != "" {
+			pin := filepath.Join(h.pinDir, "link_"+p.name)
+			if l, err := adopt(pin, p.prog, cgroupID); err != nil {
+				return fmt.Errorf("adopt pinned %s: %w", p.name, err)
+			} else if l != nil {
+				h.links = append(h.links, attached{p.name, l})
+				continue
+			}
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: path, Attach: p.typ, Program: p.prog})
+		if err != nil {
+			return fmt.Errorf("attach %s to %s: %w", p.name, path, err)
+		}
+		if h.pinDir != "" {
+			if err := l.Pin(filepath.Join(h.pinDir, "link_"+p.name)); err != nil {
+				l.Close()
+				return fmt.Errorf("pin %s: %w", p.name, err)
+			}
+		}
+		h.links = append(h.links, attached{p.name, l})
 	}
 	return nil
 }
 
-// Detach removes the programs from the cgroup; connects from then on are not seen.
+// adopt returns the pinned link at pin, updated to prog, when it guards cgroupID; nil
+// when there is no usable pin (a pin for another cgroup is removed, which detaches it).
+func adopt(pin string, prog *ebpf.Program, cgroupID uint64) (link.Link, error) {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		// A pin we cannot open is of no use; remove it so a fresh link can be made.
+		_ = os.Remove(pin)
+		return nil, nil
+	}
+	info, err := l.Info()
+	if err == nil {
+		if cg := info.Cgroup(); cg != nil && cg.CgroupId == cgroupID {
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return nil, fmt.Errorf("update program: %w", err)
+			}
+			return l, nil
+		}
+	}
+	// Another cgroup (the configuration changed): detach the old one.
+	_ = l.Unpin()
+	l.Close()
+	return nil, nil
+}
+
+// Pinned reports whether the programs outlive this process.
+func (h *Hook) Pinned() bool { return h.pinDir != "" }
+
+// Detach removes unpinned programs from the cgroup. Pinned links stay attached: closing
+// this process's handles does not detach them, that is the point. Use Unpin to remove.
 func (h *Hook) Detach() error {
 	var errs []error
-	for _, l := range h.links {
-		if err := l.Close(); err != nil {
-			errs = append(errs, err)
+	for _, a := range h.links {
+		if err := a.l.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close %s: %w", a.name, err))
 		}
 	}
 	h.links = nil
 	return errors.Join(errs...)
 }
 
-// Close detaches, stops the reader and frees the programs and maps.
+// Unpin detaches the programs and removes every pin: links and maps.
+func (h *Hook) Unpin() error {
+	var errs []error
+	for _, a := range h.links {
+		if err := a.l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", a.name, err))
+		}
+	}
+	errs = append(errs, h.Detach())
+	if h.pinDir != "" {
+		errs = append(errs, h.objs.imdsguardMaps.unpin(), os.RemoveAll(h.pinDir))
+		_ = os.Remove(filepath.Dir(h.pinDir)) // only if empty
+	}
+	return errors.Join(errs...)
+}
+
+func (m *imdsguardMaps) unpin() error {
+	var errs []error
+	for _, mp := range []*ebpf.Map{m.Policies, m.ActiveGen, m.Heartbeat, m.RuleUids, m.RuleGids, m.RuleExes,
+		m.RuleCgroups, m.Redirects, m.BrokerPorts, m.Stats} {
+		if err := mp.Unpin(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Unpin removes whatever an agent pinned under pinDir without loading anything: for
+// `imdsguard uninstall` and package removal. Missing pins are not an error.
+func Unpin(pinDir string) error {
+	dir := filepath.Join(pinDir, layoutVersion)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read pin directory: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		// Removing a link's last reference (its pin, no open fd) detaches it.
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	errs = append(errs, os.Remove(dir))
+	_ = os.Remove(pinDir)
+	return errors.Join(errs...)
+}
+
+// Close releases this process's handles. Unpinned programs are detached; pinned ones
+// keep guarding.
 func (h *Hook) Close() error {
 	err := h.Detach()
 	if h.reader != nil {
@@ -122,24 +270,50 @@ func (h *Hook) Close() error {
 	return errors.Join(err, h.objs.Close())
 }
 
-// Stats are the loss counters: both must stay visible, never silent.
+// Stats are the kernel's counters and the reader's loss count.
 type Stats struct {
-	RingFull   uint64 // events the kernel could not write: ring buffer full
-	QueueDrops uint64 // events read but dropped: the consumer was behind
+	RingFull    uint64 // events the kernel could not write: ring buffer full
+	QueueDrops  uint64 // events read but dropped: the consumer was behind
+	Denied      uint64 // connect() refused by the allowlist (enforce)
+	AuditDenied uint64 // connect() the allowlist would refuse (audit)
+	FailOpen    uint64 // connect() let through straight to IMDS: agent gone
+	FailClosed  uint64 // connect() refused: agent gone, failure_mode closed
+	Redirected  uint64 // connect() sent to the broker
 }
 
-// Stats reads the loss counters.
+// Stats reads the counters.
 func (h *Hook) Stats() (Stats, error) {
-	var perCPU []uint64
-	if err := h.objs.Stats.Lookup(uint32(0), &perCPU); err != nil {
-		return Stats{}, fmt.Errorf("read stats map: %w", err)
+	var vals [6]uint64
+	for i := range vals {
+		var perCPU []uint64
+		if err := h.objs.Stats.Lookup(uint32(i), &perCPU); err != nil {
+			return Stats{}, fmt.Errorf("read stats map: %w", err)
+		}
+		for _, v := range perCPU {
+			vals[i] += v
+		}
 	}
-	var s Stats
-	for _, v := range perCPU {
-		s.RingFull += v
+	return Stats{RingFull: vals[0], Denied: vals[1], AuditDenied: vals[2], FailOpen: vals[3],
+		FailClosed: vals[4], Redirected: vals[5], QueueDrops: h.queueDrops.Load()}, nil
+}
+
+// Beat tells the kernel the agent is alive. Without a beat for a second, the programs
+// stop redirecting to the broker and apply the failure mode.
+func (h *Hook) Beat() error {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return fmt.Errorf("read clock: %w", err)
 	}
-	s.QueueDrops = h.queueDrops.Load()
-	return s, nil
+	if err := h.objs.Heartbeat.Put(uint32(0), uint64(ts.Nano())); err != nil {
+		return fmt.Errorf("write heartbeat: %w", err)
+	}
+	return nil
+}
+
+// StopBeating marks the agent as gone at once (a clean shutdown that leaves the pinned
+// programs guarding): the failure mode applies from the next connect().
+func (h *Hook) StopBeating() error {
+	return h.objs.Heartbeat.Put(uint32(0), uint64(0))
 }
 
 // Run reads the ring buffer and sends decoded events to out until ctx is done or the

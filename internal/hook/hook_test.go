@@ -12,7 +12,7 @@ import (
 
 func startHook(t *testing.T, bed *testbed.Bed) (*Hook, <-chan Event) {
 	t.Helper()
-	h, err := Load(Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort})
+	h, err := Load(Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort}, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +152,7 @@ func TestPrivilegedHookDetach(t *testing.T) {
 }
 
 func TestLoadRejectsIncompleteTarget(t *testing.T) {
-	_, err := Load(Target{})
+	_, err := Load(Target{}, "")
 	if err == nil {
 		t.Fatal("loaded with no target")
 	}

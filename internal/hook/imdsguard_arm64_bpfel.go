@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type imdsguardCgroupKey struct {
+	_   structs.HostLayout
+	Gen uint64
+	Id  uint64
+}
+
 type imdsguardEvent struct {
 	_             structs.HostLayout
 	KtimeNs       uint64
@@ -33,23 +39,96 @@ type imdsguardEvent struct {
 	Verdict       uint8
 	ExeDepth      uint8
 	ExeTruncated  uint8
-	Pad           [1]uint8
+	Rule          uint8
+	Flags         uint8
+	Pad           [7]uint8
 	Comm          [16]int8
 	ExeNames      [16][48]int8
+}
+
+type imdsguardExeKey struct {
+	_   structs.HostLayout
+	Gen uint32
+	Dev uint32
+	Ino uint64
+}
+
+type imdsguardIdKey struct {
+	_   structs.HostLayout
+	Gen uint32
+	Id  uint32
+}
+
+type imdsguardPolicy struct {
+	_            structs.HostLayout
+	HasUid       uint64
+	HasGid       uint64
+	HasExe       uint64
+	HasCgroup    uint64
+	Allow        uint64
+	V2Required   uint64
+	HostNetns    uint64
+	Nrules       uint32
+	OwnMark      uint32
+	BrokerPort   uint16
+	DefaultAllow uint8
+	Enforce      uint8
+	FailClosed   uint8
+	Loaded       uint8
+	Pad          [2]uint8
+}
+
+type imdsguardPortKey struct {
+	_      structs.HostLayout
+	Port   uint16
+	Family uint16
+}
+
+type imdsguardRedirect struct {
+	_             structs.HostLayout
+	StartBoottime uint64
+	CgroupId      uint64
+	Tgid          uint32
+	Tid           uint32
+	Uid           uint32
+	Gid           uint32
+	Daddr         [16]uint8
+	Dport         uint16
+	Family        uint16
+	Rule          uint8
+	Flags         uint8
+	Verdict       uint8
+	Pad           [5]uint8
+	_             [4]byte
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	imdsguardMapEvents        = "events"
-	imdsguardMapStats         = "stats"
-	imdsguardProgImdsConnect4 = "imds_connect4"
-	imdsguardProgImdsConnect6 = "imds_connect6"
-	imdsguardVarImdsIp4       = "imds_ip4"
-	imdsguardVarImdsIp6       = "imds_ip6"
-	imdsguardVarImdsPort      = "imds_port"
-	imdsguardVarUnusedEvent   = "unused_event"
+	imdsguardMapActiveGen         = "active_gen"
+	imdsguardMapBrokerPorts       = "broker_ports"
+	imdsguardMapEvents            = "events"
+	imdsguardMapHeartbeat         = "heartbeat"
+	imdsguardMapPolicies          = "policies"
+	imdsguardMapRedirects         = "redirects"
+	imdsguardMapRuleCgroups       = "rule_cgroups"
+	imdsguardMapRuleExes          = "rule_exes"
+	imdsguardMapRuleGids          = "rule_gids"
+	imdsguardMapRuleUids          = "rule_uids"
+	imdsguardMapStats             = "stats"
+	imdsguardProgImdsConnect4     = "imds_connect4"
+	imdsguardProgImdsConnect6     = "imds_connect6"
+	imdsguardProgImdsGetpeername4 = "imds_getpeername4"
+	imdsguardProgImdsGetpeername6 = "imds_getpeername6"
+	imdsguardProgImdsSockops      = "imds_sockops"
+	imdsguardVarImdsIp4           = "imds_ip4"
+	imdsguardVarImdsIp6           = "imds_ip6"
+	imdsguardVarImdsPort          = "imds_port"
+	imdsguardVarUnusedEvent       = "unused_event"
+	imdsguardVarUnusedPolicy      = "unused_policy"
+	imdsguardVarUnusedPortKey     = "unused_port_key"
+	imdsguardVarUnusedRedirect    = "unused_redirect"
 )
 
 // loadImdsguard returns the embedded CollectionSpec for imdsguard.
@@ -94,26 +173,41 @@ type imdsguardSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardProgramSpecs struct {
-	ImdsConnect4 *ebpf.ProgramSpec `ebpf:"imds_connect4"`
-	ImdsConnect6 *ebpf.ProgramSpec `ebpf:"imds_connect6"`
+	ImdsConnect4     *ebpf.ProgramSpec `ebpf:"imds_connect4"`
+	ImdsConnect6     *ebpf.ProgramSpec `ebpf:"imds_connect6"`
+	ImdsGetpeername4 *ebpf.ProgramSpec `ebpf:"imds_getpeername4"`
+	ImdsGetpeername6 *ebpf.ProgramSpec `ebpf:"imds_getpeername6"`
+	ImdsSockops      *ebpf.ProgramSpec `ebpf:"imds_sockops"`
 }
 
 // imdsguardMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardMapSpecs struct {
-	Events *ebpf.MapSpec `ebpf:"events"`
-	Stats  *ebpf.MapSpec `ebpf:"stats"`
+	ActiveGen   *ebpf.MapSpec `ebpf:"active_gen"`
+	BrokerPorts *ebpf.MapSpec `ebpf:"broker_ports"`
+	Events      *ebpf.MapSpec `ebpf:"events"`
+	Heartbeat   *ebpf.MapSpec `ebpf:"heartbeat"`
+	Policies    *ebpf.MapSpec `ebpf:"policies"`
+	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
+	RuleCgroups *ebpf.MapSpec `ebpf:"rule_cgroups"`
+	RuleExes    *ebpf.MapSpec `ebpf:"rule_exes"`
+	RuleGids    *ebpf.MapSpec `ebpf:"rule_gids"`
+	RuleUids    *ebpf.MapSpec `ebpf:"rule_uids"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // imdsguardVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardVariableSpecs struct {
-	ImdsIp4     *ebpf.VariableSpec `ebpf:"imds_ip4"`
-	ImdsIp6     *ebpf.VariableSpec `ebpf:"imds_ip6"`
-	ImdsPort    *ebpf.VariableSpec `ebpf:"imds_port"`
-	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
+	ImdsIp4        *ebpf.VariableSpec `ebpf:"imds_ip4"`
+	ImdsIp6        *ebpf.VariableSpec `ebpf:"imds_ip6"`
+	ImdsPort       *ebpf.VariableSpec `ebpf:"imds_port"`
+	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedPolicy   *ebpf.VariableSpec `ebpf:"unused_policy"`
+	UnusedPortKey  *ebpf.VariableSpec `ebpf:"unused_port_key"`
+	UnusedRedirect *ebpf.VariableSpec `ebpf:"unused_redirect"`
 }
 
 // imdsguardObjects contains all objects after they have been loaded into the kernel.
@@ -136,13 +230,31 @@ func (o *imdsguardObjects) Close() error {
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardMaps struct {
-	Events *ebpf.Map `ebpf:"events"`
-	Stats  *ebpf.Map `ebpf:"stats"`
+	ActiveGen   *ebpf.Map `ebpf:"active_gen"`
+	BrokerPorts *ebpf.Map `ebpf:"broker_ports"`
+	Events      *ebpf.Map `ebpf:"events"`
+	Heartbeat   *ebpf.Map `ebpf:"heartbeat"`
+	Policies    *ebpf.Map `ebpf:"policies"`
+	Redirects   *ebpf.Map `ebpf:"redirects"`
+	RuleCgroups *ebpf.Map `ebpf:"rule_cgroups"`
+	RuleExes    *ebpf.Map `ebpf:"rule_exes"`
+	RuleGids    *ebpf.Map `ebpf:"rule_gids"`
+	RuleUids    *ebpf.Map `ebpf:"rule_uids"`
+	Stats       *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *imdsguardMaps) Close() error {
 	return _ImdsguardClose(
+		m.ActiveGen,
+		m.BrokerPorts,
 		m.Events,
+		m.Heartbeat,
+		m.Policies,
+		m.Redirects,
+		m.RuleCgroups,
+		m.RuleExes,
+		m.RuleGids,
+		m.RuleUids,
 		m.Stats,
 	)
 }
@@ -151,24 +263,33 @@ func (m *imdsguardMaps) Close() error {
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardVariables struct {
-	ImdsIp4     *ebpf.Variable `ebpf:"imds_ip4"`
-	ImdsIp6     *ebpf.Variable `ebpf:"imds_ip6"`
-	ImdsPort    *ebpf.Variable `ebpf:"imds_port"`
-	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
+	ImdsIp4        *ebpf.Variable `ebpf:"imds_ip4"`
+	ImdsIp6        *ebpf.Variable `ebpf:"imds_ip6"`
+	ImdsPort       *ebpf.Variable `ebpf:"imds_port"`
+	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
+	UnusedPolicy   *ebpf.Variable `ebpf:"unused_policy"`
+	UnusedPortKey  *ebpf.Variable `ebpf:"unused_port_key"`
+	UnusedRedirect *ebpf.Variable `ebpf:"unused_redirect"`
 }
 
 // imdsguardPrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardPrograms struct {
-	ImdsConnect4 *ebpf.Program `ebpf:"imds_connect4"`
-	ImdsConnect6 *ebpf.Program `ebpf:"imds_connect6"`
+	ImdsConnect4     *ebpf.Program `ebpf:"imds_connect4"`
+	ImdsConnect6     *ebpf.Program `ebpf:"imds_connect6"`
+	ImdsGetpeername4 *ebpf.Program `ebpf:"imds_getpeername4"`
+	ImdsGetpeername6 *ebpf.Program `ebpf:"imds_getpeername6"`
+	ImdsSockops      *ebpf.Program `ebpf:"imds_sockops"`
 }
 
 func (p *imdsguardPrograms) Close() error {
 	return _ImdsguardClose(
 		p.ImdsConnect4,
 		p.ImdsConnect6,
+		p.ImdsGetpeername4,
+		p.ImdsGetpeername6,
+		p.ImdsSockops,
 	)
 }
 

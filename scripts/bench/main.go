@@ -57,7 +57,7 @@ func run() error {
 // connectOverhead alternates detached and attached rounds so drift hits both alike,
 // and compares medians.
 func connectOverhead(bed *testbed.Bed, client, proto string) error {
-	h, err := hook.Load(hook.Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort})
+	h, err := hook.Load(hook.Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort}, "")
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,71 @@
+package hook
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Redirect is the kernel's record of a connection it sent to the broker, taken at
+// connect() time.
+type Redirect struct {
+	SocketCookie uint64
+	PID, TID     uint32
+	UID, GID     uint32
+	CgroupID     uint64
+	Dst          netip.AddrPort // what the client asked for
+	Rule         int            // -1: no rule matched, the default applied
+	V2Required   bool
+	Verdict      Verdict
+}
+
+// ErrNotRedirected means a connection reached the broker without the kernel having
+// redirected it: somebody dialled the broker port directly. The broker refuses those.
+var ErrNotRedirected = errors.New("connection was not redirected by the kernel")
+
+// LookupRedirect finds the record of the client socket whose source port the broker
+// sees on an accepted connection. The port entry is consumed: ports are reused.
+func (h *Hook) LookupRedirect(family int, port uint16) (Redirect, error) {
+	k := imdsguardPortKey{Port: port, Family: uint16(family)}
+	var cookie uint64
+	if err := h.objs.BrokerPorts.LookupAndDelete(k, &cookie); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Redirect{}, ErrNotRedirected
+		}
+		return Redirect{}, fmt.Errorf("look up broker port %d: %w", port, err)
+	}
+	var r imdsguardRedirect
+	if err := h.objs.Redirects.Lookup(cookie, &r); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Redirect{}, ErrNotRedirected
+		}
+		return Redirect{}, fmt.Errorf("look up redirect: %w", err)
+	}
+	var addr netip.Addr
+	if r.Family == unix.AF_INET {
+		addr = netip.AddrFrom4([4]byte(r.Daddr[:4]))
+	} else {
+		addr = netip.AddrFrom16(r.Daddr)
+	}
+	return Redirect{
+		SocketCookie: cookie, PID: r.Tgid, TID: r.Tid, UID: r.Uid, GID: r.Gid, CgroupID: r.CgroupId,
+		Dst: netip.AddrPortFrom(addr, r.Dport), Rule: ruleIndex(r.Rule),
+		V2Required: r.Flags&flagV2Required != 0, Verdict: Verdict(r.Verdict),
+	}, nil
+}
+
+const (
+	flagRedirected = 1
+	flagV2Required = 2
+	ruleNone       = 0xff
+)
+
+func ruleIndex(r uint8) int {
+	if r == ruleNone {
+		return -1
+	}
+	return int(r)
+}
