@@ -27,6 +27,22 @@ type Config struct {
 	Events Events `yaml:"events"`
 	Log    Log    `yaml:"log"`
 	Agent  Agent  `yaml:"agent"`
+
+	// Mode is "audit" (record what the allowlist would deny, deny nothing) or
+	// "enforce" (EPERM at connect, 401 for IMDSv1 where a rule requires v2).
+	Mode string `yaml:"mode"`
+	// FailureMode is what the kernel does while the agent is gone: "open" (straight to
+	// IMDS, still counted) or "closed" (EPERM).
+	FailureMode string `yaml:"failure_mode"`
+	// DefaultAction applies when no rule matches: "allow" or "deny".
+	DefaultAction string `yaml:"default_action"`
+	// PinPath is where programs, links and maps are pinned, on a bpf file system, so
+	// that they keep guarding across restarts. "" disables pinning.
+	PinPath string `yaml:"pin_path"`
+	Rules   []Rule `yaml:"rules"`
+	Broker  Broker `yaml:"broker"`
+	// ControlSocket is where the running agent takes commands (`imdsguard reload`).
+	ControlSocket string `yaml:"control_socket"`
 }
 
 // IMDS says where the Instance Metadata Service is. Only tests change the defaults.
@@ -68,6 +84,13 @@ func Default() Config {
 		Events: Events{Output: "stdout"},
 		Log:    Log{Level: "info", Output: "stderr"},
 		Agent:  Agent{StatsInterval: 10 * time.Second, QueueSize: 4096},
+
+		// A fresh install changes nothing but what is recorded: operators turn on
+		// enforcement once the events show what their hosts need.
+		Mode: "audit", FailureMode: "open", DefaultAction: "allow",
+		PinPath:       "/sys/fs/bpf/imdsguard",
+		Broker:        defaultBroker(),
+		ControlSocket: "/run/imdsguard/control.sock",
 	}
 }
 
@@ -179,7 +202,10 @@ func (c *Config) validate(root *yaml.Node) error {
 	if c.Agent.ReadyFile != "" && !filepath.IsAbs(c.Agent.ReadyFile) {
 		return bad("agent.ready_file", "must be an absolute path, got %q", c.Agent.ReadyFile)
 	}
-	return nil
+	if c.ControlSocket != "" && !filepath.IsAbs(c.ControlSocket) {
+		return bad("control_socket", "must be an absolute path, got %q", c.ControlSocket)
+	}
+	return c.validatePolicy(root)
 }
 
 // yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.

@@ -19,6 +19,9 @@ func reflectKeys() schema { return keysOf(reflect.TypeOf(Config{})) }
 var durationType = reflect.TypeOf(time.Duration(0))
 
 func keysOf(t reflect.Type) schema {
+	if t.Kind() == reflect.Slice {
+		t = t.Elem() // a list of mappings: each element has the element's keys
+	}
 	if t.Kind() != reflect.Struct || t == durationType {
 		return nil
 	}
@@ -43,6 +46,14 @@ func checkKeys(n *yaml.Node, s schema, prefix string) error {
 		return nil
 	}
 	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
+		return nil
+	}
+	if n.Kind == yaml.SequenceNode {
+		for i, item := range n.Content {
+			if err := checkKeys(item, s, fmt.Sprintf("%s[%d].", strings.TrimSuffix(prefix, "."), i)); err != nil {
+				return err
+			}
+		}
 		return nil
 	}
 	if n.Kind != yaml.MappingNode {
@@ -83,6 +94,11 @@ func lineOf(root *yaml.Node, key string) int {
 	}
 	line := 0
 	for _, part := range strings.Split(key, ".") {
+		idx := -1
+		if open := strings.IndexByte(part, '['); open > 0 && strings.HasSuffix(part, "]") {
+			fmt.Sscanf(part[open+1:len(part)-1], "%d", &idx)
+			part = part[:open]
+		}
 		if n.Kind != yaml.MappingNode {
 			return 0
 		}
@@ -95,6 +111,13 @@ func lineOf(root *yaml.Node, key string) int {
 		}
 		if !found {
 			return 0
+		}
+		if idx >= 0 {
+			if n.Kind != yaml.SequenceNode || idx >= len(n.Content) {
+				return line
+			}
+			n = n.Content[idx]
+			line = n.Line
 		}
 	}
 	return line
@@ -116,6 +139,14 @@ func keyAtLine(root *yaml.Node, line int) string {
 	walk = func(n *yaml.Node, prefix string) string {
 		if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
 			return walk(n.Content[0], prefix)
+		}
+		if n.Kind == yaml.SequenceNode {
+			for i, item := range n.Content {
+				if found := walk(item, fmt.Sprintf("%s[%d].", strings.TrimSuffix(prefix, "."), i)); found != "" {
+					return found
+				}
+			}
+			return ""
 		}
 		if n.Kind != yaml.MappingNode {
 			return ""

@@ -1,0 +1,163 @@
+package config
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Rule is one allowlist rule. Its criteria are ANDed; rules are tried in order and the
+// first that matches decides. Names and meanings are a contract with operators.
+type Rule struct {
+	Name      string `yaml:"name"`
+	User      string `yaml:"user"`
+	UID       *int   `yaml:"uid"`
+	Group     string `yaml:"group"`
+	GID       *int   `yaml:"gid"`
+	Exe       string `yaml:"exe"`
+	Unit      string `yaml:"unit"`
+	Cgroup    string `yaml:"cgroup"`
+	Container string `yaml:"container"`
+	Action    string `yaml:"action"` // allow | deny
+	IMDSv2    string `yaml:"imdsv2"` // optional | required
+}
+
+// Broker configures the local HTTP broker that allowed IMDS connections are redirected
+// to, where IMDSv2 is enforced per process.
+type Broker struct {
+	Enabled         bool          `yaml:"enabled"`
+	Port            int           `yaml:"port"`             // on 127.0.0.1 and [::1]
+	Mark            int           `yaml:"mark"`             // SO_MARK of the broker's own sockets to IMDS
+	MaxHeaderBytes  int           `yaml:"max_header_bytes"` // larger: 431
+	MaxBodyBytes    int64         `yaml:"max_body_bytes"`   // larger: 413
+	ReadTimeout     time.Duration `yaml:"read_timeout"`     // a request's headers and body
+	IdleTimeout     time.Duration `yaml:"idle_timeout"`     // keep-alive connections
+	UpstreamTimeout time.Duration `yaml:"upstream_timeout"` // one request to IMDS
+}
+
+func defaultBroker() Broker {
+	return Broker{Enabled: true, Port: 4258, Mark: 0x1d5, MaxHeaderBytes: 8 << 10, MaxBodyBytes: 4 << 10,
+		ReadTimeout: 5 * time.Second, IdleTimeout: 60 * time.Second, UpstreamTimeout: 5 * time.Second}
+}
+
+// MaxRules is the kernel's limit: one bit per rule.
+const MaxRules = 64
+
+var containerIDPattern = regexp.MustCompile(`^[0-9a-f]{12,64}$`)
+
+func (c *Config) validatePolicy(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+	}
+	switch c.Mode {
+	case "audit", "enforce":
+	default:
+		return bad("mode", `must be "audit" or "enforce", got %q`, c.Mode)
+	}
+	switch c.FailureMode {
+	case "open", "closed":
+	default:
+		return bad("failure_mode", `must be "open" or "closed", got %q`, c.FailureMode)
+	}
+	switch c.DefaultAction {
+	case "allow", "deny":
+	default:
+		return bad("default_action", `must be "allow" or "deny", got %q`, c.DefaultAction)
+	}
+	if c.PinPath != "" && !filepath.IsAbs(c.PinPath) {
+		return bad("pin_path", "must be an absolute path (or \"\" to not pin), got %q", c.PinPath)
+	}
+	if len(c.Rules) > MaxRules {
+		return bad("rules", "%d rules, at most %d", len(c.Rules), MaxRules)
+	}
+	names := map[string]int{}
+	for i := range c.Rules {
+		r := &c.Rules[i]
+		key := func(k string) string { return fmt.Sprintf("rules[%d].%s", i, k) }
+		if r.Name == "" {
+			return bad(fmt.Sprintf("rules[%d]", i), "needs a name")
+		}
+		if j, dup := names[r.Name]; dup {
+			return bad(key("name"), "%q already names rules[%d]", r.Name, j)
+		}
+		names[r.Name] = i
+		switch r.Action {
+		case "allow", "deny":
+		case "":
+			return bad(fmt.Sprintf("rules[%d]", i), "rule %q needs an action (allow or deny)", r.Name)
+		default:
+			return bad(key("action"), `must be "allow" or "deny", got %q`, r.Action)
+		}
+		switch r.IMDSv2 {
+		case "":
+			r.IMDSv2 = "optional"
+		case "optional", "required":
+		default:
+			return bad(key("imdsv2"), `must be "optional" or "required", got %q`, r.IMDSv2)
+		}
+		if r.IMDSv2 == "required" && r.Action == "deny" {
+			return bad(key("imdsv2"), "has no effect on a deny rule")
+		}
+		if r.User != "" && r.UID != nil {
+			return bad(key("uid"), "give user or uid, not both")
+		}
+		if r.Group != "" && r.GID != nil {
+			return bad(key("gid"), "give group or gid, not both")
+		}
+		if r.UID != nil && (*r.UID < 0 || *r.UID > 1<<32-2) {
+			return bad(key("uid"), "not a uid: %d", *r.UID)
+		}
+		if r.GID != nil && (*r.GID < 0 || *r.GID > 1<<32-2) {
+			return bad(key("gid"), "not a gid: %d", *r.GID)
+		}
+		if r.Exe != "" && !filepath.IsAbs(r.Exe) {
+			return bad(key("exe"), "must be an absolute path, got %q", r.Exe)
+		}
+		if r.Cgroup != "" && !strings.HasPrefix(r.Cgroup, "/") {
+			return bad(key("cgroup"), "must start with / (a path below the cgroup2 root, or under its mount), got %q", r.Cgroup)
+		}
+		if r.Unit != "" && (strings.Contains(r.Unit, "/") || !strings.Contains(r.Unit, ".")) {
+			return bad(key("unit"), "must be a systemd unit name such as sshd.service, got %q", r.Unit)
+		}
+		if r.Container != "" && !containerIDPattern.MatchString(r.Container) {
+			return bad(key("container"), "must be a container id (12 to 64 lowercase hex digits), got %q", r.Container)
+		}
+		if r.User == "" && r.UID == nil && r.Group == "" && r.GID == nil && r.Exe == "" && r.Unit == "" &&
+			r.Cgroup == "" && r.Container == "" {
+			return bad(fmt.Sprintf("rules[%d]", i), "rule %q has no criteria (user, uid, group, gid, exe, unit, cgroup, container); use default_action for everything else", r.Name)
+		}
+		if nCgroup := btoi(r.Unit != "") + btoi(r.Cgroup != "") + btoi(r.Container != ""); nCgroup > 1 {
+			return bad(fmt.Sprintf("rules[%d]", i), "give at most one of unit, cgroup, container per rule")
+		}
+	}
+	b := c.Broker
+	if b.Port < 1 || b.Port > 65535 {
+		return bad("broker.port", "must be 1-65535, got %d", b.Port)
+	}
+	if b.Mark <= 0 || b.Mark > 1<<32-1 {
+		return bad("broker.mark", "must be a non-zero 32-bit value, got %d", b.Mark)
+	}
+	if b.MaxHeaderBytes < 1024 || b.MaxHeaderBytes > 1<<20 {
+		return bad("broker.max_header_bytes", "must be 1024-1048576, got %d", b.MaxHeaderBytes)
+	}
+	if b.MaxBodyBytes < 0 || b.MaxBodyBytes > 1<<20 {
+		return bad("broker.max_body_bytes", "must be 0-1048576, got %d", b.MaxBodyBytes)
+	}
+	for k, d := range map[string]time.Duration{"broker.read_timeout": b.ReadTimeout, "broker.idle_timeout": b.IdleTimeout, "broker.upstream_timeout": b.UpstreamTimeout} {
+		if d < 100*time.Millisecond || d > 10*time.Minute {
+			return bad(k, "must be 100ms-10m, got %s", d)
+		}
+	}
+	return nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
