@@ -179,6 +179,9 @@ struct {
 struct redirect {
 	__u64 start_boottime;
 	__u64 cgroup_id;
+	__u64 exe_ino;
+	__u32 exe_dev;
+	__u32 _pad0;
 	__u32 tgid;
 	__u32 tid;
 	__u32 uid;
@@ -254,6 +257,7 @@ struct task_view {
 	__u64 uid_gid;
 	__u64 cgroup_id;
 	__u64 exe_ino;
+	__u64 start_boottime;
 	__u32 exe_dev;
 };
 
@@ -265,6 +269,7 @@ static __always_inline void read_task(struct task_view *t)
 	t->pid_tgid = bpf_get_current_pid_tgid();
 	t->uid_gid = bpf_get_current_uid_gid();
 	t->cgroup_id = bpf_get_current_cgroup_id();
+	t->start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
 	t->exe_ino = 0;
 	t->exe_dev = 0;
 	if (exe) {
@@ -486,8 +491,10 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u16 family, __u32 
 	}
 
 	struct redirect r = {};
-	r.start_boottime = 0;
+	r.start_boottime = t.start_boottime;
 	r.cgroup_id = t.cgroup_id;
+	r.exe_ino = t.exe_ino;
+	r.exe_dev = t.exe_dev;
 	r.tgid = t.pid_tgid >> 32;
 	r.tid = (__u32)t.pid_tgid;
 	r.uid = (__u32)t.uid_gid;
@@ -601,7 +608,9 @@ int imds_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	/* Every connection to the broker port gets an entry, redirected or not, so a
 	 * stale entry can never vouch for a socket that was not redirected. */
-	struct port_key k = {.port = (__u16)skops->local_port, .family = (__u16)skops->family};
+	/* Keyed by port alone: a dual-stack client socket (AF_INET6) reaching the broker's
+	 * IPv4 listener through ::ffff:127.0.0.1 is seen as IPv4 on the broker's side. */
+	struct port_key k = {.port = (__u16)skops->local_port, .family = 0};
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&broker_ports, &k, &cookie, BPF_ANY);
 	return 1;

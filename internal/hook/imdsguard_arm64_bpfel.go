@@ -88,6 +88,9 @@ type imdsguardRedirect struct {
 	_             structs.HostLayout
 	StartBoottime uint64
 	CgroupId      uint64
+	ExeIno        uint64
+	ExeDev        uint32
+	Pad0          uint32
 	Tgid          uint32
 	Tid           uint32
 	Uid           uint32

@@ -12,14 +12,17 @@ import (
 // Redirect is the kernel's record of a connection it sent to the broker, taken at
 // connect() time.
 type Redirect struct {
-	SocketCookie uint64
-	PID, TID     uint32
-	UID, GID     uint32
-	CgroupID     uint64
-	Dst          netip.AddrPort // what the client asked for
-	Rule         int            // -1: no rule matched, the default applied
-	V2Required   bool
-	Verdict      Verdict
+	SocketCookie  uint64
+	StartBoottime uint64
+	ExeDev        uint64 // user-space encoding
+	ExeIno        uint64
+	PID, TID      uint32
+	UID, GID      uint32
+	CgroupID      uint64
+	Dst           netip.AddrPort // what the client asked for
+	Rule          int            // -1: no rule matched, the default applied
+	V2Required    bool
+	Verdict       Verdict
 }
 
 // ErrNotRedirected means a connection reached the broker without the kernel having
@@ -28,8 +31,8 @@ var ErrNotRedirected = errors.New("connection was not redirected by the kernel")
 
 // LookupRedirect finds the record of the client socket whose source port the broker
 // sees on an accepted connection. The port entry is consumed: ports are reused.
-func (h *Hook) LookupRedirect(family int, port uint16) (Redirect, error) {
-	k := imdsguardPortKey{Port: port, Family: uint16(family)}
+func (h *Hook) LookupRedirect(port uint16) (Redirect, error) {
+	k := imdsguardPortKey{Port: port}
 	var cookie uint64
 	if err := h.objs.BrokerPorts.LookupAndDelete(k, &cookie); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -50,8 +53,13 @@ func (h *Hook) LookupRedirect(family int, port uint16) (Redirect, error) {
 	} else {
 		addr = netip.AddrFrom16(r.Daddr)
 	}
+	var exeDev uint64
+	if r.ExeIno != 0 {
+		exeDev = unix.Mkdev(r.ExeDev>>20, r.ExeDev&(1<<20-1))
+	}
 	return Redirect{
-		SocketCookie: cookie, PID: r.Tgid, TID: r.Tid, UID: r.Uid, GID: r.Gid, CgroupID: r.CgroupId,
+		SocketCookie: cookie, StartBoottime: r.StartBoottime, ExeDev: exeDev, ExeIno: r.ExeIno,
+		PID: r.Tgid, TID: r.Tid, UID: r.Uid, GID: r.Gid, CgroupID: r.CgroupId,
 		Dst: netip.AddrPortFrom(addr, r.Dport), Rule: ruleIndex(r.Rule),
 		V2Required: r.Flags&flagV2Required != 0, Verdict: Verdict(r.Verdict),
 	}, nil
