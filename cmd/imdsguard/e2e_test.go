@@ -64,8 +64,16 @@ func TestPrivilegedAgentAttributesEveryClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	byPID := map[int][]testbed.Event{}
+	requests := map[int][]testbed.Event{}
 	for _, e := range events {
-		byPID[e.PID] = append(byPID[e.PID], e)
+		switch e.Event {
+		case "imds_connect":
+			byPID[e.PID] = append(byPID[e.PID], e)
+		case "imds_request":
+			requests[e.PID] = append(requests[e.PID], e)
+		default:
+			t.Errorf("unknown event %q", e.Event)
+		}
 	}
 	if len(byPID[outside.PID]) != 0 {
 		t.Errorf("process outside the cgroup produced events: %+v", byPID[outside.PID])
@@ -78,7 +86,7 @@ func TestPrivilegedAgentAttributesEveryClient(t *testing.T) {
 			continue
 		}
 		e := evs[0]
-		if e.Event != "imds_connect" || e.Verdict != "allow" || e.UID != r.UID || e.Exe != r.Exe ||
+		if e.Event != "imds_connect" || e.Verdict != "allow" || !e.Redirected || e.UID != r.UID || e.Exe != r.Exe ||
 			e.PPID != os.Getpid() || e.Cgroup != rel || e.TID == 0 || e.Netns == 0 {
 			t.Errorf("%s (pid %d uid %d exe %s): event %+v", r.Name, r.PID, r.UID, r.Exe, e)
 		}
@@ -110,9 +118,46 @@ func TestPrivilegedAgentAttributesEveryClient(t *testing.T) {
 	if c := byPID[hostPID]; len(c) != 1 || c[0].Comm != "curl" {
 		t.Errorf("pid namespace client (host pid %d): events %+v", hostPID, c)
 	}
-	// After exit, nothing of the agent remains attached to the cgroup.
-	if out, err := exec.Command("bpftool", "cgroup", "show", bed.Cgroup).CombinedOutput(); err == nil &&
-		strings.Contains(string(out), "connect") {
-		t.Errorf("programs still attached after exit:\n%s", out)
+	// Every client's requests went through the broker, classified.
+	wantVersions := map[string][]string{
+		"curl-v1": {"v1"}, "curl-token": {"token"}, "curl-v2": {"v2"}, "go-sdk": {"token", "v2", "v2", "v2"},
+		"curl-nobody": {"v1"}, "curl-ipv6": {"v1"},
 	}
+	for _, r := range runs {
+		want, ok := wantVersions[r.Name]
+		if !ok {
+			continue
+		}
+		var got []string
+		for _, q := range requests[r.PID] {
+			got = append(got, q.IMDSVersion)
+			if q.Status != 200 || q.Exe != r.Exe || q.UID != r.UID || q.Path == "" {
+				t.Errorf("%s: request %+v", r.Name, q)
+			}
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: request versions %v, want %v", r.Name, got, want)
+		}
+	}
+	// The programs outlive the agent (pinned) until uninstalled.
+	if !attached(t, bed.Cgroup) {
+		t.Error("pinned programs detached when the agent stopped")
+	}
+	bin, _ := testbed.Agent()
+	if out, err := exec.Command(bin, "uninstall", "--config", agent.ConfigPath).CombinedOutput(); err != nil {
+		t.Fatalf("uninstall: %v: %s", err, out)
+	}
+	if attached(t, bed.Cgroup) {
+		t.Error("programs still attached after uninstall")
+	}
+}
+
+// attached reports whether imdsguard's programs are attached to cgroup.
+func attached(t *testing.T, cgroup string) bool {
+	t.Helper()
+	out, err := exec.Command("bpftool", "cgroup", "show", cgroup).CombinedOutput()
+	if err != nil {
+		t.Fatalf("bpftool cgroup show: %v: %s", err, out)
+	}
+	return strings.Contains(string(out), "imds_connect4")
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent"
 	"github.com/imdsguard/imdsguard/internal/config"
+	"github.com/imdsguard/imdsguard/internal/hook"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -28,7 +29,12 @@ const DefaultConfig = "/etc/imdsguard/config.yaml"
 const usage = `imdsguard guards the EC2 Instance Metadata Service on this host.
 
 Usage:
-  imdsguard run [--config FILE]     attach the hooks and record IMDS connections
+  imdsguard run [--config FILE] [--unpin-on-exit]
+                                    guard IMDS: attach the hooks, enforce the allowlist,
+                                    serve the broker, record every connection
+  imdsguard reload [--config FILE]  make the running agent re-read its configuration
+  imdsguard uninstall [--config FILE]
+                                    detach and remove the pinned programs and maps
   imdsguard check-config FILE       validate a config file and print the effective config
   imdsguard version                 print the version
 
@@ -53,6 +59,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdRun(args[1:], stderr)
 	case "check-config":
 		err = cmdCheckConfig(args[1:], stdout)
+	case "reload":
+		err = cmdReload(args[1:], stdout)
+	case "uninstall":
+		err = cmdUninstall(args[1:], stdout)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "imdsguard", versionString())
 	case "help", "-h", "--help":
@@ -94,27 +104,82 @@ func cmdCheckConfig(args []string, stdout io.Writer) error {
 	return nil
 }
 
-func cmdRun(args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+// loadConfig reads --config, or the default file when it exists, or the defaults.
+func loadConfig(path string) (config.Config, string, error) {
+	switch {
+	case path != "":
+		cfg, err := config.Load(path)
+		return cfg, path, err
+	case fileExists(DefaultConfig):
+		cfg, err := config.Load(DefaultConfig)
+		return cfg, DefaultConfig, err
+	default:
+		cfg, err := config.Parse(nil)
+		return cfg, "", err
+	}
+}
+
+func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (string, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	path := fs.String("config", "", "config file (default "+DefaultConfig+" when it exists)")
+	if extra != nil {
+		extra(fs)
+	}
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return "", fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+		return "", fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	}
-	cfg := config.Default()
-	var err error
-	switch {
-	case *path != "":
-		cfg, err = config.Load(*path)
-	case fileExists(DefaultConfig):
-		*path = DefaultConfig
-		cfg, err = config.Load(*path)
-	default:
-		cfg, err = config.Parse(nil)
+	return *path, nil
+}
+
+func cmdReload(args []string, stdout io.Writer) error {
+	p, err := parseFlags("reload", args, nil)
+	if err != nil {
+		return err
 	}
+	cfg, _, err := loadConfig(p)
+	if err != nil {
+		return err // refuse before the agent does: same checks, clearer place
+	}
+	if err := agent.Reload(cfg.ControlSocket); err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	fmt.Fprintln(stdout, "reloaded")
+	return nil
+}
+
+func cmdUninstall(args []string, stdout io.Writer) error {
+	p, err := parseFlags("uninstall", args, nil)
+	if err != nil {
+		return err
+	}
+	cfg, _, err := loadConfig(p)
+	if err != nil {
+		return err
+	}
+	if cfg.PinPath == "" {
+		fmt.Fprintln(stdout, "nothing pinned (pin_path is empty)")
+		return nil
+	}
+	if err := hook.Unpin(cfg.PinPath); err != nil {
+		return fmt.Errorf("uninstall: %w", err)
+	}
+	fmt.Fprintf(stdout, "removed pinned programs and maps under %s\n", cfg.PinPath)
+	return nil
+}
+
+func cmdRun(args []string, stderr io.Writer) error {
+	var unpin bool
+	p, err := parseFlags("run", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&unpin, "unpin-on-exit", false, "detach and remove pinned programs on exit")
+	})
+	if err != nil {
+		return err
+	}
+	cfg, path, err := loadConfig(p)
 	if err != nil {
 		return err
 	}
@@ -123,7 +188,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	defer closeLog()
-	log.Info().Str("event", "agent_starting").Str("version", versionString()).Str("config", *path).Msg("starting")
+	log.Info().Str("event", "agent_starting").Str("version", versionString()).Str("config", path).Msg("starting")
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -139,7 +204,11 @@ func cmdRun(args []string, stderr io.Writer) error {
 			}
 		}
 	}()
-	if err := agent.Run(ctx, cfg, log, hup); err != nil {
+	opts := agent.Options{Config: cfg, UnpinOnExit: unpin}
+	if path != "" {
+		opts.Reload = func() (config.Config, error) { return config.Load(path) }
+	}
+	if err := agent.Run(ctx, opts, log, hup); err != nil {
 		log.Error().Err(err).Str("event", "agent_failed").Msg("agent stopped with an error")
 		return err
 	}

@@ -1,6 +1,8 @@
-// Package agent runs imdsguard on a host: it attaches the connect hooks to the guarded
-// cgroup, turns each kernel event into one enriched event line, keeps loss visible, and
-// detaches cleanly on shutdown.
+// Package agent runs imdsguard on a host: it attaches the kernel programs to the guarded
+// cgroup (adopting the pinned ones of an earlier agent), keeps the allowlist in the
+// kernel current, serves the broker, turns kernel events and broker requests into event
+// lines, keeps loss visible, and hands the host back to the pinned programs, or detaches
+// them, on shutdown.
 package agent
 
 import (
@@ -14,6 +16,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/imdsguard/imdsguard/internal/broker"
 	"github.com/imdsguard/imdsguard/internal/cgroup"
 	"github.com/imdsguard/imdsguard/internal/config"
 	"github.com/imdsguard/imdsguard/internal/eventlog"
@@ -21,10 +24,26 @@ import (
 	"github.com/imdsguard/imdsguard/internal/procinfo"
 )
 
-// Run guards until ctx is done, then detaches, writes out what is still queued and
-// returns nil. Errors are start-up failures or a broken ring-buffer reader. Each value
-// on hup reopens the events file (log rotation).
-func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan struct{}) error {
+// Options are what the command line gives the agent.
+type Options struct {
+	Config config.Config
+	// Reload reads the configuration again (SIGHUP, `imdsguard reload`); nil disables it.
+	Reload func() (config.Config, error)
+	// UnpinOnExit detaches and removes the pinned programs on shutdown instead of
+	// leaving them guarding for the next agent.
+	UnpinOnExit bool
+}
+
+// Intervals of the agent's background work.
+const (
+	heartbeatEvery = 250 * time.Millisecond // the kernel's timeout is 1s
+	resolveEvery   = 2 * time.Second        // re-resolve exes, units, containers
+)
+
+// Run guards until ctx is done. Errors are start-up failures or a broken reader. Each
+// value on hup reloads the configuration and reopens the events file.
+func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
+	cfg := opts.Config
 	root, err := cgroup.Root()
 	if err != nil {
 		return fmt.Errorf("find cgroup v2: %w", err)
@@ -46,7 +65,12 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		}
 	}()
 
-	h, err := hook.Load(hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)}, "")
+	if cfg.PinPath != "" {
+		if err := hook.EnsureBPFFS(cfg.PinPath); err != nil {
+			return err
+		}
+	}
+	h, err := hook.Load(hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)}, cfg.PinPath)
 	if err != nil {
 		return err
 	}
@@ -54,12 +78,33 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 	// Loading parsed the kernel's BTF (megabytes) for CO-RE; hand that back now rather
 	// than carry it for the agent's lifetime.
 	debug.FreeOSMemory()
+
+	a := &agent{cfg: cfg, opts: opts, log: log, h: h, out: out, cgroupRoot: root,
+		resolver: procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192), recent: newRecent(4096)}
+	if a.netns, err = hook.OwnNetnsCookie(); err != nil {
+		return err
+	}
+	// Alive before the policy can redirect to us, broker listening before redirects.
+	if err := h.Beat(); err != nil {
+		return err
+	}
+	if cfg.Broker.Enabled {
+		a.broker = broker.New(brokerConfig(cfg), h, a.recordRequest, log)
+		if err := a.broker.Listen(); err != nil {
+			return err
+		}
+	}
+	if err := a.applyPolicy(true); err != nil {
+		return err
+	}
 	if err := h.Attach(dir); err != nil {
 		return err
 	}
 	log.Info().Str("event", "agent_started").Str("cgroup", dir).
 		Str("imds_ipv4", cfg.IMDS.Addr4.String()).Str("imds_ipv6", cfg.IMDS.Addr6.String()).
 		Int("imds_port", cfg.IMDS.Port).Str("events_output", cfg.Events.Output).
+		Str("mode", cfg.Mode).Str("failure_mode", cfg.FailureMode).Str("default_action", cfg.DefaultAction).
+		Int("rules", len(cfg.Rules)).Bool("broker", cfg.Broker.Enabled).Str("pin_path", cfg.PinPath).
 		Msg("hooks attached, guarding IMDS connections")
 	if cfg.Agent.ReadyFile != "" {
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {
@@ -67,8 +112,8 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		}
 		defer os.Remove(cfg.Agent.ReadyFile)
 	}
+	a.reportPreexisting()
 
-	resolver := procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192)
 	queue := make(chan hook.Event, cfg.Agent.QueueSize)
 	readCtx, stopReading := context.WithCancel(context.Background())
 	defer stopReading()
@@ -82,7 +127,9 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 	go func() {
 		defer wg.Done()
 		for ev := range queue {
-			out.Write(record(ev, resolver))
+			rec := a.connectRecord(ev)
+			a.recent.put(ev.SocketCookie, rec)
+			out.Write(rec)
 			if len(queue) == 0 {
 				if err := out.Flush(); err != nil {
 					log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
@@ -91,10 +138,19 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		}
 		_ = out.Flush()
 	}()
+	ctl, err := a.serveControl()
+	if err != nil {
+		return err
+	}
+	defer ctl.Close()
 
 	stats := newStatsReporter(h, log)
-	ticker := time.NewTicker(cfg.Agent.StatsInterval)
-	defer ticker.Stop()
+	statsTick := time.NewTicker(cfg.Agent.StatsInterval)
+	defer statsTick.Stop()
+	beat := time.NewTicker(heartbeatEvery)
+	defer beat.Stop()
+	resolve := time.NewTicker(resolveEvery)
+	defer resolve.Stop()
 	var runErr error
 loop:
 	for {
@@ -105,42 +161,80 @@ loop:
 			runErr = fmt.Errorf("event reader stopped: %w", err)
 			readErr <- err
 			break loop
-		case <-ticker.C:
+		case <-beat.C:
+			if err := h.Beat(); err != nil {
+				log.Error().Err(err).Str("event", "heartbeat_failed").Msg("kernel will apply the failure mode")
+			}
+		case <-resolve.C:
+			if err := a.applyPolicy(false); err != nil {
+				log.Error().Err(err).Str("event", "policy_update_failed").Msg("keeping the previous policy")
+			}
+		case <-statsTick.C:
 			stats.report()
 		case <-hup:
+			a.reload()
 			if err := out.Reopen(); err != nil {
 				log.Error().Err(err).Str("event", "events_reopen_failed").Msg("reopening events output")
-			} else {
-				log.Info().Str("event", "events_reopened").Msg("events output reopened")
 			}
+		case done := <-ctl.reload:
+			done <- a.reload()
 		}
 	}
-	// Detach first so that no new event arrives, then drain the ring and the queue.
-	if err := h.Detach(); err != nil {
-		log.Error().Err(err).Str("event", "detach_failed").Msg("detaching hooks")
-	}
+	a.shutdown()
 	stopReading()
 	if err := <-readErr; err != nil && runErr == nil {
 		runErr = fmt.Errorf("event reader: %w", err)
 	}
 	wg.Wait()
 	stats.report()
-	log.Info().Str("event", "agent_stopped").Msg("hooks detached, events flushed")
+	log.Info().Str("event", "agent_stopped").Bool("pinned", h.Pinned() && !opts.UnpinOnExit).
+		Msg("events flushed")
 	return runErr
 }
 
-func record(ev hook.Event, r *procinfo.Resolver) eventlog.Record {
-	info := r.Resolve(procinfo.Process{
-		PID: ev.PID, StartBoottime: ev.StartBoottime, UID: ev.UID, CgroupID: ev.CgroupID,
-		ExePath: ev.ExePath, ExeDev: ev.ExeDev, ExeIno: ev.ExeIno,
-	})
-	return eventlog.Record{
-		Time: ev.Time, PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, GID: ev.GID,
-		User: info.User, Comm: ev.Comm, Exe: info.Exe,
-		ExeTruncated: ev.ExeTruncated && info.Exe == ev.ExePath,
-		Cmdline:      info.Cmdline, Cgroup: info.Cgroup, CgroupID: ev.CgroupID, Unit: info.Unit,
-		ContainerID: info.ContainerID, Netns: ev.NetnsCookie, SocketCookie: ev.SocketCookie,
-		Dst: ev.Dst.String(), Verdict: ev.Verdict.String(), Missing: info.Missing,
+type agent struct {
+	cfg        config.Config
+	opts       Options
+	log        zerolog.Logger
+	h          *hook.Hook
+	out        *eventlog.Writer
+	broker     *broker.Broker
+	resolver   *procinfo.Resolver
+	recent     *recent
+	cgroupRoot string
+	netns      uint64
+
+	mu     sync.Mutex
+	policy policyState
+}
+
+// shutdown hands the host to the kernel's failure mode at once (no client waits on a
+// broker that is going away), stops the broker, then leaves the pinned programs
+// guarding or removes them.
+func (a *agent) shutdown() {
+	if err := a.h.StopBeating(); err != nil {
+		a.log.Error().Err(err).Str("event", "heartbeat_failed").Msg("stopping heartbeat")
+	}
+	if a.broker != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		if err := a.broker.Shutdown(ctx); err != nil {
+			a.log.Warn().Err(err).Str("event", "broker_shutdown").Msg("broker stopped with requests in flight")
+		}
+		cancel()
+	}
+	if a.opts.UnpinOnExit || !a.h.Pinned() {
+		if err := a.h.Unpin(); err != nil {
+			a.log.Error().Err(err).Str("event", "detach_failed").Msg("detaching hooks")
+		}
+	}
+}
+
+func brokerConfig(cfg config.Config) broker.Config {
+	return broker.Config{
+		Port: cfg.Broker.Port, Mark: cfg.Broker.Mark, IMDS4: cfg.IMDS.Addr4, IMDS6: cfg.IMDS.Addr6,
+		IMDSPort: cfg.IMDS.Port, Enforce: cfg.Mode == "enforce",
+		MaxHeaderBytes: cfg.Broker.MaxHeaderBytes, MaxBodyBytes: cfg.Broker.MaxBodyBytes,
+		ReadTimeout: cfg.Broker.ReadTimeout, IdleTimeout: cfg.Broker.IdleTimeout, UpstreamTimeout: cfg.Broker.UpstreamTimeout,
 	}
 }
 
@@ -169,15 +263,19 @@ func newStatsReporter(h *hook.Hook, log zerolog.Logger) *statsReporter {
 func (s *statsReporter) report() {
 	st, err := s.h.Stats()
 	if err != nil {
-		s.log.Error().Err(err).Str("event", "stats_failed").Msg("reading loss counters")
+		s.log.Error().Err(err).Str("event", "stats_failed").Msg("reading counters")
 		return
 	}
-	if st == s.last {
-		return
+	if st.RingFull != s.last.RingFull || st.QueueDrops != s.last.QueueDrops {
+		s.log.Warn().Str("event", "events_dropped").
+			Uint64("ring_full", st.RingFull).Uint64("queue_full", st.QueueDrops).
+			Uint64("ring_full_new", st.RingFull-s.last.RingFull).Uint64("queue_full_new", st.QueueDrops-s.last.QueueDrops).
+			Msg("IMDS connect events were lost: the agent could not keep up")
 	}
-	s.log.Warn().Str("event", "events_dropped").
-		Uint64("ring_full", st.RingFull).Uint64("queue_full", st.QueueDrops).
-		Uint64("ring_full_new", st.RingFull-s.last.RingFull).Uint64("queue_full_new", st.QueueDrops-s.last.QueueDrops).
-		Msg("IMDS connect events were lost: the agent could not keep up")
+	if st.FailOpen != s.last.FailOpen || st.FailClosed != s.last.FailClosed {
+		s.log.Warn().Str("event", "fail_mode_applied").
+			Uint64("fail_open", st.FailOpen).Uint64("fail_closed", st.FailClosed).
+			Msg("the kernel applied the failure mode while the agent was not beating")
+	}
 	s.last = st
 }

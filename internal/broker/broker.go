@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -72,6 +73,7 @@ type Request struct {
 
 // Broker serves redirected IMDS connections.
 type Broker struct {
+	enforce   atomic.Bool // changes on reload
 	cfg       Config
 	redirects Redirects
 	record    func(Request)
@@ -91,6 +93,7 @@ type connInfo struct {
 // New returns a broker; record is called once per request, from the serving goroutine.
 func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logger) *Broker {
 	b := &Broker{cfg: cfg, redirects: redirects, record: record, log: log}
+	b.enforce.Store(cfg.Enforce)
 	dialer := &net.Dialer{
 		Timeout: cfg.UpstreamTimeout,
 		Control: func(network, address string, c syscall.RawConn) error {
@@ -185,6 +188,10 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// SetEnforce switches between refusing IMDSv1 where v2 is required (true) and
+// forwarding it (audit).
+func (b *Broker) SetEnforce(on bool) { b.enforce.Store(on) }
+
 // Classify says how a request authenticates to IMDS.
 func Classify(r *http.Request) Version {
 	if r.Method == http.MethodPut && r.URL.Path == "/latest/api/token" {
@@ -232,7 +239,7 @@ func (b *Broker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// IMDS refuses token requests that went through a proxy; so do we.
 		refuse(http.StatusForbidden, "x_forwarded_for", "403 - Forbidden\n")
 		return
-	case req.Version == VersionV1 && info.r.V2Required && b.cfg.Enforce:
+	case req.Version == VersionV1 && info.r.V2Required && b.enforce.Load():
 		// What IMDS answers with HttpTokens=required: SDKs fetch a token and retry.
 		refuse(http.StatusUnauthorized, "imdsv2_required", "401 - Unauthorized\n")
 		return

@@ -15,8 +15,15 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// Record is one IMDS connection: the kernel's facts and their enrichment.
+// Event kinds.
+const (
+	KindConnect = "imds_connect" // one per connect() to IMDS, from the kernel
+	KindRequest = "imds_request" // one per HTTP request the broker handled
+)
+
+// Record is one IMDS connection or request: the kernel's facts and their enrichment.
 type Record struct {
+	Kind         string // KindConnect when empty
 	Time         time.Time
 	PID, TID     uint32
 	PPID         uint32
@@ -34,7 +41,17 @@ type Record struct {
 	SocketCookie uint64
 	Dst          string
 	Verdict      string
+	Rule         string // name of the matching allowlist rule, "" for the default action
+	Redirected   bool   // sent through the broker
 	Missing      []string
+
+	// Request fields (KindRequest).
+	Method      string
+	Path        string
+	IMDSVersion string // token, v1, v2
+	Status      int    // HTTP status the client got
+	Refused     string // why the broker answered itself, e.g. imdsv2_required
+	DurationMS  float64
 }
 
 // Writer appends records to stdout or a file. It is safe for concurrent use. Lines
@@ -105,9 +122,13 @@ func (w *Writer) Reopen() error {
 func (w *Writer) Write(r Record) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	kind := r.Kind
+	if kind == "" {
+		kind = KindConnect
+	}
 	e := w.log.Log().
 		Str("time", r.Time.UTC().Format(time.RFC3339Nano)).
-		Str("event", "imds_connect").
+		Str("event", kind).
 		Uint32("pid", r.PID).
 		Uint32("tid", r.TID).
 		Uint32("ppid", r.PPID).
@@ -127,7 +148,16 @@ func (w *Writer) Write(r Record) {
 		Uint64("netns", r.Netns).
 		Uint64("socket_cookie", r.SocketCookie).
 		Str("dst", r.Dst).
-		Str("verdict", r.Verdict)
+		Str("verdict", r.Verdict).
+		Str("rule", r.Rule).
+		Bool("redirected", r.Redirected)
+	if kind == KindRequest {
+		e = e.Str("method", r.Method).Str("path", r.Path).Str("imds_version", r.IMDSVersion).
+			Int("status", r.Status).Float64("duration_ms", r.DurationMS)
+		if r.Refused != "" {
+			e = e.Str("refused", r.Refused)
+		}
+	}
 	if len(r.Missing) > 0 {
 		e = e.Strs("missing", r.Missing)
 	}

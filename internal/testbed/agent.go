@@ -30,9 +30,10 @@ type AgentProc struct {
 }
 
 // StartAgent writes a config that points the agent at the bed (cgroup, IMDS, an events
-// file in the bed's directory), appends extraYAML to it, starts the agent through
-// nsenter --net, and returns once the agent says its hooks are attached.
-func (b *Bed) StartAgent(extraYAML string) (*AgentProc, error) {
+// file, pins and control socket in the bed's directory), appends extraYAML to it (which
+// must not repeat those keys), starts the agent through nsenter --net, and returns
+// once the agent says its hooks are attached.
+func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 	bin, err := Agent()
 	if err != nil {
 		return nil, err
@@ -42,12 +43,12 @@ func (b *Bed) StartAgent(extraYAML string) (*AgentProc, error) {
 		EventsPath: filepath.Join(b.Dir, "events.json"),
 		exited:     make(chan struct{}),
 	}
-	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\n%s",
-		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, extraYAML)
+	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\n%s",
+		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, b.PinPath(), b.ControlSocket(), extraYAML)
 	if err := os.WriteFile(a.ConfigPath, []byte(conf), 0o600); err != nil {
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
-	a.Cmd = exec.Command("nsenter", "--net="+b.NetnsPath, bin, "run", "--config", a.ConfigPath)
+	a.Cmd = exec.Command("nsenter", append([]string{"--net=" + b.NetnsPath, bin, "run", "--config", a.ConfigPath}, args...)...)
 	a.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	stderr, err := a.Cmd.StderrPipe()
 	if err != nil {
@@ -83,6 +84,23 @@ func (b *Bed) StartAgent(extraYAML string) (*AgentProc, error) {
 		a.Stop()
 		return nil, fmt.Errorf("agent not ready after 30s:\n%s", a.Log())
 	}
+}
+
+// PinPath is where the bed's agents pin their programs.
+func (b *Bed) PinPath() string { return filepath.Join(b.BPFFS, "imdsguard") }
+
+// ControlSocket is the bed's agent control socket.
+func (b *Bed) ControlSocket() string { return filepath.Join(b.Dir, "control.sock") }
+
+// Kill kills the agent with SIGKILL, as a crash would, and waits for it.
+func (a *AgentProc) Kill() {
+	select {
+	case <-a.exited:
+		return
+	default:
+	}
+	_ = a.Cmd.Process.Kill()
+	<-a.exited
 }
 
 // Log returns what the agent wrote to stderr so far.
@@ -130,9 +148,19 @@ type Event struct {
 	ContainerID  string    `json:"container_id"`
 	Netns        uint64    `json:"netns"`
 	SocketCookie uint64    `json:"socket_cookie"`
+	ExeTruncated bool      `json:"exe_truncated"`
 	Dst          string    `json:"dst"`
 	Verdict      string    `json:"verdict"`
+	Rule         string    `json:"rule"`
+	Redirected   bool      `json:"redirected"`
 	Missing      []string  `json:"missing"`
+	// imds_request only
+	Method      string  `json:"method"`
+	Path        string  `json:"path"`
+	IMDSVersion string  `json:"imds_version"`
+	Status      int     `json:"status"`
+	Refused     string  `json:"refused"`
+	DurationMS  float64 `json:"duration_ms"`
 }
 
 // Events reads every complete line of the events file. Unknown fields are an error, so

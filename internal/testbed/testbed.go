@@ -71,6 +71,7 @@ type Bed struct {
 	Creds       Credentials
 	InstanceID  string
 	Dir         string // scratch directory, removed on Close
+	BPFFS       string // a bpf file system of the bed's own, for pins
 	EmulatorPID int
 
 	emulator *exec.Cmd
@@ -102,6 +103,16 @@ func New(opts Options) (b *Bed, err error) {
 		return nil, fmt.Errorf("chmod scratch dir: %w", err)
 	}
 	b.closers = append(b.closers, func() error { return os.RemoveAll(b.Dir) })
+	// Pins go to a bpf file system of the bed's own, never the host's /sys/fs/bpf;
+	// unmounting it drops whatever a test left pinned there.
+	b.BPFFS = filepath.Join(b.Dir, "bpffs")
+	if err := os.Mkdir(b.BPFFS, 0o700); err != nil {
+		return nil, fmt.Errorf("create bpffs mount point: %w", err)
+	}
+	if err := run("mount", "-t", "bpf", "bpf", b.BPFFS); err != nil {
+		return nil, fmt.Errorf("mount bpffs: %w", err)
+	}
+	b.closers = append(b.closers, func() error { return run("umount", "-l", b.BPFFS) })
 	if err := b.makeNetns(); err != nil {
 		return nil, err
 	}

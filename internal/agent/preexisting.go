@@ -1,0 +1,3 @@
+package agent
+
+func (a *agent) reportPreexisting() {}

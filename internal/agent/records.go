@@ -1,0 +1,86 @@
+package agent
+
+import (
+	"sync"
+
+	"github.com/imdsguard/imdsguard/internal/broker"
+	"github.com/imdsguard/imdsguard/internal/eventlog"
+	"github.com/imdsguard/imdsguard/internal/hook"
+	"github.com/imdsguard/imdsguard/internal/procinfo"
+)
+
+func (a *agent) connectRecord(ev hook.Event) eventlog.Record {
+	info := a.resolver.Resolve(procinfo.Process{
+		PID: ev.PID, StartBoottime: ev.StartBoottime, UID: ev.UID, CgroupID: ev.CgroupID,
+		ExePath: ev.ExePath, ExeDev: ev.ExeDev, ExeIno: ev.ExeIno,
+	})
+	return eventlog.Record{
+		Kind: eventlog.KindConnect, Time: ev.Time, PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, GID: ev.GID,
+		User: info.User, Comm: ev.Comm, Exe: info.Exe,
+		ExeTruncated: ev.ExeTruncated && info.Exe == ev.ExePath,
+		Cmdline:      info.Cmdline, Cgroup: info.Cgroup, CgroupID: ev.CgroupID, Unit: info.Unit,
+		ContainerID: info.ContainerID, Netns: ev.NetnsCookie, SocketCookie: ev.SocketCookie,
+		Dst: ev.Dst.String(), Verdict: ev.Verdict.String(), Rule: a.ruleName(ev.Rule),
+		Redirected: ev.Redirected, Missing: info.Missing,
+	}
+}
+
+// recordRequest writes one imds_request line. The process comes from the connect event
+// of the same socket when the agent has seen it, else from the broker's kernel record.
+func (a *agent) recordRequest(req broker.Request) {
+	rec, ok := a.recent.get(req.Conn.SocketCookie)
+	if !ok {
+		c := req.Conn
+		info := a.resolver.Resolve(procinfo.Process{PID: c.PID, StartBoottime: c.StartBoottime, UID: c.UID,
+			CgroupID: c.CgroupID, ExeDev: c.ExeDev, ExeIno: c.ExeIno})
+		rec = eventlog.Record{PID: c.PID, TID: c.TID, UID: c.UID, GID: c.GID, User: info.User, Exe: info.Exe,
+			Cmdline: info.Cmdline, Cgroup: info.Cgroup, CgroupID: c.CgroupID, Unit: info.Unit,
+			ContainerID: info.ContainerID, SocketCookie: c.SocketCookie, Dst: c.Dst.String(),
+			Verdict: c.Verdict.String(), Rule: a.ruleName(c.Rule), Redirected: true, Missing: info.Missing}
+	}
+	rec.Kind = eventlog.KindRequest
+	rec.Time = req.Started
+	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)
+	rec.Status, rec.Refused = req.Status, req.Refused
+	rec.DurationMS = float64(req.Duration.Microseconds()) / 1000
+	a.out.Write(rec)
+	if err := a.out.Flush(); err != nil {
+		a.log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
+	}
+}
+
+// recent remembers the last connect records by socket cookie, for the broker's
+// request lines. Bounded: the oldest entry goes first.
+type recent struct {
+	mu    sync.Mutex
+	max   int
+	order []uint64
+	m     map[uint64]eventlog.Record
+}
+
+func newRecent(max int) *recent {
+	return &recent{max: max, m: make(map[uint64]eventlog.Record, max)}
+}
+
+func (r *recent) put(cookie uint64, rec eventlog.Record) {
+	if cookie == 0 {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.m[cookie]; !ok {
+		if len(r.order) >= r.max {
+			delete(r.m, r.order[0])
+			r.order = r.order[1:]
+		}
+		r.order = append(r.order, cookie)
+	}
+	r.m[cookie] = rec
+}
+
+func (r *recent) get(cookie uint64) (eventlog.Record, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rec, ok := r.m[cookie]
+	return rec, ok
+}
