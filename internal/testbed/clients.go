@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -21,6 +22,12 @@ type Placement struct {
 	OutsideCgroup bool
 	// UID and GID, when UID > 0, drop privileges inside the namespace.
 	UID, GID int
+	// SubCgroup places the command in a child of the bed's cgroup (created if missing),
+	// e.g. to stand for a systemd unit.
+	SubCgroup string
+	// Netns runs the command in another network namespace (a container's, from
+	// AddContainerNetns) instead of the bed's.
+	Netns string
 }
 
 // Command returns a command that runs argv inside the bed's network namespace and, by
@@ -28,7 +35,11 @@ type Placement struct {
 // (CLONE_INTO_CGROUP), so its very first connect() is already guarded. nsenter execs
 // argv in place: the command's pid is the client's pid.
 func (b *Bed) Command(ctx context.Context, p Placement, argv ...string) (*exec.Cmd, error) {
-	args := []string{"--net=" + b.NetnsPath}
+	netns := b.NetnsPath
+	if p.Netns != "" {
+		netns = p.Netns
+	}
+	args := []string{"--net=" + netns}
 	if p.UID > 0 {
 		args = append(args, "--setuid", strconv.Itoa(p.UID), "--setgid", strconv.Itoa(p.GID))
 	}
@@ -38,9 +49,16 @@ func (b *Bed) Command(ctx context.Context, p Placement, argv ...string) (*exec.C
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if !p.OutsideCgroup {
-		fd, err := syscall.Open(b.Cgroup, syscall.O_DIRECTORY|syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+		dir := b.Cgroup
+		if p.SubCgroup != "" {
+			var err error
+			if dir, err = b.SubCgroup(p.SubCgroup); err != nil {
+				return nil, err
+			}
+		}
+		fd, err := syscall.Open(dir, syscall.O_DIRECTORY|syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 		if err != nil {
-			return nil, fmt.Errorf("open cgroup %s: %w", b.Cgroup, err)
+			return nil, fmt.Errorf("open cgroup %s: %w", dir, err)
 		}
 		cmd.SysProcAttr.UseCgroupFD = true
 		cmd.SysProcAttr.CgroupFD = fd
@@ -129,4 +147,14 @@ func (b *Bed) RunClients(ctx context.Context) ([]Run, error) {
 		}
 	}
 	return runs, nil
+}
+
+// SubCgroup returns the path of a child of the bed's cgroup, creating it when missing.
+// The bed's removal removes it.
+func (b *Bed) SubCgroup(name string) (string, error) {
+	dir := filepath.Join(b.Cgroup, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
+	}
+	return dir, nil
 }

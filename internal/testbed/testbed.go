@@ -168,8 +168,17 @@ func (b *Bed) makeCgroup() error {
 	return nil
 }
 
-// removeCgroup kills whatever still runs in dir and removes it.
+// removeCgroup kills whatever still runs in dir and removes it, children first.
 func removeCgroup(dir string) error {
+	if entries, err := os.ReadDir(dir); err == nil {
+		for _, e := range entries {
+			if e.IsDir() {
+				if err := removeCgroup(filepath.Join(dir, e.Name())); err != nil {
+					return err
+				}
+			}
+		}
+	}
 	// cgroup.kill (5.14+) kills every process in the subtree at once.
 	if err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 		killProcs(dir)
@@ -315,3 +324,36 @@ func (b *Bed) DialContext(ctx context.Context, network, addr string) (net.Conn, 
 }
 
 var buildMu sync.Mutex
+
+// AddContainerNetns creates a second network namespace joined to the bed's by a veth
+// pair, routed so that IMDS is reachable from it the way a container on a bridge reaches
+// the host's IMDS. It returns the namespace's path for Placement.Netns.
+func (b *Bed) AddContainerNetns() (string, error) {
+	name := b.Name + "-c"
+	if err := run("ip", "netns", "add", name); err != nil {
+		return "", fmt.Errorf("create container namespace: %w", err)
+	}
+	b.closers = append(b.closers, func() error { return run("ip", "netns", "del", name) })
+	// Link-local /30 of our own, only inside the bed's namespaces.
+	for _, args := range [][]string{
+		{"-n", name, "link", "set", "lo", "up"},
+		{"link", "add", "imdsgv" + strconv.Itoa(os.Getpid()%100000), "netns", b.Name, "type", "veth", "peer", "name", "eth0", "netns", name},
+	} {
+		if err := run("ip", args...); err != nil {
+			return "", fmt.Errorf("set up container namespace: %w", err)
+		}
+	}
+	host := "imdsgv" + strconv.Itoa(os.Getpid()%100000)
+	for _, args := range [][]string{
+		{"-n", b.Name, "addr", "add", "169.254.99.1/30", "dev", host},
+		{"-n", b.Name, "link", "set", host, "up"},
+		{"-n", name, "addr", "add", "169.254.99.2/30", "dev", "eth0"},
+		{"-n", name, "link", "set", "eth0", "up"},
+		{"-n", name, "route", "add", IMDSv4.String() + "/32", "via", "169.254.99.1"},
+	} {
+		if err := run("ip", args...); err != nil {
+			return "", fmt.Errorf("set up container namespace: %w", err)
+		}
+	}
+	return "/run/netns/" + name, nil
+}
