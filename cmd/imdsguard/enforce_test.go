@@ -365,3 +365,37 @@ func TestPrivilegedRestartNoGap(t *testing.T) {
 		t.Errorf("only %d attempts during the restart", n)
 	}
 }
+
+// TestPrivilegedPreexistingConnections: a connection opened before the agent started
+// bypassed every hook; the agent finds it at start-up and names its process.
+func TestPrivilegedPreexistingConnections(t *testing.T) {
+	bed := testbed.Start(t, testbed.Options{})
+	client, err := testbed.ClientBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd, err := bed.Command(context.Background(), testbed.Placement{}, client, "hold")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	buf := make([]byte, 16)
+	if n, err := out.Read(buf); err != nil || !strings.HasPrefix(string(buf[:n]), "connected") {
+		t.Fatalf("hold client: %q %v", buf[:n], err)
+	}
+	agent, err := bed.StartAgent("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := eventsOf(t, agent, cmd.Process.Pid)
+	if e[0].Event != "imds_preexisting" || e[0].Exe != client || e[0].Dst != "169.254.169.254:80" || e[0].Verdict != "unguarded" {
+		t.Errorf("preexisting event %+v", e[0])
+	}
+}

@@ -19,6 +19,8 @@ import (
 const (
 	KindConnect = "imds_connect" // one per connect() to IMDS, from the kernel
 	KindRequest = "imds_request" // one per HTTP request the broker handled
+	// KindPreexisting is one per IMDS connection already open when the agent started.
+	KindPreexisting = "imds_preexisting"
 )
 
 // Record is one IMDS connection or request: the kernel's facts and their enrichment.

@@ -153,7 +153,7 @@ func (r *Resolver) sameProcess(dir string, p Process) bool {
 		return false
 	}
 	start, err := StartTicks(stat)
-	if err != nil || start != p.StartBoottime/nsPerTick {
+	if err != nil || start != p.StartBoottime/NsPerTick {
 		return false
 	}
 	if p.ExeIno == 0 {
@@ -166,8 +166,9 @@ func (r *Resolver) sameProcess(dir string, p Process) bool {
 	return st.Ino == p.ExeIno && st.Dev == p.ExeDev
 }
 
-// USER_HZ is 100 on every Linux architecture imdsguard supports.
-const nsPerTick = 1_000_000_000 / 100
+// NsPerTick converts /proc clock ticks to nanoseconds: USER_HZ is 100 on every
+// architecture imdsguard supports.
+const NsPerTick = 1_000_000_000 / 100
 
 // StartTicks returns field 22 (starttime, clock ticks since boot) of /proc/<pid>/stat.
 // The command name in field 2 may contain spaces and parentheses, so fields are counted

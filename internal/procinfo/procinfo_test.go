@@ -67,7 +67,7 @@ func selfProcess(t *testing.T) Process {
 	if err := syscall.Stat("/proc/self/exe", &st); err != nil {
 		t.Fatal(err)
 	}
-	return Process{PID: uint32(os.Getpid()), StartBoottime: ticks * nsPerTick, UID: uint32(os.Getuid()),
+	return Process{PID: uint32(os.Getpid()), StartBoottime: ticks * NsPerTick, UID: uint32(os.Getuid()),
 		CgroupID: 7, ExePath: "/kernel/view", ExeDev: st.Dev, ExeIno: st.Ino}
 }
 
@@ -92,7 +92,7 @@ func TestResolveLiveProcess(t *testing.T) {
 
 func TestResolveRefusesReusedPID(t *testing.T) {
 	p := selfProcess(t)
-	p.StartBoottime += 10 * nsPerTick // an earlier process that had this pid
+	p.StartBoottime += 10 * NsPerTick // an earlier process that had this pid
 	r := NewResolver("/proc", fakePaths{}, 16)
 	info := r.Resolve(p)
 	if info.Exe != "/kernel/view" {
@@ -130,7 +130,7 @@ func TestResolverCacheIsBounded(t *testing.T) {
 		must(t, os.WriteFile(filepath.Join(dir, "stat"), []byte(strconv.Itoa(pid)+" (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 500 0 0"), 0o644))
 		must(t, os.WriteFile(filepath.Join(dir, "cmdline"), []byte("x\x00-v\x00"), 0o644))
 		must(t, os.Symlink(exe, filepath.Join(dir, "exe")))
-		info := r.Resolve(Process{PID: uint32(pid), StartBoottime: 500 * nsPerTick, CgroupID: 7, ExeDev: st.Dev, ExeIno: st.Ino})
+		info := r.Resolve(Process{PID: uint32(pid), StartBoottime: 500 * NsPerTick, CgroupID: 7, ExeDev: st.Dev, ExeIno: st.Ino})
 		if info.Exe != exe || strings.Join(info.Cmdline, " ") != "x -v" || len(info.Missing) != 0 {
 			t.Fatalf("pid %d: %+v", pid, info)
 		}

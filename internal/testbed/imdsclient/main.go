@@ -6,6 +6,7 @@
 //	imds-client connect-loop N tcp|udp
 //	                           N connect()+close() to a loopback listener of its own;
 //	                           prints nanoseconds per connect (benchmark baseline)
+//	imds-client hold           connect to IMDS, print "connected", keep it open until killed
 //	imds-client udp-flood RATE SECONDS ADDR:PORT
 //	                           UDP connect() to ADDR:PORT at RATE/s (0: flat out); UDP
 //	                           connect runs the connect hook but sends nothing; prints
@@ -53,6 +54,8 @@ func run(args []string) error {
 		return connectLoop(args[1:])
 	case "udp-flood":
 		return udpFlood(args[1:])
+	case "hold":
+		return hold()
 	}
 	return fmt.Errorf("unknown mode %q", args[0])
 }
@@ -198,4 +201,14 @@ func udpFlood(args []string) error {
 	}
 	fmt.Println(n)
 	return nil
+}
+
+func hold() error {
+	conn, err := net.Dial("tcp", "169.254.169.254:80")
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	defer conn.Close()
+	fmt.Println("connected")
+	select {}
 }
