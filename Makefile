@@ -30,6 +30,7 @@ demo: root deps
 	$(GO) run ./scripts/demo
 
 bench: root deps
+	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/broker
 	$(GO) run ./scripts/bench
 
 # Regenerate the BPF objects and their Go bindings (needs clang; installed if missing).

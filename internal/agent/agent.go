@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -80,7 +81,8 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	debug.FreeOSMemory()
 
 	a := &agent{cfg: cfg, opts: opts, log: log, h: h, out: out, cgroupRoot: root,
-		resolver: procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192), recent: newRecent(4096)}
+		resolver: procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192), recent: newRecent(4096),
+		requests: make(chan eventlog.Record, cfg.Agent.QueueSize)}
 	if a.netns, err = hook.OwnNetnsCookie(); err != nil {
 		return err
 	}
@@ -126,17 +128,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		for ev := range queue {
-			rec := a.connectRecord(ev)
-			a.recent.put(ev.SocketCookie, rec)
-			out.Write(rec)
-			if len(queue) == 0 {
-				if err := out.Flush(); err != nil {
-					log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
-				}
-			}
-		}
-		_ = out.Flush()
+		a.writeLoop(queue)
 	}()
 	ctl, err := a.serveControl()
 	if err != nil {
@@ -144,7 +136,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	}
 	defer ctl.Close()
 
-	stats := newStatsReporter(h, log)
+	stats := newStatsReporter(h, log, a.reqDrops.Load)
 	statsTick := time.NewTicker(cfg.Agent.StatsInterval)
 	defer statsTick.Stop()
 	beat := time.NewTicker(heartbeatEvery)
@@ -181,6 +173,10 @@ loop:
 		}
 	}
 	a.shutdown()
+	a.reqMu.Lock() // a request still in flight after the broker's grace is dropped
+	a.reqClosed = true
+	close(a.requests)
+	a.reqMu.Unlock()
 	stopReading()
 	if err := <-readErr; err != nil && runErr == nil {
 		runErr = fmt.Errorf("event reader: %w", err)
@@ -201,11 +197,45 @@ type agent struct {
 	broker     *broker.Broker
 	resolver   *procinfo.Resolver
 	recent     *recent
+	requests   chan eventlog.Record // the broker's request lines, written by writeLoop
+	reqDrops   atomic.Uint64
+	reqMu      sync.RWMutex
+	reqClosed  bool
 	cgroupRoot string
 	netns      uint64
 
 	mu     sync.Mutex
 	policy policyState
+}
+
+// writeLoop is the only writer of event lines: kernel events and broker requests are
+// written here, off the request path, and flushed whenever nothing else is waiting.
+func (a *agent) writeLoop(queue <-chan hook.Event) {
+	requests := a.requests
+	for queue != nil || requests != nil {
+		select {
+		case ev, ok := <-queue:
+			if !ok {
+				queue = nil
+				continue
+			}
+			rec := a.connectRecord(ev)
+			a.recent.put(ev.SocketCookie, rec)
+			a.out.Write(rec)
+		case rec, ok := <-requests:
+			if !ok {
+				requests = nil
+				continue
+			}
+			a.out.Write(rec)
+		}
+		if len(queue) == 0 && len(requests) == 0 {
+			if err := a.out.Flush(); err != nil {
+				a.log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
+			}
+		}
+	}
+	_ = a.out.Flush()
 }
 
 // shutdown hands the host to the kernel's failure mode at once (no client waits on a
@@ -251,13 +281,15 @@ func writeReady(path string) error {
 // statsReporter logs loss counters when they grow: loss is never silent, and a quiet
 // agent does not repeat itself.
 type statsReporter struct {
-	h    *hook.Hook
-	log  zerolog.Logger
-	last hook.Stats
+	h        *hook.Hook
+	log      zerolog.Logger
+	last     hook.Stats
+	reqDrops func() uint64
+	lastReq  uint64
 }
 
-func newStatsReporter(h *hook.Hook, log zerolog.Logger) *statsReporter {
-	return &statsReporter{h: h, log: log}
+func newStatsReporter(h *hook.Hook, log zerolog.Logger, reqDrops func() uint64) *statsReporter {
+	return &statsReporter{h: h, log: log, reqDrops: reqDrops}
 }
 
 func (s *statsReporter) report() {
@@ -271,6 +303,11 @@ func (s *statsReporter) report() {
 			Uint64("ring_full", st.RingFull).Uint64("queue_full", st.QueueDrops).
 			Uint64("ring_full_new", st.RingFull-s.last.RingFull).Uint64("queue_full_new", st.QueueDrops-s.last.QueueDrops).
 			Msg("IMDS connect events were lost: the agent could not keep up")
+	}
+	if n := s.reqDrops(); n != s.lastReq {
+		s.log.Warn().Str("event", "events_dropped").Uint64("request_lines", n).
+			Msg("broker request lines were lost: the event writer could not keep up")
+		s.lastReq = n
 	}
 	if st.FailOpen != s.last.FailOpen || st.FailClosed != s.last.FailClosed {
 		s.log.Warn().Str("event", "fail_mode_applied").

@@ -43,9 +43,16 @@ func (a *agent) recordRequest(req broker.Request) {
 	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)
 	rec.Status, rec.Refused = req.Status, req.Refused
 	rec.DurationMS = float64(req.Duration.Microseconds()) / 1000
-	a.out.Write(rec)
-	if err := a.out.Flush(); err != nil {
-		a.log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
+	a.reqMu.RLock()
+	defer a.reqMu.RUnlock()
+	if a.reqClosed {
+		a.reqDrops.Add(1)
+		return
+	}
+	select {
+	case a.requests <- rec:
+	default:
+		a.reqDrops.Add(1) // reported with the other loss counters
 	}
 }
 

@@ -62,6 +62,7 @@ func (f *fakeRedirects) LookupRedirect(port uint16) (hook.Redirect, error) {
 
 type bed struct {
 	imds     *fakeIMDS
+	imdsAddr string
 	url      string
 	mu       sync.Mutex
 	requests []Request
@@ -79,6 +80,7 @@ func start(t testing.TB, enforce bool, redirects Redirects) *bed {
 	up := httptest.NewServer(tb.imds)
 	t.Cleanup(up.Close)
 	upAddr := netip.MustParseAddrPort(up.Listener.Addr().String())
+	tb.imdsAddr = upAddr.String()
 	cfg := Config{
 		IMDS4: upAddr.Addr(), IMDS6: netip.MustParseAddr("::1"), IMDSPort: int(upAddr.Port()), Enforce: enforce,
 		MaxHeaderBytes: 4096, MaxBodyBytes: 1024, ReadTimeout: 300 * time.Millisecond,

@@ -12,6 +12,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -41,7 +42,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	if os.Getenv("BENCH_ONLY") != "agent" {
+	if os.Getenv("BENCH_ONLY") == "" || os.Getenv("BENCH_ONLY") == "connect" {
 		fmt.Println("== 1. connect() overhead of the hooks on non-IMDS destinations (loopback listener)")
 		for _, proto := range []string{"tcp", "udp"} {
 			if err := connectOverhead(bed, client, proto); err != nil {
@@ -49,9 +50,67 @@ func run() error {
 			}
 		}
 	}
+	if os.Getenv("BENCH_ONLY") == "" || os.Getenv("BENCH_ONLY") == "agent" {
+		fmt.Println()
+		fmt.Println("== 2/3. events recorded by the agent binary (UDP connect() to IMDS, paced), agent memory")
+		if err := throughput(bed, client); err != nil {
+			return err
+		}
+	}
 	fmt.Println()
-	fmt.Println("== 2/3. events recorded by the agent binary (UDP connect() to IMDS, paced), agent memory")
-	return throughput(bed, client)
+	fmt.Println("== 4. IMDS requests through the broker vs straight to IMDS (same emulator, same client)")
+	return brokerOverhead(bed, client)
+}
+
+// brokerOverhead runs the same client inside the guarded cgroup (redirected through
+// the broker) and outside it (straight to IMDS), alternating, and compares medians.
+func brokerOverhead(bed *testbed.Bed, client string) error {
+	agent, err := bed.StartAgent("")
+	if err != nil {
+		return err
+	}
+	defer agent.Stop()
+	type result struct{ P50, P99, RPS float64 }
+	run := func(p testbed.Placement, mode string) (result, error) {
+		r := bed.RunCommand(context.Background(), "http-load", "", p, client, "http-load", "2000", mode)
+		if r.Err != nil {
+			return result{}, r.Err
+		}
+		var m map[string]float64
+		if err := json.Unmarshal([]byte(r.Output), &m); err != nil {
+			return result{}, fmt.Errorf("decode %q: %w", r.Output, err)
+		}
+		return result{m["p50_us"], m["p99_us"], m["rps"]}, nil
+	}
+	for _, mode := range []string{"keepalive", "new"} {
+		var direct, broker []result
+		for i := 0; i < 5; i++ {
+			d, err := run(testbed.Placement{OutsideCgroup: true}, mode)
+			if err != nil {
+				return err
+			}
+			b, err := run(testbed.Placement{}, mode)
+			if err != nil {
+				return err
+			}
+			direct, broker = append(direct, d), append(broker, b)
+		}
+		med := func(rs []result, f func(result) float64) float64 {
+			v := make([]float64, len(rs))
+			for i, r := range rs {
+				v[i] = f(r)
+			}
+			return median(v)
+		}
+		p50 := func(r result) float64 { return r.P50 }
+		p99 := func(r result) float64 { return r.P99 }
+		rps := func(r result) float64 { return r.RPS }
+		fmt.Printf("   %-9s direct p50 %.0fµs p99 %.0fµs %.0f req/s | broker p50 %.0fµs p99 %.0fµs %.0f req/s\n",
+			mode, med(direct, p50), med(direct, p99), med(direct, rps), med(broker, p50), med(broker, p99), med(broker, rps))
+		fmt.Printf("   %-9s ratios: p50 %.2fx (goal <= 1.10), p99 %.2fx (goal <= 1.25), throughput %.2fx (goal >= 0.90)\n",
+			mode, med(broker, p50)/med(direct, p50), med(broker, p99)/med(direct, p99), med(broker, rps)/med(direct, rps))
+	}
+	return nil
 }
 
 // connectOverhead alternates detached and attached rounds so drift hits both alike,
@@ -111,6 +170,7 @@ func median(v []float64) float64 {
 
 func throughput(bed *testbed.Bed, client string) error {
 	agent, err := bed.StartAgent("agent:\n  stats_interval: 1s\n")
+	defer agent.Stop()
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,9 @@
 //	imds-client connect-loop N tcp|udp
 //	                           N connect()+close() to a loopback listener of its own;
 //	                           prints nanoseconds per connect (benchmark baseline)
+//	imds-client http-load N keepalive|new
+//	                           N sequential IMDSv2 GETs of instance-id; prints JSON with
+//	                           p50/p99 latency (µs) and requests per second
 //	imds-client hold           connect to IMDS, print "connected", keep it open until killed
 //	imds-client udp-flood RATE SECONDS ADDR:PORT
 //	                           UDP connect() to ADDR:PORT at RATE/s (0: flat out); UDP
@@ -15,7 +18,9 @@ package main
 
 import (
 	"errors"
+	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 
 	"context"
@@ -56,6 +61,8 @@ func run(args []string) error {
 		return udpFlood(args[1:])
 	case "hold":
 		return hold()
+	case "http-load":
+		return httpLoad(args[1:])
 	}
 	return fmt.Errorf("unknown mode %q", args[0])
 }
@@ -211,4 +218,49 @@ func hold() error {
 	defer conn.Close()
 	fmt.Println("connected")
 	select {}
+}
+
+func httpLoad(args []string) error {
+	if len(args) != 2 {
+		return fmt.Errorf("usage: http-load N keepalive|new")
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n <= 0 {
+		return fmt.Errorf("bad count %q", args[0])
+	}
+	tr := &http.Transport{Proxy: nil, DisableKeepAlives: args[1] == "new", MaxIdleConnsPerHost: 1}
+	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	base := "http://169.254.169.254"
+	req, _ := http.NewRequest(http.MethodPut, base+"/latest/api/token", nil)
+	req.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "600")
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	tok, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	lat := make([]time.Duration, 0, n)
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		t0 := time.Now()
+		req, _ := http.NewRequest(http.MethodGet, base+"/latest/meta-data/instance-id", nil)
+		req.Header.Set("X-aws-ec2-metadata-token", string(tok))
+		resp, err := c.Do(req)
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	total := time.Since(start)
+	slices.Sort(lat)
+	return json.NewEncoder(os.Stdout).Encode(map[string]float64{
+		"p50_us": float64(lat[len(lat)/2].Microseconds()),
+		"p99_us": float64(lat[len(lat)*99/100].Microseconds()),
+		"rps":    float64(n) / total.Seconds(),
+	})
 }
