@@ -80,13 +80,27 @@ type Bed struct {
 	closed   bool
 }
 
-var seq atomic.Uint64
+var (
+	seq      atomic.Uint64
+	reapOnce sync.Once
+)
+
+// cgroupRootNoMount finds the cgroup2 mount without mounting one.
+func cgroupRootNoMount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	return cgroup.FindMount(f)
+}
 
 // New builds a bed. It needs root; on any failure what was already built is removed.
 func New(opts Options) (b *Bed, err error) {
 	if os.Geteuid() != 0 {
 		return nil, ErrNotRoot
 	}
+	reapOnce.Do(ReapStale)
 	name := fmt.Sprintf("imdsguard-t%d-%d", os.Getpid(), seq.Add(1))
 	b = &Bed{Name: name, NetnsPath: "/run/netns/" + name}
 	defer func() {

@@ -1,0 +1,53 @@
+package testbed
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+)
+
+// ReapStale removes what beds of dead test processes left behind (a test binary killed
+// by a timeout or SIGKILL cannot clean up after itself): their network namespaces,
+// cgroups, bpf mounts and scratch directories. Beds of live processes are left alone.
+func ReapStale() {
+	dead := func(name string) bool {
+		// imdsguard-t<pid>-<n>[...]
+		rest, ok := strings.CutPrefix(name, "imdsguard-t")
+		if !ok {
+			return false
+		}
+		pidStr, _, _ := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || pid == os.Getpid() {
+			return false
+		}
+		return syscall.Kill(pid, 0) == syscall.ESRCH
+	}
+	if entries, err := os.ReadDir("/run/netns"); err == nil {
+		for _, e := range entries {
+			if dead(e.Name()) {
+				_ = run("ip", "netns", "del", e.Name())
+			}
+		}
+	}
+	if root, err := cgroupRootNoMount(); err == nil && root != "" {
+		if entries, err := os.ReadDir(root); err == nil {
+			for _, e := range entries {
+				if e.IsDir() && dead(e.Name()) {
+					_ = removeCgroup(filepath.Join(root, e.Name()))
+				}
+			}
+		}
+	}
+	if entries, err := os.ReadDir(os.TempDir()); err == nil {
+		for _, e := range entries {
+			if e.IsDir() && dead(e.Name()) {
+				dir := filepath.Join(os.TempDir(), e.Name())
+				_ = syscall.Unmount(filepath.Join(dir, "bpffs"), syscall.MNT_DETACH)
+				_ = os.RemoveAll(dir)
+			}
+		}
+	}
+}
