@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
@@ -76,8 +77,17 @@ func run() error {
 
 	fmt.Printf("\n== who touched IMDS (from the agent's events, %s)\n\n", agent.EventsPath)
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "CLIENT\tPID\tPPID\tUSER\tEXE\tDST\tVERDICT\tHOW")
+	fmt.Fprintln(tw, "CLIENT\tPID\tPPID\tUSER\tEXE\tDST\tVERDICT\tREQUESTS\tHOW")
+	versions := map[int][]string{}
 	for _, e := range events {
+		if e.Event == "imds_request" {
+			versions[e.PID] = append(versions[e.PID], e.IMDSVersion)
+		}
+	}
+	for _, e := range events {
+		if e.Event != "imds_connect" {
+			continue
+		}
 		r := how[e.PID]
 		name, what := r.Name, r.How
 		if name == "" {
@@ -87,7 +97,11 @@ func run() error {
 		if len(e.Missing) > 0 {
 			exe += " (gone: no " + strings.Join(e.Missing, ",") + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", name, e.PID, e.PPID, e.User, exe, e.Dst, e.Verdict, what)
+		reqs := strings.Join(versions[e.PID], ",")
+		if reqs == "" {
+			reqs = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name, e.PID, e.PPID, e.User, exe, e.Dst, e.Verdict, reqs, what)
 	}
 	tw.Flush()
 	seenOutside := false
@@ -96,7 +110,7 @@ func run() error {
 			seenOutside = true
 		}
 	}
-	fmt.Printf("\n%d events; the process outside the guarded cgroup (pid %d) %s.\n", len(events), outside.PID,
+	fmt.Printf("\n%d event lines; the process outside the guarded cgroup (pid %d) %s.\n", len(events), outside.PID,
 		map[bool]string{false: "was correctly not seen", true: "WAS SEEN: this is a bug"}[seenOutside])
 	fmt.Println("A sample event line:")
 	if data, err := os.ReadFile(agent.EventsPath); err == nil {
@@ -105,5 +119,84 @@ func run() error {
 	if seenOutside {
 		return fmt.Errorf("attribution leaked outside the cgroup")
 	}
+	return enforce(ctx, bed)
+}
+
+// enforce shows the guard: a restarted agent with an allowlist that denies uid 65534
+// and requires IMDSv2 from curl.
+func enforce(ctx context.Context, bed *testbed.Bed) error {
+	curl, _ := filepath.EvalSymlinks("/usr/bin/curl")
+	policy := fmt.Sprintf(`mode: enforce
+default_action: allow
+rules:
+  - name: no-nobody
+    user: nobody
+    action: deny
+  - name: curl-needs-v2
+    exe: %s
+    action: allow
+    imdsv2: required
+`, curl)
+	fmt.Printf("\n== restarting imdsguard in enforce mode with this allowlist:\n%s\n", indent(policy))
+	agent, err := bed.StartAgent(policy)
+	if err != nil {
+		return err
+	}
+	defer agent.Stop()
+	client, err := testbed.ClientBinary()
+	if err != nil {
+		return err
+	}
+	base := "http://169.254.169.254"
+	tok := bed.RunCommand(ctx, "curl-token", "", testbed.Placement{}, "curl", "-s", "-m", "5", "-X", "PUT",
+		"-H", "X-aws-ec2-metadata-token-ttl-seconds: 60", base+"/latest/api/token")
+	runs := []testbed.Run{
+		bed.RunCommand(ctx, "curl-v1", "IMDSv1 GET", testbed.Placement{}, "curl", "-s", "-m", "5", "-o", "/dev/null",
+			"-w", "%{http_code}", base+"/latest/meta-data/instance-id"),
+		bed.RunCommand(ctx, "curl-v2", "IMDSv2 GET", testbed.Placement{}, "curl", "-s", "-m", "5", "-o", "/dev/null",
+			"-w", "%{http_code}", "-H", "X-aws-ec2-metadata-token: "+strings.TrimSpace(tok.Output), base+"/latest/meta-data/instance-id"),
+		bed.RunCommand(ctx, "curl-nobody", "IMDSv1 GET as uid 65534", testbed.Placement{UID: testbed.NobodyUID, GID: testbed.NobodyUID},
+			"curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", base+"/latest/meta-data/instance-id"),
+		bed.RunCommand(ctx, "go-sdk", "aws-sdk-go-v2 (IMDSv2)", testbed.Placement{}, client, "sdk"),
+	}
+	var pids []int
+	for _, r := range runs {
+		pids = append(pids, r.PID)
+	}
+	events, err := agent.WaitEvents(pids...)
+	if err != nil {
+		return err
+	}
+	fmt.Println("== what each client got, and what the agent recorded")
+	fmt.Println()
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "CLIENT\tPID\tUSER\tCONNECT\tRULE\tREQUESTS (version status)")
+	for _, r := range runs {
+		verdict, rule, user := "", "", ""
+		var reqs []string
+		for _, e := range events {
+			if e.PID != r.PID {
+				continue
+			}
+			switch e.Event {
+			case "imds_connect":
+				verdict, rule, user = e.Verdict, e.Rule, e.User
+			case "imds_request":
+				reqs = append(reqs, fmt.Sprintf("%s %d", e.IMDSVersion, e.Status))
+			}
+		}
+		if verdict == "deny" {
+			reqs = append(reqs, "EPERM at connect(): no packet left")
+		}
+		if rule == "" {
+			rule = "(default)"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", r.Name, r.PID, user, verdict, rule, strings.Join(reqs, ", "))
+	}
+	tw.Flush()
 	return nil
+}
+
+func indent(s string) string {
+	return "   " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n   ")
 }
