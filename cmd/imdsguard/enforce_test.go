@@ -136,6 +136,26 @@ rules:
 	}
 }
 
+// TestPrivilegedPeernameKeepsIMDS: a redirected client still sees IMDS as its peer.
+func TestPrivilegedPeernameKeepsIMDS(t *testing.T) {
+	bed := testbed.Start(t, testbed.Options{})
+	client, err := testbed.ClientBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent, err := bed.StartAgent("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := bed.RunCommand(context.Background(), "peername", "", testbed.Placement{}, client, "peername")
+	if r.Err != nil || strings.TrimSpace(r.Output) != "169.254.169.254:80" {
+		t.Fatalf("getpeername said %q (%v), want 169.254.169.254:80", r.Output, r.Err)
+	}
+	if e := eventsOf(t, agent, r.PID); !e[0].Redirected {
+		t.Fatalf("not redirected, the test proves nothing: %+v", e[0])
+	}
+}
+
 func TestPrivilegedAllowlistAudit(t *testing.T) {
 	bed := testbed.Start(t, testbed.Options{})
 	agent, err := bed.StartAgent("mode: audit\ndefault_action: deny\nrules:\n  - name: nobody-only\n    user: nobody\n    action: allow\n")

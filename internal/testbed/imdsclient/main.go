@@ -9,6 +9,7 @@
 //	imds-client http-load N keepalive|new
 //	                           N sequential IMDSv2 GETs of instance-id; prints JSON with
 //	                           p50/p99 latency (µs) and requests per second
+//	imds-client peername       connect to IMDS and print what getpeername(2) says
 //	imds-client hold           connect to IMDS, print "connected", keep it open until killed
 //	imds-client udp-flood RATE SECONDS ADDR:PORT
 //	                           UDP connect() to ADDR:PORT at RATE/s (0: flat out); UDP
@@ -61,6 +62,8 @@ func run(args []string) error {
 		return udpFlood(args[1:])
 	case "hold":
 		return hold()
+	case "peername":
+		return peername()
 	case "http-load":
 		return httpLoad(args[1:])
 	}
@@ -263,4 +266,25 @@ func httpLoad(args []string) error {
 		"p99_us": float64(lat[len(lat)*99/100].Microseconds()),
 		"rps":    float64(n) / total.Seconds(),
 	})
+}
+
+func peername() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: 80, Addr: [4]byte{169, 254, 169, 254}}); err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	sa, err := unix.Getpeername(fd)
+	if err != nil {
+		return fmt.Errorf("getpeername: %w", err)
+	}
+	in4, ok := sa.(*unix.SockaddrInet4)
+	if !ok {
+		return fmt.Errorf("getpeername: %T", sa)
+	}
+	fmt.Printf("%s\n", netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)))
+	return nil
 }
