@@ -41,6 +41,9 @@ enum verdict {
 volatile const __u32 imds_ip4 = 0;
 volatile const __u32 imds_ip6[4] = {0, 0, 0, 0};
 volatile const __u16 imds_port = 0;
+/* The broker's port, network byte order: lets sockops ignore other connections
+ * without a map lookup. Fixed for the agent's life like the rest of the broker config. */
+volatile const __u16 broker_port = 0;
 
 /* ---- policy: two generations, the active one flipped atomically ---- */
 
@@ -598,13 +601,8 @@ int imds_getpeername6(struct bpf_sock_addr *ctx)
 SEC("sockops")
 int imds_sockops(struct bpf_sock_ops *skops)
 {
-	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
-		return 1;
-	__u32 zero = 0;
-	__u32 *genp = bpf_map_lookup_elem(&active_gen, &zero);
-	__u32 gen = genp ? (*genp & 1) : 0;
-	struct policy *p = bpf_map_lookup_elem(&policies, &gen);
-	if (!p || !p->broker_port || (__u16)(skops->remote_port >> 16) != p->broker_port)
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB || !broker_port ||
+	    (__u16)(skops->remote_port >> 16) != broker_port)
 		return 1;
 	/* Every connection to the broker port gets an entry, redirected or not, so a
 	 * stale entry can never vouch for a socket that was not redirected. */

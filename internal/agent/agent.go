@@ -71,7 +71,11 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 			return err
 		}
 	}
-	h, err := hook.Load(hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)}, cfg.PinPath)
+	target := hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)}
+	if cfg.Broker.Enabled {
+		target.BrokerPort = uint16(cfg.Broker.Port)
+	}
+	h, err := hook.Load(target, cfg.PinPath)
 	if err != nil {
 		return err
 	}

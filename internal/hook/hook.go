@@ -19,11 +19,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Target is the IMDS endpoint the programs watch for, fixed at load time.
+// Target is the IMDS endpoint the programs watch for, and the broker's port (0: no
+// broker), fixed at load time.
 type Target struct {
-	IPv4 netip.Addr
-	IPv6 netip.Addr
-	Port uint16
+	IPv4       netip.Addr
+	IPv6       netip.Addr
+	Port       uint16
+	BrokerPort uint16
 }
 
 // layoutVersion names the pin directory. Bump it when a map's layout changes: pins of
@@ -65,12 +67,14 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	ip4 := t.IPv4.As4()
 	ip6 := t.IPv6.As16()
 	port := [2]byte{byte(t.Port >> 8), byte(t.Port)}
+	bport := [2]byte{byte(t.BrokerPort >> 8), byte(t.BrokerPort)}
 	// The programs compare raw context words, which hold network byte order; these
 	// byte arrays are written as-is, so they land in memory in network order too.
 	for name, val := range map[string]any{
-		imdsguardVarImdsIp4:  ip4,
-		imdsguardVarImdsIp6:  ip6,
-		imdsguardVarImdsPort: port,
+		imdsguardVarImdsIp4:    ip4,
+		imdsguardVarImdsIp6:    ip6,
+		imdsguardVarImdsPort:   port,
+		imdsguardVarBrokerPort: bport,
 	} {
 		v, ok := spec.Variables[name]
 		if !ok {

@@ -125,6 +125,7 @@ const (
 	imdsguardProgImdsGetpeername4 = "imds_getpeername4"
 	imdsguardProgImdsGetpeername6 = "imds_getpeername6"
 	imdsguardProgImdsSockops      = "imds_sockops"
+	imdsguardVarBrokerPort        = "broker_port"
 	imdsguardVarImdsIp4           = "imds_ip4"
 	imdsguardVarImdsIp6           = "imds_ip6"
 	imdsguardVarImdsPort          = "imds_port"
@@ -204,6 +205,7 @@ type imdsguardMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardVariableSpecs struct {
+	BrokerPort     *ebpf.VariableSpec `ebpf:"broker_port"`
 	ImdsIp4        *ebpf.VariableSpec `ebpf:"imds_ip4"`
 	ImdsIp6        *ebpf.VariableSpec `ebpf:"imds_ip6"`
 	ImdsPort       *ebpf.VariableSpec `ebpf:"imds_port"`
@@ -266,6 +268,7 @@ func (m *imdsguardMaps) Close() error {
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardVariables struct {
+	BrokerPort     *ebpf.Variable `ebpf:"broker_port"`
 	ImdsIp4        *ebpf.Variable `ebpf:"imds_ip4"`
 	ImdsIp6        *ebpf.Variable `ebpf:"imds_ip6"`
 	ImdsPort       *ebpf.Variable `ebpf:"imds_port"`
