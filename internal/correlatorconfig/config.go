@@ -64,6 +64,9 @@ type Outputs struct {
 	// Security Hub "default" product in us-east-1.
 	ASFFProductARN string  `yaml:"asff_product_arn"`
 	Webhook        Webhook `yaml:"webhook"`
+	// MetricsFile, when set, is appended CloudWatch Embedded Metric Format lines: the
+	// number of findings by type and severity.
+	MetricsFile string `yaml:"metrics_file"`
 }
 
 // Webhook POSTs each finding as JSON.
@@ -224,6 +227,9 @@ func (c *Config) validate(root *yaml.Node) error {
 	}
 	if c.Outputs.ASFFFile != "" && !filepath.IsAbs(c.Outputs.ASFFFile) {
 		return bad("outputs.asff_file", "must be an absolute path, got %q", c.Outputs.ASFFFile)
+	}
+	if c.Outputs.MetricsFile != "" && !filepath.IsAbs(c.Outputs.MetricsFile) {
+		return bad("outputs.metrics_file", "must be an absolute path, got %q", c.Outputs.MetricsFile)
 	}
 	if w := c.Outputs.Webhook; w.URL != "" {
 		u, err := url.Parse(w.URL)
