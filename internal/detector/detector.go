@@ -342,3 +342,6 @@ func (d *Detector) Forget(t time.Time) {
 		}
 	}
 }
+
+// SetRanges swaps AWS's published ranges (after a refresh of ip-ranges.json).
+func (d *Detector) SetRanges(r *ipranges.Set) { d.opt.Ranges = r }
