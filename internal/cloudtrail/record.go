@@ -183,3 +183,54 @@ func IsInstanceID(s string) bool {
 	}
 	return true
 }
+
+// NetworkInterface is the addresses of a network interface created by
+// CreateNetworkInterface, for AttachNetworkInterface records that name only its id.
+type NetworkInterface struct {
+	ID        string
+	Addresses []string
+}
+
+// ParseNetworkInterface decodes an ec2 CreateNetworkInterface record's response.
+func ParseNetworkInterface(r *Record) (NetworkInterface, bool) {
+	if r.EventSource != "ec2.amazonaws.com" || r.EventName != "CreateNetworkInterface" || r.ErrorCode != "" {
+		return NetworkInterface{}, false
+	}
+	type item struct {
+		PrivateIPAddress string `json:"privateIpAddress"`
+		IPv6Address      string `json:"ipv6Address"`
+	}
+	var resp struct {
+		NetworkInterface struct {
+			ID               string `json:"networkInterfaceId"`
+			PrivateIPAddress string `json:"privateIpAddress"`
+			Association      struct {
+				PublicIP string `json:"publicIp"`
+			} `json:"association"`
+			PrivateIPs struct {
+				Items []item `json:"item"`
+			} `json:"privateIpAddressesSet"`
+			IPv6s struct {
+				Items []item `json:"item"`
+			} `json:"ipv6AddressesSet"`
+		} `json:"networkInterface"`
+	}
+	if json.Unmarshal(r.ResponseElements, &resp) != nil || resp.NetworkInterface.ID == "" {
+		return NetworkInterface{}, false
+	}
+	ni := resp.NetworkInterface
+	out := NetworkInterface{ID: ni.ID}
+	for _, a := range []string{ni.PrivateIPAddress, ni.Association.PublicIP} {
+		if a != "" {
+			out.Addresses = append(out.Addresses, a)
+		}
+	}
+	for _, it := range append(ni.PrivateIPs.Items, ni.IPv6s.Items...) {
+		for _, a := range []string{it.PrivateIPAddress, it.IPv6Address} {
+			if a != "" && a != ni.PrivateIPAddress {
+				out.Addresses = append(out.Addresses, a)
+			}
+		}
+	}
+	return out, true
+}

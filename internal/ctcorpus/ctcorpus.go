@@ -144,6 +144,7 @@ func Labelled(seed int64) *Corpus {
 	g.associate(t(5), InstA2, "3.5.2.22")
 	g.associate(t(6), InstA3, "3.5.3.33")
 	g.associate(t(180), InstA3, "3.5.3.34") // the elastic IP moves
+	g.attachENI(t(100), InstA2, "eni-0a2a2a2a2a2a2a2a7", "10.0.7.7", "2600:1f00::77")
 
 	inst := func(key, inst, role, delivery string) identity {
 		return identity{key: key, account: Account, role: role, session: inst, delivery: delivery}
@@ -180,6 +181,7 @@ func Labelled(seed int64) *Corpus {
 	benign(8, a1, "cloudformation.amazonaws.com", "service principal", 80, invokedBy("cloudformation.amazonaws.com"))
 	benign(10, a2, "3.5.2.22", "elastic IP from AssociateAddress", 20)
 	benign(6, a2, "3.5.200.7", "egress CIDR inside AWS", 30)
+	benign(6, a2, "2600:1f00::77", "IPv6 address of a network interface attached by AttachNetworkInterface", 110)
 	benign(10, a3, "3.5.3.33", "elastic IP before the move", 100)
 	benign(10, a3, "3.5.3.34", "elastic IP moved by AssociateAddress", 200)
 	benign(10, a4, "3.5.4.44", "address learnt from first use", 15)
@@ -330,6 +332,27 @@ func (g *gen) associate(at time.Time, inst, ip string) {
 	r["responseElements"] = map[string]any{"requestId": "x", "_return": true, "associationId": "eipassoc-" + ip}
 	g.c.Records = append(g.c.Records, r)
 	g.c.Labels = append(g.c.Labels, Label{EventID: r["eventID"].(string), SourceIP: "192.0.2.250", Benign: "AssociateAddress"})
+}
+
+// attachENI records CreateNetworkInterface (after the attach in file order, on purpose)
+// and AttachNetworkInterface of the interface to inst.
+func (g *gen) attachENI(at time.Time, inst, eni, private, v6 string) {
+	r := g.base(at, "ec2.amazonaws.com", "AttachNetworkInterface", "192.0.2.250")
+	r["userIdentity"] = map[string]any{"type": "IAMUser", "accountId": Account, "arn": "arn:aws:iam::" + Account + ":user/ops", "accessKeyId": "AKIAOPSEXAMPLE000001"}
+	r["requestParameters"] = map[string]any{"networkInterfaceId": eni, "instanceId": inst, "deviceIndex": 1}
+	r["responseElements"] = map[string]any{"requestId": "x", "attachmentId": "eni-attach-0001"}
+	g.c.Records = append(g.c.Records, r)
+	g.c.Labels = append(g.c.Labels, Label{EventID: r["eventID"].(string), SourceIP: "192.0.2.250", Benign: "AttachNetworkInterface"})
+	c := g.base(at.Add(-time.Minute), "ec2.amazonaws.com", "CreateNetworkInterface", "192.0.2.250")
+	c["userIdentity"] = r["userIdentity"]
+	c["requestParameters"] = map[string]any{"subnetId": "subnet-0a", "ipv6AddressCount": 1}
+	c["responseElements"] = map[string]any{"requestId": "y", "networkInterface": map[string]any{
+		"networkInterfaceId": eni, "subnetId": "subnet-0a", "privateIpAddress": private,
+		"privateIpAddressesSet": map[string]any{"item": []any{map[string]any{"privateIpAddress": private, "primary": true}}},
+		"ipv6AddressesSet":      map[string]any{"item": []any{map[string]any{"ipv6Address": v6}}},
+	}}
+	g.c.Records = append(g.c.Records, c)
+	g.c.Labels = append(g.c.Labels, Label{EventID: c["eventID"].(string), SourceIP: "192.0.2.250", Benign: "CreateNetworkInterface"})
 }
 
 // MarshalRecords renders records as a CloudTrail log file body ({"Records":[...]}), with

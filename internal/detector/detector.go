@@ -117,6 +117,8 @@ type Detector struct {
 	creds      map[string]*Credential
 	claims     map[netip.Addr][]claim
 	groups     map[groupKey]*Group
+	enis       map[string][]netip.Addr // network interface id → its addresses
+	attaches   map[string][]claim      // network interface id → instances it was attached to
 	stats      Stats
 }
 
@@ -131,6 +133,8 @@ func New(opt Options) *Detector {
 		creds:      map[string]*Credential{},
 		claims:     map[netip.Addr][]claim{},
 		groups:     map[groupKey]*Group{},
+		enis:       map[string][]netip.Addr{},
+		attaches:   map[string][]claim{},
 	}
 	for _, a := range opt.Affiliates {
 		d.affiliates[a] = true
@@ -174,10 +178,23 @@ func (d *Detector) learn(rec *cloudtrail.Record) {
 		}
 		return
 	}
+	if ni, ok := cloudtrail.ParseNetworkInterface(rec); ok {
+		for _, s := range ni.Addresses {
+			if a, err := netip.ParseAddr(s); err == nil {
+				d.enis[ni.ID] = append(d.enis[ni.ID], a.Unmap())
+			}
+		}
+		return
+	}
 	if ch, ok := cloudtrail.ParseAddressChange(rec); ok {
 		account := rec.RecipientAccountID
 		if account == "" {
 			account = rec.UserIdentity.AccountID
+		}
+		if ch.NetworkInterfaceID != "" && rec.EventName == "AttachNetworkInterface" {
+			// Its addresses may come later (records arrive in any order): joined when judging.
+			d.attaches[ch.NetworkInterfaceID] = append(d.attaches[ch.NetworkInterfaceID], claim{instance: ch.InstanceID, account: account, since: rec.Time, from: rec.EventName})
+			d.stats.AddressInfo++
 		}
 		addrs := append([]string{ch.PublicIP}, ch.PrivateIPs...)
 		for _, s := range addrs {

@@ -17,9 +17,9 @@ type verdict struct {
 
 // judgeCtx holds what Findings computes once per call.
 type judgeCtx struct {
-	fpClaims   map[netip.Addr][]claim
-	hasClaims  map[string]bool       // instance id → some address is known
-	firstInAWS map[string]netip.Addr // instance id → its earliest AWS source (learnt)
+	fpClaims   map[netip.Addr][]claim // from fingerprints and attached network interfaces
+	hasClaims  map[string]bool        // instance id → some address is known
+	firstInAWS map[string]netip.Addr  // instance id → its earliest AWS source (learnt)
 	creds      map[string]Credential
 }
 
@@ -57,6 +57,14 @@ func (d *Detector) prepare() *judgeCtx {
 				jc.hasClaims[fp.Instance.ID] = true
 			}
 		})
+	}
+	for eni, cs := range d.attaches {
+		for _, c := range cs {
+			for _, a := range d.enis[eni] {
+				jc.fpClaims[a] = append(jc.fpClaims[a], c)
+				jc.hasClaims[c.instance] = true
+			}
+		}
 	}
 	for _, cs := range d.claims {
 		for _, c := range cs {
