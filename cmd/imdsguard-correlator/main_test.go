@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/ctcorpus"
 	"github.com/imdsguard/imdsguard/internal/detector"
+	"github.com/imdsguard/imdsguard/internal/trailwatch/trailwatchtest"
 )
 
 // corpusDir holds the labelled corpus as scripts/gen-corpus writes it.
@@ -264,5 +266,62 @@ func TestServeFollowsDirectoryWebhookASFFAndCheckpoint(t *testing.T) {
 	out = serve(func(out string) bool { return strings.Contains(out, "192.0.2.123") })
 	if fs := decodeFindings(t, out); len(fs) != 1 || fs[0].SourceIP != "192.0.2.123" || fs[0].Processes[0].Exe != "/usr/bin/curl" {
 		t.Fatalf("after restart: %s", out)
+	}
+}
+
+func TestServeFollowsS3(t *testing.T) {
+	dir := sharedCorpus(t)
+	fake := trailwatchtest.NewS3("trail")
+	src := filepath.Join(dir, "cloudtrail", "AWSLogs")
+	n := 0
+	filepath.Walk(src, func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			data, _ := os.ReadFile(p)
+			rel, _ := filepath.Rel(filepath.Join(dir, "cloudtrail"), p)
+			fake.Put(filepath.ToSlash(rel), string(data))
+			n++
+		}
+		return nil
+	})
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	// The SDK's default chain, kept to this test: static keys, no IMDS, no files.
+	t.Setenv("AWS_ACCESS_KEY_ID", trailwatchtest.AccessKeyID)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	work := t.TempDir()
+	cfg := filepath.Join(work, "c.yaml")
+	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	body = append(body, []byte("serve:\n  s3:\n    bucket: trail\n    prefix: AWSLogs/\n    endpoint: "+srv.URL+"\n    path_style: true\n"+
+		"  checkpoint: "+filepath.Join(work, "cp.json")+"\n  poll_interval: 100ms\n")...)
+	os.WriteFile(cfg, body, 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errb syncBuffer
+	done := make(chan int)
+	go func() { done <- run(ctx, []string{"serve", "--config", cfg}, nil, &out, &errb) }()
+	deadline := time.After(20 * time.Second)
+	// The JSON-lines export is not in the bucket: 4 gzip files hold 4/5 of the corpus.
+	for !strings.Contains(errb.String(), `"event":"detect_cycle","files":`+strconv.Itoa(n)) {
+		select {
+		case code := <-done:
+			t.Fatalf("serve exited %d: %s", code, errb.String())
+		case <-deadline:
+			t.Fatalf("timed out: %s", errb.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	cancel()
+	if code := <-done; code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	if len(decodeFindings(t, out.String())) == 0 {
+		t.Fatalf("no findings from S3: %s", errb.String())
+	}
+	cp, _ := os.ReadFile(filepath.Join(work, "cp.json"))
+	if strings.Count(string(cp), ".json.gz") != n {
+		t.Fatalf("checkpoint: %s", cp)
 	}
 }
