@@ -34,11 +34,16 @@ type Range struct {
 	Service string
 }
 
-// Set is a loaded ip-ranges.json. The zero value (and nil) contains nothing.
+// Set is a loaded ip-ranges.json. The zero value (and nil) contains nothing. Lookups
+// cost one map probe per distinct prefix length, not one compare per prefix (the file
+// has thousands).
 type Set struct {
 	SyncToken  string
 	CreateDate string
 	ranges     []Range
+	byPrefix   map[netip.Prefix]Range
+	lens4      []int // distinct IPv4 prefix lengths, longest first
+	lens6      []int
 }
 
 // Load reads an ip-ranges.json file.
@@ -81,8 +86,25 @@ func Parse(r io.Reader) (*Set, error) {
 		return nil, fmt.Errorf("no prefixes")
 	}
 	// Longest prefixes first, so Lookup returns the most specific range (the file lists
-	// every address under "AMAZON" and again under its service).
-	sort.SliceStable(s.ranges, func(i, j int) bool { return s.ranges[i].Prefix.Bits() > s.ranges[j].Prefix.Bits() })
+	// every address under "AMAZON" and again under its service); the first entry of a
+	// prefix listed twice wins, unless a later one names a service.
+	s.byPrefix = make(map[netip.Prefix]Range, len(s.ranges))
+	seen4, seen6 := map[int]bool{}, map[int]bool{}
+	for _, r := range s.ranges {
+		if old, ok := s.byPrefix[r.Prefix]; !ok || old.Service == "AMAZON" {
+			s.byPrefix[r.Prefix] = r
+		}
+		bits := r.Prefix.Bits()
+		if r.Prefix.Addr().Is4() && !seen4[bits] {
+			seen4[bits] = true
+			s.lens4 = append(s.lens4, bits)
+		} else if r.Prefix.Addr().Is6() && !seen6[bits] {
+			seen6[bits] = true
+			s.lens6 = append(s.lens6, bits)
+		}
+	}
+	sort.Sort(sort.Reverse(sort.IntSlice(s.lens4)))
+	sort.Sort(sort.Reverse(sort.IntSlice(s.lens6)))
 	return s, nil
 }
 
@@ -100,8 +122,16 @@ func (s *Set) Lookup(a netip.Addr) (Range, bool) {
 		return Range{}, false
 	}
 	a = a.Unmap()
-	for _, r := range s.ranges {
-		if r.Prefix.Contains(a) {
+	lens := s.lens6
+	if a.Is4() {
+		lens = s.lens4
+	}
+	for _, bits := range lens {
+		p, err := a.Prefix(bits)
+		if err != nil {
+			continue
+		}
+		if r, ok := s.byPrefix[p]; ok {
 			return r, true
 		}
 	}

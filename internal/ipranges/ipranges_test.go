@@ -11,6 +11,7 @@ const sample = `{
   "createDate": "2026-11-20-00-00-00",
   "prefixes": [
     {"ip_prefix": "3.0.0.0/8", "region": "us-east-1", "service": "AMAZON", "network_border_group": "us-east-1"},
+    {"ip_prefix": "3.5.0.0/16", "region": "us-east-1", "service": "AMAZON", "network_border_group": "us-east-1"},
     {"ip_prefix": "3.5.0.0/16", "region": "us-east-1", "service": "EC2", "network_border_group": "us-east-1"}
   ],
   "ipv6_prefixes": [
