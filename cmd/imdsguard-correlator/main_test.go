@@ -244,7 +244,11 @@ func TestServeFollowsDirectoryWebhookASFFAndCheckpoint(t *testing.T) {
 	})
 	past := time.Now().Add(-time.Minute)
 	filepath.Walk(watched, func(p string, info os.FileInfo, err error) error { os.Chtimes(p, past, past); return nil })
-	out := serve(func(out string) bool { return strings.Count(out, "\n") >= 13 })
+	out := serve(func(out string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return strings.Count(out, "\n") >= 13 && len(posted) >= 12
+	})
 	fs := decodeFindings(t, out)
 	if len(fs) != 13 {
 		t.Fatalf("%d findings:\n%s", len(fs), out)
@@ -252,6 +256,11 @@ func TestServeFollowsDirectoryWebhookASFFAndCheckpoint(t *testing.T) {
 	mu.Lock()
 	if len(posted) != 12 { // every unsuppressed finding, once
 		t.Errorf("webhook got %d findings: %v", len(posted), posted)
+	}
+	for id, n := range posted {
+		if n != 1 {
+			t.Errorf("finding %s posted %d times", id, n)
+		}
 	}
 	mu.Unlock()
 	var doc struct{ Findings []map[string]any }
@@ -323,5 +332,28 @@ func TestServeFollowsS3(t *testing.T) {
 	cp, _ := os.ReadFile(filepath.Join(work, "cp.json"))
 	if strings.Count(string(cp), ".json.gz") != n {
 		t.Fatalf("checkpoint: %s", cp)
+	}
+}
+
+func TestDetectGoesOnPastBadFiles(t *testing.T) {
+	dir := sharedCorpus(t)
+	bad := t.TempDir()
+	gz, err := filepath.Glob(filepath.Join(dir, "cloudtrail", "AWSLogs", "*", "CloudTrail", "*", "*", "*", "*", "*part1.json.gz"))
+	if err != nil || len(gz) != 1 {
+		t.Fatalf("glob: %v %v", gz, err)
+	}
+	data, _ := os.ReadFile(gz[0])
+	os.WriteFile(filepath.Join(bad, "cut.json.gz"), data[:len(data)/2], 0o644)
+	os.WriteFile(filepath.Join(bad, "garbage.json"), []byte("not json at all\n{\"Records\": 7}\n"), 0o644)
+	code, out, errs := runCmd(t, "", "detect", "--config", filepath.Join(dir, "config.yaml"),
+		filepath.Join(bad, "cut.json.gz"), filepath.Join(bad, "missing.json"), filepath.Join(bad, "garbage.json"), filepath.Join(dir, "cloudtrail"))
+	if code != 1 || !strings.Contains(errs, "missing.json") {
+		t.Fatalf("a missing input must fail the run after the others were read: exit %d\n%s", code, errs)
+	}
+	if !strings.Contains(errs, `"event":"file_truncated","file":"`+filepath.Join(bad, "cut.json.gz")) || !strings.Contains(errs, `"event":"detect_done"`) {
+		t.Fatalf("truncation not reported: %s", errs)
+	}
+	if len(decodeFindings(t, out)) < 13 {
+		t.Fatalf("findings lost: %s", out)
 	}
 }

@@ -133,6 +133,7 @@ func newS3Client(ctx context.Context, region, endpoint string, pathStyle bool) (
 			o.BaseEndpoint = aws.String(endpoint)
 		}
 		o.UsePathStyle = pathStyle
+		o.DisableLogOutputChecksumValidationSkipped = true
 	}), nil
 }
 
