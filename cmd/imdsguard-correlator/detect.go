@@ -9,6 +9,10 @@ import (
 	"os"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awsconfig "github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/service/cloudwatch"
+
 	"github.com/imdsguard/imdsguard/internal/correlatorconfig"
 	"github.com/imdsguard/imdsguard/internal/detector"
 	"github.com/imdsguard/imdsguard/internal/findings"
@@ -32,7 +36,10 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	start := time.Now()
 	st, truncated, readErr := readInputs(ctx, fl.Args(), stdin, e.log, d.Observe)
 	all := d.Findings()
-	out := newEmitter(e.cfg.Outputs, stdout, e)
+	out, err := newEmitter(ctx, e.cfg.Outputs, stdout, e)
+	if err != nil {
+		return err
+	}
 	if err := out.emit(ctx, all, all); err != nil {
 		return err
 	}
@@ -88,20 +95,38 @@ type emitter struct {
 	cfg     correlatorconfig.Outputs
 	stdout  io.Writer
 	webhook *findings.Webhook
+	cw      *findings.CloudWatch
 	e       *env
 }
 
-func newEmitter(cfg correlatorconfig.Outputs, stdout io.Writer, e *env) *emitter {
+func newEmitter(ctx context.Context, cfg correlatorconfig.Outputs, stdout io.Writer, e *env) (*emitter, error) {
 	em := &emitter{cfg: cfg, stdout: stdout, e: e}
+	if c := cfg.CloudWatch; c.Namespace != "" {
+		region := c.Region
+		if region == "" {
+			region = "us-east-1"
+		}
+		awsCfg, err := awsconfig.LoadDefaultConfig(ctx, awsconfig.WithRegion(region))
+		if err != nil {
+			return nil, fmt.Errorf("load aws config: %w", err)
+		}
+		client := cloudwatch.NewFromConfig(awsCfg, func(o *cloudwatch.Options) {
+			if c.Endpoint != "" {
+				o.BaseEndpoint = aws.String(c.Endpoint)
+			}
+		})
+		em.cw = &findings.CloudWatch{Client: client, Namespace: c.Namespace}
+	}
 	if cfg.Webhook.URL != "" {
 		em.webhook = &findings.Webhook{URL: cfg.Webhook.URL, Retries: cfg.Webhook.Retries, Backoff: cfg.Webhook.Backoff,
 			Client: newHTTPClient(cfg.Webhook.Timeout), Log: e.log}
 	}
-	return em
+	return em, nil
 }
 
-// emit prints changed (new or updated) findings, posts them to the webhook, and
-// rewrites the ASFF file and appends metrics from all current findings. A webhook that
+// emit prints changed (new or updated) findings, posts them to the webhook, counts them
+// in the metrics (EMF file, CloudWatch), and rewrites the ASFF file from all current
+// findings. A webhook that
 // stays down is logged, not fatal: the findings are on stdout and in the ASFF file.
 func (em *emitter) emit(ctx context.Context, changed, all []detector.Finding) error {
 	if err := findings.WriteJSONLines(em.stdout, changed); err != nil {
@@ -131,6 +156,11 @@ func (em *emitter) emit(ctx context.Context, changed, all []detector.Finding) er
 		defer f.Close()
 		if err := findings.WriteMetrics(f, changed, now); err != nil {
 			return err
+		}
+	}
+	if em.cw != nil && len(changed) > 0 {
+		if err := em.cw.Put(ctx, changed, now); err != nil {
+			em.e.log.Error().Str("event", "cloudwatch_failed").Err(err).Msg("finding metrics not put")
 		}
 	}
 	return nil

@@ -357,3 +357,39 @@ func TestDetectGoesOnPastBadFiles(t *testing.T) {
 		t.Fatalf("findings lost: %s", out)
 	}
 }
+
+func TestDetectPutsCloudWatchMetrics(t *testing.T) {
+	dir := sharedCorpus(t)
+	var mu sync.Mutex
+	calls := 0
+	cw := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasSuffix(r.URL.Path, "/operation/PutMetricData") {
+			http.Error(w, "unexpected", http.StatusBadRequest)
+			return
+		}
+		mu.Lock()
+		calls++
+		mu.Unlock()
+		w.Header().Set("Smithy-Protocol", "rpc-v2-cbor")
+		w.Header().Set("Content-Type", "application/cbor")
+		w.Write([]byte{0xa0}) // an empty CBOR map
+	}))
+	defer cw.Close()
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	cfg := filepath.Join(t.TempDir(), "c.yaml")
+	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	os.WriteFile(cfg, append(body, []byte("outputs:\n  cloudwatch:\n    namespace: imdsguard\n    endpoint: "+cw.URL+"\n")...), 0o600)
+	code, _, errs := runCmd(t, "", "detect", "--config", cfg, filepath.Join(dir, "cloudtrail"))
+	if code != 0 || strings.Contains(errs, "cloudwatch_failed") {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if calls != 1 {
+		t.Fatalf("PutMetricData called %d times", calls)
+	}
+}

@@ -100,7 +100,11 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, er
 	if cfg.Serve.Checkpoint == "" {
 		e.log.Warn().Str("event", "no_checkpoint").Msg("serve.checkpoint is not set: a restart reads every file again")
 	}
-	d := &detection{e: e, det: e.detector(""), out: newEmitter(cfg.Outputs, stdout, e), interval: cfg.Serve.PollInterval, emitted: map[string]int64{}}
+	out, err := newEmitter(ctx, cfg.Outputs, stdout, e)
+	if err != nil {
+		return nil, err
+	}
+	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval, emitted: map[string]int64{}}
 	if cfg.IPRanges != "" {
 		if info, err := os.Stat(cfg.IPRanges); err == nil {
 			d.rangesMod = info.ModTime()

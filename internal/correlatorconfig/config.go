@@ -67,6 +67,16 @@ type Outputs struct {
 	// MetricsFile, when set, is appended CloudWatch Embedded Metric Format lines: the
 	// number of findings by type and severity.
 	MetricsFile string `yaml:"metrics_file"`
+	// CloudWatch, when Namespace is set, receives the same counts with PutMetricData.
+	CloudWatch CloudWatch `yaml:"cloudwatch"`
+}
+
+// CloudWatch says where finding metrics are put.
+type CloudWatch struct {
+	Namespace string `yaml:"namespace"`
+	Region    string `yaml:"region"`
+	// Endpoint overrides the CloudWatch endpoint (VPC endpoints, tests).
+	Endpoint string `yaml:"endpoint"`
 }
 
 // Webhook POSTs each finding as JSON.
@@ -230,6 +240,15 @@ func (c *Config) validate(root *yaml.Node) error {
 	}
 	if c.Outputs.MetricsFile != "" && !filepath.IsAbs(c.Outputs.MetricsFile) {
 		return bad("outputs.metrics_file", "must be an absolute path, got %q", c.Outputs.MetricsFile)
+	}
+	if e := c.Outputs.CloudWatch.Endpoint; e != "" {
+		u, err := url.Parse(e)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("outputs.cloudwatch.endpoint", "must be an http(s) URL, got %q", e)
+		}
+	}
+	if c.Outputs.CloudWatch.Namespace == "" && (c.Outputs.CloudWatch.Region != "" || c.Outputs.CloudWatch.Endpoint != "") {
+		return bad("outputs.cloudwatch.namespace", "must be set when outputs.cloudwatch is used")
 	}
 	if w := c.Outputs.Webhook; w.URL != "" {
 		u, err := url.Parse(w.URL)
