@@ -1,6 +1,7 @@
 // Package findings delivers the detector's findings: JSON lines (the stable schema),
 // AWS Security Finding Format files for Security Hub, a webhook that POSTs each finding
-// with retries, and CloudWatch metrics of findings in Embedded Metric Format lines.
+// with retries, and CloudWatch metrics of findings (PutMetricData, or Embedded Metric
+// Format lines).
 package findings
 
 import (
