@@ -393,3 +393,27 @@ func TestDetectPutsCloudWatchMetrics(t *testing.T) {
 		t.Fatalf("PutMetricData called %d times", calls)
 	}
 }
+
+func TestCheckConfigAndUpdateIPRanges(t *testing.T) {
+	dir := t.TempDir()
+	ranges := filepath.Join(dir, "ip-ranges.json")
+	os.WriteFile(ranges, []byte(ctcorpus.IPRangesJSON), 0o644)
+	cfg := filepath.Join(dir, "c.yaml")
+	os.WriteFile(cfg, []byte("ip_ranges: "+ranges+"\n"), 0o600)
+	if code, out, errs := runCmd(t, "", "check-config", cfg); code != 0 || !strings.Contains(out, "ok") {
+		t.Fatalf("check-config: %d %s %s", code, out, errs)
+	}
+	bad := filepath.Join(dir, "bad.json")
+	os.WriteFile(bad, []byte(`{"prefixes":[]}`), 0o644)
+	if code, _, errs := runCmd(t, "", "update-ip-ranges", "--config", cfg, bad); code != 1 || !strings.Contains(errs, "no prefixes") {
+		t.Fatalf("bad update: %d %s", code, errs)
+	}
+	newer := filepath.Join(dir, "new.json")
+	os.WriteFile(newer, []byte(strings.Replace(ctcorpus.IPRangesJSON, "1763596800", "1763700000", 1)), 0o644)
+	if code, out, errs := runCmd(t, "", "update-ip-ranges", "--config", cfg, newer); code != 0 || !strings.Contains(out, "syncToken 1763700000") {
+		t.Fatalf("update: %d %s %s", code, out, errs)
+	}
+	if data, _ := os.ReadFile(ranges); !strings.Contains(string(data), "1763700000") {
+		t.Fatal("not installed")
+	}
+}
