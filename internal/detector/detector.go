@@ -175,6 +175,8 @@ func (d *Detector) learn(rec *cloudtrail.Record) {
 		if old, ok := d.creds[c.AccessKeyID]; !ok || old.Source == "userIdentity" {
 			d.creds[c.AccessKeyID] = c
 			d.stats.Learned++
+			d.opt.Log.Debug().Str("event", "credential_learned").Str("access_key_id", c.AccessKeyID).Str("kind", c.Kind).
+				Str("instance_id", c.InstanceID).Str("function_name", c.FunctionName).Str("role", c.Role).Msg("learnt a credential from AssumeRole")
 		}
 		return
 	}
