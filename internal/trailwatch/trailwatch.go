@@ -240,24 +240,3 @@ func (f *Follower) readOne(ctx context.Context, o Object) error {
 	f.Log.Debug().Str("event", "log_file_read").Str("source", f.Lister.ID()).Str("file", o.Name).Int64("size", o.Size).Dur("took", time.Since(start)).Msg("read log file")
 	return nil
 }
-
-// Run polls every interval until ctx ends; after is called after each poll that read
-// files (and may be nil). Poll errors are logged and retried at the next interval.
-func (f *Follower) Run(ctx context.Context, interval time.Duration, after func(read int)) error {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		n, err := f.Poll(ctx)
-		if err != nil && ctx.Err() == nil {
-			f.Log.Error().Str("event", "poll_failed").Str("source", f.Lister.ID()).Err(err).Msg("polling log files failed")
-		}
-		if n > 0 && after != nil {
-			after(n)
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-	}
-}
