@@ -1,0 +1,354 @@
+// Package correlatorconfig reads and validates the correlator's YAML configuration. Like
+// the agent's, every error names the file, line and key, and a file with any error is
+// refused whole.
+package correlatorconfig
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the correlator's configuration. `ip_ranges`, `affiliate_accounts`,
+// `egress_cidrs` and `trusted_cidrs` are a contract with operators: rename nothing.
+type Config struct {
+	// IPRanges is AWS's ip-ranges.json, as AWS publishes it.
+	IPRanges string `yaml:"ip_ranges"`
+	// AffiliateAccounts are accounts whose use of a credential is less alarming (e.g. the
+	// organization's): InsideAWS findings from them are Medium instead of High.
+	AffiliateAccounts []string `yaml:"affiliate_accounts"`
+	// EgressCIDRs are NAT / egress addresses any instance may call from.
+	EgressCIDRs []string `yaml:"egress_cidrs"`
+	// TrustedCIDRs suppress findings whose source is inside them (on-premises egress).
+	TrustedCIDRs []string `yaml:"trusted_cidrs"`
+	// Window is the time bucket of a finding: one finding per (key, source, type, window).
+	Window time.Duration `yaml:"window"`
+	// Suppress rules: a finding matching every non-empty field of a rule is suppressed.
+	Suppress []Rule `yaml:"suppress"`
+	// Fingerprints is an optional JSON-lines file of host fingerprints to load at start.
+	Fingerprints string  `yaml:"fingerprints"`
+	Outputs      Outputs `yaml:"outputs"`
+	Serve        Serve   `yaml:"serve"`
+	Log          Log     `yaml:"log"`
+
+	Egress  []netip.Prefix `yaml:"-"`
+	Trusted []netip.Prefix `yaml:"-"`
+}
+
+// Rule is one suppression rule.
+type Rule struct {
+	Name     string   `yaml:"name"`
+	Types    []string `yaml:"types"`
+	Roles    []string `yaml:"roles"`
+	Accounts []string `yaml:"accounts"`
+	CIDRs    []string `yaml:"cidrs"`
+
+	Prefixes []netip.Prefix `yaml:"-"`
+}
+
+// Outputs are where findings go besides stdout.
+type Outputs struct {
+	// ASFFFile, when set, receives the findings in AWS Security Finding Format (a JSON
+	// array, rewritten at the end of a run or after each serve cycle).
+	ASFFFile string `yaml:"asff_file"`
+	// ASFFProductARN is the ProductArn of ASFF findings; default: the account's
+	// Security Hub "default" product in us-east-1.
+	ASFFProductARN string  `yaml:"asff_product_arn"`
+	Webhook        Webhook `yaml:"webhook"`
+	// MetricsFile, when set, is appended CloudWatch Embedded Metric Format lines: the
+	// number of findings by type and severity.
+	MetricsFile string `yaml:"metrics_file"`
+	// CloudWatch, when Namespace is set, receives the same counts with PutMetricData.
+	CloudWatch CloudWatch `yaml:"cloudwatch"`
+}
+
+// CloudWatch says where finding metrics are put.
+type CloudWatch struct {
+	Namespace string `yaml:"namespace"`
+	Region    string `yaml:"region"`
+	// Endpoint overrides the CloudWatch endpoint (VPC endpoints, tests).
+	Endpoint string `yaml:"endpoint"`
+}
+
+// Webhook POSTs each finding as JSON.
+type Webhook struct {
+	URL     string        `yaml:"url"`
+	Retries int           `yaml:"retries"`
+	Timeout time.Duration `yaml:"timeout"`
+	// Backoff is the first wait between attempts; it doubles each time.
+	Backoff time.Duration `yaml:"backoff"`
+}
+
+// Serve configures continuous detection.
+type Serve struct {
+	// Directory is followed: files that appear in it (recursively) are read once.
+	Directory string `yaml:"directory"`
+	S3        S3     `yaml:"s3"`
+	// Checkpoint records which files were read, so a restart neither skips nor repeats.
+	Checkpoint   string        `yaml:"checkpoint"`
+	PollInterval time.Duration `yaml:"poll_interval"`
+}
+
+// S3 is a bucket and prefix of CloudTrail log files.
+type S3 struct {
+	Bucket string `yaml:"bucket"`
+	Prefix string `yaml:"prefix"`
+	Region string `yaml:"region"`
+	// Endpoint overrides the S3 endpoint (S3-compatible stores, tests).
+	Endpoint  string `yaml:"endpoint"`
+	PathStyle bool   `yaml:"path_style"`
+}
+
+// Log configures the correlator's diagnostics (zerolog JSON lines).
+type Log struct {
+	Level  string `yaml:"level"`
+	Output string `yaml:"output"`
+}
+
+// Default returns the configuration used for every key a file leaves out.
+func Default() Config {
+	return Config{
+		Window:  time.Hour,
+		Outputs: Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond}},
+		Serve:   Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
+		Log:     Log{Level: "info", Output: "stderr"},
+	}
+}
+
+// Error is a configuration problem tied to a key and, when known, a line.
+type Error struct {
+	File string
+	Line int
+	Key  string
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	if e.File != "" {
+		b.WriteString(e.File)
+		b.WriteString(":")
+	}
+	if e.Line > 0 {
+		fmt.Fprintf(&b, "%d:", e.Line)
+	}
+	if b.Len() > 0 {
+		b.WriteString(" ")
+	}
+	if e.Key != "" {
+		fmt.Fprintf(&b, "%s: ", e.Key)
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// Load reads and validates the file at path.
+func Load(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	var ce *Error
+	if errors.As(err, &ce) {
+		ce.File = path
+	}
+	return cfg, err
+}
+
+// Parse decodes and validates YAML. Unknown keys, wrong types and bad values are errors.
+func Parse(data []byte) (Config, error) {
+	cfg := Default()
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return Config{}, yamlError(err)
+	}
+	if len(root.Content) > 0 {
+		if err := checkKeys(root.Content[0], reflectKeys(), ""); err != nil {
+			return Config{}, err
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(data))
+		dec.KnownFields(true)
+		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+			ye := yamlError(err)
+			ye.Key = keyAtLine(&root, ye.Line)
+			return Config{}, ye
+		}
+	}
+	if err := cfg.validate(&root); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func (c *Config) validate(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+	}
+	var err error
+	if c.IPRanges != "" && !filepath.IsAbs(c.IPRanges) {
+		return bad("ip_ranges", "must be an absolute path, got %q", c.IPRanges)
+	}
+	for i, a := range c.AffiliateAccounts {
+		if !IsAccountID(a) {
+			return &Error{Line: itemLine(root, "affiliate_accounts", i), Key: fmt.Sprintf("affiliate_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+		}
+	}
+	if c.Egress, err = prefixes(root, "egress_cidrs", c.EgressCIDRs); err != nil {
+		return err
+	}
+	if c.Trusted, err = prefixes(root, "trusted_cidrs", c.TrustedCIDRs); err != nil {
+		return err
+	}
+	if c.Window < time.Minute || c.Window > 7*24*time.Hour {
+		return bad("window", "must be between 1m and 168h, got %s", c.Window)
+	}
+	for i := range c.Suppress {
+		r := &c.Suppress[i]
+		key := fmt.Sprintf("suppress[%d]", i)
+		line := itemLine(root, "suppress", i)
+		if len(r.Types)+len(r.Roles)+len(r.Accounts)+len(r.CIDRs) == 0 {
+			return &Error{Line: line, Key: key, Msg: "rule matches everything: give types, roles, accounts or cidrs"}
+		}
+		for _, a := range r.Accounts {
+			if !IsAccountID(a) {
+				return &Error{Line: line, Key: key + ".accounts", Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+			}
+		}
+		for _, s := range r.CIDRs {
+			p, err := ParsePrefix(s)
+			if err != nil {
+				return &Error{Line: line, Key: key + ".cidrs", Msg: err.Error()}
+			}
+			r.Prefixes = append(r.Prefixes, p)
+		}
+	}
+	if c.Fingerprints != "" && !filepath.IsAbs(c.Fingerprints) {
+		return bad("fingerprints", "must be an absolute path, got %q", c.Fingerprints)
+	}
+	if c.Outputs.ASFFFile != "" && !filepath.IsAbs(c.Outputs.ASFFFile) {
+		return bad("outputs.asff_file", "must be an absolute path, got %q", c.Outputs.ASFFFile)
+	}
+	if c.Outputs.MetricsFile != "" && !filepath.IsAbs(c.Outputs.MetricsFile) {
+		return bad("outputs.metrics_file", "must be an absolute path, got %q", c.Outputs.MetricsFile)
+	}
+	if e := c.Outputs.CloudWatch.Endpoint; e != "" {
+		u, err := url.Parse(e)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("outputs.cloudwatch.endpoint", "must be an http(s) URL, got %q", e)
+		}
+	}
+	if c.Outputs.CloudWatch.Namespace == "" && (c.Outputs.CloudWatch.Region != "" || c.Outputs.CloudWatch.Endpoint != "") {
+		return bad("outputs.cloudwatch.namespace", "must be set when outputs.cloudwatch is used")
+	}
+	if w := c.Outputs.Webhook; w.URL != "" {
+		u, err := url.Parse(w.URL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("outputs.webhook.url", "must be an http(s) URL, got %q", w.URL)
+		}
+	}
+	if c.Outputs.Webhook.Retries < 0 || c.Outputs.Webhook.Retries > 100 {
+		return bad("outputs.webhook.retries", "must be 0-100, got %d", c.Outputs.Webhook.Retries)
+	}
+	if c.Outputs.Webhook.Timeout <= 0 {
+		return bad("outputs.webhook.timeout", "must be positive, got %s", c.Outputs.Webhook.Timeout)
+	}
+	if c.Outputs.Webhook.Backoff < 0 {
+		return bad("outputs.webhook.backoff", "must not be negative, got %s", c.Outputs.Webhook.Backoff)
+	}
+	if c.Serve.Directory != "" && !filepath.IsAbs(c.Serve.Directory) {
+		return bad("serve.directory", "must be an absolute path, got %q", c.Serve.Directory)
+	}
+	if c.Serve.Checkpoint != "" && !filepath.IsAbs(c.Serve.Checkpoint) {
+		return bad("serve.checkpoint", "must be an absolute path, got %q", c.Serve.Checkpoint)
+	}
+	if c.Serve.PollInterval < 100*time.Millisecond {
+		return bad("serve.poll_interval", "must be at least 100ms, got %s", c.Serve.PollInterval)
+	}
+	if e := c.Serve.S3.Endpoint; e != "" {
+		u, err := url.Parse(e)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("serve.s3.endpoint", "must be an http(s) URL, got %q", e)
+		}
+	}
+	if c.Serve.S3.Bucket == "" && (c.Serve.S3.Prefix != "" || c.Serve.S3.Endpoint != "") {
+		return bad("serve.s3.bucket", "must be set when serve.s3 is used")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	if c.Log.Output != "stderr" && c.Log.Output != "stdout" && !filepath.IsAbs(c.Log.Output) {
+		return bad("log.output", `must be "stderr", "stdout" or an absolute file path, got %q`, c.Log.Output)
+	}
+	return nil
+}
+
+// IsAccountID reports whether s is a 12-digit AWS account id.
+func IsAccountID(s string) bool {
+	if len(s) != 12 {
+		return false
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// ParsePrefix accepts a CIDR or a bare address (a /32 or /128).
+func ParsePrefix(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	if a, err := netip.ParseAddr(s); err == nil {
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	return netip.Prefix{}, fmt.Errorf("not a CIDR or address: %q", s)
+}
+
+func prefixes(root *yaml.Node, key string, in []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(in))
+	for i, s := range in {
+		p, err := ParsePrefix(s)
+		if err != nil {
+			return nil, &Error{Line: itemLine(root, key, i), Key: fmt.Sprintf("%s[%d]", key, i), Msg: err.Error()}
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.
+func yamlError(err error) *Error {
+	var te *yaml.TypeError
+	if errors.As(err, &te) && len(te.Errors) > 0 {
+		err = errors.New(te.Errors[0])
+	}
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	var line int
+	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
+		msg = strings.TrimSpace(msg[strings.Index(msg, ":")+1:])
+	}
+	return &Error{Line: line, Msg: msg}
+}
+
+// String renders the effective configuration, for check-config.
+func (c Config) String() string {
+	out, err := yaml.Marshal(c)
+	if err != nil {
+		return fmt.Sprintf("marshal config: %v", err)
+	}
+	return string(out)
+}

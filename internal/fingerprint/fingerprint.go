@@ -1,0 +1,161 @@
+// Package fingerprint holds the record of one credential issuance on a host (which
+// process fetched which AccessKeyId from IMDS, on which instance) and the store the
+// correlator reads them from. The broker produces fingerprints and the correlator's intake
+// stores them; the detector only looks them up by access key id.
+package fingerprint
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+)
+
+// Fingerprint says who on a host fetched a credential from IMDS. It never carries the
+// secret access key or the session token: at most a keyed hash of the token.
+type Fingerprint struct {
+	ID                 string    `json:"id"`
+	AccessKeyID        string    `json:"access_key_id"`
+	Role               string    `json:"role"`
+	InstanceProfileARN string    `json:"instance_profile_arn,omitempty"`
+	LastUpdated        time.Time `json:"last_updated"`
+	Expiration         time.Time `json:"expiration"`
+	Instance           Instance  `json:"instance"`
+	// HostAddresses are every local address of the host plus its public IPv4/IPv6 from
+	// metadata, when the credential was fetched.
+	HostAddresses []netip.Addr `json:"host_addresses"`
+	Process       Process      `json:"process"`
+	// IMDSVersion is "v1" or "v2".
+	IMDSVersion string `json:"imds_version"`
+	// TokenHMAC is HMAC-SHA256 (hex) of the session token under a per-host secret.
+	TokenHMAC string `json:"token_hmac,omitempty"`
+}
+
+// Instance is the EC2 identity the credential was issued to.
+type Instance struct {
+	ID               string `json:"id"`
+	AccountID        string `json:"account_id"`
+	Region           string `json:"region"`
+	AvailabilityZone string `json:"availability_zone"`
+}
+
+// Process is the program that fetched the credential.
+type Process struct {
+	PID         int    `json:"pid"`
+	Exe         string `json:"exe"`
+	User        string `json:"user"`
+	Unit        string `json:"unit,omitempty"`
+	ContainerID string `json:"container_id,omitempty"`
+}
+
+// Store is what the detector needs from the fingerprint database.
+type Store interface {
+	// ByAccessKey returns every fingerprint of the key (one per process that fetched it).
+	ByAccessKey(accessKeyID string) []Fingerprint
+	// All calls fn for every stored fingerprint, e.g. to learn instance addresses.
+	All(fn func(Fingerprint))
+}
+
+// Memory is an in-memory Store, idempotent by fingerprint id. Safe for concurrent use.
+type Memory struct {
+	mu    sync.RWMutex
+	byID  map[string]struct{}
+	byKey map[string][]Fingerprint
+}
+
+// NewMemory returns an empty store.
+func NewMemory() *Memory {
+	return &Memory{byID: map[string]struct{}{}, byKey: map[string][]Fingerprint{}}
+}
+
+// Add stores fp unless a fingerprint with the same id is already there. It reports
+// whether fp was new.
+func (m *Memory) Add(fp Fingerprint) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	id := fp.ID
+	if id == "" {
+		id = fp.AccessKeyID + "/" + fp.Instance.ID + "/" + fmt.Sprint(fp.Process.PID)
+	}
+	if _, ok := m.byID[id]; ok {
+		return false
+	}
+	m.byID[id] = struct{}{}
+	m.byKey[fp.AccessKeyID] = append(m.byKey[fp.AccessKeyID], fp)
+	return true
+}
+
+// ByAccessKey implements Store.
+func (m *Memory) ByAccessKey(accessKeyID string) []Fingerprint {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return append([]Fingerprint(nil), m.byKey[accessKeyID]...)
+}
+
+// All implements Store.
+func (m *Memory) All(fn func(Fingerprint)) {
+	m.mu.RLock()
+	var all []Fingerprint
+	for _, fps := range m.byKey {
+		all = append(all, fps...)
+	}
+	m.mu.RUnlock()
+	for _, fp := range all {
+		fn(fp)
+	}
+}
+
+// Len is the number of stored fingerprints.
+func (m *Memory) Len() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.byID)
+}
+
+// LoadFile adds the fingerprints of a JSON-lines file (one Fingerprint per line) to m.
+// A bad line is an error naming the file and line: fingerprints are operator input.
+func (m *Memory) LoadFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open fingerprints: %w", err)
+	}
+	defer f.Close()
+	return m.Load(path, f)
+}
+
+// Load adds the fingerprints read from r (JSON lines); name is used in errors.
+func (m *Memory) Load(name string, r io.Reader) error {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64<<10), 4<<20)
+	line := 0
+	for sc.Scan() {
+		line++
+		b := sc.Bytes()
+		if len(trimSpace(b)) == 0 {
+			continue
+		}
+		var fp Fingerprint
+		if err := json.Unmarshal(b, &fp); err != nil {
+			return fmt.Errorf("%s:%d: decode fingerprint: %w", name, line, err)
+		}
+		if fp.AccessKeyID == "" {
+			return fmt.Errorf("%s:%d: fingerprint without access_key_id", name, line)
+		}
+		m.Add(fp)
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("%s:%d: read fingerprints: %w", name, line+1, err)
+	}
+	return nil
+}
+
+func trimSpace(b []byte) []byte {
+	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t' || b[0] == '\r') {
+		b = b[1:]
+	}
+	return b
+}
