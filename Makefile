@@ -16,6 +16,7 @@ all: build
 
 build:
 	$(GO) build $(GOFLAGS_BUILD) -o bin/imdsguard ./cmd/imdsguard
+	$(GO) build $(GOFLAGS_BUILD) -o bin/imdsguard-correlator ./cmd/imdsguard-correlator
 
 # Unit tests only: no root needed, privileged tests skip and say why.
 unit:
@@ -32,6 +33,7 @@ demo: root deps
 bench: root deps
 	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/broker
 	$(GO) run ./scripts/bench
+	$(GO) run ./scripts/bench-correlator
 
 # Regenerate the BPF objects and their Go bindings (needs clang; installed if missing).
 generate: build-deps
