@@ -90,6 +90,10 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	if a.netns, err = hook.OwnNetnsCookie(); err != nil {
 		return err
 	}
+	if err := a.openFingerprints(); err != nil {
+		return err
+	}
+	defer a.fps.Close()
 	// Alive before the policy can redirect to us, broker listening before redirects.
 	if err := h.Beat(); err != nil {
 		return err
@@ -202,6 +206,7 @@ type agent struct {
 	resolver   *procinfo.Resolver
 	recent     *recent
 	requests   chan eventlog.Record // the broker's request lines, written by writeLoop
+	fps        *fingerprints
 	reqDrops   atomic.Uint64
 	reqMu      sync.RWMutex
 	reqClosed  bool

@@ -38,6 +38,7 @@ func (a *agent) recordRequest(req broker.Request) {
 			ContainerID: info.ContainerID, SocketCookie: c.SocketCookie, Dst: c.Dst.String(),
 			Verdict: c.Verdict.String(), Rule: a.ruleName(c.Rule), Redirected: true, Missing: info.Missing}
 	}
+	a.recordCredential(req, rec)
 	rec.Kind = eventlog.KindRequest
 	rec.Time = req.Started
 	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)

@@ -43,6 +43,16 @@ type Config struct {
 	Broker  Broker `yaml:"broker"`
 	// ControlSocket is where the running agent takes commands (`imdsguard reload`).
 	ControlSocket string `yaml:"control_socket"`
+	// StateDir holds what the agent keeps across restarts (the per-host HMAC secret).
+	StateDir     string       `yaml:"state_dir"`
+	Fingerprints Fingerprints `yaml:"fingerprints"`
+}
+
+// Fingerprints configures credential issuance records: which process fetched which
+// AccessKeyId (never a secret).
+type Fingerprints struct {
+	// Output is a JSON-lines file of fingerprints, "" for none.
+	Output string `yaml:"output"`
 }
 
 // IMDS says where the Instance Metadata Service is. Only tests change the defaults.
@@ -91,6 +101,8 @@ func Default() Config {
 		PinPath:       "/sys/fs/bpf/imdsguard",
 		Broker:        defaultBroker(),
 		ControlSocket: "/run/imdsguard/control.sock",
+		StateDir:      "/var/lib/imdsguard",
+		Fingerprints:  Fingerprints{Output: "/var/lib/imdsguard/fingerprints.jsonl"},
 	}
 }
 
@@ -201,6 +213,12 @@ func (c *Config) validate(root *yaml.Node) error {
 	}
 	if c.Agent.ReadyFile != "" && !filepath.IsAbs(c.Agent.ReadyFile) {
 		return bad("agent.ready_file", "must be an absolute path, got %q", c.Agent.ReadyFile)
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		return bad("state_dir", "must be an absolute path, got %q", c.StateDir)
+	}
+	if c.Fingerprints.Output != "" && !filepath.IsAbs(c.Fingerprints.Output) {
+		return bad("fingerprints.output", "must be an absolute path or \"\", got %q", c.Fingerprints.Output)
 	}
 	if c.ControlSocket != "" && !filepath.IsAbs(c.ControlSocket) {
 		return bad("control_socket", "must be an absolute path, got %q", c.ControlSocket)

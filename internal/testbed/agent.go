@@ -19,9 +19,10 @@ import (
 // AgentProc is an imdsguard agent binary running inside the bed's network namespace,
 // guarding the bed's cgroup.
 type AgentProc struct {
-	Cmd        *exec.Cmd
-	ConfigPath string
-	EventsPath string
+	Cmd              *exec.Cmd
+	ConfigPath       string
+	EventsPath       string
+	FingerprintsPath string
 
 	mu     sync.Mutex
 	log    bytes.Buffer
@@ -39,12 +40,14 @@ func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 		return nil, err
 	}
 	a := &AgentProc{
-		ConfigPath: filepath.Join(b.Dir, "imdsguard.yaml"),
-		EventsPath: filepath.Join(b.Dir, "events.json"),
-		exited:     make(chan struct{}),
+		ConfigPath:       filepath.Join(b.Dir, "imdsguard.yaml"),
+		EventsPath:       filepath.Join(b.Dir, "events.json"),
+		FingerprintsPath: filepath.Join(b.Dir, "fingerprints.jsonl"),
+		exited:           make(chan struct{}),
 	}
-	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\n%s",
-		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, b.PinPath(), b.ControlSocket(), extraYAML)
+	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\nstate_dir: %s\nfingerprints:\n  output: %s\n%s",
+		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, b.PinPath(), b.ControlSocket(),
+		filepath.Join(b.Dir, "state"), a.FingerprintsPath, extraYAML)
 	if err := os.WriteFile(a.ConfigPath, []byte(conf), 0o600); err != nil {
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}

@@ -173,7 +173,7 @@ func connectLoop(args []string) error {
 	}
 	var after unix.Rusage
 	unix.Getrusage(unix.RUSAGE_SELF, &after)
-	cpu := time.Duration(after.Utime.Nano()+after.Stime.Nano()-before.Utime.Nano()-before.Stime.Nano())
+	cpu := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
 	fmt.Println(cpu.Nanoseconds() / int64(n))
 	return nil
 }
