@@ -138,6 +138,11 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 		defer wg.Done()
 		a.writeLoop(queue)
 	}()
+	fwdCtx, stopForwarding := context.WithCancel(context.Background())
+	defer stopForwarding()
+	if err := a.forward(fwdCtx); err != nil {
+		return err
+	}
 	ctl, err := a.serveControl()
 	if err != nil {
 		return err
