@@ -27,6 +27,9 @@ type Config struct {
 	Events Events `yaml:"events"`
 	Log    Log    `yaml:"log"`
 	Agent  Agent  `yaml:"agent"`
+	// Metrics and Status are defined in metrics.go.
+	Metrics Metrics `yaml:"metrics"`
+	Status  Status  `yaml:"status"`
 }
 
 // IMDS says where the Instance Metadata Service is. Only tests change the defaults.
@@ -68,6 +71,9 @@ func Default() Config {
 		Events: Events{Output: "stdout"},
 		Log:    Log{Level: "info", Output: "stderr"},
 		Agent:  Agent{StatsInterval: 10 * time.Second, QueueSize: 4096},
+
+		Metrics: defaultMetrics(),
+		Status:  defaultStatus(),
 	}
 }
 
@@ -179,7 +185,7 @@ func (c *Config) validate(root *yaml.Node) error {
 	if c.Agent.ReadyFile != "" && !filepath.IsAbs(c.Agent.ReadyFile) {
 		return bad("agent.ready_file", "must be an absolute path, got %q", c.Agent.ReadyFile)
 	}
-	return nil
+	return validateMetrics(&c.Metrics, &c.Status, c.Events.Output, root)
 }
 
 // yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.
