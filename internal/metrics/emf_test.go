@@ -1,0 +1,68 @@
+package metrics
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imdsguard/imdsguard/internal/identity"
+	"github.com/imdsguard/imdsguard/internal/metrics/metricstest"
+)
+
+func TestEMFLinesAreValid(t *testing.T) {
+	a := NewAggregator(20, 100)
+	a.Observe(Observation{Kind: MetadataRequests, Exe: "/usr/bin/curl", User: "root", Count: 2})
+	a.Observe(Observation{Kind: MetadataNoToken, Exe: "/usr/bin/curl", User: "root"})
+	a.Observe(Observation{Kind: EventsDropped, Count: 4})
+	end := time.Date(2026, 11, 23, 10, 1, 0, 0, time.UTC)
+	snap := a.Flush(end)
+	var buf bytes.Buffer
+	e := NewEMF(&buf, nil, "IMDSGuard")
+	id := identity.Identity{InstanceID: "i-0abc", Region: "eu-west-1"}
+	if err := e.Publish(context.Background(), snap, id, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Publish(context.Background(), snap, identity.Identity{}, false); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	sc := bufio.NewScanner(&buf)
+	lines := 0
+	for sc.Scan() {
+		lines++
+		vals, err := metricstest.ValidateEMF(sc.Bytes())
+		if err != nil {
+			t.Fatalf("line %d invalid: %v\n%s", lines, err, sc.Bytes())
+		}
+		if !strings.Contains(sc.Text(), fmt.Sprintf(`"Timestamp":%d`, end.UnixMilli())) {
+			t.Errorf("timestamp is not the interval's end: %s", sc.Text())
+		}
+		for k, v := range vals {
+			got[k] += v
+		}
+	}
+	if lines != 6 {
+		t.Errorf("%d lines, want 3 per publish (instance, executable, user)", lines)
+	}
+	for k, want := range map[string]float64{
+		"MetadataRequests{InstanceId=i-0abc}":                          2,
+		"MetadataNoToken{InstanceId=i-0abc}":                           1,
+		"MetadataDenied{InstanceId=i-0abc}":                            0,
+		"EventsDropped{InstanceId=i-0abc}":                             4,
+		"MetadataRequests{InstanceId=i-0abc,Executable=/usr/bin/curl}": 2,
+		"MetadataNoToken{InstanceId=i-0abc,User=root}":                 1,
+		"MetadataRequests{}":                                           2,
+		"MetadataRequests{Executable=/usr/bin/curl}":                   2,
+	} {
+		if v, ok := got[k]; !ok || v != want {
+			t.Errorf("%s = %v (present %v), want %v", k, v, ok, want)
+		}
+	}
+	if _, ok := got["MetadataDenied{InstanceId=i-0abc,Executable=/usr/bin/curl}"]; ok {
+		t.Error("zero per-process metric written")
+	}
+}
