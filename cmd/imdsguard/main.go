@@ -29,6 +29,8 @@ const usage = `imdsguard guards the EC2 Instance Metadata Service on this host.
 
 Usage:
   imdsguard run [--config FILE]     attach the hooks and record IMDS connections
+  imdsguard status [--config FILE | --socket PATH]
+                                    per-process IMDS use, from the running agent
   imdsguard check-config FILE       validate a config file and print the effective config
   imdsguard version                 print the version
 
@@ -51,6 +53,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		err = cmdRun(args[1:], stderr)
+	case "status":
+		err = cmdStatus(args[1:], stdout)
 	case "check-config":
 		err = cmdCheckConfig(args[1:], stdout)
 	case "version", "--version", "-v":

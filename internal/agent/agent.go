@@ -46,6 +46,12 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		}
 	}()
 
+	tel, err := startTelemetry(cfg, log, nil)
+	if err != nil {
+		return err
+	}
+	defer tel.Close()
+
 	h, err := hook.Load(hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)})
 	if err != nil {
 		return err
@@ -82,7 +88,9 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 	go func() {
 		defer wg.Done()
 		for ev := range queue {
-			out.Write(record(ev, resolver))
+			rec := record(ev, resolver)
+			out.Write(rec)
+			tel.observeConnect(rec)
 			if len(queue) == 0 {
 				if err := out.Flush(); err != nil {
 					log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
@@ -92,7 +100,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, hup <-chan 
 		_ = out.Flush()
 	}()
 
-	stats := newStatsReporter(h, log)
+	stats := newStatsReporter(h, log, tel.observeDrops)
 	ticker := time.NewTicker(cfg.Agent.StatsInterval)
 	defer ticker.Stop()
 	var runErr error
@@ -157,13 +165,14 @@ func writeReady(path string) error {
 // statsReporter logs loss counters when they grow: loss is never silent, and a quiet
 // agent does not repeat itself.
 type statsReporter struct {
-	h    *hook.Hook
-	log  zerolog.Logger
-	last hook.Stats
+	h       *hook.Hook
+	log     zerolog.Logger
+	last    hook.Stats
+	dropped func(n uint64) // told how many events were lost since the last report
 }
 
-func newStatsReporter(h *hook.Hook, log zerolog.Logger) *statsReporter {
-	return &statsReporter{h: h, log: log}
+func newStatsReporter(h *hook.Hook, log zerolog.Logger, dropped func(uint64)) *statsReporter {
+	return &statsReporter{h: h, log: log, dropped: dropped}
 }
 
 func (s *statsReporter) report() {
@@ -179,5 +188,6 @@ func (s *statsReporter) report() {
 		Uint64("ring_full", st.RingFull).Uint64("queue_full", st.QueueDrops).
 		Uint64("ring_full_new", st.RingFull-s.last.RingFull).Uint64("queue_full_new", st.QueueDrops-s.last.QueueDrops).
 		Msg("IMDS connect events were lost: the agent could not keep up")
+	s.dropped(st.RingFull - s.last.RingFull + st.QueueDrops - s.last.QueueDrops)
 	s.last = st
 }

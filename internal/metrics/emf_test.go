@@ -53,7 +53,7 @@ func TestEMFLinesAreValid(t *testing.T) {
 		"MetadataNoToken{InstanceId=i-0abc}":                           1,
 		"MetadataDenied{InstanceId=i-0abc}":                            0,
 		"EventsDropped{InstanceId=i-0abc}":                             4,
-		"MetadataRequests{InstanceId=i-0abc,Executable=/usr/bin/curl}": 2,
+		"MetadataRequests{Executable=/usr/bin/curl,InstanceId=i-0abc}": 2,
 		"MetadataNoToken{InstanceId=i-0abc,User=root}":                 1,
 		"MetadataRequests{}":                                           2,
 		"MetadataRequests{Executable=/usr/bin/curl}":                   2,
@@ -62,7 +62,7 @@ func TestEMFLinesAreValid(t *testing.T) {
 			t.Errorf("%s = %v (present %v), want %v", k, v, ok, want)
 		}
 	}
-	if _, ok := got["MetadataDenied{InstanceId=i-0abc,Executable=/usr/bin/curl}"]; ok {
+	if _, ok := got["MetadataDenied{Executable=/usr/bin/curl,InstanceId=i-0abc}"]; ok {
 		t.Error("zero per-process metric written")
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"sort"
 	"strings"
 )
 
@@ -13,7 +14,8 @@ import (
 // (ms) and _aws.CloudWatchMetrics; each directive's Namespace (1-255), Dimensions (sets of
 // at most 30 keys that are string members of the root) and Metrics (at most 100, Name
 // 1-255, an optional valid Unit) whose names are number members of the root. It returns
-// the metric values keyed "Name{Dim=v,...}" for the first dimension set.
+// the metric values keyed "Name{Dim=v,...}" (dimensions sorted by name, as Datum.Key)
+// for the first dimension set.
 func ValidateEMF(line []byte) (map[string]float64, error) {
 	var root map[string]any
 	dec := json.NewDecoder(bytes.NewReader(line))
@@ -70,6 +72,7 @@ func ValidateEMF(line []byte) (map[string]float64, error) {
 				}
 			}
 		}
+		sort.Strings(first)
 		metrics, ok := d["Metrics"].([]any)
 		if !ok || len(metrics) == 0 || len(metrics) > 100 {
 			return nil, fmt.Errorf("Metrics must hold 1-100 definitions")
@@ -93,7 +96,7 @@ func ValidateEMF(line []byte) (map[string]float64, error) {
 				return nil, fmt.Errorf("metric %q has no number member", name)
 			}
 			f, _ := n.Float64()
-			out[name+"{"+strings.Join(first, ",")+"}"] = f
+			out[name+"{"+strings.Join(first, ",")+"}"] = f // sorted, as Datum.Key
 		}
 	}
 	return out, nil
