@@ -52,7 +52,6 @@ func TestPrivilegedAgentPublishesMetrics(t *testing.T) {
 	t.Cleanup(func() { srv.Close() })
 
 	emfPath := filepath.Join(bed.Dir, "emf.log")
-	sock := filepath.Join(bed.Dir, "status.sock")
 	const promAddr = "127.0.0.1:9775" // inside the bed's private namespace
 	agent, err := bed.StartAgent(fmt.Sprintf(`metrics:
   interval: 1s
@@ -64,9 +63,7 @@ func TestPrivilegedAgentPublishesMetrics(t *testing.T) {
     output: %s
   prometheus:
     listen: %s
-status:
-  socket: %s
-`, ln.Addr(), emfPath, promAddr, sock))
+`, ln.Addr(), emfPath, promAddr))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,7 +131,7 @@ status:
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(bin, "status", "--socket", sock).CombinedOutput()
+	out, err := exec.Command(bin, "status", "--socket", agent.StatusSocket).CombinedOutput()
 	if err != nil {
 		t.Fatalf("imdsguard status: %v\n%s", err, out)
 	}

@@ -22,6 +22,9 @@ type AgentProc struct {
 	Cmd        *exec.Cmd
 	ConfigPath string
 	EventsPath string
+	// StatusSocket is the agent's status socket, in the bed's directory so that tests
+	// leave nothing under /run and never meet another agent's socket.
+	StatusSocket string
 
 	mu     sync.Mutex
 	log    bytes.Buffer
@@ -38,12 +41,13 @@ func (b *Bed) StartAgent(extraYAML string) (*AgentProc, error) {
 		return nil, err
 	}
 	a := &AgentProc{
-		ConfigPath: filepath.Join(b.Dir, "imdsguard.yaml"),
-		EventsPath: filepath.Join(b.Dir, "events.json"),
-		exited:     make(chan struct{}),
+		ConfigPath:   filepath.Join(b.Dir, "imdsguard.yaml"),
+		EventsPath:   filepath.Join(b.Dir, "events.json"),
+		StatusSocket: filepath.Join(b.Dir, "status.sock"),
+		exited:       make(chan struct{}),
 	}
-	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\n%s",
-		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, extraYAML)
+	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\nstatus:\n  socket: %s\n%s",
+		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, a.StatusSocket, extraYAML)
 	if err := os.WriteFile(a.ConfigPath, []byte(conf), 0o600); err != nil {
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
