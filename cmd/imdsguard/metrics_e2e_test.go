@@ -140,6 +140,15 @@ func TestPrivilegedAgentPublishesMetrics(t *testing.T) {
 	}
 	t.Logf("imdsguard status:\n%s", out)
 
+	// For the record: the agent's resident memory with every sink on.
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", agent.Cmd.Process.Pid)); err == nil {
+		for _, line := range strings.Split(string(st), "\n") {
+			if strings.HasPrefix(line, "VmRSS:") || strings.HasPrefix(line, "VmHWM:") {
+				t.Logf("agent %s", strings.Join(strings.Fields(line), " "))
+			}
+		}
+	}
+
 	// Stop: the last interval is published to every sink before exit.
 	if err := agent.Stop(); err != nil {
 		t.Fatalf("agent exit: %v\n%s", err, agent.Log())

@@ -116,11 +116,18 @@ func (t *telemetry) observeConnect(rec eventlog.Record) {
 	if rec.Verdict == hook.VerdictDeny.String() {
 		kind = metrics.MetadataDenied
 	}
-	user := rec.User
+	t.observeProcess(kind, rec.Exe, rec.User, rec.UID, rec.Time)
+}
+
+// observeProcess counts one thing a process did: the broker's classifications
+// (MetadataNoToken, MetadataNoTokenRejected, MetadataWithToken, MetadataTokenRequests,
+// CredentialFetches) come in here. A user without a name is counted by uid, so that
+// it stays distinct.
+func (t *telemetry) observeProcess(kind metrics.Kind, exe, user string, uid uint32, at time.Time) {
 	if user == "" {
-		user = strconv.FormatUint(uint64(rec.UID), 10)
+		user = strconv.FormatUint(uint64(uid), 10)
 	}
-	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: rec.Exe, User: user, Time: rec.Time})
+	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: exe, User: user, Time: at})
 }
 
 // observeDrops counts events lost in the kernel ring buffer or the agent's queue.

@@ -106,3 +106,19 @@ func TestTrackedValuesBounded(t *testing.T) {
 		t.Errorf("totals %d, series %d", s.Totals[MetadataRequests], len(s.ByExecutable))
 	}
 }
+
+// Observe sits on the event path: it must stay a short lock and no allocation for a
+// known executable.
+func BenchmarkObserve(b *testing.B) {
+	a := NewAggregator(20, 4096)
+	exes := make([]string, 50)
+	for i := range exes {
+		exes[i] = fmt.Sprintf("/usr/bin/prog%d", i)
+	}
+	now := time.Now()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		a.Observe(Observation{Kind: MetadataRequests, Exe: exes[i%len(exes)], User: "root", Time: now})
+	}
+}
