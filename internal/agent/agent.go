@@ -116,6 +116,9 @@ loop:
 		case <-ticker.C:
 			stats.report()
 		case <-hup:
+			if err := tel.reopen(); err != nil {
+				log.Error().Err(err).Str("event", "emf_reopen_failed").Msg("reopening EMF output")
+			}
 			if err := out.Reopen(); err != nil {
 				log.Error().Err(err).Str("event", "events_reopen_failed").Msg("reopening events output")
 			} else {

@@ -25,6 +25,7 @@ type telemetry struct {
 	Metrics  *metrics.Aggregator
 
 	log    zerolog.Logger
+	emf    *metrics.EMF // nil when off; reopened on SIGHUP
 	status *status.Server
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -74,6 +75,7 @@ func startTelemetry(cfg config.Config, log zerolog.Logger, httpClient *http.Clie
 			return nil, err
 		}
 		sinks = append(sinks, e)
+		t.emf = e
 	}
 	if m.CloudWatch.Enabled {
 		sinks = append(sinks, metrics.NewCloudWatch(metrics.CloudWatchOptions{
@@ -135,6 +137,14 @@ func (t *telemetry) observeDrops(n uint64) {
 	if n > 0 {
 		t.Metrics.Observe(metrics.Observation{Kind: metrics.EventsDropped, Count: n})
 	}
+}
+
+// reopen reopens the EMF file after log rotation.
+func (t *telemetry) reopen() error {
+	if t.emf == nil {
+		return nil
+	}
+	return t.emf.Reopen()
 }
 
 // Close publishes the last interval, closes the sinks and the status socket.

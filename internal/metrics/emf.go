@@ -18,6 +18,7 @@ import (
 // (EMF carries one value per dimension per document).
 type EMF struct {
 	namespace string
+	path      string // "" for a writer given to NewEMF (stdout, tests)
 	mu        sync.Mutex
 	w         *bufio.Writer
 	closer    io.Closer
@@ -29,14 +30,46 @@ func OpenEMF(output, namespace string) (*EMF, error) {
 	if output == "stdout" {
 		return NewEMF(os.Stdout, nil, namespace), nil
 	}
-	if err := os.MkdirAll(filepath.Dir(output), 0o755); err != nil {
+	f, err := openAppend(output)
+	if err != nil {
+		return nil, err
+	}
+	e := NewEMF(f, f, namespace)
+	e.path = output
+	return e, nil
+}
+
+func openAppend(path string) (*os.File, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("create EMF output directory: %w", err)
 	}
-	f, err := os.OpenFile(output, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open EMF output: %w", err)
 	}
-	return NewEMF(f, f, namespace), nil
+	return f, nil
+}
+
+// Reopen reopens the file after log rotation (the agent's SIGHUP); a no-op on stdout.
+func (e *EMF) Reopen() error {
+	if e.path == "" {
+		return nil
+	}
+	f, err := openAppend(e.path)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	err = e.w.Flush()
+	if cerr := e.closer.Close(); err == nil {
+		err = cerr
+	}
+	e.w, e.closer = bufio.NewWriter(f), f
+	if err != nil {
+		return fmt.Errorf("close rotated EMF output: %w", err)
+	}
+	return nil
 }
 
 // NewEMF writes to w; closer, when not nil, is closed by Close.

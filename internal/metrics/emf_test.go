@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -64,5 +66,39 @@ func TestEMFLinesAreValid(t *testing.T) {
 	}
 	if _, ok := got["MetadataDenied{Executable=/usr/bin/curl,InstanceId=i-0abc}"]; ok {
 		t.Error("zero per-process metric written")
+	}
+}
+
+// After rotation (rename, then SIGHUP → Reopen) lines go to a new file at the path.
+func TestEMFReopen(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "emf", "emf.log")
+	e, err := OpenEMF(path, "IMDSGuard")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := NewAggregator(20, 10)
+	if err := e.Publish(context.Background(), a.Flush(time.Now()), identity.Identity{}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path, path+".1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Reopen(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Publish(context.Background(), a.Flush(time.Now()), identity.Identity{}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{path, path + ".1"} {
+		data, err := os.ReadFile(p)
+		if err != nil || bytes.Count(data, []byte("\n")) != 1 {
+			t.Errorf("%s: %q, %v", p, data, err)
+		}
+		if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode %v", p, fi.Mode())
+		}
 	}
 }
