@@ -33,8 +33,9 @@ type AgentProc struct {
 }
 
 // StartAgent writes a config that points the agent at the bed (cgroup, IMDS, an events
-// file in the bed's directory), appends extraYAML to it, starts the agent through
-// nsenter --net, and returns once the agent says its hooks are attached.
+// file and the status socket in the bed's directory), appends extraYAML to it (which
+// must not repeat those top-level keys), starts the agent through nsenter --net, and
+// returns once the agent says its hooks are attached.
 func (b *Bed) StartAgent(extraYAML string) (*AgentProc, error) {
 	bin, err := Agent()
 	if err != nil {
