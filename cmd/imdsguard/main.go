@@ -35,6 +35,8 @@ Usage:
   imdsguard reload [--config FILE]  make the running agent re-read its configuration
   imdsguard uninstall [--config FILE]
                                     detach and remove the pinned programs and maps
+  imdsguard status [--config FILE | --socket PATH]
+                                    per-process IMDS use, from the running agent
   imdsguard check-config FILE       validate a config file and print the effective config
   imdsguard version                 print the version
 
@@ -57,6 +59,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		err = cmdRun(args[1:], stderr)
+	case "status":
+		err = cmdStatus(args[1:], stdout)
 	case "check-config":
 		err = cmdCheckConfig(args[1:], stdout)
 	case "reload":

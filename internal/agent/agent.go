@@ -66,6 +66,12 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 		}
 	}()
 
+	tel, err := startTelemetry(cfg, log, markedIMDSClient(cfg))
+	if err != nil {
+		return err
+	}
+	defer tel.Close()
+
 	if cfg.PinPath != "" {
 		if err := hook.EnsureBPFFS(cfg.PinPath); err != nil {
 			return err
@@ -86,7 +92,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 
 	a := &agent{cfg: cfg, opts: opts, log: log, h: h, out: out, cgroupRoot: root,
 		resolver: procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192), recent: newRecent(4096),
-		requests: make(chan eventlog.Record, cfg.Agent.QueueSize)}
+		requests: make(chan eventlog.Record, cfg.Agent.QueueSize), tel: tel}
 	if a.netns, err = hook.OwnNetnsCookie(); err != nil {
 		return err
 	}
@@ -149,7 +155,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	}
 	defer ctl.Close()
 
-	stats := newStatsReporter(h, log, a.reqDrops.Load)
+	stats := newStatsReporter(h, log, a.reqDrops.Load, tel.observeDrops)
 	statsTick := time.NewTicker(cfg.Agent.StatsInterval)
 	defer statsTick.Stop()
 	beat := time.NewTicker(heartbeatEvery)
@@ -178,6 +184,9 @@ loop:
 			stats.report()
 		case <-hup:
 			a.reload()
+			if err := tel.reopen(); err != nil {
+				log.Error().Err(err).Str("event", "emf_reopen_failed").Msg("reopening EMF output")
+			}
 			if err := out.Reopen(); err != nil {
 				log.Error().Err(err).Str("event", "events_reopen_failed").Msg("reopening events output")
 			}
@@ -212,6 +221,7 @@ type agent struct {
 	recent     *recent
 	requests   chan eventlog.Record // the broker's request lines, written by writeLoop
 	fps        *fingerprints
+	tel        *telemetry
 	reqDrops   atomic.Uint64
 	reqMu      sync.RWMutex
 	reqClosed  bool
@@ -236,6 +246,7 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 			rec := a.connectRecord(ev)
 			a.recent.put(ev.SocketCookie, rec)
 			a.out.Write(rec)
+			a.tel.observeConnect(rec)
 		case rec, ok := <-requests:
 			if !ok {
 				requests = nil
@@ -300,10 +311,11 @@ type statsReporter struct {
 	last     hook.Stats
 	reqDrops func() uint64
 	lastReq  uint64
+	dropped  func(n uint64) // told how many events were lost since the last report
 }
 
-func newStatsReporter(h *hook.Hook, log zerolog.Logger, reqDrops func() uint64) *statsReporter {
-	return &statsReporter{h: h, log: log, reqDrops: reqDrops}
+func newStatsReporter(h *hook.Hook, log zerolog.Logger, reqDrops func() uint64, dropped func(uint64)) *statsReporter {
+	return &statsReporter{h: h, log: log, reqDrops: reqDrops, dropped: dropped}
 }
 
 func (s *statsReporter) report() {
@@ -317,6 +329,7 @@ func (s *statsReporter) report() {
 			Uint64("ring_full", st.RingFull).Uint64("queue_full", st.QueueDrops).
 			Uint64("ring_full_new", st.RingFull-s.last.RingFull).Uint64("queue_full_new", st.QueueDrops-s.last.QueueDrops).
 			Msg("IMDS connect events were lost: the agent could not keep up")
+		s.dropped(st.RingFull - s.last.RingFull + st.QueueDrops - s.last.QueueDrops)
 	}
 	if n := s.reqDrops(); n != s.lastReq {
 		s.log.Warn().Str("event", "events_dropped").Uint64("request_lines", n).

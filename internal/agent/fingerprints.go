@@ -70,8 +70,14 @@ func (a *agent) forward(ctx context.Context) error {
 	return nil
 }
 
-// instance is the host's EC2 identity, as far as the agent knows it.
-func (a *agent) instance() fingerprint.Instance { return fingerprint.Instance{} }
+// instance is the host's EC2 identity, as far as the agent knows it yet.
+func (a *agent) instance() fingerprint.Instance {
+	id, ok := a.tel.Identity.Get()
+	if !ok {
+		return fingerprint.Instance{}
+	}
+	return fingerprint.Instance{ID: id.InstanceID, AccountID: id.AccountID, Region: id.Region, AvailabilityZone: id.AvailabilityZone}
+}
 
 // hostAddresses lists every address of the host's interfaces: where a credential may
 // legitimately be used from.

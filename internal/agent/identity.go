@@ -27,12 +27,20 @@ type imdsIdentity struct {
 }
 
 func newIMDSIdentity(cfg config.Config) *imdsIdentity {
-	dialer := broker.MarkedDialer(cfg.Broker.Mark, 5*time.Second)
 	return &imdsIdentity{
-		base: "http://" + net.JoinHostPort(cfg.IMDS.Addr4.String(), strconv.Itoa(cfg.IMDS.Port)),
-		client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-			Proxy: nil, DialContext: dialer.DialContext, MaxIdleConnsPerHost: 1}},
+		base:   "http://" + net.JoinHostPort(cfg.IMDS.Addr4.String(), strconv.Itoa(cfg.IMDS.Port)),
+		client: markedIMDSClient(cfg),
 	}
+}
+
+// markedIMDSClient carries the agent's own requests (to IMDS, and to AWS APIs) over
+// marked sockets: the kernel program neither judges nor redirects them, so the agent
+// never talks to its own broker.
+func markedIMDSClient(cfg config.Config) *http.Client {
+	dialer := broker.MarkedDialer(cfg.Broker.Mark, 5*time.Second)
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.DialContext = dialer.DialContext
+	return &http.Client{Timeout: 30 * time.Second, Transport: tr}
 }
 
 func (i *imdsIdentity) Document(ctx context.Context) (string, string, error) {

@@ -6,6 +6,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/broker"
 	"github.com/imdsguard/imdsguard/internal/eventlog"
 	"github.com/imdsguard/imdsguard/internal/hook"
+	"github.com/imdsguard/imdsguard/internal/metrics"
 	"github.com/imdsguard/imdsguard/internal/procinfo"
 )
 
@@ -39,6 +40,7 @@ func (a *agent) recordRequest(req broker.Request) {
 			Verdict: c.Verdict.String(), Rule: a.ruleName(c.Rule), Redirected: true, Missing: info.Missing}
 	}
 	a.recordCredential(req, rec)
+	a.observeRequest(req, rec)
 	rec.Kind = eventlog.KindRequest
 	rec.Time = req.Started
 	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)
@@ -91,4 +93,28 @@ func (r *recent) get(cookie uint64) (eventlog.Record, bool) {
 	defer r.mu.Unlock()
 	rec, ok := r.m[cookie]
 	return rec, ok
+}
+
+// observeRequest counts a brokered request in the metrics, MetadataNoToken-style.
+func (a *agent) observeRequest(req broker.Request, rec eventlog.Record) {
+	var kind metrics.Kind
+	switch {
+	case req.Refused == "imdsv2_required":
+		kind = metrics.MetadataNoTokenRejected
+	case req.Refused == "upstream_error":
+		a.tel.Metrics.Observe(metrics.Observation{Kind: metrics.BrokerErrors, Count: 1})
+		return
+	case req.Refused != "":
+		return
+	case req.Version == broker.VersionV1:
+		kind = metrics.MetadataNoToken
+	case req.Version == broker.VersionV2:
+		kind = metrics.MetadataWithToken
+	case req.Version == broker.VersionToken:
+		kind = metrics.MetadataTokenRequests
+	}
+	a.tel.observeProcess(kind, rec.Exe, rec.User, rec.UID, req.Started)
+	if req.Body != nil {
+		a.tel.observeProcess(metrics.CredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
+	}
 }

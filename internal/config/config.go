@@ -46,6 +46,9 @@ type Config struct {
 	// StateDir holds what the agent keeps across restarts (the per-host HMAC secret).
 	StateDir     string       `yaml:"state_dir"`
 	Fingerprints Fingerprints `yaml:"fingerprints"`
+	// Metrics and Status are defined in metrics.go.
+	Metrics Metrics `yaml:"metrics"`
+	Status  Status  `yaml:"status"`
 }
 
 // Fingerprints configures credential issuance records: which process fetched which
@@ -115,6 +118,8 @@ func Default() Config {
 		ControlSocket: "/run/imdsguard/control.sock",
 		StateDir:      "/var/lib/imdsguard",
 		Fingerprints:  Fingerprints{Output: "/var/lib/imdsguard/fingerprints.jsonl", SpoolMaxBytes: 64 << 20},
+		Metrics: defaultMetrics(),
+		Status:  defaultStatus(),
 	}
 }
 
@@ -244,7 +249,10 @@ func (c *Config) validate(root *yaml.Node) error {
 	if c.ControlSocket != "" && !filepath.IsAbs(c.ControlSocket) {
 		return bad("control_socket", "must be an absolute path, got %q", c.ControlSocket)
 	}
-	return c.validatePolicy(root)
+	if err := c.validatePolicy(root); err != nil {
+		return err
+	}
+	return validateMetrics(&c.Metrics, &c.Status, c.Events.Output, root)
 }
 
 // yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.
