@@ -118,8 +118,8 @@ func Default() Config {
 		ControlSocket: "/run/imdsguard/control.sock",
 		StateDir:      "/var/lib/imdsguard",
 		Fingerprints:  Fingerprints{Output: "/var/lib/imdsguard/fingerprints.jsonl", SpoolMaxBytes: 64 << 20},
-		Metrics: defaultMetrics(),
-		Status:  defaultStatus(),
+		Metrics:       defaultMetrics(),
+		Status:        defaultStatus(),
 	}
 }
 
