@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"net/http"
 	"sync"
 	"time"
@@ -289,7 +290,14 @@ func (c *CloudWatch) clientFor(ctx context.Context) (*cloudwatch.Client, error) 
 		awsconfig.WithRetryMaxAttempts(c.opts.RetryMaxAttempts),
 	}
 	if c.opts.HTTPClient != nil {
-		load = append(load, awsconfig.WithHTTPClient(c.opts.HTTPClient))
+		// The SDK wants a client it can still configure (custom CA bundles): keep its
+		// buildable client and give it only our dialer.
+		if tr, ok := c.opts.HTTPClient.Transport.(*http.Transport); ok && tr.DialContext != nil {
+			load = append(load, awsconfig.WithHTTPClient(awshttp.NewBuildableClient().WithTransportOptions(
+				func(t *http.Transport) { t.DialContext = tr.DialContext })))
+		} else {
+			load = append(load, awsconfig.WithHTTPClient(c.opts.HTTPClient))
+		}
 	}
 	if c.opts.Credentials != nil {
 		load = append(load, awsconfig.WithCredentialsProvider(c.opts.Credentials))
