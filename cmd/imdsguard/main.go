@@ -33,6 +33,9 @@ Usage:
                                     guard IMDS: attach the hooks, enforce the allowlist,
                                     serve the broker, record every connection
   imdsguard reload [--config FILE]  make the running agent re-read its configuration
+  imdsguard report [--config FILE] [--since 24h] [--format text|json]
+                                    who still uses IMDSv1, what was denied, and whether
+                                    this instance is ready for HttpTokens=required
   imdsguard uninstall [--config FILE]
                                     detach and remove the pinned programs and maps
   imdsguard status [--config FILE | --socket PATH]
@@ -65,6 +68,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdCheckConfig(args[1:], stdout)
 	case "reload":
 		err = cmdReload(args[1:], stdout)
+	case "report":
+		err = cmdReport(args[1:], stdout)
 	case "uninstall":
 		err = cmdUninstall(args[1:], stdout)
 	case "version", "--version", "-v":

@@ -23,6 +23,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/eventlog"
 	"github.com/imdsguard/imdsguard/internal/hook"
 	"github.com/imdsguard/imdsguard/internal/procinfo"
+	"github.com/imdsguard/imdsguard/internal/usage"
 )
 
 // Options are what the command line gives the agent.
@@ -99,6 +100,10 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	if err := a.openFingerprints(); err != nil {
 		return err
 	}
+	if a.ledger, err = usage.Open(filepath.Join(cfg.StateDir, "usage.json")); err != nil {
+		return err
+	}
+	defer a.saveLedger()
 	defer a.fps.Close()
 	// Alive before the policy can redirect to us, broker listening before redirects.
 	if err := h.Beat(); err != nil {
@@ -182,6 +187,7 @@ loop:
 			}
 		case <-statsTick.C:
 			stats.report()
+			a.saveLedger()
 		case <-hup:
 			a.reload()
 			if err := tel.reopen(); err != nil {
@@ -222,6 +228,7 @@ type agent struct {
 	requests   chan eventlog.Record // the broker's request lines, written by writeLoop
 	fps        *fingerprints
 	tel        *telemetry
+	ledger     *usage.Ledger
 	reqDrops   atomic.Uint64
 	reqMu      sync.RWMutex
 	reqClosed  bool
@@ -230,6 +237,16 @@ type agent struct {
 
 	mu     sync.Mutex
 	policy policyState
+}
+
+// saveLedger persists the usage tally for `imdsguard report`.
+func (a *agent) saveLedger() {
+	if id, ok := a.tel.Identity.Get(); ok {
+		a.ledger.SetInstance(id.InstanceID)
+	}
+	if err := a.ledger.Save(time.Now()); err != nil {
+		a.log.Error().Err(err).Str("event", "usage_save_failed").Msg("saving usage ledger")
+	}
 }
 
 // writeLoop is the only writer of event lines: kernel events and broker requests are
@@ -247,6 +264,9 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 			a.recent.put(ev.SocketCookie, rec)
 			a.out.Write(rec)
 			a.tel.observeConnect(rec)
+			if ev.Verdict == hook.VerdictDeny {
+				a.ledger.Observe(usage.Denied, usage.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}, rec.Time)
+			}
 		case rec, ok := <-requests:
 			if !ok {
 				requests = nil

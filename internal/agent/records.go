@@ -8,6 +8,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/hook"
 	"github.com/imdsguard/imdsguard/internal/metrics"
 	"github.com/imdsguard/imdsguard/internal/procinfo"
+	"github.com/imdsguard/imdsguard/internal/usage"
 )
 
 func (a *agent) connectRecord(ev hook.Event) eventlog.Record {
@@ -98,9 +99,11 @@ func (r *recent) get(cookie uint64) (eventlog.Record, bool) {
 // observeRequest counts a brokered request in the metrics, MetadataNoToken-style.
 func (a *agent) observeRequest(req broker.Request, rec eventlog.Record) {
 	var kind metrics.Kind
+	who := usage.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}
 	switch {
 	case req.Refused == "imdsv2_required":
 		kind = metrics.MetadataNoTokenRejected
+		a.ledger.Observe(usage.V1Rejected, who, req.Started)
 	case req.Refused == "upstream_error":
 		a.tel.Metrics.Observe(metrics.Observation{Kind: metrics.BrokerErrors, Count: 1})
 		return
@@ -108,13 +111,17 @@ func (a *agent) observeRequest(req broker.Request, rec eventlog.Record) {
 		return
 	case req.Version == broker.VersionV1:
 		kind = metrics.MetadataNoToken
+		a.ledger.Observe(usage.V1, who, req.Started)
 	case req.Version == broker.VersionV2:
 		kind = metrics.MetadataWithToken
+		a.ledger.Observe(usage.V2, who, req.Started)
 	case req.Version == broker.VersionToken:
 		kind = metrics.MetadataTokenRequests
+		a.ledger.Observe(usage.Token, who, req.Started)
 	}
 	a.tel.observeProcess(kind, rec.Exe, rec.User, rec.UID, req.Started)
 	if req.Body != nil {
 		a.tel.observeProcess(metrics.CredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
+		a.ledger.Observe(usage.Credential, who, req.Started)
 	}
 }
