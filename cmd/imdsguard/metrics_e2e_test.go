@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsguard/imdsguard/internal/metrics"
 	"github.com/imdsguard/imdsguard/internal/metrics/metricstest"
 	"github.com/imdsguard/imdsguard/internal/testbed"
 )
@@ -88,9 +89,13 @@ func TestPrivilegedAgentPublishesMetrics(t *testing.T) {
 	want := map[string]float64{}
 	inst := "InstanceId=" + bed.InstanceID
 	var connects []testbed.Event
+	v1 := 0
 	for _, e := range events {
-		if e.Event == "imds_connect" {
+		switch {
+		case e.Event == "imds_connect":
 			connects = append(connects, e)
+		case e.Event == "imds_request" && e.IMDSVersion == "v1" && e.Status == 200:
+			v1++
 		}
 	}
 	events = connects // MetadataRequests counts connections; requests are counted by version
@@ -120,6 +125,10 @@ func TestPrivilegedAgentPublishesMetrics(t *testing.T) {
 					if got, _ := metricstest.Counter(fams, family, label, value); got != n {
 						t.Errorf("prometheus %s{%s=%q} = %v, want %v", family, label, value, got, n)
 					}
+				}
+				// The broker's IMDSv1 count: what AWS's MetadataNoToken says, per process.
+				if got, _ := metricstest.Counter(fams, metrics.PromName(metrics.MetadataNoToken), "", ""); got != float64(v1) || v1 == 0 {
+					t.Errorf("prometheus MetadataNoToken = %v, want %d IMDSv1 requests", got, v1)
 				}
 				if info := fams["imdsguard_instance_info"]; info == nil || !strings.Contains(info.String(), bed.InstanceID) {
 					t.Errorf("instance info: %v", info)
