@@ -17,6 +17,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent"
 	"github.com/imdsguard/imdsguard/internal/config"
+	"github.com/imdsguard/imdsguard/internal/preflight"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -30,6 +31,7 @@ const usage = `imdsguard guards the EC2 Instance Metadata Service on this host.
 Usage:
   imdsguard run [--config FILE]     attach the hooks and record IMDS connections
   imdsguard check-config FILE       validate a config file and print the effective config
+  imdsguard preflight [--config FILE] [--no-imds]  check that this host can run the agent
   imdsguard version                 print the version
 
 Configuration keys and their defaults are documented in the README.
@@ -53,6 +55,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdRun(args[1:], stderr)
 	case "check-config":
 		err = cmdCheckConfig(args[1:], stdout)
+	case "preflight":
+		err = preflight.Main(args[1:], stdout, DefaultConfig)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "imdsguard", versionString())
 	case "help", "-h", "--help":
