@@ -15,6 +15,7 @@ TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool
 DIST       ?= dist
 PKG_ARCHES ?= amd64 arm64
 PKG_FORMATS ?= deb rpm
+PKG_VERSION ?= $(shell packaging/version.sh)
 
 .PHONY: all build test unit demo bench generate check-generate deps build-deps root clean package
 
@@ -42,7 +43,7 @@ bench: root deps
 # for each of PKG_ARCHES, versioned by packaging/version.sh. Reproducible: static
 # binaries built with -trimpath, every mtime set to the last commit's time.
 package:
-	@set -e; version=$$(packaging/version.sh); epoch=$$(git log -1 --format=%ct); \
+	@set -e; version=$(PKG_VERSION); epoch=$$(git log -1 --format=%ct); \
 	for arch in $(PKG_ARCHES); do \
 		for cmd in imdsguard imdsguard-correlator; do \
 			[ -d cmd/$$cmd ] || { echo "skipping $$cmd: cmd/$$cmd does not exist"; continue; }; \
