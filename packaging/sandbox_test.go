@@ -236,12 +236,40 @@ func TestPrivilegedUnitSyscallFilter(t *testing.T) {
 	if res.err != nil {
 		t.Fatalf("agent under strace: %v\n%s", res.err, res.log)
 	}
-	f, err := os.Open(res.trace)
+	// ExecStartPre runs preflight under the same filter. --no-imds, as in the unit:
+	// this runs in the machine's network namespace.
+	preTrace := filepath.Join(t.TempDir(), "strace-preflight.out")
+	if out, err := exec.Command("setpriv", "--nnp", "--bounding-set", "-all,+"+strings.Join(unitCaps(t), ",+"), "--",
+		"strace", "-f", "-qq", "-o", preTrace, agent, "preflight", "--no-imds").CombinedOutput(); err != nil {
+		t.Fatalf("preflight under the unit's capabilities: %v\n%s", err, out)
+	}
+	used := map[string]bool{}
+	for _, trace := range []string{res.trace, preTrace} {
+		if err := tracedCalls(trace, used); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var outside []string
+	for name := range used {
+		// The first execve is strace starting the agent, before any filter applies.
+		if !allowed[name] && name != "execve" {
+			outside = append(outside, name)
+		}
+	}
+	slices.Sort(outside)
+	t.Logf("agent and preflight used %d distinct system calls", len(used))
+	if len(outside) > 0 {
+		t.Errorf("system calls outside the unit's SystemCallFilter (would fail with EPERM): %v", outside)
+	}
+}
+
+// tracedCalls adds the names of the system calls in an strace -f output file to used.
+func tracedCalls(path string, used map[string]bool) error {
+	f, err := os.Open(path)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	defer f.Close()
-	used := map[string]bool{}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	for sc.Scan() {
@@ -256,18 +284,7 @@ func TestPrivilegedUnitSyscallFilter(t *testing.T) {
 		}
 		used[name] = true
 	}
-	var outside []string
-	for name := range used {
-		// The first execve is strace starting the agent, before any filter applies.
-		if !allowed[name] && name != "execve" {
-			outside = append(outside, name)
-		}
-	}
-	slices.Sort(outside)
-	t.Logf("agent used %d distinct system calls", len(used))
-	if len(outside) > 0 {
-		t.Errorf("system calls outside the unit's SystemCallFilter (would fail with EPERM): %v", outside)
-	}
+	return sc.Err()
 }
 
 // expandFilter adds the system calls of a SystemCallFilter entry to set: a name as
