@@ -267,7 +267,7 @@ func (h Host) checkBPFLoad() Result {
 	case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
 		r.Status = Fail
 		r.Detail = fmt.Sprintf("not allowed to load BPF programs: %v", err)
-		r.Fix = "run as root, or give the agent CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN (the packaged systemd unit does); in a container, run it privileged"
+		r.Fix = "run as root, or give the agent CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_PTRACE (the packaged systemd unit does); in a container, run it privileged"
 	default:
 		r.Status = Fail
 		r.Detail = fmt.Sprintf("loading a test BPF program failed: %v", err)
