@@ -115,6 +115,7 @@ func TestPrivilegedPackageContents(t *testing.T) {
 		"./usr/lib/systemd/system/imdsguard.service",
 		"-rw------- root/root", "./etc/imdsguard/config.yaml",
 		"drwx------ root/root", "./var/lib/imdsguard/",
+		"./usr/share/doc/imdsguard/README.md",
 	} {
 		if !strings.Contains(list, want) {
 			t.Errorf("dpkg-deb -c lacks %q:\n%s", want, list)
