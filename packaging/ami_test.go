@@ -12,6 +12,8 @@ import (
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/hclparse"
 	"gopkg.in/yaml.v3"
+
+	"github.com/imdsguard/imdsguard/internal/testbed"
 )
 
 // checkShell runs `sh -n` (or bash -n) on script: a syntax error fails t.
@@ -243,6 +245,7 @@ func TestPackerTemplate(t *testing.T) {
 // TestPrivilegedBakeScript runs the Packer template's install script in a Debian root,
 // as in an image build (no systemd running), with a config to install.
 func TestPrivilegedBakeScript(t *testing.T) {
+	testbed.RequirePrivileged(t)
 	pkgs := buildPackages(t)
 	root := debianRoot(t)
 	deb := copyInto(t, root, pkgs.deb(t, "1.0.0"))

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/imdsguard/imdsguard/internal/testbed"
 )
 
 // debianMirror is where debootstrap fetches Debian from; the build machines reach it.
@@ -180,6 +182,7 @@ const wantsLink = "etc/systemd/system/multi-user.target.wants/imdsguard.service"
 // .deb in a Debian root where systemd is installed but not running (an image build),
 // and checks files, modes, enablement, conffile handling and state along the way.
 func TestPrivilegedDebLifecycle(t *testing.T) {
+	testbed.RequirePrivileged(t)
 	pkgs := buildPackages(t)
 	root := debianRoot(t)
 	v1 := copyInto(t, root, pkgs.deb(t, "1.0.0"))
@@ -301,6 +304,7 @@ func TestPrivilegedDebLifecycle(t *testing.T) {
 // machine's rpm into a Debian root (rpm --root runs the scriptlets chrooted there),
 // which proves the scripts read rpm's numeric arguments right.
 func TestPrivilegedRpmLifecycle(t *testing.T) {
+	testbed.RequirePrivileged(t)
 	if _, err := exec.LookPath("rpm"); err != nil {
 		t.Fatalf("rpm not installed (make deps installs it): %v", err)
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/imdsguard/imdsguard/internal/testbed"
 )
 
 // builtPackages are the packages `make package` made for this machine's architecture,
@@ -101,6 +103,7 @@ func run(t *testing.T, name string, args ...string) string {
 // TestPrivilegedPackageContents inspects the built packages with the formats' own
 // tools: files, modes, the conffile, the scripts, and the reported size.
 func TestPrivilegedPackageContents(t *testing.T) {
+	testbed.RequirePrivileged(t)
 	pkgs := buildPackages(t)
 	deb, rpm := pkgs.deb(t, "1.0.0"), pkgs.rpm(t, "1.0.0")
 	for _, p := range []string{deb, rpm} {
@@ -155,6 +158,7 @@ func TestPrivilegedPackageContents(t *testing.T) {
 // TestPrivilegedPackagesReproducible builds the same version twice and expects the
 // same bytes.
 func TestPrivilegedPackagesReproducible(t *testing.T) {
+	testbed.RequirePrivileged(t)
 	pkgs := buildPackages(t)
 	again := t.TempDir()
 	if err := makePackage(again, "1.0.0"); err != nil {
@@ -177,4 +181,33 @@ func sum(t *testing.T, p string) string {
 	}
 	h := sha256.Sum256(data)
 	return hex.EncodeToString(h[:])
+}
+
+// TestPrivilegedCorrelatorPackage builds the correlator's package around a stand-in
+// binary: cmd/imdsguard-correlator is written elsewhere, and its package config must be
+// ready when it lands.
+func TestPrivilegedCorrelatorPackage(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	dist := t.TempDir()
+	bin := filepath.Join(dist, "bin", "linux-"+runtime.GOARCH, "imdsguard-correlator")
+	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("go", "tool", "nfpm", "package", "--config", "packaging/imdsguard-correlator.nfpm.yaml",
+		"--packager", "deb", "--target", dist+"/")
+	cmd.Dir = ".."
+	cmd.Env = append(os.Environ(), "VERSION=1.0.0", "PKG_ARCH="+runtime.GOARCH, "DIST="+dist, "SOURCE_DATE_EPOCH=1700000000")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nfpm: %v\n%s", err, out)
+	}
+	deb := filepath.Join(dist, "imdsguard-correlator_1.0.0-1_"+runtime.GOARCH+".deb")
+	list := run(t, "dpkg-deb", "-c", deb)
+	for _, want := range []string{"-rwxr-xr-x root/root", "./usr/bin/imdsguard-correlator", "drwx------ root/root", "./var/lib/imdsguard-correlator/"} {
+		if !strings.Contains(list, want) {
+			t.Errorf("dpkg-deb -c lacks %q:\n%s", want, list)
+		}
+	}
 }

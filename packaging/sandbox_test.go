@@ -166,6 +166,7 @@ func readEvents(t *testing.T, path string) []testbed.Event {
 // command line read from /proc), then drops each capability in turn and proves the
 // agent then fails or loses something: the set is measured, not guessed.
 func TestPrivilegedUnitCapabilities(t *testing.T) {
+	testbed.RequirePrivileged(t)
 	bed := testbed.Start(t, testbed.Options{})
 	agent, err := testbed.Agent()
 	if err != nil {
@@ -209,6 +210,7 @@ func agentError(log string) string {
 // SystemCallFilter as systemd expands it: a call outside it would fail with EPERM
 // under systemd.
 func TestPrivilegedUnitSyscallFilter(t *testing.T) {
+	testbed.RequirePrivileged(t)
 	if _, err := exec.LookPath("strace"); err != nil {
 		t.Fatalf("strace not installed (make deps installs it): %v", err)
 	}
