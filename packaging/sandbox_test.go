@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -245,12 +246,22 @@ func TestPrivilegedUnitSyscallFilter(t *testing.T) {
 		"strace", "-f", "-qq", "-o", preTrace, agent, "preflight", "--no-imds").CombinedOutput(); err != nil {
 		t.Fatalf("preflight under the unit's capabilities: %v\n%s", err, out)
 	}
-	used := map[string]bool{}
+	used, families := map[string]bool{}, map[string]bool{}
 	for _, trace := range []string{res.trace, preTrace} {
-		if err := tracedCalls(trace, used); err != nil {
+		if err := tracedCalls(trace, used, families); err != nil {
 			t.Fatal(err)
 		}
 	}
+	restrict := unitValues(t, "RestrictAddressFamilies")
+	if len(restrict) != 1 {
+		t.Fatalf("unit has %d RestrictAddressFamilies lines, want 1", len(restrict))
+	}
+	for fam := range families {
+		if !slices.Contains(strings.Fields(restrict[0]), fam) {
+			t.Errorf("agent opens %s sockets, which RestrictAddressFamilies=%s refuses", fam, restrict[0])
+		}
+	}
+	t.Logf("socket families used: %v", slices.Sorted(maps.Keys(families)))
 	var outside []string
 	for name := range used {
 		// The first execve is strace starting the agent, before any filter applies.
@@ -265,8 +276,9 @@ func TestPrivilegedUnitSyscallFilter(t *testing.T) {
 	}
 }
 
-// tracedCalls adds the names of the system calls in an strace -f output file to used.
-func tracedCalls(path string, used map[string]bool) error {
+// tracedCalls adds the names of the system calls in an strace -f output file to used,
+// and the address families of the sockets opened to families.
+func tracedCalls(path string, used, families map[string]bool) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -285,6 +297,11 @@ func tracedCalls(path string, used map[string]bool) error {
 			continue
 		}
 		used[name] = true
+		if name == "socket" {
+			// socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 3
+			fam, _, _ := strings.Cut(strings.TrimPrefix(fields[1], "socket("), ",")
+			families[fam] = true
+		}
 	}
 	return sc.Err()
 }
