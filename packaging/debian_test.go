@@ -22,8 +22,8 @@ func debianMirror() string {
 	return "http://deb.debian.org/debian"
 }
 
-// debianTarball returns a tarball of a minimal Debian 12 root with systemd installed
-// but not running, made with debootstrap on first use and kept in .cache/ (ignored by
+// debianTarball returns a tarball of a minimal Debian 12 root with systemd (and procps,
+// for /bin/kill, which the unit's ExecReload runs) installed but not running, made with debootstrap on first use and kept in .cache/ (ignored by
 // git), so that later runs unpack it in seconds instead of downloading again.
 func debianTarball(t *testing.T) string {
 	t.Helper()
@@ -31,7 +31,7 @@ func debianTarball(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tarball := filepath.Join(cache, "bookworm-minbase-systemd.tar")
+	tarball := filepath.Join(cache, "bookworm-minbase-systemd-procps.tar")
 	if _, err := os.Stat(tarball); err == nil {
 		return tarball
 	}
@@ -50,7 +50,7 @@ func debianTarball(t *testing.T) string {
 	defer removeRoot(t, build)
 	root := filepath.Join(build, "root")
 	out, err := exec.Command("unshare", "--mount", "--propagation", "private", "--",
-		"debootstrap", "--variant=minbase", "--include=systemd", "bookworm", root, debianMirror()).CombinedOutput()
+		"debootstrap", "--variant=minbase", "--include=systemd,procps", "bookworm", root, debianMirror()).CombinedOutput()
 	if err != nil {
 		t.Fatalf("debootstrap: %v\n%s", err, tail(out, 30))
 	}
@@ -213,6 +213,7 @@ func TestPrivilegedDebLifecycle(t *testing.T) {
 	if out, err := inRoot(root, "imdsguard", "version"); err != nil || !strings.Contains(out, "1.0.0") {
 		t.Errorf("imdsguard version after install: %q %v", out, err)
 	}
+	verifyBootOrder(t, root)
 	if _, err := inRoot(root, "imdsguard", "check-config", "/etc/imdsguard/config.yaml"); err != nil {
 		t.Errorf("shipped config is refused by the agent: %v", err)
 	}
@@ -368,5 +369,54 @@ func TestPrivilegedRpmLifecycle(t *testing.T) {
 	// rpm keeps a modified %config(noreplace) file as .rpmsave.
 	if !exists(at("etc/imdsguard/config.yaml.rpmsave")) {
 		t.Error("erase did not keep the operator's config as config.yaml.rpmsave")
+	}
+}
+
+// cloudInitLocal stands in for Debian's cloud-init-local.service (cloud-init 22.4): the
+// ordering lines that matter, so that verify sees the unit ordered before it.
+const cloudInitLocal = `[Unit]
+Description=Initial cloud-init job (pre-networking)
+DefaultDependencies=no
+Wants=network-pre.target
+After=systemd-remount-fs.service
+Before=NetworkManager.service network-pre.target shutdown.target sysinit.target
+Conflicts=shutdown.target
+RequiresMountsFor=/var/lib/cloud
+
+[Service]
+Type=oneshot
+ExecStart=/bin/true
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+`
+
+// verifyBootOrder has systemd-analyze load the installed unit with the root's own
+// targets (and a cloud-init-local) and check it, and the boot transaction through
+// multi-user.target, for errors and ordering cycles.
+func verifyBootOrder(t *testing.T, root string) {
+	t.Helper()
+	sa, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Fatalf("systemd-analyze not installed (make deps installs it): %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "etc/systemd/system/cloud-init-local.service"), []byte(cloudInitLocal), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := inRoot(root, "systemctl", "enable", "cloud-init-local.service"); err != nil {
+		t.Fatal(err)
+	}
+	for _, unit := range []string{"/usr/lib/systemd/system/imdsguard.service", "multi-user.target"} {
+		out, err := exec.Command(sa, "verify", "--root="+root, unit).CombinedOutput()
+		if err != nil || len(strings.TrimSpace(string(out))) > 0 {
+			t.Errorf("systemd-analyze verify %s in the Debian root: %v\n%s", unit, err, out)
+		}
+	}
+	if _, err := inRoot(root, "systemctl", "disable", "cloud-init-local.service"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(root, "etc/systemd/system/cloud-init-local.service")); err != nil {
+		t.Fatal(err)
 	}
 }
