@@ -8,9 +8,16 @@ GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 # Privileged tests (BPF, namespaces, cgroups) run only when this is set; see README.
 PRIV     := IMDSGUARD_PRIVILEGED=1
 # Commands the test bed runs, and the Debian packages that provide them.
-TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool
+TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool \
+	setpriv:util-linux strace:strace systemd-analyze:systemd debootstrap:debootstrap \
+	rpm:rpm dpkg-deb:dpkg
+# Packages: every architecture and format, into $(DIST). See packaging/.
+DIST       ?= dist
+PKG_ARCHES ?= amd64 arm64
+PKG_FORMATS ?= deb rpm
+PKG_VERSION ?= $(shell packaging/version.sh)
 
-.PHONY: all build test unit demo bench generate check-generate deps build-deps root clean
+.PHONY: all build test unit demo bench generate check-generate deps build-deps root clean package
 
 all: build
 
@@ -34,6 +41,23 @@ bench: root deps
 	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/broker
 	$(GO) run ./scripts/bench
 	$(GO) run ./scripts/bench-correlator
+
+# deb and rpm of the agent (and of the correlator, once cmd/imdsguard-correlator exists)
+# for each of PKG_ARCHES, versioned by packaging/version.sh. Reproducible: static
+# binaries built with -trimpath, every mtime set to the last commit's time.
+package:
+	@set -e; version=$(PKG_VERSION); epoch=$$(git log -1 --format=%ct); \
+	for arch in $(PKG_ARCHES); do \
+		for cmd in imdsguard imdsguard-correlator; do \
+			[ -d cmd/$$cmd ] || { echo "skipping $$cmd: cmd/$$cmd does not exist"; continue; }; \
+			CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(GO) build -trimpath \
+				-ldflags "-s -w -X main.version=$$version" -o $(DIST)/bin/linux-$$arch/$$cmd ./cmd/$$cmd; \
+			for fmt in $(PKG_FORMATS); do \
+				VERSION=$$version PKG_ARCH=$$arch DIST=$(DIST) SOURCE_DATE_EPOCH=$$epoch \
+					$(GO) tool nfpm package --config packaging/$$cmd.nfpm.yaml --packager $$fmt --target $(DIST)/; \
+			done; \
+		done; \
+	done
 
 # Regenerate the BPF objects and their Go bindings (needs clang; installed if missing).
 generate: build-deps

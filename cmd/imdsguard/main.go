@@ -18,6 +18,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent"
 	"github.com/imdsguard/imdsguard/internal/config"
 	"github.com/imdsguard/imdsguard/internal/hook"
+	"github.com/imdsguard/imdsguard/internal/preflight"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -41,6 +42,7 @@ Usage:
   imdsguard status [--config FILE | --socket PATH]
                                     per-process IMDS use, from the running agent
   imdsguard check-config FILE       validate a config file and print the effective config
+  imdsguard preflight [--config FILE] [--no-imds]  check that this host can run the agent
   imdsguard version                 print the version
 
 Configuration keys and their defaults are documented in the README.
@@ -72,6 +74,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdReport(args[1:], stdout)
 	case "uninstall":
 		err = cmdUninstall(args[1:], stdout)
+	case "preflight":
+		err = preflight.Main(args[1:], stdout, DefaultConfig)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "imdsguard", versionString())
 	case "help", "-h", "--help":

@@ -1,0 +1,335 @@
+package packaging
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/imdsguard/imdsguard/internal/testbed"
+)
+
+// sandboxed is one run of the agent binary inside the test bed, under a capability
+// bounding set and no_new_privs, as systemd starts it from the unit.
+type sandboxed struct {
+	log    string          // the agent's stderr
+	events []testbed.Event // lines of its events file
+	err    error           // start or exit failure
+	trace  string          // strace output file, when traced
+	client testbed.Event   // the event of the long-lived client, when seen
+	found  bool            // whether that event was seen
+}
+
+// runSandboxed starts the agent with only caps in its bounding set (as root, like the
+// unit), connects to IMDS from a long-lived bash running as uid 65534, waits for its
+// event, and stops the agent. With trace, the agent runs under strace -f.
+func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, trace bool) (res sandboxed) {
+	t.Helper()
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.yaml")
+	eventsPath := filepath.Join(dir, "events.json")
+	ready := filepath.Join(dir, "ready")
+	conf := fmt.Sprintf("cgroup: %s\nevents:\n  output: %s\nagent:\n  ready_file: %s\n", bed.Cgroup, eventsPath, ready)
+	if err := os.WriteFile(cfgPath, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bounding := "-all"
+	for _, c := range caps {
+		bounding += ",+" + c
+	}
+	args := []string{"--net=" + bed.NetnsPath, "--", "setpriv", "--nnp", "--bounding-set", bounding, "--inh-caps", "-all", "--"}
+	if trace {
+		res.trace = filepath.Join(dir, "strace.out")
+		args = append(args, "strace", "-f", "-qq", "-o", res.trace)
+	}
+	args = append(args, agent, "run", "--config", cfgPath)
+	cmd := exec.Command("nsenter", args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Under strace the agent is strace's child: if strace goes first, it must not
+	// keep Wait waiting on the stderr pipe forever.
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start agent: %v", err)
+	}
+	// exited is closed when the agent has exited, with its result in waitErr.
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	stop := func() error {
+		// The ready file holds the agent's own pid: signal it, not strace, which
+		// exits when the agent has.
+		target := cmd.Process.Pid
+		if data, err := os.ReadFile(ready); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(data))); err == nil {
+				target = pid
+			}
+		}
+		_ = syscall.Kill(target, syscall.SIGTERM)
+		select {
+		case <-exited:
+			return waitErr
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+			return errors.New("agent did not stop within 15s of SIGTERM")
+		}
+	}
+	defer func() { res.log = stderr.String() }()
+
+	if err := waitFor(func() bool { _, err := os.Stat(ready); return err == nil }, exited); err != nil {
+		res.err = fmt.Errorf("agent never attached: %w", err)
+		if e := stop(); e != nil {
+			res.err = fmt.Errorf("%w (exit: %v)", res.err, e)
+		}
+		return res
+	}
+
+	// bash connects, then blocks reading: alive while the agent reads its /proc.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	client, err := bed.Command(ctx, testbed.Placement{UID: testbed.NobodyUID, GID: testbed.NobodyUID},
+		"bash", "-c", "exec 3<>/dev/tcp/"+testbed.IMDSv4.String()+"/80 && read -t 20 line <&3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Start(); err != nil {
+		t.Fatalf("start client: %v", err)
+	}
+	pid := client.Process.Pid
+	err = waitFor(func() bool {
+		res.events = readEvents(t, eventsPath)
+		for _, e := range res.events {
+			if e.PID == pid {
+				res.client, res.found = e, true
+			}
+		}
+		return res.found
+	}, exited)
+	_ = client.Process.Kill()
+	_ = client.Wait()
+	if err != nil {
+		res.err = fmt.Errorf("no event for the client: %w", err)
+	}
+	if e := stop(); e != nil && res.err == nil {
+		res.err = fmt.Errorf("agent exit: %w", e)
+	}
+	return res
+}
+
+// waitFor polls cond until it holds, the process exits, or 20s pass.
+func waitFor(cond func() bool, exited <-chan struct{}) error {
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		select {
+		case <-exited:
+			return errors.New("agent exited")
+		default:
+		}
+		if time.Now().After(deadline) {
+			return errors.New("timed out after 20s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
+}
+
+func readEvents(t *testing.T, path string) []testbed.Event {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	var out []testbed.Event
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		var e testbed.Event
+		if json.Unmarshal(line, &e) == nil {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// TestPrivilegedUnitCapabilities runs the agent with exactly the unit's
+// CapabilityBoundingSet and proves it works (attaches, records the client with its
+// command line read from /proc), then drops each capability in turn and proves the
+// agent then fails or loses something: the set is measured, not guessed.
+func TestPrivilegedUnitCapabilities(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	bed := testbed.Start(t, testbed.Options{})
+	agent, err := testbed.Agent()
+	if err != nil {
+		t.Fatal(err)
+	}
+	caps := unitCaps(t)
+	res := runSandboxed(t, bed, agent, caps, false)
+	if res.err != nil {
+		t.Fatalf("agent under the unit's capabilities %v: %v\n%s", caps, res.err, res.log)
+	}
+	if len(res.client.Missing) > 0 || res.client.Exe != "/usr/bin/bash" && res.client.Exe != "/bin/bash" {
+		t.Fatalf("agent under the unit's capabilities lost fields: exe %q, missing %v", res.client.Exe, res.client.Missing)
+	}
+	for _, drop := range caps {
+		fewer := slices.DeleteFunc(slices.Clone(caps), func(c string) bool { return c == drop })
+		r := runSandboxed(t, bed, agent, fewer, false)
+		switch {
+		case r.err != nil:
+			t.Logf("without cap_%s: %v: %s", drop, r.err, agentError(r.log))
+		case len(r.client.Missing) > 0:
+			t.Logf("without cap_%s: runs, but event lacks %v", drop, r.client.Missing)
+		default:
+			t.Errorf("cap_%s is in the unit's CapabilityBoundingSet, but the agent works without it", drop)
+		}
+	}
+}
+
+// agentError returns the agent's last "imdsguard: ..." error line, or its whole log.
+func agentError(log string) string {
+	lines := strings.Split(strings.TrimSpace(log), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.HasPrefix(lines[i], "imdsguard: ") {
+			return lines[i]
+		}
+	}
+	return log
+}
+
+// TestPrivilegedUnitSyscallFilter traces every system call the agent makes while it
+// starts, records an event and stops, and checks each against the unit's
+// SystemCallFilter as systemd expands it: a call outside it would fail with EPERM
+// under systemd.
+func TestPrivilegedUnitSyscallFilter(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	if _, err := exec.LookPath("strace"); err != nil {
+		t.Fatalf("strace not installed (make deps installs it): %v", err)
+	}
+	sa, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Fatalf("systemd-analyze not installed (make deps installs it): %v", err)
+	}
+	filters := unitValues(t, "SystemCallFilter")
+	if len(filters) != 1 {
+		t.Fatalf("unit has %d SystemCallFilter lines, want 1", len(filters))
+	}
+	allowed := map[string]bool{}
+	for _, f := range strings.Fields(filters[0]) {
+		if err := expandFilter(sa, f, allowed); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	bed := testbed.Start(t, testbed.Options{})
+	agent, err := testbed.Agent()
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := runSandboxed(t, bed, agent, unitCaps(t), true)
+	if res.err != nil {
+		t.Fatalf("agent under strace: %v\n%s", res.err, res.log)
+	}
+	// ExecStartPre runs preflight under the same filter. --no-imds, as in the unit:
+	// this runs in the machine's network namespace.
+	preTrace := filepath.Join(t.TempDir(), "strace-preflight.out")
+	if out, err := exec.Command("setpriv", "--nnp", "--bounding-set", "-all,+"+strings.Join(unitCaps(t), ",+"), "--",
+		"strace", "-f", "-qq", "-o", preTrace, agent, "preflight", "--no-imds").CombinedOutput(); err != nil {
+		t.Fatalf("preflight under the unit's capabilities: %v\n%s", err, out)
+	}
+	used, families := map[string]bool{}, map[string]bool{}
+	for _, trace := range []string{res.trace, preTrace} {
+		if err := tracedCalls(trace, used, families); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restrict := unitValues(t, "RestrictAddressFamilies")
+	if len(restrict) != 1 {
+		t.Fatalf("unit has %d RestrictAddressFamilies lines, want 1", len(restrict))
+	}
+	for fam := range families {
+		if !slices.Contains(strings.Fields(restrict[0]), fam) {
+			t.Errorf("agent opens %s sockets, which RestrictAddressFamilies=%s refuses", fam, restrict[0])
+		}
+	}
+	t.Logf("socket families used: %v", slices.Sorted(maps.Keys(families)))
+	var outside []string
+	for name := range used {
+		// The first execve is strace starting the agent, before any filter applies.
+		if !allowed[name] && name != "execve" {
+			outside = append(outside, name)
+		}
+	}
+	slices.Sort(outside)
+	t.Logf("agent and preflight used %d distinct system calls", len(used))
+	if len(outside) > 0 {
+		t.Errorf("system calls outside the unit's SystemCallFilter (would fail with EPERM): %v", outside)
+	}
+}
+
+// tracedCalls adds the names of the system calls in an strace -f output file to used,
+// and the address families of the sockets opened to families.
+func tracedCalls(path string, used, families map[string]bool) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	for sc.Scan() {
+		// "1234  bpf(BPF_PROG_LOAD, ...) = 5" or "1234  <... read resumed>..."
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 2 {
+			continue
+		}
+		name, _, ok := strings.Cut(fields[1], "(")
+		if !ok || name == "" || strings.HasPrefix(name, "<") || strings.HasPrefix(name, "+++") || strings.HasPrefix(name, "---") {
+			continue
+		}
+		used[name] = true
+		if name == "socket" {
+			// socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 3
+			fam, _, _ := strings.Cut(strings.TrimPrefix(fields[1], "socket("), ",")
+			families[fam] = true
+		}
+	}
+	return sc.Err()
+}
+
+// expandFilter adds the system calls of a SystemCallFilter entry to set: a name as
+// is, a @group as systemd-analyze lists it, nested groups included.
+func expandFilter(systemdAnalyze, entry string, set map[string]bool) error {
+	if !strings.HasPrefix(entry, "@") {
+		set[entry] = true
+		return nil
+	}
+	if set[entry] {
+		return nil
+	}
+	set[entry] = true
+	out, err := exec.Command(systemdAnalyze, "syscall-filter", entry).Output()
+	if err != nil {
+		return fmt.Errorf("systemd-analyze syscall-filter %s: %w", entry, err)
+	}
+	// "@system-service" then indented members: "# comment", "@group" or "name".
+	for _, l := range strings.Split(string(out), "\n")[1:] {
+		l = strings.TrimSpace(l)
+		if l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		if err := expandFilter(systemdAnalyze, strings.Fields(l)[0], set); err != nil {
+			return err
+		}
+	}
+	return nil
+}
