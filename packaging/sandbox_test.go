@@ -41,7 +41,9 @@ func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, t
 	cfgPath := filepath.Join(dir, "config.yaml")
 	eventsPath := filepath.Join(dir, "events.json")
 	ready := filepath.Join(dir, "ready")
-	conf := fmt.Sprintf("cgroup: %s\nevents:\n  output: %s\nagent:\n  ready_file: %s\n", bed.Cgroup, eventsPath, ready)
+	// Everything the agent touches stays in the bed: pins, sockets, state.
+	conf := bed.Config(eventsPath, filepath.Join(dir, "fingerprints.jsonl"), filepath.Join(dir, "status.sock"),
+		fmt.Sprintf("agent:\n  ready_file: %s\n", ready))
 	if err := os.WriteFile(cfgPath, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -49,9 +49,7 @@ func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 		StatusSocket:     filepath.Join(b.Dir, "status.sock"),
 		exited:           make(chan struct{}),
 	}
-	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\nstate_dir: %s\nstatus:\n  socket: %s\n%s",
-		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, b.PinPath(), b.ControlSocket(),
-		filepath.Join(b.Dir, "state"), a.StatusSocket, b.fingerprintsYAML(a.FingerprintsPath, extraYAML))
+	conf := b.Config(a.EventsPath, a.FingerprintsPath, a.StatusSocket, extraYAML)
 	if err := os.WriteFile(a.ConfigPath, []byte(conf), 0o600); err != nil {
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
@@ -91,6 +89,16 @@ func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 		a.Stop()
 		return nil, fmt.Errorf("agent not ready after 30s:\n%s", a.Log())
 	}
+}
+
+// Config is an agent configuration that keeps everything the agent touches inside the
+// bed: its cgroup and IMDS, pins on the bed's own bpffs, control and status sockets and
+// state in the bed's directory. extraYAML is appended (it must not repeat these keys,
+// except fingerprints:, which is merged).
+func (b *Bed) Config(eventsPath, fingerprintsPath, statusSocket, extraYAML string) string {
+	return fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\nstate_dir: %s\nstatus:\n  socket: %s\n%s",
+		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, eventsPath, b.PinPath(), b.ControlSocket(),
+		filepath.Join(b.Dir, "state"), statusSocket, b.fingerprintsYAML(fingerprintsPath, extraYAML))
 }
 
 // PinPath is where the bed's agents pin their programs.
