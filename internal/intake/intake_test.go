@@ -101,9 +101,13 @@ func newBed(t testing.TB) *bed {
 	}
 	t.Cleanup(func() { store.Close() })
 	h := NewHandler(Options{Store: store, AWSCertificates: []*x509.Certificate{awsSigner(t).Cert}, AllowedAccounts: []string{account}, Log: zerolog.Nop()})
+	return &bed{h: h, store: store, srv: newTLSServer(t, h)}
+}
+
+func newTLSServer(t testing.TB, h http.Handler) *httptest.Server {
 	srv := httptest.NewTLSServer(h)
 	t.Cleanup(srv.Close)
-	return &bed{h: h, store: store, srv: srv}
+	return srv
 }
 
 func (b *bed) post(t testing.TB, body []byte) (int, map[string]any) {
