@@ -160,6 +160,13 @@ func TestAcceptAndReplay(t *testing.T) {
 	if status != 200 || out["accepted"] != 1.0 || out["duplicates"] != 2.0 {
 		t.Fatalf("mixed: %d %v", status, out)
 	}
+	// A document that verified once (and is cached) does not carry another signature.
+	forged := batch
+	forged.PKCS7 = signedBatch(t, otherSigner(t), account, instance).PKCS7
+	forged.Fingerprints = []fingerprint.Fingerprint{fp("a4", instance, account)}
+	if status, out := b.postBatch(t, forged); status != 401 {
+		t.Fatalf("cached document with a forged signature: %d %v", status, out)
+	}
 	if n := b.count(t); n != 3 {
 		t.Fatalf("stored %d, want 3", n)
 	}
