@@ -347,9 +347,10 @@ func TestAllOrNothing(t *testing.T) {
 
 func TestPurge(t *testing.T) {
 	b := newBed(t)
-	old, fresh := fp("p1", instance, account), fp("p2", instance, account)
+	old, fresh, undated := fp("p1", instance, account), fp("p2", instance, account), fp("p3", instance, account)
 	old.Expiration = time.Now().Add(-3 * time.Hour)
-	if _, _, err := b.store.Put(context.Background(), []fingerprint.Fingerprint{old, fresh}, "test"); err != nil {
+	undated.Expiration = time.Time{}
+	if _, _, err := b.store.Put(context.Background(), []fingerprint.Fingerprint{old, fresh, undated}, "test"); err != nil {
 		t.Fatal(err)
 	}
 	// With 4h of grace, the key that expired 3h ago stays.
@@ -365,7 +366,7 @@ func TestPurge(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
 	deadline := time.Now().Add(10 * time.Second)
-	for b.count(t) != 1 {
+	for b.count(t) != 2 {
 		if time.Now().After(deadline) {
 			t.Fatal("expired fingerprint not purged within 10s")
 		}
@@ -377,6 +378,9 @@ func TestPurge(t *testing.T) {
 	}
 	if got := b.store.ByAccessKey(fresh.AccessKeyID); len(got) != 1 {
 		t.Fatalf("fresh fingerprint purged too: %v", got)
+	}
+	if got := b.store.ByAccessKey(undated.AccessKeyID); len(got) != 1 {
+		t.Fatalf("fingerprint without expiration purged: %v", got)
 	}
 }
 

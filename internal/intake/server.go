@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	stdlog "log"
 	"net"
 	"net/http"
 	"os"
@@ -124,6 +125,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		WriteTimeout:      60 * time.Second,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    64 << 10,
+		// TLS handshake failures and the like go to the log, not to stderr.
+		ErrorLog: stdlog.New(s.log.With().Str("event", "intake_http_error").Logger(), "", 0),
 	}
 	s.log.Info().Str("event", "intake_listening").Str("addr", ln.Addr().String()).Bool("tls", s.tls != nil).
 		Bool("mtls", s.tls != nil && s.tls.ClientCAs != nil).Msg("fingerprint intake listening")

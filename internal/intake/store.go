@@ -100,9 +100,15 @@ func (s *SQLite) Put(ctx context.Context, fps []fingerprint.Fingerprint, sender 
 		return 0, 0, fmt.Errorf("prepare fingerprint insert: %w", err)
 	}
 	defer stmt.Close()
-	now := time.Now().UnixNano()
+	now := time.Now()
 	for i, fp := range fps {
-		res, err := stmt.ExecContext(ctx, fp.ID, fp.AccessKeyID, fp.Instance.ID, fp.Instance.AccountID, fp.Expiration.Unix(), now, sender, string(bodies[i]))
+		// A fingerprint without an expiration is kept as long as instance role
+		// credentials last at most (12h), not purged at once.
+		exp := fp.Expiration
+		if exp.IsZero() {
+			exp = now.Add(12 * time.Hour)
+		}
+		res, err := stmt.ExecContext(ctx, fp.ID, fp.AccessKeyID, fp.Instance.ID, fp.Instance.AccountID, exp.Unix(), now.UnixNano(), sender, string(bodies[i]))
 		if err != nil {
 			return 0, 0, fmt.Errorf("insert fingerprint %s: %w", fp.ID, err)
 		}
