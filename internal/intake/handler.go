@@ -24,27 +24,17 @@ import (
 	"github.com/imdsguard/imdsguard/internal/identitydoc"
 )
 
-// Limits of the wire contract.
+// Limits of the wire contract (see fingerprint.Batch).
 const (
-	MaxBodyBytes = 4 << 20
-	MaxBatch     = 500
+	MaxBodyBytes = fingerprint.MaxBatchBytes
+	MaxBatch     = fingerprint.MaxBatch
 )
 
-// Batch is the body of POST /v1/fingerprints.
-type Batch struct {
-	// Document is the instance identity document exactly as IMDS returned it.
-	Document string `json:"document"`
-	// PKCS7 is IMDS's /latest/dynamic/instance-identity/pkcs7 answer, as returned.
-	PKCS7        string                    `json:"pkcs7"`
-	BatchID      string                    `json:"batch_id"`
-	Fingerprints []fingerprint.Fingerprint `json:"fingerprints"`
-}
-
-// Result is the body of a 200 answer.
-type Result struct {
-	Accepted   int `json:"accepted"`
-	Duplicates int `json:"duplicates"`
-}
+// Batch and Result are the request and answer of POST /v1/fingerprints.
+type (
+	Batch  = fingerprint.Batch
+	Result = fingerprint.BatchResult
+)
 
 // Options configure a Handler.
 type Options struct {
@@ -97,7 +87,7 @@ func NewHandler(opt Options) *Handler {
 	for _, r := range reasons {
 		h.refused[r] = new(atomic.Int64)
 	}
-	h.mux.HandleFunc("/v1/fingerprints", h.fingerprints)
+	h.mux.HandleFunc(fingerprint.BatchPath, h.fingerprints)
 	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		io.WriteString(w, "ok\n")
