@@ -22,6 +22,15 @@ import (
 // TestServeIntakeFingerprintNamesProcess: a fingerprint posted to serve's intake (signed
 // identity document) is what names the process in a finding that serve then raises from
 // CloudTrail.
+func readText(t *testing.T, p string) string {
+	t.Helper()
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(data)
+}
+
 func TestServeIntakeFingerprintNamesProcess(t *testing.T) {
 	signer, err := identitydoc.NewSigner()
 	if err != nil {
@@ -52,6 +61,10 @@ intake:
 `, ranges, watched, awsCert, filepath.Join(dir, "db", "fingerprints.db")))
 	if code, out, errs := runCmd(t, "", "check-config", cfg); code != 0 || !strings.Contains(out, "plain_http: true") {
 		t.Fatalf("check-config %d: %s %s", code, out, errs)
+	}
+	badCfg := write("bad.yaml", strings.Replace(readText(t, cfg), awsCert, filepath.Join(dir, "missing.pem"), 1))
+	if code, _, errs := runCmd(t, "", "check-config", badCfg); code != 1 || !strings.Contains(errs, "intake.aws_certificates") {
+		t.Fatalf("check-config with a missing certificate: %d %s", code, errs)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
