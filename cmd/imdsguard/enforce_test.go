@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -234,6 +235,36 @@ rules:
 	}
 	if code, _ := curlExit(t, bed, testbed.Placement{}, imdsURL); code != 0 {
 		t.Errorf("IMDSv1 in audit after reload: exit %d, want 0", code)
+	}
+	// The report, from the state the agent left on disk, names curl as the IMDSv1 user
+	// holding the instance back.
+	if err := agent.Stop(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	out, err := exec.Command(bin, "report", "--config", agent.ConfigPath, "--format", "json").CombinedOutput()
+	if err != nil {
+		t.Fatalf("report: %v: %s", err, out)
+	}
+	var rep struct {
+		Ready bool `json:"ready_for_imdsv2"`
+		Rows  []struct {
+			Exe        string
+			V1         int `json:"v1"`
+			V1Rejected int `json:"v1_rejected"`
+			V2         int `json:"v2"`
+		}
+	}
+	if err := json.Unmarshal(out, &rep); err != nil {
+		t.Fatalf("report: %v: %s", err, out)
+	}
+	found := false
+	for _, row := range rep.Rows {
+		if row.Exe == curl && row.V1Rejected == 1 && row.V1 == 1 && row.V2 == 1 {
+			found = true
+		}
+	}
+	if rep.Ready || !found {
+		t.Errorf("report %s", out)
 	}
 }
 

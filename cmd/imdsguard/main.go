@@ -33,8 +33,13 @@ Usage:
                                     guard IMDS: attach the hooks, enforce the allowlist,
                                     serve the broker, record every connection
   imdsguard reload [--config FILE]  make the running agent re-read its configuration
+  imdsguard report [--config FILE] [--since 24h] [--format text|json]
+                                    who still uses IMDSv1, what was denied, and whether
+                                    this instance is ready for HttpTokens=required
   imdsguard uninstall [--config FILE]
                                     detach and remove the pinned programs and maps
+  imdsguard status [--config FILE | --socket PATH]
+                                    per-process IMDS use, from the running agent
   imdsguard check-config FILE       validate a config file and print the effective config
   imdsguard version                 print the version
 
@@ -57,10 +62,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		err = cmdRun(args[1:], stderr)
+	case "status":
+		err = cmdStatus(args[1:], stdout)
 	case "check-config":
 		err = cmdCheckConfig(args[1:], stdout)
 	case "reload":
 		err = cmdReload(args[1:], stdout)
+	case "report":
+		err = cmdReport(args[1:], stdout)
 	case "uninstall":
 		err = cmdUninstall(args[1:], stdout)
 	case "version", "--version", "-v":

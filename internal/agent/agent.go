@@ -7,6 +7,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -23,6 +24,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/eventlog"
 	"github.com/imdsguard/imdsguard/internal/hook"
 	"github.com/imdsguard/imdsguard/internal/procinfo"
+	"github.com/imdsguard/imdsguard/internal/usage"
 )
 
 // Options are what the command line gives the agent.
@@ -42,13 +44,36 @@ const (
 )
 
 // Run guards until ctx is done. Errors are start-up failures or a broken reader. Each
-// value on hup reloads the configuration and reopens the events file.
+// value on hup reloads the configuration and reopens the output files.
 func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
-	cfg := opts.Config
+	a := &agent{cfg: opts.Config, opts: opts, log: log, recent: newRecent(4096),
+		requests: make(chan eventlog.Record, opts.Config.Agent.QueueSize)}
+	defer a.close()
+	if err := a.start(); err != nil {
+		return err
+	}
+	a.startWorkers()
+	if err := a.forward(a.bg); err != nil {
+		return err
+	}
+	ctl, err := a.serveControl()
+	if err != nil {
+		return err
+	}
+	a.onClose(func() { ctl.Close() })
+	runErr := a.loop(ctx, hup, ctl)
+	return errors.Join(runErr, a.stop())
+}
+
+// start builds everything the host needs before the first redirect: outputs, the
+// kernel programs (adopting pinned ones), the broker, the policy, then the attach.
+func (a *agent) start() error {
+	cfg := a.cfg
 	root, err := cgroup.Root()
 	if err != nil {
 		return fmt.Errorf("find cgroup v2: %w", err)
 	}
+	a.cgroupRoot = root
 	dir := cfg.Cgroup
 	if dir == "" {
 		dir = root
@@ -56,16 +81,19 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	if err := cgroup.Check(dir); err != nil {
 		return fmt.Errorf("guarded cgroup: %w", err)
 	}
-	out, err := eventlog.Open(cfg.Events.Output)
-	if err != nil {
+	a.resolver = procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192)
+	if a.out, err = eventlog.Open(cfg.Events.Output); err != nil {
 		return err
 	}
-	defer func() {
-		if err := out.Close(); err != nil {
-			log.Error().Err(err).Str("event", "events_close_failed").Msg("closing events output")
+	a.onClose(func() {
+		if err := a.out.Close(); err != nil {
+			a.log.Error().Err(err).Str("event", "events_close_failed").Msg("closing events output")
 		}
-	}()
-
+	})
+	if a.tel, err = startTelemetry(cfg, a.log, markedIMDSClient(cfg)); err != nil {
+		return err
+	}
+	a.onClose(a.tel.Close)
 	if cfg.PinPath != "" {
 		if err := hook.EnsureBPFFS(cfg.PinPath); err != nil {
 			return err
@@ -75,31 +103,30 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	if cfg.Broker.Enabled {
 		target.BrokerPort = uint16(cfg.Broker.Port)
 	}
-	h, err := hook.Load(target, cfg.PinPath)
-	if err != nil {
+	if a.h, err = hook.Load(target, cfg.PinPath); err != nil {
 		return err
 	}
-	defer h.Close()
+	a.onClose(func() { a.h.Close() })
 	// Loading parsed the kernel's BTF (megabytes) for CO-RE; hand that back now rather
 	// than carry it for the agent's lifetime.
 	debug.FreeOSMemory()
-
-	a := &agent{cfg: cfg, opts: opts, log: log, h: h, out: out, cgroupRoot: root,
-		resolver: procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192), recent: newRecent(4096),
-		requests: make(chan eventlog.Record, cfg.Agent.QueueSize)}
 	if a.netns, err = hook.OwnNetnsCookie(); err != nil {
 		return err
 	}
 	if err := a.openFingerprints(); err != nil {
 		return err
 	}
-	defer a.fps.Close()
+	a.onClose(func() { a.fps.Close() })
+	if a.ledger, err = usage.Open(filepath.Join(cfg.StateDir, "usage.json")); err != nil {
+		return err
+	}
+	a.onClose(a.saveLedger)
 	// Alive before the policy can redirect to us, broker listening before redirects.
-	if err := h.Beat(); err != nil {
+	if err := a.h.Beat(); err != nil {
 		return err
 	}
 	if cfg.Broker.Enabled {
-		a.broker = broker.New(brokerConfig(cfg), h, a.recordRequest, log)
+		a.broker = broker.New(brokerConfig(cfg), a.h, a.recordRequest, a.log)
 		if err := a.broker.Listen(); err != nil {
 			return err
 		}
@@ -107,10 +134,10 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	if err := a.applyPolicy(true); err != nil {
 		return err
 	}
-	if err := h.Attach(dir); err != nil {
+	if err := a.h.Attach(dir); err != nil {
 		return err
 	}
-	log.Info().Str("event", "agent_started").Str("cgroup", dir).
+	a.log.Info().Str("event", "agent_started").Str("cgroup", dir).
 		Str("imds_ipv4", cfg.IMDS.Addr4.String()).Str("imds_ipv6", cfg.IMDS.Addr6.String()).
 		Int("imds_port", cfg.IMDS.Port).Str("events_output", cfg.Events.Output).
 		Str("mode", cfg.Mode).Str("failure_mode", cfg.FailureMode).Str("default_action", cfg.DefaultAction).
@@ -120,80 +147,100 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {
 			return err
 		}
-		defer os.Remove(cfg.Agent.ReadyFile)
+		a.onClose(func() { os.Remove(cfg.Agent.ReadyFile) })
 	}
 	a.reportPreexisting()
+	return nil
+}
 
-	queue := make(chan hook.Event, cfg.Agent.QueueSize)
-	readCtx, stopReading := context.WithCancel(context.Background())
-	defer stopReading()
-	readErr := make(chan error, 1)
+// startWorkers starts the ring-buffer reader and the event writer.
+func (a *agent) startWorkers() {
+	var cancel context.CancelFunc
+	a.bg, cancel = context.WithCancel(context.Background())
+	a.onClose(cancel)
+	queue := make(chan hook.Event, a.cfg.Agent.QueueSize)
+	var readCtx context.Context
+	readCtx, a.stopReading = context.WithCancel(context.Background())
+	a.readErr = make(chan error, 1)
 	go func() {
-		readErr <- h.Run(readCtx, queue)
+		a.readErr <- a.h.Run(readCtx, queue)
 		close(queue)
 	}()
-	var wg sync.WaitGroup
-	wg.Add(1)
+	a.writer.Add(1)
 	go func() {
-		defer wg.Done()
+		defer a.writer.Done()
 		a.writeLoop(queue)
 	}()
-	ctl, err := a.serveControl()
-	if err != nil {
-		return err
-	}
-	defer ctl.Close()
+	a.stats = newStatsReporter(a.h, a.log, a.reqDrops.Load, a.tel.observeDrops)
+}
 
-	stats := newStatsReporter(h, log, a.reqDrops.Load)
-	statsTick := time.NewTicker(cfg.Agent.StatsInterval)
+// loop keeps the kernel's view current until ctx is done or the reader breaks.
+func (a *agent) loop(ctx context.Context, hup <-chan struct{}, ctl *control) error {
+	statsTick := time.NewTicker(a.cfg.Agent.StatsInterval)
 	defer statsTick.Stop()
 	beat := time.NewTicker(heartbeatEvery)
 	defer beat.Stop()
 	resolve := time.NewTicker(resolveEvery)
 	defer resolve.Stop()
-	var runErr error
-loop:
 	for {
 		select {
 		case <-ctx.Done():
-			break loop
-		case err := <-readErr:
-			runErr = fmt.Errorf("event reader stopped: %w", err)
-			readErr <- err
-			break loop
+			return nil
+		case err := <-a.readErr:
+			a.readErr <- err // stop() collects it
+			return fmt.Errorf("event reader stopped: %w", err)
 		case <-beat.C:
-			if err := h.Beat(); err != nil {
-				log.Error().Err(err).Str("event", "heartbeat_failed").Msg("kernel will apply the failure mode")
+			if err := a.h.Beat(); err != nil {
+				a.log.Error().Err(err).Str("event", "heartbeat_failed").Msg("kernel will apply the failure mode")
 			}
 		case <-resolve.C:
 			if err := a.applyPolicy(false); err != nil {
-				log.Error().Err(err).Str("event", "policy_update_failed").Msg("keeping the previous policy")
+				a.log.Error().Err(err).Str("event", "policy_update_failed").Msg("keeping the previous policy")
 			}
 		case <-statsTick.C:
-			stats.report()
+			a.stats.report()
+			a.saveLedger()
 		case <-hup:
 			a.reload()
-			if err := out.Reopen(); err != nil {
-				log.Error().Err(err).Str("event", "events_reopen_failed").Msg("reopening events output")
+			if err := a.tel.reopen(); err != nil {
+				a.log.Error().Err(err).Str("event", "emf_reopen_failed").Msg("reopening EMF output")
+			}
+			if err := a.out.Reopen(); err != nil {
+				a.log.Error().Err(err).Str("event", "events_reopen_failed").Msg("reopening events output")
 			}
 		case done := <-ctl.reload:
 			done <- a.reload()
 		}
 	}
+}
+
+// stop hands the host to the pinned programs (or detaches them), then drains the ring
+// and the queues so that every event seen is written.
+func (a *agent) stop() error {
 	a.shutdown()
 	a.reqMu.Lock() // a request still in flight after the broker's grace is dropped
 	a.reqClosed = true
 	close(a.requests)
 	a.reqMu.Unlock()
-	stopReading()
-	if err := <-readErr; err != nil && runErr == nil {
-		runErr = fmt.Errorf("event reader: %w", err)
+	a.stopReading()
+	err := <-a.readErr
+	if err != nil {
+		err = fmt.Errorf("event reader: %w", err)
 	}
-	wg.Wait()
-	stats.report()
-	log.Info().Str("event", "agent_stopped").Bool("pinned", h.Pinned() && !opts.UnpinOnExit).
+	a.writer.Wait()
+	a.stats.report()
+	a.log.Info().Str("event", "agent_stopped").Bool("pinned", a.h.Pinned() && !a.opts.UnpinOnExit).
 		Msg("events flushed")
-	return runErr
+	return err
+}
+
+func (a *agent) onClose(f func()) { a.closers = append(a.closers, f) }
+
+// close releases what start acquired, last first.
+func (a *agent) close() {
+	for i := len(a.closers) - 1; i >= 0; i-- {
+		a.closers[i]()
+	}
 }
 
 type agent struct {
@@ -207,6 +254,8 @@ type agent struct {
 	recent     *recent
 	requests   chan eventlog.Record // the broker's request lines, written by writeLoop
 	fps        *fingerprints
+	tel        *telemetry
+	ledger     *usage.Ledger
 	reqDrops   atomic.Uint64
 	reqMu      sync.RWMutex
 	reqClosed  bool
@@ -215,6 +264,23 @@ type agent struct {
 
 	mu     sync.Mutex
 	policy policyState
+
+	closers     []func()
+	bg          context.Context // background work, cancelled on close
+	stopReading context.CancelFunc
+	readErr     chan error
+	writer      sync.WaitGroup
+	stats       *statsReporter
+}
+
+// saveLedger persists the usage tally for `imdsguard report`.
+func (a *agent) saveLedger() {
+	if id, ok := a.tel.Identity.Get(); ok {
+		a.ledger.SetInstance(id.InstanceID)
+	}
+	if err := a.ledger.Save(time.Now()); err != nil {
+		a.log.Error().Err(err).Str("event", "usage_save_failed").Msg("saving usage ledger")
+	}
 }
 
 // writeLoop is the only writer of event lines: kernel events and broker requests are
@@ -231,6 +297,10 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 			rec := a.connectRecord(ev)
 			a.recent.put(ev.SocketCookie, rec)
 			a.out.Write(rec)
+			a.tel.observeConnect(rec)
+			if ev.Verdict == hook.VerdictDeny {
+				a.ledger.Observe(usage.Denied, usage.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}, rec.Time)
+			}
 		case rec, ok := <-requests:
 			if !ok {
 				requests = nil
@@ -295,10 +365,11 @@ type statsReporter struct {
 	last     hook.Stats
 	reqDrops func() uint64
 	lastReq  uint64
+	dropped  func(n uint64) // told how many events were lost since the last report
 }
 
-func newStatsReporter(h *hook.Hook, log zerolog.Logger, reqDrops func() uint64) *statsReporter {
-	return &statsReporter{h: h, log: log, reqDrops: reqDrops}
+func newStatsReporter(h *hook.Hook, log zerolog.Logger, reqDrops func() uint64, dropped func(uint64)) *statsReporter {
+	return &statsReporter{h: h, log: log, reqDrops: reqDrops, dropped: dropped}
 }
 
 func (s *statsReporter) report() {
@@ -312,6 +383,7 @@ func (s *statsReporter) report() {
 			Uint64("ring_full", st.RingFull).Uint64("queue_full", st.QueueDrops).
 			Uint64("ring_full_new", st.RingFull-s.last.RingFull).Uint64("queue_full_new", st.QueueDrops-s.last.QueueDrops).
 			Msg("IMDS connect events were lost: the agent could not keep up")
+		s.dropped(st.RingFull - s.last.RingFull + st.QueueDrops - s.last.QueueDrops)
 	}
 	if n := s.reqDrops(); n != s.lastReq {
 		s.log.Warn().Str("event", "events_dropped").Uint64("request_lines", n).

@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -13,6 +15,8 @@ import (
 	"github.com/imdsguard/imdsguard/internal/broker"
 	"github.com/imdsguard/imdsguard/internal/eventlog"
 	"github.com/imdsguard/imdsguard/internal/fingerprint"
+	"github.com/imdsguard/imdsguard/internal/forwarder"
+	"github.com/imdsguard/imdsguard/internal/spool"
 )
 
 // fingerprints records which process fetched which credential. Until the durable spool
@@ -20,30 +24,60 @@ import (
 type fingerprints struct {
 	capture *fingerprint.Capturer
 	mu      sync.Mutex
-	f       *os.File
+	f       *os.File     // local copy, nil when fingerprints.output is ""
+	spool   *spool.Spool // nil when not forwarding
 }
 
 func (a *agent) openFingerprints() error {
-	if a.cfg.Fingerprints.Output == "" {
+	fc := a.cfg.Fingerprints
+	if fc.Output == "" && fc.Correlator.URL == "" {
 		return nil
 	}
 	secret, err := fingerprint.HostSecret(filepath.Join(a.cfg.StateDir, "host.key"))
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(a.cfg.Fingerprints.Output), 0o700); err != nil {
-		return fmt.Errorf("create fingerprints directory: %w", err)
+	fps := &fingerprints{capture: fingerprint.NewCapturer(secret, a.instance, hostAddresses)}
+	if fc.Output != "" {
+		if err := os.MkdirAll(filepath.Dir(fc.Output), 0o700); err != nil {
+			return fmt.Errorf("create fingerprints directory: %w", err)
+		}
+		if fps.f, err = os.OpenFile(fc.Output, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err != nil {
+			return fmt.Errorf("open fingerprints output: %w", err)
+		}
 	}
-	f, err := os.OpenFile(a.cfg.Fingerprints.Output, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-	if err != nil {
-		return fmt.Errorf("open fingerprints output: %w", err)
+	if fc.Correlator.URL != "" {
+		if fps.spool, err = spool.Open(filepath.Join(a.cfg.StateDir, "spool"), fc.SpoolMaxBytes); err != nil {
+			return err
+		}
 	}
-	a.fps = &fingerprints{capture: fingerprint.NewCapturer(secret, a.instance, hostAddresses), f: f}
+	a.fps = fps
 	return nil
 }
 
-// instance is the host's EC2 identity, as far as the agent knows it.
-func (a *agent) instance() fingerprint.Instance { return fingerprint.Instance{} }
+// forward drains the spool to the correlator until ctx is done.
+func (a *agent) forward(ctx context.Context) error {
+	if a.fps == nil || a.fps.spool == nil {
+		return nil
+	}
+	c := a.cfg.Fingerprints.Correlator
+	f, err := forwarder.New(forwarder.Config{URL: c.URL, CAFile: c.CAFile, ClientCert: c.ClientCert, ClientKey: c.ClientKey},
+		a.fps.spool, newIMDSIdentity(a.cfg), a.log)
+	if err != nil {
+		return err
+	}
+	go f.Run(ctx)
+	return nil
+}
+
+// instance is the host's EC2 identity, as far as the agent knows it yet.
+func (a *agent) instance() fingerprint.Instance {
+	id, ok := a.tel.Identity.Get()
+	if !ok {
+		return fingerprint.Instance{}
+	}
+	return fingerprint.Instance{ID: id.InstanceID, AccountID: id.AccountID, Region: id.Region, AvailabilityZone: id.AvailabilityZone}
+}
 
 // hostAddresses lists every address of the host's interfaces: where a credential may
 // legitimately be used from.
@@ -81,9 +115,19 @@ func (a *agent) recordCredential(req broker.Request, rec eventlog.Record) {
 		return
 	}
 	a.fps.mu.Lock()
-	_, err = a.fps.f.Write(append(line, '\n'))
-	if err == nil {
-		err = a.fps.f.Sync() // a fingerprint is evidence: on disk before we move on
+	if a.fps.spool != nil {
+		// fsync'd before Append returns: nothing is lost between host and correlator.
+		dropped, serr := a.fps.spool.Append(line)
+		if dropped > 0 {
+			a.log.Warn().Str("event", "spool_dropped").Uint64("fingerprints", dropped).
+				Msg("spool full: oldest fingerprints dropped")
+		}
+		err = serr
+	}
+	if a.fps.f != nil && err == nil {
+		if _, err = a.fps.f.Write(append(line, '\n')); err == nil {
+			err = a.fps.f.Sync()
+		}
 	}
 	a.fps.mu.Unlock()
 	if err != nil {
@@ -98,5 +142,12 @@ func (f *fingerprints) Close() error {
 	if f == nil {
 		return nil
 	}
-	return f.f.Close()
+	var errs []error
+	if f.f != nil {
+		errs = append(errs, f.f.Close())
+	}
+	if f.spool != nil {
+		errs = append(errs, f.spool.Close())
+	}
+	return errors.Join(errs...)
 }

@@ -23,7 +23,12 @@ func (a *agent) reportPreexisting() {
 		a.log.Warn().Err(err).Str("event", "preexisting_scan_failed").Msg("cannot list open IMDS connections")
 		return
 	}
+	n := 0
 	for _, c := range conns {
+		if c.PID == os.Getpid() {
+			continue // the agent's own (marked) connection, e.g. learning its identity
+		}
+		n++
 		p := procinfo.Process{PID: uint32(c.PID), UID: c.UID}
 		if stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(c.PID), "stat")); err == nil {
 			if ticks, err := procinfo.StartTicks(stat); err == nil {
@@ -35,8 +40,8 @@ func (a *agent) reportPreexisting() {
 			User: info.User, Exe: info.Exe, Cmdline: info.Cmdline, Cgroup: info.Cgroup, Unit: info.Unit,
 			ContainerID: info.ContainerID, Dst: c.Dst.String(), Verdict: "unguarded", Missing: info.Missing})
 	}
-	if len(conns) > 0 {
-		a.log.Warn().Str("event", "preexisting_connections").Int("count", len(conns)).
+	if n > 0 {
+		a.log.Warn().Str("event", "preexisting_connections").Int("count", n).
 			Msg("IMDS connections opened before the agent started are not guarded until they close")
 	}
 	_ = a.out.Flush()

@@ -6,7 +6,9 @@ import (
 	"github.com/imdsguard/imdsguard/internal/broker"
 	"github.com/imdsguard/imdsguard/internal/eventlog"
 	"github.com/imdsguard/imdsguard/internal/hook"
+	"github.com/imdsguard/imdsguard/internal/metrics"
 	"github.com/imdsguard/imdsguard/internal/procinfo"
+	"github.com/imdsguard/imdsguard/internal/usage"
 )
 
 func (a *agent) connectRecord(ev hook.Event) eventlog.Record {
@@ -39,6 +41,7 @@ func (a *agent) recordRequest(req broker.Request) {
 			Verdict: c.Verdict.String(), Rule: a.ruleName(c.Rule), Redirected: true, Missing: info.Missing}
 	}
 	a.recordCredential(req, rec)
+	a.observeRequest(req, rec)
 	rec.Kind = eventlog.KindRequest
 	rec.Time = req.Started
 	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)
@@ -91,4 +94,34 @@ func (r *recent) get(cookie uint64) (eventlog.Record, bool) {
 	defer r.mu.Unlock()
 	rec, ok := r.m[cookie]
 	return rec, ok
+}
+
+// observeRequest counts a brokered request in the metrics, MetadataNoToken-style.
+func (a *agent) observeRequest(req broker.Request, rec eventlog.Record) {
+	var kind metrics.Kind
+	who := usage.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}
+	switch {
+	case req.Refused == "imdsv2_required":
+		kind = metrics.MetadataNoTokenRejected
+		a.ledger.Observe(usage.V1Rejected, who, req.Started)
+	case req.Refused == "upstream_error":
+		a.tel.Metrics.Observe(metrics.Observation{Kind: metrics.BrokerErrors, Count: 1})
+		return
+	case req.Refused != "":
+		return
+	case req.Version == broker.VersionV1:
+		kind = metrics.MetadataNoToken
+		a.ledger.Observe(usage.V1, who, req.Started)
+	case req.Version == broker.VersionV2:
+		kind = metrics.MetadataWithToken
+		a.ledger.Observe(usage.V2, who, req.Started)
+	case req.Version == broker.VersionToken:
+		kind = metrics.MetadataTokenRequests
+		a.ledger.Observe(usage.Token, who, req.Started)
+	}
+	a.tel.observeProcess(kind, rec.Exe, rec.User, rec.UID, req.Started)
+	if req.Body != nil {
+		a.tel.observeProcess(metrics.CredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
+		a.ledger.Observe(usage.Credential, who, req.Started)
+	}
 }

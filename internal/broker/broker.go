@@ -94,24 +94,7 @@ type connInfo struct {
 func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logger) *Broker {
 	b := &Broker{cfg: cfg, redirects: redirects, record: record, log: log}
 	b.enforce.Store(cfg.Enforce)
-	dialer := &net.Dialer{
-		Timeout: cfg.UpstreamTimeout,
-		Control: func(network, address string, c syscall.RawConn) error {
-			if cfg.Mark == 0 {
-				return nil // tests without CAP_NET_ADMIN
-			}
-			var serr error
-			if err := c.Control(func(fd uintptr) {
-				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, cfg.Mark)
-			}); err != nil {
-				return err
-			}
-			if serr != nil {
-				return fmt.Errorf("mark upstream socket: %w", serr)
-			}
-			return nil
-		},
-	}
+	dialer := MarkedDialer(cfg.Mark, cfg.UpstreamTimeout)
 	b.upstream = &http.Transport{
 		Proxy:                 nil, // never an HTTP proxy from the environment: IMDS only
 		DialContext:           dialer.DialContext,
@@ -121,6 +104,30 @@ func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logg
 		DisableCompression:    true,
 	}
 	return b
+}
+
+// MarkedDialer dials sockets carrying mark (SO_MARK): the kernel program lets them go
+// straight to IMDS, unjudged and never redirected. The broker's upstream connections and
+// the agent's own IMDS requests use it. Mark 0 dials plain sockets.
+func MarkedDialer(mark int, timeout time.Duration) *net.Dialer {
+	return &net.Dialer{
+		Timeout: timeout,
+		Control: func(network, address string, c syscall.RawConn) error {
+			if mark == 0 {
+				return nil
+			}
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, mark)
+			}); err != nil {
+				return err
+			}
+			if serr != nil {
+				return fmt.Errorf("mark socket: %w", serr)
+			}
+			return nil
+		},
+	}
 }
 
 // Listen opens the broker's listeners on 127.0.0.1 and [::1] and serves them until

@@ -46,6 +46,9 @@ type Config struct {
 	// StateDir holds what the agent keeps across restarts (the per-host HMAC secret).
 	StateDir     string       `yaml:"state_dir"`
 	Fingerprints Fingerprints `yaml:"fingerprints"`
+	// Metrics and Status are defined in metrics.go.
+	Metrics Metrics `yaml:"metrics"`
+	Status  Status  `yaml:"status"`
 }
 
 // Fingerprints configures credential issuance records: which process fetched which
@@ -53,6 +56,18 @@ type Config struct {
 type Fingerprints struct {
 	// Output is a JSON-lines file of fingerprints, "" for none.
 	Output string `yaml:"output"`
+	// Correlator is where fingerprints are forwarded; no URL, no forwarding.
+	Correlator Correlator `yaml:"correlator"`
+	// SpoolMaxBytes bounds the on-disk spool (state_dir/spool); the oldest go first.
+	SpoolMaxBytes int64 `yaml:"spool_max_bytes"`
+}
+
+// Correlator is the central service's intake.
+type Correlator struct {
+	URL        string `yaml:"url"`         // https://correlator:8443/v1/fingerprints
+	CAFile     string `yaml:"ca_file"`     // trust this CA instead of the system's
+	ClientCert string `yaml:"client_cert"` // mTLS instead of the identity document
+	ClientKey  string `yaml:"client_key"`
 }
 
 // IMDS says where the Instance Metadata Service is. Only tests change the defaults.
@@ -102,7 +117,9 @@ func Default() Config {
 		Broker:        defaultBroker(),
 		ControlSocket: "/run/imdsguard/control.sock",
 		StateDir:      "/var/lib/imdsguard",
-		Fingerprints:  Fingerprints{Output: "/var/lib/imdsguard/fingerprints.jsonl"},
+		Fingerprints:  Fingerprints{Output: "/var/lib/imdsguard/fingerprints.jsonl", SpoolMaxBytes: 64 << 20},
+		Metrics:       defaultMetrics(),
+		Status:        defaultStatus(),
 	}
 }
 
@@ -220,10 +237,22 @@ func (c *Config) validate(root *yaml.Node) error {
 	if c.Fingerprints.Output != "" && !filepath.IsAbs(c.Fingerprints.Output) {
 		return bad("fingerprints.output", "must be an absolute path or \"\", got %q", c.Fingerprints.Output)
 	}
+	if u := c.Fingerprints.Correlator.URL; u != "" && !strings.HasPrefix(u, "https://") && !strings.HasPrefix(u, "http://127.0.0.1") && !strings.HasPrefix(u, "http://[::1]") {
+		return bad("fingerprints.correlator.url", "must be https:// (plain http only to loopback), got %q", u)
+	}
+	if (c.Fingerprints.Correlator.ClientCert == "") != (c.Fingerprints.Correlator.ClientKey == "") {
+		return bad("fingerprints.correlator.client_key", "client_cert and client_key go together")
+	}
+	if c.Fingerprints.SpoolMaxBytes < 64<<10 {
+		return bad("fingerprints.spool_max_bytes", "must be at least 65536, got %d", c.Fingerprints.SpoolMaxBytes)
+	}
 	if c.ControlSocket != "" && !filepath.IsAbs(c.ControlSocket) {
 		return bad("control_socket", "must be an absolute path, got %q", c.ControlSocket)
 	}
-	return c.validatePolicy(root)
+	if err := c.validatePolicy(root); err != nil {
+		return err
+	}
+	return validateMetrics(&c.Metrics, &c.Status, c.Events.Output, root)
 }
 
 // yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.

@@ -23,6 +23,9 @@ type AgentProc struct {
 	ConfigPath       string
 	EventsPath       string
 	FingerprintsPath string
+	// StatusSocket is the agent's status socket, in the bed's directory so that tests
+	// leave nothing under /run and never meet another agent's socket.
+	StatusSocket string
 
 	mu     sync.Mutex
 	log    bytes.Buffer
@@ -31,9 +34,9 @@ type AgentProc struct {
 }
 
 // StartAgent writes a config that points the agent at the bed (cgroup, IMDS, an events
-// file, pins and control socket in the bed's directory), appends extraYAML to it (which
-// must not repeat those keys), starts the agent through nsenter --net, and returns
-// once the agent says its hooks are attached.
+// file, pins, control and status sockets in the bed's directory), appends extraYAML to
+// it (which must not repeat those top-level keys), starts the agent through nsenter
+// --net, and returns once the agent says its hooks are attached.
 func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 	bin, err := Agent()
 	if err != nil {
@@ -43,11 +46,12 @@ func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 		ConfigPath:       filepath.Join(b.Dir, "imdsguard.yaml"),
 		EventsPath:       filepath.Join(b.Dir, "events.json"),
 		FingerprintsPath: filepath.Join(b.Dir, "fingerprints.jsonl"),
+		StatusSocket:     filepath.Join(b.Dir, "status.sock"),
 		exited:           make(chan struct{}),
 	}
-	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\nstate_dir: %s\nfingerprints:\n  output: %s\n%s",
+	conf := fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\nstate_dir: %s\nstatus:\n  socket: %s\n%s",
 		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, a.EventsPath, b.PinPath(), b.ControlSocket(),
-		filepath.Join(b.Dir, "state"), a.FingerprintsPath, extraYAML)
+		filepath.Join(b.Dir, "state"), a.StatusSocket, b.fingerprintsYAML(a.FingerprintsPath, extraYAML))
 	if err := os.WriteFile(a.ConfigPath, []byte(conf), 0o600); err != nil {
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
@@ -221,4 +225,14 @@ func (a *AgentProc) WaitEvents(pids ...int) ([]Event, error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// fingerprintsYAML adds the bed's fingerprints output to extraYAML: into its own
+// fingerprints: block when it has one (a test that forwards to a correlator), else as
+// a block of its own.
+func (b *Bed) fingerprintsYAML(output, extraYAML string) string {
+	if strings.Contains(extraYAML, "fingerprints:\n") {
+		return strings.Replace(extraYAML, "fingerprints:\n", "fingerprints:\n  output: "+output+"\n", 1)
+	}
+	return "fingerprints:\n  output: " + output + "\n" + extraYAML
 }

@@ -1,0 +1,159 @@
+package agent
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/config"
+	"github.com/imdsguard/imdsguard/internal/eventlog"
+	"github.com/imdsguard/imdsguard/internal/hook"
+	"github.com/imdsguard/imdsguard/internal/identity"
+	"github.com/imdsguard/imdsguard/internal/metrics"
+	"github.com/imdsguard/imdsguard/internal/status"
+)
+
+// telemetry is what the agent reports about IMDS use besides the event lines: the
+// instance identity, the metrics and their sinks, and the status socket. Observe feeds
+// it; everything else runs in the background.
+type telemetry struct {
+	Identity *identity.Source
+	Metrics  *metrics.Aggregator
+
+	log    zerolog.Logger
+	emf    *metrics.EMF // nil when off; reopened on SIGHUP
+	status *status.Server
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// statusTableSize bounds the per-process table `imdsguard status` shows.
+const statusTableSize = 4096
+
+// finalFlush bounds the last publish at shutdown (CloudWatch may be unreachable).
+const finalFlush = 5 * time.Second
+
+// startTelemetry starts identity, metrics sinks and the status socket. httpClient,
+// when not nil, carries the agent's own requests to IMDS and CloudWatch (the broker
+// must not redirect them). A sink that cannot start (Prometheus address taken, EMF file
+// not writable) is an error: the operator asked for it.
+func startTelemetry(cfg config.Config, log zerolog.Logger, httpClient *http.Client) (*telemetry, error) {
+	m := cfg.Metrics
+	t := &telemetry{
+		Identity: identity.New(identity.Options{
+			Endpoint:   "http://" + net.JoinHostPort(cfg.IMDS.IPv4, strconv.Itoa(cfg.IMDS.Port)),
+			HTTPClient: httpClient,
+			Log:        log,
+		}),
+		Metrics: metrics.NewAggregator(m.MaxExecutables, statusTableSize),
+		log:     log,
+		done:    make(chan struct{}),
+	}
+	var sinks []metrics.Sink
+	closeSinks := func() {
+		for _, s := range sinks {
+			_ = s.Close(context.Background())
+		}
+	}
+	if m.Prometheus.Listen != "" {
+		// Ten times the per-interval cap: room for the set of busy programs to change
+		// over the agent's life without unbounded label growth.
+		p := metrics.NewPrometheus(10*m.MaxExecutables, log)
+		if err := p.Listen(m.Prometheus.Listen); err != nil {
+			return nil, err
+		}
+		sinks = append(sinks, p)
+	}
+	if m.EMF.Output != "" {
+		e, err := metrics.OpenEMF(m.EMF.Output, m.Namespace)
+		if err != nil {
+			closeSinks()
+			return nil, err
+		}
+		sinks = append(sinks, e)
+		t.emf = e
+	}
+	if m.CloudWatch.Enabled {
+		sinks = append(sinks, metrics.NewCloudWatch(metrics.CloudWatchOptions{
+			Namespace: m.Namespace, Region: m.CloudWatch.Region, Endpoint: m.CloudWatch.Endpoint,
+			HTTPClient: httpClient, Log: log,
+		}))
+	}
+	if cfg.Status.Socket != "" {
+		// The status socket is a console convenience: without it the agent still
+		// guards, counts and publishes, so a failure here is a warning, not a stop.
+		s, err := status.Listen(cfg.Status.Socket, status.Source{Processes: t.Metrics.Processes, Identity: t.Identity.Get}, log)
+		if err != nil {
+			log.Warn().Err(err).Str("event", "status_unavailable").Str("status_socket", cfg.Status.Socket).
+				Msg("`imdsguard status` will not work")
+		}
+		t.status = s
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.cancel = cancel
+	go func() { _ = t.Identity.Run(ctx) }()
+	pub := metrics.NewPublisher(t.Metrics, t.Identity, m.Interval, log, sinks...)
+	go func() {
+		defer close(t.done)
+		if err := pub.Run(ctx, finalFlush); err != nil {
+			log.Error().Err(err).Str("event", "metrics_close_failed").Msg("last metrics publish")
+		}
+	}()
+	log.Info().Str("event", "metrics_started").Str("namespace", m.Namespace).Dur("interval", m.Interval).
+		Bool("cloudwatch", m.CloudWatch.Enabled).Str("emf_output", m.EMF.Output).
+		Str("prometheus_listen", m.Prometheus.Listen).Str("status_socket", cfg.Status.Socket).
+		Msg("metrics publishing")
+	return t, nil
+}
+
+// observeConnect counts one connect() event from the hook. A denied connect is
+// MetadataDenied; an allowed one is a MetadataRequests (until the broker classifies
+// the requests themselves).
+func (t *telemetry) observeConnect(rec eventlog.Record) {
+	kind := metrics.MetadataRequests
+	if rec.Verdict == hook.VerdictDeny.String() {
+		kind = metrics.MetadataDenied
+	}
+	t.observeProcess(kind, rec.Exe, rec.User, rec.UID, rec.Time)
+}
+
+// observeProcess counts one thing a process did: the broker's classifications
+// (MetadataNoToken, MetadataNoTokenRejected, MetadataWithToken, MetadataTokenRequests,
+// CredentialFetches) come in here. A user without a name is counted by uid, so that
+// it stays distinct.
+func (t *telemetry) observeProcess(kind metrics.Kind, exe, user string, uid uint32, at time.Time) {
+	if user == "" {
+		user = strconv.FormatUint(uint64(uid), 10)
+	}
+	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: exe, User: user, Time: at})
+}
+
+// observeDrops counts events lost in the kernel ring buffer or the agent's queue.
+func (t *telemetry) observeDrops(n uint64) {
+	if n > 0 {
+		t.Metrics.Observe(metrics.Observation{Kind: metrics.EventsDropped, Count: n})
+	}
+}
+
+// reopen reopens the EMF file after log rotation.
+func (t *telemetry) reopen() error {
+	if t.emf == nil {
+		return nil
+	}
+	return t.emf.Reopen()
+}
+
+// Close publishes the last interval, closes the sinks and the status socket.
+func (t *telemetry) Close() {
+	t.cancel()
+	<-t.done
+	if t.status != nil {
+		if err := t.status.Close(); err != nil {
+			t.log.Error().Err(err).Str("event", "status_close_failed").Msg("closing status socket")
+		}
+	}
+}
