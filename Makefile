@@ -41,6 +41,7 @@ bench: root deps
 	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/broker
 	$(GO) run ./scripts/bench
 	$(GO) run ./scripts/bench-correlator
+	$(GO) run ./scripts/bench-intake
 
 # deb and rpm of the agent (and of the correlator, once cmd/imdsguard-correlator exists)
 # for each of PKG_ARCHES, versioned by packaging/version.sh. Reproducible: static

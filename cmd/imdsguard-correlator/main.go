@@ -40,7 +40,8 @@ Usage:
         [--format text|json] CLOUDTRAIL_FILE...
         print one key's story: issuance, sources, API calls, findings
   imdsguard-correlator serve --config FILE [--fingerprints FILE]
-        follow serve.directory and/or serve.s3 and print findings as they appear
+        follow serve.directory and/or serve.s3 and print findings as they appear;
+        with intake.listen, also accept fingerprints from agents (POST /v1/fingerprints)
   imdsguard-correlator update-ip-ranges --config FILE NEW_IP_RANGES_JSON
         check a new ip-ranges.json and install it at ip_ranges (serve picks it up)
   imdsguard-correlator check-config FILE
@@ -116,6 +117,9 @@ func cmdCheckConfig(args []string, stdout io.Writer) error {
 			return fmt.Errorf("ip_ranges: %w", err)
 		}
 	}
+	if err := checkIntake(cfg.Intake); err != nil {
+		return err
+	}
 	fmt.Fprintf(stdout, "%s: ok\n---\n%s", args[0], cfg)
 	return nil
 }
@@ -161,6 +165,8 @@ type env struct {
 	cfg    correlatorconfig.Config
 	ranges *ipranges.Set
 	fps    *fingerprint.Memory
+	// stored is the intake's store when serve runs one; the detector reads it with fps.
+	stored fingerprint.Store
 	log    zerolog.Logger
 	close  func()
 }
@@ -199,7 +205,11 @@ func load(cfgPath, fpPath string, stderr io.Writer) (*env, error) {
 }
 
 func (e *env) detector(onlyKey string) *detector.Detector {
-	opt := detector.OptionsFrom(e.cfg, e.ranges, e.fps, e.log)
+	var fps fingerprint.Store = e.fps
+	if e.stored != nil {
+		fps = fingerprint.Union{e.fps, e.stored}
+	}
+	opt := detector.OptionsFrom(e.cfg, e.ranges, fps, e.log)
 	opt.OnlyKey = onlyKey
 	return detector.New(opt)
 }

@@ -22,8 +22,8 @@ import (
 	"github.com/imdsguard/imdsguard/internal/trailwatch"
 )
 
-// component is one part of serve that runs until ctx ends. Detection is one; the
-// fingerprint intake (HTTPS API filling env.fps) is meant to be another.
+// component is one part of serve that runs until ctx ends: detection, and the
+// fingerprint intake (HTTPS API filling the store that detection reads).
 type component interface {
 	Name() string
 	Run(ctx context.Context) error
@@ -45,12 +45,25 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer e.close()
-	det, err := newDetection(ctx, e, stdout)
-	if err != nil {
-		return err
+	var cs []component
+	// The intake comes first: detection reads the store it opens.
+	if e.cfg.Intake.Listen != "" {
+		in, closeIntake, err := newIntake(e)
+		if err != nil {
+			return err
+		}
+		defer closeIntake()
+		cs = append(cs, in)
+	}
+	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" {
+		det, err := newDetection(ctx, e, stdout)
+		if err != nil {
+			return err
+		}
+		cs = append(cs, det)
 	}
 	e.log.Info().Str("event", "correlator_starting").Str("version", versionString()).Str("config", *cfgPath).Msg("starting")
-	return runComponents(ctx, e.log, det)
+	return runComponents(ctx, e.log, cs...)
 }
 
 // runComponents runs every component and stops them all when one fails.
@@ -91,7 +104,7 @@ type detection struct {
 func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, error) {
 	cfg := e.cfg
 	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" {
-		return nil, fmt.Errorf("serve needs serve.directory or serve.s3.bucket in the config")
+		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket or intake.listen in the config")
 	}
 	cp, err := trailwatch.LoadCheckpoint(cfg.Serve.Checkpoint)
 	if err != nil {

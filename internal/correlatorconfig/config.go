@@ -8,10 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -38,6 +40,7 @@ type Config struct {
 	Fingerprints string  `yaml:"fingerprints"`
 	Outputs      Outputs `yaml:"outputs"`
 	Serve        Serve   `yaml:"serve"`
+	Intake       Intake  `yaml:"intake"`
 	Log          Log     `yaml:"log"`
 
 	Egress  []netip.Prefix `yaml:"-"`
@@ -108,6 +111,30 @@ type S3 struct {
 	PathStyle bool   `yaml:"path_style"`
 }
 
+// Intake configures the fingerprint API that agents post to (POST /v1/fingerprints). It
+// is off unless Listen is set.
+type Intake struct {
+	// Listen is host:port of the HTTPS listener.
+	Listen string `yaml:"listen"`
+	// TLSCert and TLSKey are the server's certificate chain and key (PEM files).
+	TLSCert string `yaml:"tls_cert"`
+	TLSKey  string `yaml:"tls_key"`
+	// ClientCA, when set, is a PEM file of CAs: a client certificate they issued is
+	// accepted instead of an identity document (mTLS, for senders that are not EC2).
+	ClientCA string `yaml:"client_ca"`
+	// PlainHTTP serves without TLS; refused unless Listen is a loopback address.
+	PlainHTTP bool `yaml:"plain_http"`
+	// AWSCertificates are the PEM files of the AWS certificates that sign instance
+	// identity documents (the region's pkcs7 certificate, as AWS publishes it).
+	AWSCertificates []string `yaml:"aws_certificates"`
+	// AllowedAccounts are the accounts whose instances may send fingerprints.
+	AllowedAccounts []string `yaml:"allowed_accounts"`
+	// Database is the SQLite file fingerprints are stored in.
+	Database string `yaml:"database"`
+	// PurgeGrace is how long a fingerprint is kept after its credential expired.
+	PurgeGrace time.Duration `yaml:"purge_grace"`
+}
+
 // Log configures the correlator's diagnostics (zerolog JSON lines).
 type Log struct {
 	Level  string `yaml:"level"`
@@ -120,6 +147,7 @@ func Default() Config {
 		Window:  time.Hour,
 		Outputs: Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond}},
 		Serve:   Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
+		Intake:  Intake{PurgeGrace: 24 * time.Hour},
 		Log:     Log{Level: "info", Output: "stderr"},
 	}
 }
@@ -283,6 +311,9 @@ func (c *Config) validate(root *yaml.Node) error {
 	if c.Serve.S3.Bucket == "" && (c.Serve.S3.Prefix != "" || c.Serve.S3.Endpoint != "") {
 		return bad("serve.s3.bucket", "must be set when serve.s3 is used")
 	}
+	if err := c.validateIntake(root); err != nil {
+		return err
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -290,6 +321,61 @@ func (c *Config) validate(root *yaml.Node) error {
 	}
 	if c.Log.Output != "stderr" && c.Log.Output != "stdout" && !filepath.IsAbs(c.Log.Output) {
 		return bad("log.output", `must be "stderr", "stdout" or an absolute file path, got %q`, c.Log.Output)
+	}
+	return nil
+}
+
+func (c *Config) validateIntake(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+	}
+	in := c.Intake
+	if in.PurgeGrace < 0 {
+		return bad("intake.purge_grace", "must not be negative, got %s", in.PurgeGrace)
+	}
+	if in.Listen == "" {
+		if in.Database != "" || in.TLSCert != "" || in.TLSKey != "" || in.ClientCA != "" || len(in.AWSCertificates) > 0 || len(in.AllowedAccounts) > 0 || in.PlainHTTP {
+			return bad("intake.listen", "must be set when intake is used")
+		}
+		return nil
+	}
+	host, port, err := net.SplitHostPort(in.Listen)
+	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 0 || n > 65535 {
+		return bad("intake.listen", "must be host:port, got %q", in.Listen)
+	}
+	for key, p := range map[string]string{"intake.tls_cert": in.TLSCert, "intake.tls_key": in.TLSKey, "intake.client_ca": in.ClientCA, "intake.database": in.Database} {
+		if p != "" && !filepath.IsAbs(p) {
+			return bad(key, "must be an absolute path, got %q", p)
+		}
+	}
+	if in.PlainHTTP {
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return bad("intake.plain_http", "only allowed on a loopback listen address, not %q", in.Listen)
+		}
+		if in.TLSCert != "" || in.TLSKey != "" || in.ClientCA != "" {
+			return bad("intake.plain_http", "excludes tls_cert, tls_key and client_ca")
+		}
+	} else if in.TLSCert == "" || in.TLSKey == "" {
+		return bad("intake.tls_cert", "intake.tls_cert and intake.tls_key must be set (or plain_http on loopback, for tests)")
+	}
+	for i, p := range in.AWSCertificates {
+		if !filepath.IsAbs(p) {
+			return &Error{Line: itemLine(root, "intake.aws_certificates", i), Key: fmt.Sprintf("intake.aws_certificates[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
+		}
+	}
+	for i, a := range in.AllowedAccounts {
+		if !IsAccountID(a) {
+			return &Error{Line: itemLine(root, "intake.allowed_accounts", i), Key: fmt.Sprintf("intake.allowed_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+		}
+	}
+	if len(in.AWSCertificates) == 0 && in.ClientCA == "" {
+		return bad("intake.aws_certificates", "intake needs aws_certificates (instances) or client_ca (mTLS senders)")
+	}
+	if len(in.AWSCertificates) > 0 && len(in.AllowedAccounts) == 0 {
+		return bad("intake.allowed_accounts", "must list the accounts whose instances may send")
+	}
+	if in.Database == "" {
+		return bad("intake.database", "must be set when intake is used")
 	}
 	return nil
 }

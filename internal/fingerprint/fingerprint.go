@@ -159,3 +159,35 @@ func trimSpace(b []byte) []byte {
 	}
 	return b
 }
+
+// Union reads several stores as one, e.g. the fingerprints loaded from files and those
+// the correlator's intake received. A fingerprint id found in more than one counts once.
+type Union []Store
+
+// ByAccessKey implements Store.
+func (u Union) ByAccessKey(accessKeyID string) []Fingerprint {
+	var out []Fingerprint
+	seen := map[string]bool{}
+	for _, s := range u {
+		for _, fp := range s.ByAccessKey(accessKeyID) {
+			if fp.ID == "" || !seen[fp.ID] {
+				seen[fp.ID] = true
+				out = append(out, fp)
+			}
+		}
+	}
+	return out
+}
+
+// All implements Store.
+func (u Union) All(fn func(Fingerprint)) {
+	seen := map[string]bool{}
+	for _, s := range u {
+		s.All(func(fp Fingerprint) {
+			if fp.ID == "" || !seen[fp.ID] {
+				seen[fp.ID] = true
+				fn(fp)
+			}
+		})
+	}
+}

@@ -30,3 +30,19 @@ func TestLoadBadLineNamesLine(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+func TestUnionCountsAnIDOnce(t *testing.T) {
+	a, b := NewMemory(), NewMemory()
+	a.Add(Fingerprint{ID: "1", AccessKeyID: "K"})
+	b.Add(Fingerprint{ID: "1", AccessKeyID: "K"})
+	b.Add(Fingerprint{ID: "2", AccessKeyID: "K"})
+	u := Union{a, b}
+	if got := u.ByAccessKey("K"); len(got) != 2 {
+		t.Fatalf("ByAccessKey: %v", got)
+	}
+	n := 0
+	u.All(func(Fingerprint) { n++ })
+	if n != 2 {
+		t.Fatalf("All gave %d", n)
+	}
+}

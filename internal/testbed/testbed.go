@@ -30,7 +30,10 @@ import (
 	"syscall"
 	"time"
 
+	aemmdynamic "github.com/aws/amazon-ec2-metadata-mock/pkg/mock/dynamic/types"
+
 	"github.com/imdsguard/imdsguard/internal/cgroup"
+	"github.com/imdsguard/imdsguard/internal/identitydoc"
 )
 
 // Addresses of IMDS inside the bed, the same as on EC2.
@@ -64,15 +67,21 @@ type Options struct {
 
 // Bed is one running test bed.
 type Bed struct {
-	Name        string // network namespace name, also the cgroup's base name
-	NetnsPath   string // /run/netns/<Name>: for nsenter --net and setns
-	CgroupRoot  string // the host's cgroup2 mount
-	Cgroup      string // the bed's child cgroup directory
-	Creds       Credentials
-	InstanceID  string
-	Dir         string // scratch directory, removed on Close
-	BPFFS       string // a bpf file system of the bed's own, for pins
-	EmulatorPID int
+	Name       string // network namespace name, also the cgroup's base name
+	NetnsPath  string // /run/netns/<Name>: for nsenter --net and setns
+	CgroupRoot string // the host's cgroup2 mount
+	Cgroup     string // the bed's child cgroup directory
+	Creds      Credentials
+	InstanceID string
+	AccountID  string // the identity document's accountId
+	// IdentityDocument is exactly what the emulator serves at
+	// /latest/dynamic/instance-identity/document, and /pkcs7 serves its signature by a
+	// test certificate, SigningCertPEM: give that to the intake as its AWS certificate.
+	IdentityDocument []byte
+	SigningCertPEM   []byte
+	Dir              string // scratch directory, removed on Close
+	BPFFS            string // a bpf file system of the bed's own, for pins
+	EmulatorPID      int
 
 	emulator *exec.Cmd
 	waitErr  chan error
@@ -229,7 +238,11 @@ func (b *Bed) startEmulator(opts Options) error {
 		Token:           "token-" + randHex(24),
 		Expiration:      now.Add(6 * time.Hour),
 	}
-	conf := map[string]any{"metadata": map[string]any{"values": map[string]any{
+	signed, err := b.signIdentity(now)
+	if err != nil {
+		return err
+	}
+	conf := map[string]any{"dynamic": map[string]any{"values": signed}, "metadata": map[string]any{"values": map[string]any{
 		"iam-security-credentials": map[string]any{
 			"Code": "Success", "Type": "AWS-HMAC",
 			"LastUpdated":     now.Format(time.RFC3339),
@@ -271,6 +284,39 @@ func (b *Bed) startEmulator(opts Options) error {
 		return nil
 	})
 	return b.waitReady()
+}
+
+var (
+	signerOnce sync.Once
+	signer     *identitydoc.Signer
+	signerErr  error
+)
+
+// signIdentity makes the bed's identity document and its PKCS#7 signature, as the
+// emulator's config values. The document is rendered the way the emulator renders it
+// (tab-indented JSON of its own type), so the signature covers the bytes it serves.
+func (b *Bed) signIdentity(now time.Time) (map[string]any, error) {
+	signerOnce.Do(func() { signer, signerErr = identitydoc.NewSigner() })
+	if signerErr != nil {
+		return nil, signerErr
+	}
+	b.AccountID = "123456789012"
+	doc := aemmdynamic.InstanceIdentityDocument{
+		AccountId: b.AccountID, ImageId: "ami-0b69ea66ff7391e80", AvailabilityZone: "us-east-1f",
+		Version: "2017-09-30", PrivateIp: "10.0.7.10", InstanceId: b.InstanceID,
+		PendingTime: now.Add(-time.Hour).Format(time.RFC3339), Architecture: "x86_64",
+		InstanceType: "m4.xlarge", Region: "us-east-1",
+	}
+	data, err := json.MarshalIndent(doc, "", "\t")
+	if err != nil {
+		return nil, fmt.Errorf("encode identity document: %w", err)
+	}
+	p7, err := signer.Sign(data)
+	if err != nil {
+		return nil, fmt.Errorf("sign identity document: %w", err)
+	}
+	b.IdentityDocument, b.SigningCertPEM = data, signer.CertPEM
+	return map[string]any{"instance-identity-document": doc, "instance-identity-pkcs": p7}, nil
 }
 
 // waitReady polls the emulator from inside the namespace until it answers.
