@@ -28,11 +28,27 @@ func TestPrivilegedBrokerFingerprintToFinding(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(agent.Log(), `"event":"host_meta_learnt"`); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent never learnt the host's metadata:\n%s", agent.Log())
+		}
+	}
 	r := bed.RunCommand(context.Background(), "sdk", "", testbed.Placement{}, client, "sdk")
 	if r.Err != nil {
 		t.Fatal(r.Err)
 	}
 	fps := waitFingerprint(t, agent.FingerprintsPath, r.PID)
+	var fp struct {
+		InstanceProfileARN string   `json:"instance_profile_arn"`
+		HostAddresses      []string `json:"host_addresses"`
+	}
+	data, _ := os.ReadFile(fps)
+	json.Unmarshal([]byte(strings.SplitN(string(data), "\n", 2)[0]), &fp)
+	// The emulator's instance profile and public IPv4; never IMDS's link-local address.
+	if addrs := strings.Join(fp.HostAddresses, " "); !strings.Contains(fp.InstanceProfileARN, "instance-profile/") ||
+		!strings.Contains(addrs, "192.0.2.54") || strings.Contains(addrs, testbed.IMDSv4.String()) {
+		t.Errorf("fingerprint host facts: %+v", fp)
+	}
 	if err := agent.Stop(); err != nil {
 		t.Fatalf("agent stop: %v", err)
 	}

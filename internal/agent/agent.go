@@ -53,6 +53,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 		return err
 	}
 	a.startWorkers()
+	a.learnMeta(a.bg)
 	if err := a.forward(a.bg); err != nil {
 		return err
 	}

@@ -23,6 +23,7 @@ import (
 // and forwarder exist, fingerprints go to a local JSON-lines file.
 type fingerprints struct {
 	capture *fingerprint.Capturer
+	meta    hostMeta
 	mu      sync.Mutex
 	f       *os.File     // local copy, nil when fingerprints.output is ""
 	spool   *spool.Spool // nil when not forwarding
@@ -37,7 +38,11 @@ func (a *agent) openFingerprints() error {
 	if err != nil {
 		return err
 	}
-	fps := &fingerprints{capture: fingerprint.NewCapturer(secret, a.instance, hostAddresses)}
+	fps := &fingerprints{}
+	fps.capture = fingerprint.NewCapturer(secret, a.instance, func() []netip.Addr {
+		_, public := fps.meta.get()
+		return append(hostAddresses(), public...)
+	})
 	if fc.Output != "" {
 		if err := os.MkdirAll(filepath.Dir(fc.Output), 0o700); err != nil {
 			return fmt.Errorf("create fingerprints directory: %w", err)
@@ -53,6 +58,13 @@ func (a *agent) openFingerprints() error {
 	}
 	a.fps = fps
 	return nil
+}
+
+// learnMeta starts learning the instance profile and public addresses for fingerprints.
+func (a *agent) learnMeta(ctx context.Context) {
+	if a.fps != nil {
+		go newIMDSIdentity(a.cfg).learnHostMeta(ctx, &a.fps.meta, a.log)
+	}
 }
 
 // forward drains the spool to the correlator until ctx is done.
@@ -88,7 +100,8 @@ func hostAddresses() []netip.Addr {
 	}
 	var out []netip.Addr
 	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP); ok && !ip.IsLoopback() {
+		// Loopback and link-local (IMDS's own 169.254.169.254) never reach AWS APIs.
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && !ip.IsLoopback() && !ip.Unmap().IsLinkLocalUnicast() {
 			out = append(out, ip.Unmap())
 		}
 	}
@@ -110,6 +123,7 @@ func (a *agent) recordCredential(req broker.Request, rec eventlog.Record) {
 	if !first {
 		return
 	}
+	fp.InstanceProfileARN, _ = a.fps.meta.get()
 	line, err := json.Marshal(fp)
 	if err != nil {
 		return

@@ -2,13 +2,18 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
+
+	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/broker"
 	"github.com/imdsguard/imdsguard/internal/config"
@@ -88,4 +93,65 @@ func (i *imdsIdentity) do(ctx context.Context, method, path, token string) (stri
 		return "", fmt.Errorf("IMDS %s: status %d", path, resp.StatusCode)
 	}
 	return string(body), nil
+}
+
+// hostMeta is what fingerprints add from IMDS about the host: the instance profile and
+// the public addresses, from which the instance's own API calls legitimately come.
+type hostMeta struct {
+	mu         sync.Mutex
+	profileARN string
+	public     []netip.Addr
+}
+
+func (m *hostMeta) get() (string, []netip.Addr) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.profileARN, append([]netip.Addr(nil), m.public...)
+}
+
+// learnHostMeta fills m from IMDS in the background: at once, then every hour (an
+// elastic IP may move), retrying every 30 s while IMDS does not answer.
+func (i *imdsIdentity) learnHostMeta(ctx context.Context, m *hostMeta, log zerolog.Logger) {
+	for {
+		wait := time.Hour
+		if err := i.fetchHostMeta(ctx, m); err != nil {
+			wait = 30 * time.Second
+			log.Warn().Err(err).Str("event", "host_meta_unavailable").Msg("fingerprints lack the instance profile and public addresses for now")
+		} else {
+			arn, public := m.get()
+			log.Info().Str("event", "host_meta_learnt").Str("instance_profile_arn", arn).Int("public_addresses", len(public)).
+				Msg("instance profile and public addresses learnt")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (i *imdsIdentity) fetchHostMeta(ctx context.Context, m *hostMeta) error {
+	token, err := i.do(ctx, http.MethodPut, "/latest/api/token", "")
+	if err != nil {
+		return err
+	}
+	var info struct{ InstanceProfileArn string }
+	if body, err := i.do(ctx, http.MethodGet, "/latest/meta-data/iam/info", token); err == nil {
+		_ = json.Unmarshal([]byte(body), &info)
+	}
+	var public []netip.Addr
+	for _, path := range []string{"/latest/meta-data/public-ipv4", "/latest/meta-data/ipv6"} {
+		// 404 on instances without one: not an error.
+		if body, err := i.do(ctx, http.MethodGet, path, token); err == nil {
+			for _, f := range strings.Fields(body) {
+				if a, err := netip.ParseAddr(f); err == nil {
+					public = append(public, a)
+				}
+			}
+		}
+	}
+	m.mu.Lock()
+	m.profileARN, m.public = info.InstanceProfileArn, public
+	m.mu.Unlock()
+	return nil
 }

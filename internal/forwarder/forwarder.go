@@ -24,6 +24,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/imdsguard/imdsguard/internal/fingerprint"
 	"github.com/imdsguard/imdsguard/internal/spool"
 )
 
@@ -164,7 +165,7 @@ func (f *Forwarder) sendBatch(ctx context.Context) (int, error) {
 	_, _ = rand.Read(id)
 	req := Request{Document: doc, PKCS7: sig, BatchID: hex.EncodeToString(id)}
 	for _, r := range recs {
-		req.Fingerprints = append(req.Fingerprints, json.RawMessage(r.Data))
+		req.Fingerprints = append(req.Fingerprints, withInstance(r.Data, doc))
 	}
 	body, err := json.Marshal(req)
 	if err != nil {
@@ -202,4 +203,29 @@ func (f *Forwarder) sendBatch(ctx context.Context) (int, error) {
 	default:
 		return 0, fmt.Errorf("correlator answered %d: %s", resp.StatusCode, bytes.TrimSpace(answer))
 	}
+}
+
+// withInstance fills a fingerprint's instance from the identity document when the
+// agent did not know it yet at fetch time (IMDS was slow at boot): the correlator
+// checks that they match, and a batch it refuses for that would block the spool.
+func withInstance(data []byte, document string) json.RawMessage {
+	var fp fingerprint.Fingerprint
+	if err := json.Unmarshal(data, &fp); err != nil || fp.Instance.ID != "" {
+		return data
+	}
+	var doc struct {
+		InstanceID       string `json:"instanceId"`
+		AccountID        string `json:"accountId"`
+		Region           string `json:"region"`
+		AvailabilityZone string `json:"availabilityZone"`
+	}
+	if err := json.Unmarshal([]byte(document), &doc); err != nil || doc.InstanceID == "" {
+		return data
+	}
+	fp.Instance = fingerprint.Instance{ID: doc.InstanceID, AccountID: doc.AccountID, Region: doc.Region, AvailabilityZone: doc.AvailabilityZone}
+	out, err := json.Marshal(fp)
+	if err != nil {
+		return data
+	}
+	return out
 }

@@ -135,3 +135,21 @@ func TestUnauthorizedIsRetried(t *testing.T) {
 		t.Errorf("a 403 lost fingerprints: %d left", len(recs))
 	}
 }
+
+func TestInstanceFilledFromDocument(t *testing.T) {
+	out := withInstance([]byte(`{"id":"a","access_key_id":"ASIA1","instance":{"id":""}}`),
+		`{"instanceId":"i-9","accountId":"123456789012","region":"eu-west-1","availabilityZone":"eu-west-1a"}`)
+	var fp struct {
+		ID       string
+		Instance struct{ ID, AccountID string } `json:"instance"`
+	}
+	json.Unmarshal(out, &fp)
+	if fp.ID != "a" || fp.Instance.ID != "i-9" {
+		t.Fatalf("filled %s", out)
+	}
+	// A fingerprint that knows its instance is sent as it is.
+	known := []byte(`{"id":"b","instance":{"id":"i-1"}}`)
+	if got := withInstance(known, `{"instanceId":"i-9"}`); string(got) != string(known) {
+		t.Fatalf("rewrote %s", got)
+	}
+}
