@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -55,12 +54,17 @@ func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 	}
 	a.Cmd = exec.Command("nsenter", append([]string{"--net=" + b.NetnsPath, bin, "run", "--config", a.ConfigPath}, args...)...)
 	a.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	stderr, err := a.Cmd.StderrPipe()
+	// A pipe of our own rather than StderrPipe: Wait runs on its own thread here and
+	// must not close the pipe before every line is read.
+	stderr, w, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
-	a.Cmd.Stdout = io.Discard
-	if err := a.Cmd.Start(); err != nil {
+	a.Cmd.Stderr = w
+	waitErr, err := startPinned(a.Cmd)
+	w.Close() // the child holds its own copy
+	if err != nil {
+		stderr.Close()
 		return nil, fmt.Errorf("start agent: %w", err)
 	}
 	ready := make(chan struct{})
@@ -76,7 +80,8 @@ func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 				once.Do(func() { close(ready) })
 			}
 		}
-		a.err = a.Cmd.Wait()
+		stderr.Close()
+		a.err = <-waitErr
 		close(a.exited)
 	}()
 	b.closers = append(b.closers, func() error { a.Stop(); return nil })

@@ -98,12 +98,13 @@ func (b *Bed) RunCommand(ctx context.Context, name, how string, p Placement, arg
 	}
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
-	if err := cmd.Start(); err != nil {
+	waitErr, err := startPinned(cmd)
+	if err != nil {
 		r.Err = fmt.Errorf("start %s: %w", name, err)
 		return r
 	}
 	r.PID = cmd.Process.Pid
-	if err := cmd.Wait(); err != nil {
+	if err := <-waitErr; err != nil {
 		r.Err = fmt.Errorf("%s: %w: %s", name, err, strings.TrimSpace(errOut.String()))
 	}
 	r.Output = out.String()

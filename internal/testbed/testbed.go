@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -272,12 +273,13 @@ func (b *Bed) startEmulator(opts Options) error {
 	}
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	waitErr, err := startPinned(cmd)
+	if err != nil {
 		return fmt.Errorf("start emulator: %w", err)
 	}
 	b.emulator, b.EmulatorPID = cmd, cmd.Process.Pid
 	b.waitErr = make(chan error, 1)
-	go func() { b.waitErr <- cmd.Wait() }()
+	go func() { b.waitErr <- <-waitErr }()
 	b.closers = append(b.closers, func() error {
 		_ = cmd.Process.Kill()
 		<-b.waitErr
@@ -416,4 +418,26 @@ func (b *Bed) AddContainerNetns() (string, error) {
 		}
 	}
 	return "/run/netns/" + name, nil
+}
+
+// startPinned starts cmd from an OS thread that stays alive until cmd exits. Pdeathsig
+// is tied to the thread that started the child, not the process: a child started from
+// a thread the Go runtime later retires would be killed mid-test.
+func startPinned(cmd *exec.Cmd) (<-chan error, error) {
+	started := make(chan error, 1)
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		done <- cmd.Wait()
+	}()
+	if err := <-started; err != nil {
+		return nil, err
+	}
+	return done, nil
 }
