@@ -4,10 +4,7 @@
 package config
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,6 +12,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/imdsguard/imdsguard/internal/yamlfile"
 )
 
 // Config is the agent's configuration. Field names in YAML are a contract with operators
@@ -124,31 +123,7 @@ func Default() Config {
 }
 
 // Error is a configuration problem tied to a key and, when known, a line.
-type Error struct {
-	File string
-	Line int
-	Key  string
-	Msg  string
-}
-
-func (e *Error) Error() string {
-	var b strings.Builder
-	if e.File != "" {
-		b.WriteString(e.File)
-		b.WriteString(":")
-	}
-	if e.Line > 0 {
-		fmt.Fprintf(&b, "%d:", e.Line)
-	}
-	if b.Len() > 0 {
-		b.WriteString(" ")
-	}
-	if e.Key != "" {
-		fmt.Fprintf(&b, "%s: ", e.Key)
-	}
-	b.WriteString(e.Msg)
-	return b.String()
-}
+type Error = yamlfile.Error
 
 // Load reads and validates the file at path.
 func Load(path string) (Config, error) {
@@ -157,33 +132,17 @@ func Load(path string) (Config, error) {
 		return Config{}, fmt.Errorf("read config: %w", err)
 	}
 	cfg, err := Parse(data)
-	var ce *Error
-	if errors.As(err, &ce) {
-		ce.File = path
-	}
-	return cfg, err
+	return cfg, yamlfile.WithFile(err, path)
 }
 
 // Parse decodes and validates YAML. Unknown keys, wrong types and bad values are errors.
 func Parse(data []byte) (Config, error) {
 	cfg := Default()
-	var root yaml.Node
-	if err := yaml.Unmarshal(data, &root); err != nil {
-		return Config{}, yamlError(err)
+	root, err := yamlfile.Decode(data, &cfg)
+	if err != nil {
+		return Config{}, err
 	}
-	if len(root.Content) > 0 {
-		if err := checkKeys(root.Content[0], reflectKeys(), ""); err != nil {
-			return Config{}, err
-		}
-		dec := yaml.NewDecoder(bytes.NewReader(data))
-		dec.KnownFields(true)
-		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
-			ye := yamlError(err)
-			ye.Key = keyAtLine(&root, ye.Line)
-			return Config{}, ye
-		}
-	}
-	if err := cfg.validate(&root); err != nil {
+	if err := cfg.validate(root); err != nil {
 		return Config{}, err
 	}
 	return cfg, nil
@@ -191,7 +150,7 @@ func Parse(data []byte) (Config, error) {
 
 func (c *Config) validate(root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
-		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+		return yamlfile.Errorf(root, key, format, args...)
 	}
 	if c.Cgroup != "" && !filepath.IsAbs(c.Cgroup) {
 		return bad("cgroup", "must be an absolute path, got %q", c.Cgroup)
@@ -253,18 +212,4 @@ func (c *Config) validate(root *yaml.Node) error {
 		return err
 	}
 	return validateMetrics(&c.Metrics, &c.Status, c.Events.Output, root)
-}
-
-// yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.
-func yamlError(err error) *Error {
-	var te *yaml.TypeError
-	if errors.As(err, &te) && len(te.Errors) > 0 {
-		err = errors.New(te.Errors[0])
-	}
-	msg := strings.TrimPrefix(err.Error(), "yaml: ")
-	var line int
-	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
-		msg = strings.TrimSpace(msg[strings.Index(msg, ":")+1:])
-	}
-	return &Error{Line: line, Msg: msg}
 }

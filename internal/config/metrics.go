@@ -1,7 +1,6 @@
 package config
 
 import (
-	"fmt"
 	"net"
 	"net/url"
 	"path/filepath"
@@ -11,6 +10,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/imdsguard/imdsguard/internal/yamlfile"
 )
 
 // Metrics configures the MetadataNoToken-style counters the agent publishes. The key
@@ -78,7 +79,7 @@ var regionRE = regexp.MustCompile(`^[a-z]{2}(-[a-z]+)+-[0-9]+$`)
 // EMF must not share (two writers interleaving lines in one file).
 func validateMetrics(m *Metrics, s *Status, events string, root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
-		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+		return yamlfile.Errorf(root, key, format, args...)
 	}
 	switch ns := m.Namespace; {
 	case ns == "" || len(ns) > 255:

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"github.com/imdsguard/imdsguard/internal/yamlfile"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -51,7 +52,7 @@ var containerIDPattern = regexp.MustCompile(`^[0-9a-f]{12,64}$`)
 
 func (c *Config) validatePolicy(root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
-		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+		return yamlfile.Errorf(root, key, format, args...)
 	}
 	switch c.Mode {
 	case "audit", "enforce":

@@ -4,20 +4,18 @@
 package correlatorconfig
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/imdsguard/imdsguard/internal/yamlfile"
 )
 
 // Config is the correlator's configuration. `ip_ranges`, `affiliate_accounts`,
@@ -153,31 +151,7 @@ func Default() Config {
 }
 
 // Error is a configuration problem tied to a key and, when known, a line.
-type Error struct {
-	File string
-	Line int
-	Key  string
-	Msg  string
-}
-
-func (e *Error) Error() string {
-	var b strings.Builder
-	if e.File != "" {
-		b.WriteString(e.File)
-		b.WriteString(":")
-	}
-	if e.Line > 0 {
-		fmt.Fprintf(&b, "%d:", e.Line)
-	}
-	if b.Len() > 0 {
-		b.WriteString(" ")
-	}
-	if e.Key != "" {
-		fmt.Fprintf(&b, "%s: ", e.Key)
-	}
-	b.WriteString(e.Msg)
-	return b.String()
-}
+type Error = yamlfile.Error
 
 // Load reads and validates the file at path.
 func Load(path string) (Config, error) {
@@ -186,33 +160,17 @@ func Load(path string) (Config, error) {
 		return Config{}, fmt.Errorf("read config: %w", err)
 	}
 	cfg, err := Parse(data)
-	var ce *Error
-	if errors.As(err, &ce) {
-		ce.File = path
-	}
-	return cfg, err
+	return cfg, yamlfile.WithFile(err, path)
 }
 
 // Parse decodes and validates YAML. Unknown keys, wrong types and bad values are errors.
 func Parse(data []byte) (Config, error) {
 	cfg := Default()
-	var root yaml.Node
-	if err := yaml.Unmarshal(data, &root); err != nil {
-		return Config{}, yamlError(err)
+	root, err := yamlfile.Decode(data, &cfg)
+	if err != nil {
+		return Config{}, err
 	}
-	if len(root.Content) > 0 {
-		if err := checkKeys(root.Content[0], reflectKeys(), ""); err != nil {
-			return Config{}, err
-		}
-		dec := yaml.NewDecoder(bytes.NewReader(data))
-		dec.KnownFields(true)
-		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
-			ye := yamlError(err)
-			ye.Key = keyAtLine(&root, ye.Line)
-			return Config{}, ye
-		}
-	}
-	if err := cfg.validate(&root); err != nil {
+	if err := cfg.validate(root); err != nil {
 		return Config{}, err
 	}
 	return cfg, nil
@@ -220,7 +178,7 @@ func Parse(data []byte) (Config, error) {
 
 func (c *Config) validate(root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
-		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+		return yamlfile.Errorf(root, key, format, args...)
 	}
 	var err error
 	if c.IPRanges != "" && !filepath.IsAbs(c.IPRanges) {
@@ -228,7 +186,7 @@ func (c *Config) validate(root *yaml.Node) error {
 	}
 	for i, a := range c.AffiliateAccounts {
 		if !IsAccountID(a) {
-			return &Error{Line: itemLine(root, "affiliate_accounts", i), Key: fmt.Sprintf("affiliate_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "affiliate_accounts", i)), Key: fmt.Sprintf("affiliate_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
 		}
 	}
 	if c.Egress, err = prefixes(root, "egress_cidrs", c.EgressCIDRs); err != nil {
@@ -243,7 +201,7 @@ func (c *Config) validate(root *yaml.Node) error {
 	for i := range c.Suppress {
 		r := &c.Suppress[i]
 		key := fmt.Sprintf("suppress[%d]", i)
-		line := itemLine(root, "suppress", i)
+		line := yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "suppress", i))
 		if len(r.Types)+len(r.Roles)+len(r.Accounts)+len(r.CIDRs) == 0 {
 			return &Error{Line: line, Key: key, Msg: "rule matches everything: give types, roles, accounts or cidrs"}
 		}
@@ -327,7 +285,7 @@ func (c *Config) validate(root *yaml.Node) error {
 
 func (c *Config) validateIntake(root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
-		return &Error{Line: lineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+		return yamlfile.Errorf(root, key, format, args...)
 	}
 	in := c.Intake
 	if in.PurgeGrace < 0 {
@@ -360,12 +318,12 @@ func (c *Config) validateIntake(root *yaml.Node) error {
 	}
 	for i, p := range in.AWSCertificates {
 		if !filepath.IsAbs(p) {
-			return &Error{Line: itemLine(root, "intake.aws_certificates", i), Key: fmt.Sprintf("intake.aws_certificates[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
+			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.aws_certificates", i)), Key: fmt.Sprintf("intake.aws_certificates[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
 		}
 	}
 	for i, a := range in.AllowedAccounts {
 		if !IsAccountID(a) {
-			return &Error{Line: itemLine(root, "intake.allowed_accounts", i), Key: fmt.Sprintf("intake.allowed_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.allowed_accounts", i)), Key: fmt.Sprintf("intake.allowed_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
 		}
 	}
 	if len(in.AWSCertificates) == 0 && in.ClientCA == "" {
@@ -409,25 +367,11 @@ func prefixes(root *yaml.Node, key string, in []string) ([]netip.Prefix, error) 
 	for i, s := range in {
 		p, err := ParsePrefix(s)
 		if err != nil {
-			return nil, &Error{Line: itemLine(root, key, i), Key: fmt.Sprintf("%s[%d]", key, i), Msg: err.Error()}
+			return nil, &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", key, i)), Key: fmt.Sprintf("%s[%d]", key, i), Msg: err.Error()}
 		}
 		out = append(out, p)
 	}
 	return out, nil
-}
-
-// yamlError turns yaml.v3's "yaml: line N: msg" into an Error with the line.
-func yamlError(err error) *Error {
-	var te *yaml.TypeError
-	if errors.As(err, &te) && len(te.Errors) > 0 {
-		err = errors.New(te.Errors[0])
-	}
-	msg := strings.TrimPrefix(err.Error(), "yaml: ")
-	var line int
-	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
-		msg = strings.TrimSpace(msg[strings.Index(msg, ":")+1:])
-	}
-	return &Error{Line: line, Msg: msg}
 }
 
 // String renders the effective configuration, for check-config.
