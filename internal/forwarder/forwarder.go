@@ -46,14 +46,6 @@ type Identity interface {
 	Document(ctx context.Context) (document, pkcs7 string, err error)
 }
 
-// Request is the wire format of POST /v1/fingerprints.
-type Request struct {
-	Document     string            `json:"document,omitempty"`
-	PKCS7        string            `json:"pkcs7,omitempty"`
-	BatchID      string            `json:"batch_id"`
-	Fingerprints []json.RawMessage `json:"fingerprints"`
-}
-
 // Stats are the forwarder's counters.
 type Stats struct {
 	Sent      atomic.Uint64 // fingerprints the correlator took
@@ -163,9 +155,20 @@ func (f *Forwarder) sendBatch(ctx context.Context) (int, error) {
 	}
 	id := make([]byte, 8)
 	_, _ = rand.Read(id)
-	req := Request{Document: doc, PKCS7: sig, BatchID: hex.EncodeToString(id)}
+	req := fingerprint.Batch{Document: doc, PKCS7: sig, BatchID: hex.EncodeToString(id)}
 	for _, r := range recs {
-		req.Fingerprints = append(req.Fingerprints, withInstance(r.Data, doc))
+		var fp fingerprint.Fingerprint
+		if err := json.Unmarshal(r.Data, &fp); err != nil {
+			// The spool's checksums passed, so this is ours but unreadable: never sendable.
+			f.Stats.Discarded.Add(1)
+			f.log.Error().Err(err).Str("event", "forward_discarded").Msg("spooled fingerprint is not readable")
+			continue
+		}
+		req.Fingerprints = append(req.Fingerprints, withInstance(fp, doc))
+	}
+	next := recs[len(recs)-1].Next
+	if len(req.Fingerprints) == 0 {
+		return len(recs), f.spool.Ack(next)
 	}
 	body, err := json.Marshal(req)
 	if err != nil {
@@ -182,7 +185,6 @@ func (f *Forwarder) sendBatch(ctx context.Context) (int, error) {
 	}
 	defer resp.Body.Close()
 	answer, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	next := recs[len(recs)-1].Next
 	switch {
 	case resp.StatusCode == http.StatusOK:
 		if err := f.spool.Ack(next); err != nil {
@@ -208,10 +210,9 @@ func (f *Forwarder) sendBatch(ctx context.Context) (int, error) {
 // withInstance fills a fingerprint's instance from the identity document when the
 // agent did not know it yet at fetch time (IMDS was slow at boot): the correlator
 // checks that they match, and a batch it refuses for that would block the spool.
-func withInstance(data []byte, document string) json.RawMessage {
-	var fp fingerprint.Fingerprint
-	if err := json.Unmarshal(data, &fp); err != nil || fp.Instance.ID != "" {
-		return data
+func withInstance(fp fingerprint.Fingerprint, document string) fingerprint.Fingerprint {
+	if fp.Instance.ID != "" {
+		return fp
 	}
 	var doc struct {
 		InstanceID       string `json:"instanceId"`
@@ -220,12 +221,8 @@ func withInstance(data []byte, document string) json.RawMessage {
 		AvailabilityZone string `json:"availabilityZone"`
 	}
 	if err := json.Unmarshal([]byte(document), &doc); err != nil || doc.InstanceID == "" {
-		return data
+		return fp
 	}
 	fp.Instance = fingerprint.Instance{ID: doc.InstanceID, AccountID: doc.AccountID, Region: doc.Region, AvailabilityZone: doc.AvailabilityZone}
-	out, err := json.Marshal(fp)
-	if err != nil {
-		return data
-	}
-	return out
+	return fp
 }

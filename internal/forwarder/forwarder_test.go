@@ -15,6 +15,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/imdsguard/imdsguard/internal/fingerprint"
 	"github.com/imdsguard/imdsguard/internal/spool"
 )
 
@@ -47,16 +48,14 @@ func (c *correlator) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, `{"error":"no"}`, c.status)
 		return
 	}
-	var req Request
+	var req fingerprint.Batch
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil || req.Document == "" || req.PKCS7 == "" || req.BatchID == "" {
 		http.Error(w, `{"error":"bad"}`, http.StatusBadRequest)
 		return
 	}
-	for _, raw := range req.Fingerprints {
-		var fp struct{ ID string }
-		json.Unmarshal(raw, &fp)
+	for _, fp := range req.Fingerprints {
 		c.got[fp.ID]++
 	}
 	fmt.Fprintf(w, `{"accepted":%d,"duplicates":0}`, len(req.Fingerprints))
@@ -137,19 +136,14 @@ func TestUnauthorizedIsRetried(t *testing.T) {
 }
 
 func TestInstanceFilledFromDocument(t *testing.T) {
-	out := withInstance([]byte(`{"id":"a","access_key_id":"ASIA1","instance":{"id":""}}`),
+	fp := withInstance(fingerprint.Fingerprint{ID: "a"},
 		`{"instanceId":"i-9","accountId":"123456789012","region":"eu-west-1","availabilityZone":"eu-west-1a"}`)
-	var fp struct {
-		ID       string
-		Instance struct{ ID, AccountID string } `json:"instance"`
-	}
-	json.Unmarshal(out, &fp)
-	if fp.ID != "a" || fp.Instance.ID != "i-9" {
-		t.Fatalf("filled %s", out)
+	if fp.ID != "a" || fp.Instance.ID != "i-9" || fp.Instance.AccountID != "123456789012" {
+		t.Fatalf("filled %+v", fp)
 	}
 	// A fingerprint that knows its instance is sent as it is.
-	known := []byte(`{"id":"b","instance":{"id":"i-1"}}`)
-	if got := withInstance(known, `{"instanceId":"i-9"}`); string(got) != string(known) {
-		t.Fatalf("rewrote %s", got)
+	known := fingerprint.Fingerprint{ID: "b", Instance: fingerprint.Instance{ID: "i-1"}}
+	if got := withInstance(known, `{"instanceId":"i-9"}`); got.Instance.ID != "i-1" {
+		t.Fatalf("rewrote %+v", got)
 	}
 }

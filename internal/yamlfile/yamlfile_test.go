@@ -32,10 +32,10 @@ func TestDecode(t *testing.T) {
 	}
 	for yaml, want := range map[string]string{
 		"items:\n  - id: 1\n    colour: red\n": "3: items[0].colour: unknown key (known: id, path)",
-		"sub:\n  on: maybe\n":                   "2: sub.on: cannot unmarshal",
-		"every: soon\n":                         "1: every: cannot unmarshal",
-		"sub: 3\n":                              "1: sub: must be a mapping",
-		"name: [\n":                             "did not find",
+		"sub:\n  on: maybe\n":                  "2: sub.on: cannot unmarshal",
+		"every: soon\n":                        "1: every: cannot unmarshal",
+		"sub: 3\n":                             "1: sub: must be a mapping",
+		"name: [\n":                            "did not find",
 	} {
 		var c conf
 		_, err := Decode([]byte(yaml), &c)
