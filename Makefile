@@ -39,6 +39,7 @@ demo: root deps
 
 bench: root deps
 	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/broker
+	$(GO) test -run '^$$' -bench Append -benchtime 2000x ./internal/spool
 	$(GO) run ./scripts/bench
 	$(GO) run ./scripts/bench-correlator
 	$(GO) run ./scripts/bench-intake
