@@ -174,7 +174,9 @@ struct event {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22); /* 4 MiB: ~4.7k events of headroom */
+	/* 1 MiB: ~1.2k events of headroom, plenty for a reader that hands events on without
+	 * blocking; the mapping counts twice in the agent's RSS, so size matters. */
+	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
 /* What the broker needs about a redirected connection, keyed by the client socket's
