@@ -41,6 +41,7 @@ type Options struct {
 const (
 	heartbeatEvery = 250 * time.Millisecond // the kernel's timeout is 1s
 	resolveEvery   = 2 * time.Second        // re-resolve exes, units, containers
+	flushEvery     = 20 * time.Millisecond  // longest an event line waits in the buffer
 )
 
 // Run guards until ctx is done. Errors are start-up failures or a broken reader. Each
@@ -288,6 +289,11 @@ func (a *agent) saveLedger() {
 // written here, off the request path, and flushed whenever nothing else is waiting.
 func (a *agent) writeLoop(queue <-chan hook.Event) {
 	requests := a.requests
+	// Lines reach the file within flushEvery: one write per burst instead of one per
+	// line keeps the writer off the CPU the broker's clients are waiting for.
+	flush := time.NewTicker(flushEvery)
+	defer flush.Stop()
+	dirty := false
 	for queue != nil || requests != nil {
 		select {
 		case ev, ok := <-queue:
@@ -302,16 +308,20 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 			if ev.Verdict == hook.VerdictDeny {
 				a.ledger.Observe(usage.Denied, usage.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}, rec.Time)
 			}
+			dirty = true
 		case rec, ok := <-requests:
 			if !ok {
 				requests = nil
 				continue
 			}
 			a.out.Write(rec)
-		}
-		if len(queue) == 0 && len(requests) == 0 {
-			if err := a.out.Flush(); err != nil {
-				a.log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
+			dirty = true
+		case <-flush.C:
+			if dirty {
+				if err := a.out.Flush(); err != nil {
+					a.log.Error().Err(err).Str("event", "events_write_failed").Msg("writing events")
+				}
+				dirty = false
 			}
 		}
 	}
