@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 )
 
@@ -63,7 +64,12 @@ func (b *Bed) Command(ctx context.Context, p Placement, argv ...string) (*exec.C
 		cmd.SysProcAttr.UseCgroupFD = true
 		cmd.SysProcAttr.CgroupFD = fd
 		// The fd is only needed until the child exists; the bed closes it on Close.
-		b.closers = append(b.closers, func() error { syscall.Close(fd); return nil })
+		var once sync.Once
+		release := func() { once.Do(func() { syscall.Close(fd) }) }
+		b.mu.Lock()
+		b.cgroupFDs[cmd] = release
+		b.mu.Unlock()
+		b.closers = append(b.closers, func() error { release(); return nil })
 	}
 	return cmd, nil
 }
@@ -99,6 +105,7 @@ func (b *Bed) RunCommand(ctx context.Context, name, how string, p Placement, arg
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	waitErr, err := startPinned(cmd)
+	b.releaseCgroupFD(cmd) // only needed to create the child; long loops must not run out of fds
 	if err != nil {
 		r.Err = fmt.Errorf("start %s: %w", name, err)
 		return r
@@ -158,4 +165,14 @@ func (b *Bed) SubCgroup(name string) (string, error) {
 		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
 	}
 	return dir, nil
+}
+
+func (b *Bed) releaseCgroupFD(cmd *exec.Cmd) {
+	b.mu.Lock()
+	release := b.cgroupFDs[cmd]
+	delete(b.cgroupFDs, cmd)
+	b.mu.Unlock()
+	if release != nil {
+		release()
+	}
 }

@@ -86,8 +86,11 @@ type Bed struct {
 
 	emulator *exec.Cmd
 	waitErr  chan error
-	closers  []func() error
-	closed   bool
+
+	mu        sync.Mutex
+	cgroupFDs map[*exec.Cmd]func() // cgroup fds of commands not yet started
+	closers   []func() error
+	closed    bool
 }
 
 var (
@@ -112,7 +115,7 @@ func New(opts Options) (b *Bed, err error) {
 	}
 	reapOnce.Do(ReapStale)
 	name := fmt.Sprintf("imdsguard-t%d-%d", os.Getpid(), seq.Add(1))
-	b = &Bed{Name: name, NetnsPath: "/run/netns/" + name}
+	b = &Bed{Name: name, NetnsPath: "/run/netns/" + name, cgroupFDs: map[*exec.Cmd]func(){}}
 	defer func() {
 		if err != nil {
 			_ = b.Close()
