@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/rs/zerolog"
@@ -25,6 +24,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/fingerprint"
 	"github.com/imdsguard/imdsguard/internal/ipranges"
 	"github.com/imdsguard/imdsguard/internal/trailwatch"
+	buildversion "github.com/imdsguard/imdsguard/internal/version"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -94,15 +94,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 }
 
-func versionString() string {
-	if version != "" {
-		return version
-	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "dev"
-}
+func versionString() string { return buildversion.String(version) }
 
 func cmdCheckConfig(args []string, stdout io.Writer) error {
 	if len(args) != 1 {

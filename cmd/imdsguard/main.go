@@ -10,7 +10,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/rs/zerolog"
@@ -19,6 +18,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/config"
 	"github.com/imdsguard/imdsguard/internal/hook"
 	"github.com/imdsguard/imdsguard/internal/preflight"
+	buildversion "github.com/imdsguard/imdsguard/internal/version"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -95,15 +95,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func versionString() string {
-	if version != "" {
-		return version
-	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "dev"
-}
+func versionString() string { return buildversion.String(version) }
 
 func cmdCheckConfig(args []string, stdout io.Writer) error {
 	if len(args) != 1 {
