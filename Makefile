@@ -35,16 +35,16 @@ test: root deps
 	$(PRIV) $(GO) test -count=1 -p 1 -parallel 1 -timeout 20m ./...
 
 demo: root deps
-	$(GO) run ./scripts/demo
+	$(GO) run ./tools/demo
 
 bench: root deps
-	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/broker
-	$(GO) test -run '^$$' -bench Append -benchtime 2000x ./internal/spool
-	$(GO) run ./scripts/bench
-	$(GO) run ./scripts/bench-correlator
-	$(GO) run ./scripts/bench-intake
+	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/agent/broker
+	$(GO) test -run '^$$' -bench Append -benchtime 2000x ./internal/agent/spool
+	$(GO) run ./tools/bench
+	$(GO) run ./tools/bench-correlator
+	$(GO) run ./tools/bench-intake
 
-# deb and rpm of the agent (and of the correlator, once cmd/imdsguard-correlator exists)
+# deb and rpm of the agent and of the correlator
 # for each of PKG_ARCHES, versioned by packaging/version.sh. Reproducible: static
 # binaries built with -trimpath, every mtime set to the last commit's time.
 package:
@@ -63,11 +63,11 @@ package:
 
 # Regenerate the BPF objects and their Go bindings (needs clang; installed if missing).
 generate: build-deps
-	$(GO) generate ./internal/hook/
+	$(GO) generate ./internal/agent/hook/
 
 # Fails when the committed bpf2go output does not match bpf/.
 check-generate: generate
-	git diff --exit-code -- internal/hook/
+	git diff --exit-code -- internal/agent/hook/
 
 root:
 	@if [ "$$(id -u)" != 0 ]; then echo "this target needs root (BPF, namespaces, cgroups): run it with sudo" >&2; exit 1; fi

@@ -12,9 +12,9 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/imdsguard/imdsguard/internal/identity"
-	"github.com/imdsguard/imdsguard/internal/metrics"
-	"github.com/imdsguard/imdsguard/internal/metrics/metricstest"
+	"github.com/imdsguard/imdsguard/internal/agent/hostid"
+	"github.com/imdsguard/imdsguard/internal/agent/metrics"
+	"github.com/imdsguard/imdsguard/internal/agent/metrics/metricstest"
 )
 
 // The dimension sets the agent emits (metrics.Datums), as sorted, comma-joined names.
@@ -107,7 +107,7 @@ func TestGrafanaDashboardUsesEmittedMetrics(t *testing.T) {
 	for _, k := range metrics.Kinds() {
 		agg.Observe(metrics.Observation{Kind: k, Exe: "/bin/x", User: "root"})
 	}
-	if err := p.Publish(t.Context(), agg.Flush(time.Now()), identity.Identity{}, false); err != nil {
+	if err := p.Publish(t.Context(), agg.Flush(time.Now()), hostid.Identity{}, false); err != nil {
 		t.Fatal(err)
 	}
 	srv := httptest.NewServer(p.Handler())

@@ -13,7 +13,7 @@ import (
 	"github.com/hashicorp/hcl/v2/hclparse"
 	"gopkg.in/yaml.v3"
 
-	"github.com/imdsguard/imdsguard/internal/testbed"
+	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
 // checkShell runs `sh -n` (or bash -n) on script: a syntax error fails t.

@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/imdsguard/imdsguard/internal/testbed"
+	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
 // debianMirror is where debootstrap fetches Debian from; the build machines reach it.

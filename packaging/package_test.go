@@ -12,7 +12,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/imdsguard/imdsguard/internal/testbed"
+	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
 // builtPackages are the packages `make package` made for this machine's architecture,

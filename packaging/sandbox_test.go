@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imdsguard/imdsguard/internal/testbed"
+	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
 // sandboxed is one run of the agent binary inside the test bed, under a capability

@@ -15,9 +15,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/agent"
-	"github.com/imdsguard/imdsguard/internal/config"
-	"github.com/imdsguard/imdsguard/internal/hook"
-	"github.com/imdsguard/imdsguard/internal/preflight"
+	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
+	"github.com/imdsguard/imdsguard/internal/agent/preflight"
 	buildversion "github.com/imdsguard/imdsguard/internal/version"
 )
 

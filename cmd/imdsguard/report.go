@@ -9,7 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	usagelog "github.com/imdsguard/imdsguard/internal/usage"
+	"github.com/imdsguard/imdsguard/internal/agent/tally"
 )
 
 func cmdReport(args []string, stdout io.Writer) error {
@@ -29,7 +29,7 @@ func cmdReport(args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	l, err := usagelog.Open(filepath.Join(cfg.StateDir, "usage.json"))
+	l, err := tally.Open(filepath.Join(cfg.StateDir, "usage.json"))
 	if err != nil {
 		return err
 	}

@@ -7,8 +7,8 @@ import (
 	"io"
 	"time"
 
-	"github.com/imdsguard/imdsguard/internal/config"
-	"github.com/imdsguard/imdsguard/internal/status"
+	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/status"
 )
 
 // cmdStatus prints the running agent's per-process table. The socket is --socket, or

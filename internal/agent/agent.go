@@ -18,13 +18,13 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/imdsguard/imdsguard/internal/broker"
-	"github.com/imdsguard/imdsguard/internal/cgroup"
-	"github.com/imdsguard/imdsguard/internal/config"
-	"github.com/imdsguard/imdsguard/internal/eventlog"
-	"github.com/imdsguard/imdsguard/internal/hook"
-	"github.com/imdsguard/imdsguard/internal/procinfo"
-	"github.com/imdsguard/imdsguard/internal/usage"
+	"github.com/imdsguard/imdsguard/internal/agent/broker"
+	"github.com/imdsguard/imdsguard/internal/agent/cgroup"
+	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/events"
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
+	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
+	"github.com/imdsguard/imdsguard/internal/agent/tally"
 )
 
 // Options are what the command line gives the agent.
@@ -48,7 +48,7 @@ const (
 // value on hup reloads the configuration and reopens the output files.
 func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
 	a := &agent{cfg: opts.Config, opts: opts, log: log, recent: newRecent(4096),
-		requests: make(chan eventlog.Record, opts.Config.Agent.QueueSize)}
+		requests: make(chan events.Record, opts.Config.Agent.QueueSize)}
 	defer a.close()
 	if err := a.start(); err != nil {
 		return err
@@ -84,7 +84,7 @@ func (a *agent) start() error {
 		return fmt.Errorf("guarded cgroup: %w", err)
 	}
 	a.resolver = procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192)
-	if a.out, err = eventlog.Open(cfg.Events.Output); err != nil {
+	if a.out, err = events.Open(cfg.Events.Output); err != nil {
 		return err
 	}
 	a.onClose(func() {
@@ -119,7 +119,7 @@ func (a *agent) start() error {
 		return err
 	}
 	a.onClose(func() { a.fps.Close() })
-	if a.ledger, err = usage.Open(filepath.Join(cfg.StateDir, "usage.json")); err != nil {
+	if a.ledger, err = tally.Open(filepath.Join(cfg.StateDir, "usage.json")); err != nil {
 		return err
 	}
 	a.onClose(a.saveLedger)
@@ -250,14 +250,14 @@ type agent struct {
 	opts       Options
 	log        zerolog.Logger
 	h          *hook.Hook
-	out        *eventlog.Writer
+	out        *events.Writer
 	broker     *broker.Broker
 	resolver   *procinfo.Resolver
 	recent     *recent
-	requests   chan eventlog.Record // the broker's request lines, written by writeLoop
+	requests   chan events.Record // the broker's request lines, written by writeLoop
 	fps        *fingerprints
 	tel        *telemetry
-	ledger     *usage.Ledger
+	ledger     *tally.Ledger
 	reqDrops   atomic.Uint64
 	reqMu      sync.RWMutex
 	reqClosed  bool
@@ -306,7 +306,7 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 			a.out.Write(rec)
 			a.tel.observeConnect(rec)
 			if ev.Verdict == hook.VerdictDeny {
-				a.ledger.Observe(usage.Denied, usage.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}, rec.Time)
+				a.ledger.Observe(tally.Denied, tally.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}, rec.Time)
 			}
 			dirty = true
 		case rec, ok := <-requests:

@@ -12,17 +12,18 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/imdsguard/imdsguard/internal/broker"
-	"github.com/imdsguard/imdsguard/internal/eventlog"
-	"github.com/imdsguard/imdsguard/internal/fingerprint"
-	"github.com/imdsguard/imdsguard/internal/forwarder"
-	"github.com/imdsguard/imdsguard/internal/spool"
+	"github.com/imdsguard/imdsguard/internal/agent/broker"
+	"github.com/imdsguard/imdsguard/internal/agent/capture"
+	"github.com/imdsguard/imdsguard/internal/agent/events"
+	"github.com/imdsguard/imdsguard/internal/agent/forwarder"
+	"github.com/imdsguard/imdsguard/internal/agent/spool"
+	"github.com/imdsguard/imdsguard/internal/wire"
 )
 
 // fingerprints records which process fetched which credential. Until the durable spool
 // and forwarder exist, fingerprints go to a local JSON-lines file.
 type fingerprints struct {
-	capture *fingerprint.Capturer
+	capture *capture.Capturer
 	meta    hostMeta
 	imds    *imdsIdentity // one IMDS client (and token) for host facts and the identity document
 	mu      sync.Mutex
@@ -35,12 +36,12 @@ func (a *agent) openFingerprints() error {
 	if fc.Output == "" && fc.Correlator.URL == "" {
 		return nil
 	}
-	secret, err := fingerprint.HostSecret(filepath.Join(a.cfg.StateDir, "host.key"))
+	secret, err := capture.HostSecret(filepath.Join(a.cfg.StateDir, "host.key"))
 	if err != nil {
 		return err
 	}
 	fps := &fingerprints{imds: newIMDSIdentity(a.cfg)}
-	fps.capture = fingerprint.NewCapturer(secret, a.instance, func() []netip.Addr {
+	fps.capture = capture.NewCapturer(secret, a.instance, func() []netip.Addr {
 		_, public := fps.meta.get()
 		return append(hostAddresses(), public...)
 	})
@@ -84,12 +85,12 @@ func (a *agent) forward(ctx context.Context) error {
 }
 
 // instance is the host's EC2 identity, as far as the agent knows it yet.
-func (a *agent) instance() fingerprint.Instance {
+func (a *agent) instance() wire.Instance {
 	id, ok := a.tel.Identity.Get()
 	if !ok {
-		return fingerprint.Instance{}
+		return wire.Instance{}
 	}
-	return fingerprint.Instance{ID: id.InstanceID, AccountID: id.AccountID, Region: id.Region, AvailabilityZone: id.AvailabilityZone}
+	return wire.Instance{ID: id.InstanceID, AccountID: id.AccountID, Region: id.Region, AvailabilityZone: id.AvailabilityZone}
 }
 
 // hostAddresses lists every address of the host's interfaces: where a credential may
@@ -111,11 +112,11 @@ func hostAddresses() []netip.Addr {
 
 // recordCredential fingerprints a credential answer relayed by the broker. The body
 // holds secrets: it is dropped here, and never logged.
-func (a *agent) recordCredential(req broker.Request, rec eventlog.Record) {
+func (a *agent) recordCredential(req broker.Request, rec events.Record) {
 	if a.fps == nil || req.Body == nil {
 		return
 	}
-	proc := fingerprint.Process{PID: int(rec.PID), Exe: rec.Exe, User: rec.User, Unit: rec.Unit, ContainerID: rec.ContainerID}
+	proc := wire.Process{PID: int(rec.PID), Exe: rec.Exe, User: rec.User, Unit: rec.Unit, ContainerID: rec.ContainerID}
 	fp, first, err := a.fps.capture.Observe(req.Path, req.Body, proc, req.Conn.StartBoottime, string(req.Version))
 	if err != nil {
 		a.log.Warn().Err(err).Str("event", "fingerprint_failed").Str("path", req.Path).Msg("credential answer not understood")

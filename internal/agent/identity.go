@@ -15,8 +15,8 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/imdsguard/imdsguard/internal/broker"
-	"github.com/imdsguard/imdsguard/internal/config"
+	"github.com/imdsguard/imdsguard/internal/agent/broker"
+	"github.com/imdsguard/imdsguard/internal/agent/config"
 )
 
 // imdsIdentity fetches the instance identity document and its PKCS#7 signature over

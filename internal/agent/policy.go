@@ -3,8 +3,8 @@ package agent
 import (
 	"fmt"
 
-	"github.com/imdsguard/imdsguard/internal/config"
-	"github.com/imdsguard/imdsguard/internal/policy"
+	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/policy"
 )
 
 type policyState struct {

@@ -7,9 +7,9 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/imdsguard/imdsguard/internal/eventlog"
-	"github.com/imdsguard/imdsguard/internal/procinfo"
-	"github.com/imdsguard/imdsguard/internal/sockdiag"
+	"github.com/imdsguard/imdsguard/internal/agent/events"
+	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
+	"github.com/imdsguard/imdsguard/internal/agent/sockdiag"
 )
 
 // reportPreexisting writes one imds_preexisting line per IMDS connection that was open
@@ -36,7 +36,7 @@ func (a *agent) reportPreexisting() {
 			}
 		}
 		info := a.resolver.Resolve(p)
-		a.out.Write(eventlog.Record{Kind: eventlog.KindPreexisting, Time: time.Now(), PID: uint32(c.PID), UID: c.UID,
+		a.out.Write(events.Record{Kind: events.KindPreexisting, Time: time.Now(), PID: uint32(c.PID), UID: c.UID,
 			User: info.User, Exe: info.Exe, Cmdline: info.Cmdline, Cgroup: info.Cgroup, Unit: info.Unit,
 			ContainerID: info.ContainerID, Dst: c.Dst.String(), Verdict: "unguarded", Missing: info.Missing})
 	}

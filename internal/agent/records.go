@@ -3,21 +3,21 @@ package agent
 import (
 	"sync"
 
-	"github.com/imdsguard/imdsguard/internal/broker"
-	"github.com/imdsguard/imdsguard/internal/eventlog"
-	"github.com/imdsguard/imdsguard/internal/hook"
-	"github.com/imdsguard/imdsguard/internal/metrics"
-	"github.com/imdsguard/imdsguard/internal/procinfo"
-	"github.com/imdsguard/imdsguard/internal/usage"
+	"github.com/imdsguard/imdsguard/internal/agent/broker"
+	"github.com/imdsguard/imdsguard/internal/agent/events"
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
+	"github.com/imdsguard/imdsguard/internal/agent/metrics"
+	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
+	"github.com/imdsguard/imdsguard/internal/agent/tally"
 )
 
-func (a *agent) connectRecord(ev hook.Event) eventlog.Record {
+func (a *agent) connectRecord(ev hook.Event) events.Record {
 	info := a.resolver.Resolve(procinfo.Process{
 		PID: ev.PID, StartBoottime: ev.StartBoottime, UID: ev.UID, CgroupID: ev.CgroupID,
 		ExePath: ev.ExePath, ExeDev: ev.ExeDev, ExeIno: ev.ExeIno,
 	})
-	return eventlog.Record{
-		Kind: eventlog.KindConnect, Time: ev.Time, PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, GID: ev.GID,
+	return events.Record{
+		Kind: events.KindConnect, Time: ev.Time, PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, GID: ev.GID,
 		User: info.User, Comm: ev.Comm, Exe: info.Exe,
 		ExeTruncated: ev.ExeTruncated && info.Exe == ev.ExePath,
 		Cmdline:      info.Cmdline, Cgroup: info.Cgroup, CgroupID: ev.CgroupID, Unit: info.Unit,
@@ -35,14 +35,14 @@ func (a *agent) recordRequest(req broker.Request) {
 		c := req.Conn
 		info := a.resolver.Resolve(procinfo.Process{PID: c.PID, StartBoottime: c.StartBoottime, UID: c.UID,
 			CgroupID: c.CgroupID, ExeDev: c.ExeDev, ExeIno: c.ExeIno})
-		rec = eventlog.Record{PID: c.PID, TID: c.TID, UID: c.UID, GID: c.GID, User: info.User, Exe: info.Exe,
+		rec = events.Record{PID: c.PID, TID: c.TID, UID: c.UID, GID: c.GID, User: info.User, Exe: info.Exe,
 			Cmdline: info.Cmdline, Cgroup: info.Cgroup, CgroupID: c.CgroupID, Unit: info.Unit,
 			ContainerID: info.ContainerID, SocketCookie: c.SocketCookie, Dst: c.Dst.String(),
 			Verdict: c.Verdict.String(), Rule: a.ruleName(c.Rule), Redirected: true, Missing: info.Missing}
 	}
 	a.recordCredential(req, rec)
 	a.observeRequest(req, rec)
-	rec.Kind = eventlog.KindRequest
+	rec.Kind = events.KindRequest
 	rec.Time = req.Started
 	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)
 	rec.Status, rec.Refused = req.Status, req.Refused
@@ -66,14 +66,14 @@ type recent struct {
 	mu    sync.Mutex
 	max   int
 	order []uint64
-	m     map[uint64]eventlog.Record
+	m     map[uint64]events.Record
 }
 
 func newRecent(max int) *recent {
-	return &recent{max: max, m: make(map[uint64]eventlog.Record, max)}
+	return &recent{max: max, m: make(map[uint64]events.Record, max)}
 }
 
-func (r *recent) put(cookie uint64, rec eventlog.Record) {
+func (r *recent) put(cookie uint64, rec events.Record) {
 	if cookie == 0 {
 		return
 	}
@@ -89,7 +89,7 @@ func (r *recent) put(cookie uint64, rec eventlog.Record) {
 	r.m[cookie] = rec
 }
 
-func (r *recent) get(cookie uint64) (eventlog.Record, bool) {
+func (r *recent) get(cookie uint64) (events.Record, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	rec, ok := r.m[cookie]
@@ -97,13 +97,13 @@ func (r *recent) get(cookie uint64) (eventlog.Record, bool) {
 }
 
 // observeRequest counts a brokered request in the metrics, MetadataNoToken-style.
-func (a *agent) observeRequest(req broker.Request, rec eventlog.Record) {
+func (a *agent) observeRequest(req broker.Request, rec events.Record) {
 	var kind metrics.Kind
-	who := usage.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}
+	who := tally.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}
 	switch {
 	case req.Refused == "imdsv2_required":
 		kind = metrics.MetadataNoTokenRejected
-		a.ledger.Observe(usage.V1Rejected, who, req.Started)
+		a.ledger.Observe(tally.V1Rejected, who, req.Started)
 	case req.Refused == "upstream_error":
 		a.tel.Metrics.Observe(metrics.Observation{Kind: metrics.BrokerErrors, Count: 1})
 		return
@@ -111,17 +111,17 @@ func (a *agent) observeRequest(req broker.Request, rec eventlog.Record) {
 		return
 	case req.Version == broker.VersionV1:
 		kind = metrics.MetadataNoToken
-		a.ledger.Observe(usage.V1, who, req.Started)
+		a.ledger.Observe(tally.V1, who, req.Started)
 	case req.Version == broker.VersionV2:
 		kind = metrics.MetadataWithToken
-		a.ledger.Observe(usage.V2, who, req.Started)
+		a.ledger.Observe(tally.V2, who, req.Started)
 	case req.Version == broker.VersionToken:
 		kind = metrics.MetadataTokenRequests
-		a.ledger.Observe(usage.Token, who, req.Started)
+		a.ledger.Observe(tally.Token, who, req.Started)
 	}
 	a.tel.observeProcess(kind, rec.Exe, rec.User, rec.UID, req.Started)
 	if req.Body != nil {
 		a.tel.observeProcess(metrics.CredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
-		a.ledger.Observe(usage.Credential, who, req.Started)
+		a.ledger.Observe(tally.Credential, who, req.Started)
 	}
 }

@@ -9,19 +9,19 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/imdsguard/imdsguard/internal/config"
-	"github.com/imdsguard/imdsguard/internal/eventlog"
-	"github.com/imdsguard/imdsguard/internal/hook"
-	"github.com/imdsguard/imdsguard/internal/identity"
-	"github.com/imdsguard/imdsguard/internal/metrics"
-	"github.com/imdsguard/imdsguard/internal/status"
+	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/events"
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
+	"github.com/imdsguard/imdsguard/internal/agent/hostid"
+	"github.com/imdsguard/imdsguard/internal/agent/metrics"
+	"github.com/imdsguard/imdsguard/internal/agent/status"
 )
 
 // telemetry is what the agent reports about IMDS use besides the event lines: the
 // instance identity, the metrics and their sinks, and the status socket. Observe feeds
 // it; everything else runs in the background.
 type telemetry struct {
-	Identity *identity.Source
+	Identity *hostid.Source
 	Metrics  *metrics.Aggregator
 
 	log    zerolog.Logger
@@ -44,7 +44,7 @@ const finalFlush = 5 * time.Second
 func startTelemetry(cfg config.Config, log zerolog.Logger, httpClient *http.Client) (*telemetry, error) {
 	m := cfg.Metrics
 	t := &telemetry{
-		Identity: identity.New(identity.Options{
+		Identity: hostid.New(hostid.Options{
 			Endpoint:   "http://" + net.JoinHostPort(cfg.IMDS.IPv4, strconv.Itoa(cfg.IMDS.Port)),
 			HTTPClient: httpClient,
 			Log:        log,
@@ -113,7 +113,7 @@ func startTelemetry(cfg config.Config, log zerolog.Logger, httpClient *http.Clie
 // observeConnect counts one connect() event from the hook. A denied connect is
 // MetadataDenied; an allowed one is a MetadataRequests (until the broker classifies
 // the requests themselves).
-func (t *telemetry) observeConnect(rec eventlog.Record) {
+func (t *telemetry) observeConnect(rec events.Record) {
 	kind := metrics.MetadataRequests
 	if rec.Verdict == hook.VerdictDeny.String() {
 		kind = metrics.MetadataDenied

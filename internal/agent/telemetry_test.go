@@ -4,8 +4,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imdsguard/imdsguard/internal/eventlog"
-	"github.com/imdsguard/imdsguard/internal/metrics"
+	"github.com/imdsguard/imdsguard/internal/agent/events"
+	"github.com/imdsguard/imdsguard/internal/agent/metrics"
 )
 
 // The event loop's one call: an allowed connect is a request, a denied one (the
@@ -13,8 +13,8 @@ import (
 func TestObserveConnect(t *testing.T) {
 	tel := &telemetry{Metrics: metrics.NewAggregator(20, 100)}
 	now := time.Now()
-	tel.observeConnect(eventlog.Record{Time: now, Exe: "/usr/bin/curl", User: "root", Verdict: "allow"})
-	tel.observeConnect(eventlog.Record{Time: now, Exe: "/tmp/x", UID: 4242, Verdict: "deny"})
+	tel.observeConnect(events.Record{Time: now, Exe: "/usr/bin/curl", User: "root", Verdict: "allow"})
+	tel.observeConnect(events.Record{Time: now, Exe: "/tmp/x", UID: 4242, Verdict: "deny"})
 	tel.observeDrops(3)
 	tel.observeDrops(0)
 	s := tel.Metrics.Flush(now)

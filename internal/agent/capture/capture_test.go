@@ -1,0 +1,45 @@
+package capture
+
+import (
+	"bytes"
+	"encoding/json"
+	"path/filepath"
+	"testing"
+
+	"github.com/imdsguard/imdsguard/internal/wire"
+)
+
+func TestCaptureKeepsNoSecrets(t *testing.T) {
+	body := []byte(`{"Code":"Success","LastUpdated":"2026-11-23T10:00:00Z","Type":"AWS-HMAC","AccessKeyId":"ASIATESTKEY","SecretAccessKey":"VERYSECRETVALUE","Token":"SESSIONTOKENVALUE","Expiration":"2026-11-23T16:00:00Z"}`)
+	secret, err := HostSecret(filepath.Join(t.TempDir(), "state", "host.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewCapturer(secret, func() wire.Instance { return wire.Instance{ID: "i-1"} }, nil)
+	proc := wire.Process{PID: 42, Exe: "/usr/bin/curl", User: "root"}
+	fp, first, err := c.Observe("/latest/meta-data/iam/security-credentials/web", body, proc, 7, "v2")
+	if err != nil || !first {
+		t.Fatalf("first observe: %v %v", first, err)
+	}
+	if fp.AccessKeyID != "ASIATESTKEY" || fp.Role != "web" || fp.Instance.ID != "i-1" || fp.Process.PID != 42 ||
+		fp.IMDSVersion != "v2" || len(fp.TokenHMAC) != 64 || fp.ID == "" || fp.Expiration.IsZero() {
+		t.Fatalf("fingerprint %+v", fp)
+	}
+	out, _ := json.Marshal(fp)
+	for _, s := range []string{"VERYSECRETVALUE", "SESSIONTOKENVALUE"} {
+		if bytes.Contains(out, []byte(s)) {
+			t.Fatalf("fingerprint carries a secret: %s", out)
+		}
+	}
+	again, first, _ := c.Observe("/latest/meta-data/iam/security-credentials/web", body, proc, 7, "v2")
+	if first || again.ID != fp.ID {
+		t.Fatalf("repeat: first=%v id %s vs %s", first, again.ID, fp.ID)
+	}
+	other, first, _ := c.Observe("/latest/meta-data/iam/security-credentials/web", body, wire.Process{PID: 43}, 9, "v1")
+	if !first || other.ID == fp.ID {
+		t.Fatal("another process's fetch is another fingerprint")
+	}
+	if _, _, err := c.Observe("/x", []byte("not json SESSIONTOKENVALUE"), proc, 7, "v1"); err == nil || bytes.Contains([]byte(err.Error()), []byte("SESSION")) {
+		t.Fatalf("bad body error %v", err)
+	}
+}

@@ -1,0 +1,152 @@
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/agent/hostid"
+)
+
+var promNames = [numKinds]string{
+	"metadata_requests", "metadata_no_token", "metadata_no_token_rejected", "metadata_with_token",
+	"metadata_token_requests", "metadata_denied", "credential_fetches",
+	"events_dropped", "broker_errors", "fail_mode_activations",
+}
+
+// PromName is the Prometheus family name of k's per-instance counter.
+func PromName(k Kind) string { return "imdsguard_" + promNames[k] + "_total" }
+
+// Prometheus serves the counters on /metrics. Counters advance once per interval, from
+// the same capped snapshots as the other sinks, so every sink tells the same numbers.
+// Counters are cumulative, so label values accumulate over the agent's life: at most
+// labelLimit distinct executables (and users) get a label of their own, later ones
+// count as Other.
+type Prometheus struct {
+	reg    *prometheus.Registry
+	total  [numKinds]prometheus.Counter
+	byExe  [numKinds]*prometheus.CounterVec
+	byUser [numKinds]*prometheus.CounterVec
+	info   *prometheus.GaugeVec
+
+	mu         sync.Mutex
+	labelLimit int
+	exeLabels  map[string]bool
+	userLabels map[string]bool
+	srv        *http.Server
+	log        zerolog.Logger
+}
+
+// NewPrometheus registers the families; labelLimit bounds label values per dimension.
+func NewPrometheus(labelLimit int, log zerolog.Logger) *Prometheus {
+	p := &Prometheus{reg: prometheus.NewRegistry(), labelLimit: max(1, labelLimit), log: log,
+		exeLabels: map[string]bool{}, userLabels: map[string]bool{}}
+	for k := Kind(0); k < numKinds; k++ {
+		help := "IMDS " + k.String() + " counted by imdsguard"
+		p.total[k] = prometheus.NewCounter(prometheus.CounterOpts{Name: PromName(k), Help: help + "."})
+		p.reg.MustRegister(p.total[k])
+		if !k.PerProcess() {
+			continue
+		}
+		p.byExe[k] = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsguard_" + promNames[k] + "_by_executable_total",
+			Help: help + ", by executable (top N per interval, the rest as \"other\").",
+		}, []string{"executable"})
+		p.byUser[k] = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsguard_" + promNames[k] + "_by_user_total",
+			Help: help + ", by user (top N per interval, the rest as \"other\").",
+		}, []string{"user"})
+		p.reg.MustRegister(p.byExe[k], p.byUser[k])
+	}
+	p.info = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "imdsguard_instance_info",
+		Help: "The EC2 instance the agent runs on (1 once learnt from IMDS).",
+	}, []string{"instance_id", "account_id", "region", "availability_zone", "instance_type", "image_id"})
+	p.reg.MustRegister(p.info)
+	return p
+}
+
+// Handler serves the registry in the Prometheus exposition formats.
+func (p *Prometheus) Handler() http.Handler {
+	return promhttp.HandlerFor(p.reg, promhttp.HandlerOpts{})
+}
+
+// Listen binds addr and serves /metrics in the background until Close.
+func (p *Prometheus) Listen(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen for Prometheus on %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", p.Handler())
+	p.mu.Lock()
+	p.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := p.srv
+	p.mu.Unlock()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			p.log.Error().Err(err).Str("event", "prometheus_failed").Str("listen", addr).
+				Msg("Prometheus endpoint stopped")
+		}
+	}()
+	return nil
+}
+
+// Name implements Sink.
+func (p *Prometheus) Name() string { return "prometheus" }
+
+// Publish implements Sink.
+func (p *Prometheus) Publish(_ context.Context, s Snapshot, id hostid.Identity, known bool) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if known {
+		p.info.Reset()
+		p.info.WithLabelValues(id.InstanceID, id.AccountID, id.Region, id.AvailabilityZone,
+			id.InstanceType, id.ImageID).Set(1)
+	}
+	for k := Kind(0); k < numKinds; k++ {
+		p.total[k].Add(float64(s.Totals[k]))
+	}
+	p.add(p.byExe, p.exeLabels, s.ByExecutable)
+	p.add(p.byUser, p.userLabels, s.ByUser)
+	return nil
+}
+
+func (p *Prometheus) add(vecs [numKinds]*prometheus.CounterVec, seen map[string]bool, series []Series) {
+	for _, sr := range series {
+		label := sr.Value
+		if !seen[label] {
+			if len(seen) >= p.labelLimit && label != Other {
+				label = Other
+			}
+			seen[label] = true
+		}
+		for k := Kind(0); k < numKinds; k++ {
+			if k.PerProcess() && sr.Counts[k] > 0 {
+				vecs[k].WithLabelValues(label).Add(float64(sr.Counts[k]))
+			}
+		}
+	}
+}
+
+// Close implements Sink.
+func (p *Prometheus) Close(ctx context.Context) error {
+	p.mu.Lock()
+	srv := p.srv
+	p.mu.Unlock()
+	if srv == nil {
+		return nil
+	}
+	if err := srv.Shutdown(ctx); err != nil {
+		return fmt.Errorf("stop Prometheus endpoint: %w", err)
+	}
+	return nil
+}

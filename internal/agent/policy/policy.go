@@ -1,0 +1,214 @@
+// Package policy turns the allowlist in the configuration into what the kernel can
+// check: user and group names into ids, executable paths into device+inode, units,
+// cgroup paths and container ids into cgroup ids.
+//
+// An executable is matched by the file, never by its name: a renamed copy is another
+// file and does not match, while `comm` tricks change nothing. Resolution is repeated
+// (Resolve is cheap) so that an upgraded package (new inode), a restarted unit (new
+// cgroup) or a new container keeps matching.
+package policy
+
+import (
+	"fmt"
+	"io/fs"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
+)
+
+// Policy is a resolved allowlist: what the kernel gets, and the rule names to explain
+// its verdicts with.
+type Policy struct {
+	Kernel hook.KernelPolicy
+	Names  []string // rule names by index
+	// Unresolved lists criteria that matched nothing on this host right now (a user
+	// that does not exist, an executable not installed): their rules cannot match.
+	Unresolved []string
+}
+
+// RuleName returns the name of rule i, "" for -1 (the default action).
+func (p *Policy) RuleName(i int) string {
+	if i < 0 || i >= len(p.Names) {
+		return ""
+	}
+	return p.Names[i]
+}
+
+// Resolve resolves cfg's rules against this host. cgroupRoot is the cgroup2 mount.
+func Resolve(cfg config.Config, cgroupRoot string) Policy {
+	p := Policy{Kernel: hook.KernelPolicy{
+		DefaultAllow: cfg.DefaultAction == "allow",
+		Enforce:      cfg.Mode == "enforce",
+		FailClosed:   cfg.FailureMode == "closed",
+	}}
+	var tree cgroupTree
+	needTree := false
+	for _, r := range cfg.Rules {
+		if r.Unit != "" || r.Container != "" {
+			needTree = true
+		}
+	}
+	if needTree {
+		tree = walkCgroups(cgroupRoot)
+	}
+	for i, r := range cfg.Rules {
+		kr := hook.KernelRule{Allow: r.Action == "allow", V2Required: r.IMDSv2 == "required"}
+		miss := func(what string) {
+			p.Unresolved = append(p.Unresolved, fmt.Sprintf("rules[%d] (%s): %s", i, r.Name, what))
+		}
+		switch {
+		case r.User != "":
+			kr.HasUID = true
+			if uid, err := lookupUser(r.User); err == nil {
+				kr.UIDs = []uint32{uid}
+			} else {
+				miss("user " + r.User + " does not exist")
+			}
+		case r.UID != nil:
+			kr.HasUID, kr.UIDs = true, []uint32{uint32(*r.UID)}
+		}
+		switch {
+		case r.Group != "":
+			kr.HasGID = true
+			if gid, err := lookupGroup(r.Group); err == nil {
+				kr.GIDs = []uint32{gid}
+			} else {
+				miss("group " + r.Group + " does not exist")
+			}
+		case r.GID != nil:
+			kr.HasGID, kr.GIDs = true, []uint32{uint32(*r.GID)}
+		}
+		if r.Exe != "" {
+			kr.HasExe = true
+			var st syscall.Stat_t
+			if err := syscall.Stat(r.Exe, &st); err == nil {
+				kr.Exes = []hook.ExeID{{Dev: st.Dev, Ino: st.Ino}}
+			} else {
+				miss("exe " + r.Exe + ": " + err.Error())
+			}
+		}
+		switch {
+		case r.Cgroup != "":
+			kr.HasCgroup = true
+			dir := r.Cgroup
+			if !strings.HasPrefix(dir, cgroupRoot+"/") {
+				dir = filepath.Join(cgroupRoot, dir)
+			}
+			if id, err := inode(dir); err == nil {
+				kr.Cgroups = []uint64{id}
+			} else {
+				miss("cgroup " + r.Cgroup + " does not exist")
+			}
+		case r.Unit != "":
+			kr.HasCgroup = true
+			kr.Cgroups = tree.match(func(name string) bool { return name == r.Unit })
+			if len(kr.Cgroups) == 0 {
+				miss("unit " + r.Unit + " has no cgroup (not running)")
+			}
+		case r.Container != "":
+			kr.HasCgroup = true
+			kr.Cgroups = tree.match(func(name string) bool { return strings.Contains(name, r.Container) })
+			if len(kr.Cgroups) == 0 {
+				miss("container " + r.Container + " has no cgroup (not running)")
+			}
+		}
+		p.Kernel.Rules = append(p.Kernel.Rules, kr)
+		p.Names = append(p.Names, r.Name)
+	}
+	return p
+}
+
+// Equal reports whether two resolutions give the kernel the same policy.
+func Equal(a, b Policy) bool {
+	if len(a.Kernel.Rules) != len(b.Kernel.Rules) || a.Kernel.DefaultAllow != b.Kernel.DefaultAllow ||
+		a.Kernel.Enforce != b.Kernel.Enforce || a.Kernel.FailClosed != b.Kernel.FailClosed ||
+		!slices.Equal(a.Names, b.Names) {
+		return false
+	}
+	for i := range a.Kernel.Rules {
+		x, y := a.Kernel.Rules[i], b.Kernel.Rules[i]
+		if x.Allow != y.Allow || x.V2Required != y.V2Required || x.HasUID != y.HasUID || x.HasGID != y.HasGID ||
+			x.HasExe != y.HasExe || x.HasCgroup != y.HasCgroup || !slices.Equal(x.UIDs, y.UIDs) ||
+			!slices.Equal(x.GIDs, y.GIDs) || !slices.Equal(x.Exes, y.Exes) || !slices.Equal(x.Cgroups, y.Cgroups) {
+			return false
+		}
+	}
+	return true
+}
+
+func lookupUser(name string) (uint32, error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		return 0, err
+	}
+	id, err := strconv.ParseUint(u.Uid, 10, 32)
+	return uint32(id), err
+}
+
+func lookupGroup(name string) (uint32, error) {
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, err
+	}
+	id, err := strconv.ParseUint(g.Gid, 10, 32)
+	return uint32(id), err
+}
+
+func inode(path string) (uint64, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}
+
+type cgroupDir struct {
+	rel string
+	id  uint64
+}
+
+type cgroupTree []cgroupDir
+
+func walkCgroups(root string) cgroupTree {
+	var out cgroupTree
+	_ = filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if id, err := inode(path); err == nil {
+			out = append(out, cgroupDir{rel: strings.TrimPrefix(path, root), id: id})
+		}
+		return nil
+	})
+	return out
+}
+
+// match returns the ids of the topmost cgroups whose name matches: descendants are
+// covered by the kernel's ancestor check.
+func (t cgroupTree) match(ok func(name string) bool) []uint64 {
+	var ids []uint64
+	var tops []string
+	for _, d := range t {
+		if !ok(filepath.Base(d.rel)) {
+			continue
+		}
+		covered := false
+		for _, top := range tops {
+			if strings.HasPrefix(d.rel, top+"/") {
+				covered = true
+				break
+			}
+		}
+		if !covered {
+			tops = append(tops, d.rel)
+			ids = append(ids, d.id)
+		}
+	}
+	return ids
+}

@@ -1,0 +1,309 @@
+// Package correlator is imdsguard-correlator's wiring: its commands (detect,
+// investigate, serve, check-config, update-ip-ranges) put together the CloudTrail reader,
+// the detector, the fingerprint intake and the finding outputs. cmd/imdsguard-correlator
+// only calls Run.
+package correlator
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
+	"github.com/imdsguard/imdsguard/internal/correlator/config"
+	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/correlator/fpstore"
+	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
+	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
+	buildversion "github.com/imdsguard/imdsguard/internal/version"
+)
+
+// version is the build's version, as Run was given it.
+var version = ""
+
+const usage = `imdsguard-correlator flags off-host use of instance credentials in CloudTrail.
+
+Usage:
+  imdsguard-correlator detect [--config FILE] [--fingerprints FILE] CLOUDTRAIL_FILE...
+        run detection over files (gzip or plain JSON, JSON lines; a directory is read
+        recursively; "-" is stdin) and print findings as JSON lines
+  imdsguard-correlator investigate [--config FILE] [--fingerprints FILE] --access-key KEY
+        [--format text|json] CLOUDTRAIL_FILE...
+        print one key's story: issuance, sources, API calls, findings
+  imdsguard-correlator serve --config FILE [--fingerprints FILE]
+        follow serve.directory and/or serve.s3 and print findings as they appear;
+        with intake.listen, also accept fingerprints from agents (POST /v1/fingerprints)
+  imdsguard-correlator update-ip-ranges --config FILE NEW_IP_RANGES_JSON
+        check a new ip-ranges.json and install it at ip_ranges (serve picks it up)
+  imdsguard-correlator check-config FILE
+  imdsguard-correlator version
+`
+
+// errUsage marks errors that are the caller's wording.
+var errUsage = errors.New("usage")
+
+// Run runs one correlator command line (args without the program name) and returns the
+// process exit code: 0 done, 1 failed, 2 wrong usage. buildVersion is what the Makefile
+// stamped into the binary ("" for a plain go build).
+func Run(ctx context.Context, buildVersion string, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if buildVersion != "" {
+		version = buildVersion
+	}
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "detect":
+		err = cmdDetect(ctx, args[1:], stdin, stdout, stderr)
+	case "investigate":
+		err = cmdInvestigate(ctx, args[1:], stdin, stdout, stderr)
+	case "serve":
+		err = cmdServe(ctx, args[1:], stdout, stderr)
+	case "update-ip-ranges":
+		err = cmdUpdateIPRanges(args[1:], stdout)
+	case "check-config":
+		err = cmdCheckConfig(args[1:], stdout)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "imdsguard-correlator", versionString())
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		err = fmt.Errorf("%w: unknown command %q", errUsage, args[0])
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintf(stderr, "imdsguard-correlator: %v\n\n%s", err, usage)
+		return 2
+	default:
+		fmt.Fprintf(stderr, "imdsguard-correlator: %v\n", err)
+		return 1
+	}
+}
+
+func versionString() string { return buildversion.String(version) }
+
+func cmdCheckConfig(args []string, stdout io.Writer) error {
+	if len(args) != 1 {
+		return fmt.Errorf("%w: check-config takes exactly one file", errUsage)
+	}
+	cfg, err := config.Load(args[0])
+	if err != nil {
+		return err
+	}
+	if cfg.IPRanges != "" {
+		if _, err := ipranges.Load(cfg.IPRanges); err != nil {
+			return fmt.Errorf("ip_ranges: %w", err)
+		}
+	}
+	if err := checkIntake(cfg.Intake); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "%s: ok\n---\n%s", args[0], cfg)
+	return nil
+}
+
+func cmdUpdateIPRanges(args []string, stdout io.Writer) error {
+	fl := flag.NewFlagSet("update-ip-ranges", flag.ContinueOnError)
+	fl.SetOutput(io.Discard)
+	cfgPath := fl.String("config", "", "config file")
+	if err := fl.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if *cfgPath == "" || fl.NArg() != 1 {
+		return fmt.Errorf("%w: update-ip-ranges needs --config and one new file", errUsage)
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		return err
+	}
+	if cfg.IPRanges == "" {
+		return fmt.Errorf("%s: ip_ranges is not set", *cfgPath)
+	}
+	data, err := os.ReadFile(fl.Arg(0))
+	if err != nil {
+		return fmt.Errorf("read new ip ranges: %w", err)
+	}
+	set, err := ipranges.Parse(bytes.NewReader(data))
+	if err != nil {
+		return fmt.Errorf("%s: %w", fl.Arg(0), err)
+	}
+	tmp := cfg.IPRanges + ".new"
+	if err := os.WriteFile(tmp, data, 0o644); err != nil {
+		return fmt.Errorf("write ip ranges: %w", err)
+	}
+	if err := os.Rename(tmp, cfg.IPRanges); err != nil {
+		return fmt.Errorf("install ip ranges: %w", err)
+	}
+	fmt.Fprintf(stdout, "%s: %d prefixes, syncToken %s, createDate %s\n", cfg.IPRanges, set.Len(), set.SyncToken, set.CreateDate)
+	return nil
+}
+
+// env is what every command loads: the configuration, AWS's ranges, fingerprints, a log.
+type env struct {
+	cfg    config.Config
+	ranges *ipranges.Set
+	fps    *fpstore.Memory
+	// stored is the intake's store when serve runs one; the detector reads it with fps.
+	stored fpstore.Store
+	log    zerolog.Logger
+	close  func()
+}
+
+func load(cfgPath, fpPath string, stderr io.Writer) (*env, error) {
+	cfg := config.Default()
+	var err error
+	if cfgPath != "" {
+		if cfg, err = config.Load(cfgPath); err != nil {
+			return nil, err
+		}
+	}
+	log, closeLog, err := newLogger(cfg.Log, stderr)
+	if err != nil {
+		return nil, err
+	}
+	e := &env{cfg: cfg, fps: fpstore.NewMemory(), log: log, close: closeLog}
+	if cfg.IPRanges != "" {
+		if e.ranges, err = ipranges.Load(cfg.IPRanges); err != nil {
+			closeLog()
+			return nil, fmt.Errorf("ip_ranges: %w", err)
+		}
+	} else {
+		log.Warn().Str("event", "no_ip_ranges").Msg("ip_ranges is not set: every address that is not an instance's own is judged outside AWS")
+	}
+	for _, p := range []string{cfg.Fingerprints, fpPath} {
+		if p == "" {
+			continue
+		}
+		if err := e.fps.LoadFile(p); err != nil {
+			closeLog()
+			return nil, err
+		}
+	}
+	return e, nil
+}
+
+func (e *env) detector(onlyKey string) *detector.Detector {
+	var fps fpstore.Store = e.fps
+	if e.stored != nil {
+		fps = fpstore.Union{e.fps, e.stored}
+	}
+	opt := detector.OptionsFrom(e.cfg, e.ranges, fps, e.log)
+	opt.OnlyKey = onlyKey
+	return detector.New(opt)
+}
+
+func newLogger(c config.Log, stderr io.Writer) (zerolog.Logger, func(), error) {
+	var w io.Writer = stderr
+	closeFn := func() {}
+	switch c.Output {
+	case "stderr":
+	case "stdout":
+		w = os.Stdout
+	default:
+		f, err := os.OpenFile(c.Output, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return zerolog.Logger{}, nil, fmt.Errorf("open log output: %w", err)
+		}
+		w, closeFn = f, func() { f.Close() }
+	}
+	level, err := zerolog.ParseLevel(c.Level)
+	if err != nil {
+		return zerolog.Logger{}, nil, fmt.Errorf("log.level: %w", err)
+	}
+	return zerolog.New(w).Level(level).With().Timestamp().Logger(), closeFn, nil
+}
+
+// maxProblemLogs bounds the skipped-record lines logged per file; the rest are counted.
+const maxProblemLogs = 20
+
+// readInputs feeds every record of the named inputs to observe. "-" is stdin; a
+// directory is read recursively. Bad records and truncated files are logged and counted;
+// only a file that cannot be opened at all is an error, and the others are still read.
+func readInputs(ctx context.Context, names []string, stdin io.Reader, log zerolog.Logger, observe func(*cloudtrail.Record)) (cloudtrail.Stats, int, error) {
+	var total cloudtrail.Stats
+	truncated := 0
+	var errs []error
+	readOne := func(name string, r io.Reader) {
+		logged := 0
+		st := cloudtrail.Read(name, r, func(rec *cloudtrail.Record, _ cloudtrail.Pos) { observe(rec) }, func(p cloudtrail.Problem) {
+			if p.Truncated {
+				log.Warn().Str("event", "file_truncated").Str("file", p.File).Int64("index", p.Index).Int64("offset", p.Offset).Err(p.Err).Msg("log file ends early; records after this point are lost")
+				return
+			}
+			if logged++; logged <= maxProblemLogs {
+				log.Warn().Str("event", "record_skipped").Str("file", p.File).Int64("index", p.Index).Int64("offset", p.Offset).Err(p.Err).Msg("malformed record skipped")
+			}
+		})
+		if st.Truncated {
+			truncated++
+		}
+		if st.Malformed > maxProblemLogs {
+			log.Warn().Str("event", "records_skipped").Str("file", name).Int64("malformed", st.Malformed).Msg("more malformed records skipped than logged")
+		}
+		total.Add(st)
+	}
+	if len(names) == 0 {
+		names = []string{"-"}
+	}
+	for _, name := range names {
+		if ctx.Err() != nil {
+			return total, truncated, ctx.Err()
+		}
+		if name == "-" {
+			readOne("(stdin)", stdin)
+			continue
+		}
+		info, err := os.Stat(name)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("open input: %w", err))
+			continue
+		}
+		if !info.IsDir() {
+			if err := readFile(name, readOne); err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		err = filepath.WalkDir(name, func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				errs = append(errs, fmt.Errorf("walk %s: %w", p, err))
+				return nil
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if d.Type().IsRegular() && !trailwatch.Skip(p) {
+				if err := readFile(p, readOne); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return total, truncated, err
+		}
+	}
+	return total, truncated, errors.Join(errs...)
+}
+
+func readFile(path string, readOne func(string, io.Reader)) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open input: %w", err)
+	}
+	defer f.Close()
+	readOne(path, f)
+	return nil
+}

@@ -1,0 +1,384 @@
+// Package correlatorconfig reads and validates the correlator's YAML configuration. Like
+// the agent's, every error names the file, line and key, and a file with any error is
+// refused whole.
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/imdsguard/imdsguard/internal/yamlfile"
+)
+
+// Config is the correlator's configuration. `ip_ranges`, `affiliate_accounts`,
+// `egress_cidrs` and `trusted_cidrs` are a contract with operators: rename nothing.
+type Config struct {
+	// IPRanges is AWS's ip-ranges.json, as AWS publishes it.
+	IPRanges string `yaml:"ip_ranges"`
+	// AffiliateAccounts are accounts whose use of a credential is less alarming (e.g. the
+	// organization's): InsideAWS findings from them are Medium instead of High.
+	AffiliateAccounts []string `yaml:"affiliate_accounts"`
+	// EgressCIDRs are NAT / egress addresses any instance may call from.
+	EgressCIDRs []string `yaml:"egress_cidrs"`
+	// TrustedCIDRs suppress findings whose source is inside them (on-premises egress).
+	TrustedCIDRs []string `yaml:"trusted_cidrs"`
+	// Window is the time bucket of a finding: one finding per (key, source, type, window).
+	Window time.Duration `yaml:"window"`
+	// Suppress rules: a finding matching every non-empty field of a rule is suppressed.
+	Suppress []Rule `yaml:"suppress"`
+	// Fingerprints is an optional JSON-lines file of host fingerprints to load at start.
+	Fingerprints string  `yaml:"fingerprints"`
+	Outputs      Outputs `yaml:"outputs"`
+	Serve        Serve   `yaml:"serve"`
+	Intake       Intake  `yaml:"intake"`
+	Log          Log     `yaml:"log"`
+
+	Egress  []netip.Prefix `yaml:"-"`
+	Trusted []netip.Prefix `yaml:"-"`
+}
+
+// Rule is one suppression rule.
+type Rule struct {
+	Name     string   `yaml:"name"`
+	Types    []string `yaml:"types"`
+	Roles    []string `yaml:"roles"`
+	Accounts []string `yaml:"accounts"`
+	CIDRs    []string `yaml:"cidrs"`
+
+	Prefixes []netip.Prefix `yaml:"-"`
+}
+
+// Outputs are where findings go besides stdout.
+type Outputs struct {
+	// ASFFFile, when set, receives the findings in AWS Security Finding Format (a JSON
+	// array, rewritten at the end of a run or after each serve cycle).
+	ASFFFile string `yaml:"asff_file"`
+	// ASFFProductARN is the ProductArn of ASFF findings; default: the account's
+	// Security Hub "default" product in us-east-1.
+	ASFFProductARN string  `yaml:"asff_product_arn"`
+	Webhook        Webhook `yaml:"webhook"`
+	// MetricsFile, when set, is appended CloudWatch Embedded Metric Format lines: the
+	// number of findings by type and severity.
+	MetricsFile string `yaml:"metrics_file"`
+	// CloudWatch, when Namespace is set, receives the same counts with PutMetricData.
+	CloudWatch CloudWatch `yaml:"cloudwatch"`
+}
+
+// CloudWatch says where finding metrics are put.
+type CloudWatch struct {
+	Namespace string `yaml:"namespace"`
+	Region    string `yaml:"region"`
+	// Endpoint overrides the CloudWatch endpoint (VPC endpoints, tests).
+	Endpoint string `yaml:"endpoint"`
+}
+
+// Webhook POSTs each finding as JSON.
+type Webhook struct {
+	URL     string        `yaml:"url"`
+	Retries int           `yaml:"retries"`
+	Timeout time.Duration `yaml:"timeout"`
+	// Backoff is the first wait between attempts; it doubles each time.
+	Backoff time.Duration `yaml:"backoff"`
+}
+
+// Serve configures continuous detection.
+type Serve struct {
+	// Directory is followed: files that appear in it (recursively) are read once.
+	Directory string `yaml:"directory"`
+	S3        S3     `yaml:"s3"`
+	// Checkpoint records which files were read, so a restart neither skips nor repeats.
+	Checkpoint   string        `yaml:"checkpoint"`
+	PollInterval time.Duration `yaml:"poll_interval"`
+}
+
+// S3 is a bucket and prefix of CloudTrail log files.
+type S3 struct {
+	Bucket string `yaml:"bucket"`
+	Prefix string `yaml:"prefix"`
+	Region string `yaml:"region"`
+	// Endpoint overrides the S3 endpoint (S3-compatible stores, tests).
+	Endpoint  string `yaml:"endpoint"`
+	PathStyle bool   `yaml:"path_style"`
+}
+
+// Intake configures the fingerprint API that agents post to (POST /v1/fingerprints). It
+// is off unless Listen is set.
+type Intake struct {
+	// Listen is host:port of the HTTPS listener.
+	Listen string `yaml:"listen"`
+	// TLSCert and TLSKey are the server's certificate chain and key (PEM files).
+	TLSCert string `yaml:"tls_cert"`
+	TLSKey  string `yaml:"tls_key"`
+	// ClientCA, when set, is a PEM file of CAs: a client certificate they issued is
+	// accepted instead of an identity document (mTLS, for senders that are not EC2).
+	ClientCA string `yaml:"client_ca"`
+	// PlainHTTP serves without TLS; refused unless Listen is a loopback address.
+	PlainHTTP bool `yaml:"plain_http"`
+	// AWSCertificates are the PEM files of the AWS certificates that sign instance
+	// identity documents (the region's pkcs7 certificate, as AWS publishes it).
+	AWSCertificates []string `yaml:"aws_certificates"`
+	// AllowedAccounts are the accounts whose instances may send fingerprints.
+	AllowedAccounts []string `yaml:"allowed_accounts"`
+	// Database is the SQLite file fingerprints are stored in.
+	Database string `yaml:"database"`
+	// PurgeGrace is how long a fingerprint is kept after its credential expired.
+	PurgeGrace time.Duration `yaml:"purge_grace"`
+}
+
+// Log configures the correlator's diagnostics (zerolog JSON lines).
+type Log struct {
+	Level  string `yaml:"level"`
+	Output string `yaml:"output"`
+}
+
+// Default returns the configuration used for every key a file leaves out.
+func Default() Config {
+	return Config{
+		Window:  time.Hour,
+		Outputs: Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond}},
+		Serve:   Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
+		Intake:  Intake{PurgeGrace: 24 * time.Hour},
+		Log:     Log{Level: "info", Output: "stderr"},
+	}
+}
+
+// Error is a configuration problem tied to a key and, when known, a line.
+type Error = yamlfile.Error
+
+// Load reads and validates the file at path.
+func Load(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	return cfg, yamlfile.WithFile(err, path)
+}
+
+// Parse decodes and validates YAML. Unknown keys, wrong types and bad values are errors.
+func Parse(data []byte) (Config, error) {
+	cfg := Default()
+	root, err := yamlfile.Decode(data, &cfg)
+	if err != nil {
+		return Config{}, err
+	}
+	if err := cfg.validate(root); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func (c *Config) validate(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return yamlfile.Errorf(root, key, format, args...)
+	}
+	var err error
+	if c.IPRanges != "" && !filepath.IsAbs(c.IPRanges) {
+		return bad("ip_ranges", "must be an absolute path, got %q", c.IPRanges)
+	}
+	for i, a := range c.AffiliateAccounts {
+		if !IsAccountID(a) {
+			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "affiliate_accounts", i)), Key: fmt.Sprintf("affiliate_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+		}
+	}
+	if c.Egress, err = prefixes(root, "egress_cidrs", c.EgressCIDRs); err != nil {
+		return err
+	}
+	if c.Trusted, err = prefixes(root, "trusted_cidrs", c.TrustedCIDRs); err != nil {
+		return err
+	}
+	if c.Window < time.Minute || c.Window > 7*24*time.Hour {
+		return bad("window", "must be between 1m and 168h, got %s", c.Window)
+	}
+	for i := range c.Suppress {
+		r := &c.Suppress[i]
+		key := fmt.Sprintf("suppress[%d]", i)
+		line := yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "suppress", i))
+		if len(r.Types)+len(r.Roles)+len(r.Accounts)+len(r.CIDRs) == 0 {
+			return &Error{Line: line, Key: key, Msg: "rule matches everything: give types, roles, accounts or cidrs"}
+		}
+		for _, a := range r.Accounts {
+			if !IsAccountID(a) {
+				return &Error{Line: line, Key: key + ".accounts", Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+			}
+		}
+		for _, s := range r.CIDRs {
+			p, err := ParsePrefix(s)
+			if err != nil {
+				return &Error{Line: line, Key: key + ".cidrs", Msg: err.Error()}
+			}
+			r.Prefixes = append(r.Prefixes, p)
+		}
+	}
+	if c.Fingerprints != "" && !filepath.IsAbs(c.Fingerprints) {
+		return bad("fingerprints", "must be an absolute path, got %q", c.Fingerprints)
+	}
+	if c.Outputs.ASFFFile != "" && !filepath.IsAbs(c.Outputs.ASFFFile) {
+		return bad("outputs.asff_file", "must be an absolute path, got %q", c.Outputs.ASFFFile)
+	}
+	if c.Outputs.MetricsFile != "" && !filepath.IsAbs(c.Outputs.MetricsFile) {
+		return bad("outputs.metrics_file", "must be an absolute path, got %q", c.Outputs.MetricsFile)
+	}
+	if e := c.Outputs.CloudWatch.Endpoint; e != "" {
+		u, err := url.Parse(e)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("outputs.cloudwatch.endpoint", "must be an http(s) URL, got %q", e)
+		}
+	}
+	if c.Outputs.CloudWatch.Namespace == "" && (c.Outputs.CloudWatch.Region != "" || c.Outputs.CloudWatch.Endpoint != "") {
+		return bad("outputs.cloudwatch.namespace", "must be set when outputs.cloudwatch is used")
+	}
+	if w := c.Outputs.Webhook; w.URL != "" {
+		u, err := url.Parse(w.URL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("outputs.webhook.url", "must be an http(s) URL, got %q", w.URL)
+		}
+	}
+	if c.Outputs.Webhook.Retries < 0 || c.Outputs.Webhook.Retries > 100 {
+		return bad("outputs.webhook.retries", "must be 0-100, got %d", c.Outputs.Webhook.Retries)
+	}
+	if c.Outputs.Webhook.Timeout <= 0 {
+		return bad("outputs.webhook.timeout", "must be positive, got %s", c.Outputs.Webhook.Timeout)
+	}
+	if c.Outputs.Webhook.Backoff < 0 {
+		return bad("outputs.webhook.backoff", "must not be negative, got %s", c.Outputs.Webhook.Backoff)
+	}
+	if c.Serve.Directory != "" && !filepath.IsAbs(c.Serve.Directory) {
+		return bad("serve.directory", "must be an absolute path, got %q", c.Serve.Directory)
+	}
+	if c.Serve.Checkpoint != "" && !filepath.IsAbs(c.Serve.Checkpoint) {
+		return bad("serve.checkpoint", "must be an absolute path, got %q", c.Serve.Checkpoint)
+	}
+	if c.Serve.PollInterval < 100*time.Millisecond {
+		return bad("serve.poll_interval", "must be at least 100ms, got %s", c.Serve.PollInterval)
+	}
+	if e := c.Serve.S3.Endpoint; e != "" {
+		u, err := url.Parse(e)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("serve.s3.endpoint", "must be an http(s) URL, got %q", e)
+		}
+	}
+	if c.Serve.S3.Bucket == "" && (c.Serve.S3.Prefix != "" || c.Serve.S3.Endpoint != "") {
+		return bad("serve.s3.bucket", "must be set when serve.s3 is used")
+	}
+	if err := c.validateIntake(root); err != nil {
+		return err
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	if c.Log.Output != "stderr" && c.Log.Output != "stdout" && !filepath.IsAbs(c.Log.Output) {
+		return bad("log.output", `must be "stderr", "stdout" or an absolute file path, got %q`, c.Log.Output)
+	}
+	return nil
+}
+
+func (c *Config) validateIntake(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return yamlfile.Errorf(root, key, format, args...)
+	}
+	in := c.Intake
+	if in.PurgeGrace < 0 {
+		return bad("intake.purge_grace", "must not be negative, got %s", in.PurgeGrace)
+	}
+	if in.Listen == "" {
+		if in.Database != "" || in.TLSCert != "" || in.TLSKey != "" || in.ClientCA != "" || len(in.AWSCertificates) > 0 || len(in.AllowedAccounts) > 0 || in.PlainHTTP {
+			return bad("intake.listen", "must be set when intake is used")
+		}
+		return nil
+	}
+	host, port, err := net.SplitHostPort(in.Listen)
+	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 0 || n > 65535 {
+		return bad("intake.listen", "must be host:port, got %q", in.Listen)
+	}
+	for key, p := range map[string]string{"intake.tls_cert": in.TLSCert, "intake.tls_key": in.TLSKey, "intake.client_ca": in.ClientCA, "intake.database": in.Database} {
+		if p != "" && !filepath.IsAbs(p) {
+			return bad(key, "must be an absolute path, got %q", p)
+		}
+	}
+	if in.PlainHTTP {
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return bad("intake.plain_http", "only allowed on a loopback listen address, not %q", in.Listen)
+		}
+		if in.TLSCert != "" || in.TLSKey != "" || in.ClientCA != "" {
+			return bad("intake.plain_http", "excludes tls_cert, tls_key and client_ca")
+		}
+	} else if in.TLSCert == "" || in.TLSKey == "" {
+		return bad("intake.tls_cert", "intake.tls_cert and intake.tls_key must be set (or plain_http on loopback, for tests)")
+	}
+	for i, p := range in.AWSCertificates {
+		if !filepath.IsAbs(p) {
+			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.aws_certificates", i)), Key: fmt.Sprintf("intake.aws_certificates[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
+		}
+	}
+	for i, a := range in.AllowedAccounts {
+		if !IsAccountID(a) {
+			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.allowed_accounts", i)), Key: fmt.Sprintf("intake.allowed_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+		}
+	}
+	if len(in.AWSCertificates) == 0 && in.ClientCA == "" {
+		return bad("intake.aws_certificates", "intake needs aws_certificates (instances) or client_ca (mTLS senders)")
+	}
+	if len(in.AWSCertificates) > 0 && len(in.AllowedAccounts) == 0 {
+		return bad("intake.allowed_accounts", "must list the accounts whose instances may send")
+	}
+	if in.Database == "" {
+		return bad("intake.database", "must be set when intake is used")
+	}
+	return nil
+}
+
+// IsAccountID reports whether s is a 12-digit AWS account id.
+func IsAccountID(s string) bool {
+	if len(s) != 12 {
+		return false
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// ParsePrefix accepts a CIDR or a bare address (a /32 or /128).
+func ParsePrefix(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	if a, err := netip.ParseAddr(s); err == nil {
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	return netip.Prefix{}, fmt.Errorf("not a CIDR or address: %q", s)
+}
+
+func prefixes(root *yaml.Node, key string, in []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(in))
+	for i, s := range in {
+		p, err := ParsePrefix(s)
+		if err != nil {
+			return nil, &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", key, i)), Key: fmt.Sprintf("%s[%d]", key, i), Msg: err.Error()}
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// String renders the effective configuration, for check-config.
+func (c Config) String() string {
+	out, err := yaml.Marshal(c)
+	if err != nil {
+		return fmt.Sprintf("marshal config: %v", err)
+	}
+	return string(out)
+}

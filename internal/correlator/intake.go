@@ -1,0 +1,69 @@
+package correlator
+
+import (
+	"crypto/x509"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/imdsguard/imdsguard/internal/correlator/config"
+	"github.com/imdsguard/imdsguard/internal/correlator/iddoc"
+	"github.com/imdsguard/imdsguard/internal/correlator/intake"
+)
+
+// newIntake opens the fingerprint store, makes it the detector's, and returns the
+// intake server (a serve component) and a function that closes the store.
+func newIntake(e *env) (*intake.Server, func(), error) {
+	c := e.cfg.Intake
+	certs, err := intakeCertificates(c)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := os.MkdirAll(filepath.Dir(c.Database), 0o700); err != nil {
+		return nil, nil, fmt.Errorf("create fingerprint database directory: %w", err)
+	}
+	store, err := intake.OpenSQLite(c.Database, e.log)
+	if err != nil {
+		return nil, nil, err
+	}
+	h := intake.NewHandler(intake.Options{Store: store, AWSCertificates: certs, AllowedAccounts: c.AllowedAccounts, Log: e.log})
+	srv, err := intake.NewServer(serverConfig(c), h, e.log)
+	if err != nil {
+		store.Close()
+		return nil, nil, err
+	}
+	e.stored = store
+	return srv, func() { store.Close() }, nil
+}
+
+func serverConfig(c config.Intake) intake.ServerConfig {
+	return intake.ServerConfig{Listen: c.Listen, TLSCert: c.TLSCert, TLSKey: c.TLSKey, ClientCA: c.ClientCA, PlainHTTP: c.PlainHTTP, PurgeGrace: c.PurgeGrace}
+}
+
+func intakeCertificates(c config.Intake) ([]*x509.Certificate, error) {
+	if len(c.AWSCertificates) == 0 {
+		return nil, nil
+	}
+	certs, err := iddoc.LoadCertificates(c.AWSCertificates...)
+	if err != nil {
+		return nil, fmt.Errorf("intake.aws_certificates: %w", err)
+	}
+	return certs, nil
+}
+
+// checkIntake loads what the intake would load at start, for check-config.
+func checkIntake(c config.Intake) error {
+	if c.Listen == "" {
+		return nil
+	}
+	if _, err := intakeCertificates(c); err != nil {
+		return err
+	}
+	if c.PlainHTTP {
+		return intake.CheckLoopback(c.Listen)
+	}
+	if _, err := intake.TLSConfig(serverConfig(c)); err != nil {
+		return fmt.Errorf("intake: %w", err)
+	}
+	return nil
+}

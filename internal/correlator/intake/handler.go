@@ -1,0 +1,298 @@
+// Package intake is the correlator's fingerprint intake: the HTTPS API that agents post
+// batches of fingerprints to, the checks that tie each batch to a verified EC2 instance
+// (its signed identity document) or to an mTLS client certificate, and the store the
+// accepted fingerprints go to, which the detector reads.
+package intake
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/correlator/fpstore"
+	"github.com/imdsguard/imdsguard/internal/correlator/iddoc"
+	"github.com/imdsguard/imdsguard/internal/wire"
+)
+
+// Limits of the wire contract (see wire.Batch).
+const (
+	MaxBodyBytes = wire.MaxBatchBytes
+	MaxBatch     = wire.MaxBatch
+)
+
+// Batch and Result are the request and answer of POST /v1/fingerprints.
+type (
+	Batch  = wire.Batch
+	Result = wire.BatchResult
+)
+
+// Options configure a Handler.
+type Options struct {
+	Store Store
+	// AWSCertificates are the certificates AWS signs identity documents with.
+	AWSCertificates []*x509.Certificate
+	// AllowedAccounts are the accounts whose instances may send; none means no
+	// instance may (mTLS senders only).
+	AllowedAccounts []string
+	Log             zerolog.Logger
+}
+
+// Refusal reasons, as counted in /metrics and logged.
+const (
+	reasonMalformed       = "malformed"
+	reasonTooLarge        = "too_large"
+	reasonBadBatch        = "bad_batch"
+	reasonUnauthenticated = "unauthenticated"
+	reasonBadSignature    = "bad_signature"
+	reasonAccount         = "account_not_allowed"
+	reasonInstance        = "instance_mismatch"
+	reasonStore           = "store_error"
+	reasonMethod          = "bad_method"
+)
+
+var reasons = []string{reasonMalformed, reasonTooLarge, reasonBadBatch, reasonUnauthenticated, reasonBadSignature, reasonAccount, reasonInstance, reasonStore, reasonMethod}
+
+// Handler serves the intake API: POST /v1/fingerprints, GET /healthz, GET /metrics.
+type Handler struct {
+	opt Options
+	mux *http.ServeMux
+
+	batches    atomic.Int64
+	accepted   atomic.Int64
+	duplicates atomic.Int64
+	refused    map[string]*atomic.Int64
+
+	// verified remembers documents whose signature verified: an agent sends the same
+	// document and pkcs7 with every batch, and a DSA verification costs ~0.2 ms.
+	verifiedMu sync.Mutex
+	verified   map[[sha256.Size]byte]iddoc.Document
+}
+
+// maxVerified bounds the verified-document cache; it is emptied when full.
+const maxVerified = 10000
+
+// NewHandler returns the intake's HTTP handler.
+func NewHandler(opt Options) *Handler {
+	h := &Handler{opt: opt, mux: http.NewServeMux(), refused: map[string]*atomic.Int64{}, verified: map[[sha256.Size]byte]iddoc.Document{}}
+	for _, r := range reasons {
+		h.refused[r] = new(atomic.Int64)
+	}
+	h.mux.HandleFunc(wire.BatchPath, h.fingerprints)
+	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		io.WriteString(w, "ok\n")
+	})
+	h.mux.HandleFunc("GET /metrics", h.metrics)
+	return h
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+
+// Counts are the intake's counters.
+type Counts struct {
+	Batches, Accepted, Duplicates int64
+	Refused                       map[string]int64
+}
+
+// Counts returns the counters so far.
+func (h *Handler) Counts() Counts {
+	c := Counts{Batches: h.batches.Load(), Accepted: h.accepted.Load(), Duplicates: h.duplicates.Load(), Refused: map[string]int64{}}
+	for r, n := range h.refused {
+		c.Refused[r] = n.Load()
+	}
+	return c
+}
+
+// refusal is a 4xx/5xx answer with its reason.
+type refusal struct {
+	status int
+	reason string
+	msg    string
+}
+
+func refuse(status int, reason, format string, args ...any) *refusal {
+	return &refusal{status: status, reason: reason, msg: fmt.Sprintf(format, args...)}
+}
+
+func (h *Handler) fingerprints(w http.ResponseWriter, r *http.Request) {
+	var b Batch
+	res, sender, ref := h.accept(w, r, &b)
+	log := h.opt.Log.With().Str("remote", r.RemoteAddr).Str("batch_id", b.BatchID).Logger()
+	if ref != nil {
+		h.refused[ref.reason].Add(1)
+		ev := log.Warn()
+		if ref.status >= 500 {
+			ev = log.Error()
+		}
+		ev.Str("event", "intake_refused").Str("reason", ref.reason).Int("status", ref.status).Str("sender", sender).Str("error", ref.msg).Msg("batch refused")
+		if ref.status == http.StatusMethodNotAllowed {
+			w.Header().Set("Allow", http.MethodPost)
+		}
+		writeJSON(w, ref.status, map[string]string{"error": ref.msg})
+		return
+	}
+	h.batches.Add(1)
+	h.accepted.Add(int64(res.Accepted))
+	h.duplicates.Add(int64(res.Duplicates))
+	log.Info().Str("event", "intake_batch").Str("sender", sender).Int("accepted", res.Accepted).Int("duplicates", res.Duplicates).Msg("batch stored")
+	writeJSON(w, http.StatusOK, res)
+}
+
+// accept checks a batch in full and then stores it; nothing is stored unless every
+// check passed.
+func (h *Handler) accept(w http.ResponseWriter, r *http.Request, b *Batch) (Result, string, *refusal) {
+	if r.Method != http.MethodPost {
+		return Result{}, "", refuse(http.StatusMethodNotAllowed, reasonMethod, "use POST")
+	}
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+			return Result{}, "", refuse(http.StatusUnsupportedMediaType, reasonMalformed, "content type must be application/json, got %q", ct)
+		}
+	}
+	if r.ContentLength > MaxBodyBytes {
+		return Result{}, "", refuse(http.StatusRequestEntityTooLarge, reasonTooLarge, "body of %d bytes is larger than %d", r.ContentLength, MaxBodyBytes)
+	}
+	if ref := decode(http.MaxBytesReader(w, r.Body, MaxBodyBytes), b); ref != nil {
+		return Result{}, "", ref
+	}
+	if n := len(b.Fingerprints); n == 0 || n > MaxBatch {
+		return Result{}, "", refuse(http.StatusBadRequest, reasonBadBatch, "a batch holds 1 to %d fingerprints, got %d", MaxBatch, n)
+	}
+	for i, fp := range b.Fingerprints {
+		if fp.ID == "" || fp.AccessKeyID == "" {
+			return Result{}, "", refuse(http.StatusBadRequest, reasonBadBatch, "fingerprints[%d]: id and access_key_id are required", i)
+		}
+	}
+	sender, ref := h.authenticate(r, b)
+	if ref != nil {
+		return Result{}, sender, ref
+	}
+	added, dups, err := h.opt.Store.Put(r.Context(), b.Fingerprints, sender)
+	if err != nil {
+		return Result{}, sender, refuse(http.StatusInternalServerError, reasonStore, "storing the batch failed; nothing was stored, send it again")
+	}
+	return Result{Accepted: added, Duplicates: dups}, sender, nil
+}
+
+func decode(body io.Reader, b *Batch) *refusal {
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	err := dec.Decode(b)
+	if err == nil {
+		// One JSON value and nothing after it but white space.
+		if _, err = dec.Token(); errors.Is(err, io.EOF) {
+			return nil
+		} else if err == nil {
+			err = errors.New("data after the batch")
+		}
+	}
+	var tooLarge *http.MaxBytesError
+	if errors.As(err, &tooLarge) {
+		return refuse(http.StatusRequestEntityTooLarge, reasonTooLarge, "body is larger than %d bytes", MaxBodyBytes)
+	}
+	return refuse(http.StatusBadRequest, reasonMalformed, "decode batch: %v", err)
+}
+
+// authenticate ties the batch to a sender: a verified identity document, or, without
+// one, a client certificate the TLS layer verified against intake.client_ca.
+func (h *Handler) authenticate(r *http.Request, b *Batch) (string, *refusal) {
+	if b.Document == "" {
+		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
+			// mTLS senders are not EC2 instances: their fingerprints' instance is
+			// theirs to state, and the certificate subject is recorded with them.
+			return "mtls:" + r.TLS.VerifiedChains[0][0].Subject.String(), nil
+		}
+		return "", refuse(http.StatusUnauthorized, reasonUnauthenticated, "no identity document and no verified client certificate")
+	}
+	doc, err := h.verify(b.Document, b.PKCS7)
+	if errors.Is(err, iddoc.ErrSignature) {
+		return "", refuse(http.StatusUnauthorized, reasonBadSignature, "identity document: %v", err)
+	}
+	if err != nil {
+		return "", refuse(http.StatusBadRequest, reasonMalformed, "identity document: %v", err)
+	}
+	sender := "instance:" + doc.AccountID + "/" + doc.InstanceID
+	if !slices.Contains(h.opt.AllowedAccounts, doc.AccountID) {
+		return sender, refuse(http.StatusForbidden, reasonAccount, "account %s is not an allowed account", doc.AccountID)
+	}
+	for i, fp := range b.Fingerprints {
+		if fp.Instance.ID != doc.InstanceID || fp.Instance.AccountID != doc.AccountID {
+			return sender, refuse(http.StatusForbidden, reasonInstance, "fingerprints[%d]: instance %q of account %q is not the document's %s of %s",
+				i, fp.Instance.ID, fp.Instance.AccountID, doc.InstanceID, doc.AccountID)
+		}
+	}
+	return sender, nil
+}
+
+// verify is iddoc.Verify with a cache of the pairs that verified. The answer
+// depends only on the two strings and the handler's fixed certificates.
+func (h *Handler) verify(document, p7 string) (iddoc.Document, error) {
+	sum := sha256.New()
+	fmt.Fprintf(sum, "%d\n", len(document))
+	io.WriteString(sum, document)
+	io.WriteString(sum, p7)
+	var key [sha256.Size]byte
+	sum.Sum(key[:0])
+	h.verifiedMu.Lock()
+	doc, ok := h.verified[key]
+	h.verifiedMu.Unlock()
+	if ok {
+		return doc, nil
+	}
+	doc, err := iddoc.Verify([]byte(document), p7, h.opt.AWSCertificates)
+	if err != nil {
+		return doc, err
+	}
+	h.verifiedMu.Lock()
+	if len(h.verified) >= maxVerified {
+		clear(h.verified)
+	}
+	h.verified[key] = doc
+	h.verifiedMu.Unlock()
+	return doc, nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	_ = json.NewEncoder(&buf).Encode(v)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", fmt.Sprint(buf.Len()))
+	w.WriteHeader(status)
+	_, _ = w.Write(buf.Bytes())
+}
+
+// metrics writes the counters in Prometheus's text format.
+func (h *Handler) metrics(w http.ResponseWriter, _ *http.Request) {
+	c := h.Counts()
+	var b bytes.Buffer
+	counter := func(name, help string) {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s counter\n", name, help, name)
+	}
+	counter("imdsguard_intake_batches_accepted_total", "Batches stored (every fingerprint stored or already there).")
+	fmt.Fprintf(&b, "imdsguard_intake_batches_accepted_total %d\n", c.Batches)
+	counter("imdsguard_intake_fingerprints_accepted_total", "Fingerprints stored for the first time.")
+	fmt.Fprintf(&b, "imdsguard_intake_fingerprints_accepted_total %d\n", c.Accepted)
+	counter("imdsguard_intake_fingerprints_duplicate_total", "Fingerprints received again (already stored, by id).")
+	fmt.Fprintf(&b, "imdsguard_intake_fingerprints_duplicate_total %d\n", c.Duplicates)
+	counter("imdsguard_intake_batches_refused_total", "Batches refused, by reason; nothing of them was stored.")
+	for _, r := range reasons {
+		fmt.Fprintf(&b, "imdsguard_intake_batches_refused_total{reason=%q} %d\n", r, c.Refused[r])
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	_, _ = w.Write(b.Bytes())
+}
+
+// compile-time check that the SQLite store is what the detector reads.
+var _ fpstore.Store = (*SQLite)(nil)

@@ -1,0 +1,402 @@
+package correlator
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch/trailwatchtest"
+	"github.com/imdsguard/imdsguard/internal/testing/ctcorpus"
+	"github.com/imdsguard/imdsguard/internal/testing/syncbuf"
+)
+
+// corpusDir holds the labelled corpus as tools/gen-corpus writes it.
+var corpusDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "corpus")
+	if err != nil {
+		panic(err)
+	}
+	if err := ctcorpus.WriteDir(dir, 1, nil); err != nil {
+		panic(err)
+	}
+	corpusDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func sharedCorpus(*testing.T) string { return corpusDir }
+
+func runCmd(t *testing.T, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := Run(context.Background(), "", args, strings.NewReader(stdin), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func decodeFindings(t *testing.T, s string) []detector.Finding {
+	t.Helper()
+	var fs []detector.Finding
+	sc := bufio.NewScanner(strings.NewReader(s))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var f detector.Finding
+		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
+			t.Fatalf("bad finding line %q: %v", sc.Text(), err)
+		}
+		fs = append(fs, f)
+	}
+	return fs
+}
+
+func readLabels(t *testing.T, dir string) []ctcorpus.Label {
+	data, err := os.ReadFile(filepath.Join(dir, "labels.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ls []ctcorpus.Label
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		var l ctcorpus.Label
+		json.Unmarshal([]byte(line), &l)
+		ls = append(ls, l)
+	}
+	return ls
+}
+
+func TestDetectCorpusFiles(t *testing.T) {
+	dir := sharedCorpus(t)
+	code, out, errs := runCmd(t, "", "detect", "--config", filepath.Join(dir, "config.yaml"), filepath.Join(dir, "cloudtrail"))
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	fs := decodeFindings(t, out)
+	have := map[string]detector.Finding{}
+	for _, f := range fs {
+		have[f.AccessKeyID+" "+f.SourceIP+" "+f.Type] = f
+	}
+	for _, l := range readLabels(t, dir) {
+		if l.Type == "" {
+			continue
+		}
+		f, ok := have[l.AccessKeyID+" "+l.SourceIP+" "+l.Type]
+		if !ok || f.Severity != l.Severity || f.Suppressed != l.Suppressed {
+			t.Errorf("positive %s from %s (%s %s) not found right: %+v", l.AccessKeyID, l.SourceIP, detector.ShortType(l.Type), l.Severity, f)
+		}
+	}
+	if !strings.Contains(errs, `"event":"record_skipped"`) || !strings.Contains(errs, `"malformed":3`) {
+		t.Errorf("malformed records not reported: %s", errs)
+	}
+}
+
+func TestDetectStdinAndFingerprintsFlag(t *testing.T) {
+	dir := sharedCorpus(t)
+	lake, err := os.ReadFile(filepath.Join(dir, "cloudtrail", "lake-export.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := `{"eventVersion":"1.09","userIdentity":{"type":"AssumedRole","arn":"arn:aws:sts::111111111111:assumed-role/web/x","accountId":"111111111111","accessKeyId":"` + ctcorpus.KeyA1 + `","sessionContext":{"sessionIssuer":{"userName":"web"}}},"eventTime":"2026-11-20T09:00:00Z","eventSource":"sts.amazonaws.com","eventName":"GetCallerIdentity","sourceIPAddress":"192.0.2.99"}`
+	cfg := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(cfg, []byte("ip_ranges: "+filepath.Join(dir, "ip-ranges.json")+"\n"), 0o600)
+	code, out, errs := runCmd(t, string(lake)+rec+"\n", "detect", "--config", cfg, "--fingerprints", filepath.Join(dir, "fingerprints.jsonl"), "-")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	var got *detector.Finding
+	for _, f := range decodeFindings(t, out) {
+		if f.SourceIP == "192.0.2.99" {
+			got = &f
+		}
+	}
+	if got == nil || got.Type != detector.TypeOutsideAWS || got.InstanceID != ctcorpus.InstA1 || len(got.Processes) != 1 || got.Processes[0].Exe != "/usr/bin/curl" {
+		t.Fatalf("finding from the fingerprinted key: %+v\n%s", got, out)
+	}
+}
+
+func TestConfigErrorNamesKeyAndLine(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(cfg, []byte("window: 1h\negress_cidrs: [\"300.1.1.1/32\"]\n"), 0o600)
+	code, _, errs := runCmd(t, "", "detect", "--config", cfg, "/nonexistent")
+	if code != 1 || !strings.Contains(errs, cfg+":2: egress_cidrs[0]: not a CIDR or address") {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	if code, _, errs := runCmd(t, "", "investigate"); code != 2 || !strings.Contains(errs, "--access-key") {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+}
+
+func TestInvestigateJSON(t *testing.T) {
+	dir := sharedCorpus(t)
+	code, out, errs := runCmd(t, "", "investigate", "--config", filepath.Join(dir, "config.yaml"), "--access-key", ctcorpus.KeyA1, "--format", "json", filepath.Join(dir, "cloudtrail"))
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	var s struct {
+		Issued struct {
+			InstanceID string `json:"instance_id"`
+		}
+		Sources  []struct{ Address string }
+		Findings []detector.Finding
+	}
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatal(err, out)
+	}
+	if s.Issued.InstanceID != ctcorpus.InstA1 || len(s.Sources) < 6 || len(s.Findings) != 2 {
+		t.Fatalf("%+v", s)
+	}
+	code, out, _ = runCmd(t, "", "investigate", "--config", filepath.Join(dir, "config.yaml"), "--access-key", ctcorpus.KeyA1, filepath.Join(dir, "cloudtrail"))
+	if code != 0 || !strings.Contains(out, "pid 4242 /usr/bin/curl") {
+		t.Fatalf("text: %s", out)
+	}
+}
+
+func TestServeFollowsDirectoryWebhookASFFAndCheckpoint(t *testing.T) {
+	dir := sharedCorpus(t)
+	var mu sync.Mutex
+	posted := map[string]int{}
+	fail := 1
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		if fail > 0 { // the first post fails: retried
+			fail--
+			http.Error(w, "down", http.StatusBadGateway)
+			return
+		}
+		var f detector.Finding
+		json.NewDecoder(r.Body).Decode(&f)
+		posted[f.ID]++
+	}))
+	defer hook.Close()
+	work := t.TempDir()
+	watched := filepath.Join(work, "trail")
+	os.MkdirAll(watched, 0o755)
+	cfg := filepath.Join(work, "c.yaml")
+	asff := filepath.Join(work, "findings.asff.json")
+	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	body = append(body, []byte("serve:\n  directory: "+watched+"\n  checkpoint: "+filepath.Join(work, "cp.json")+"\n  poll_interval: 100ms\n"+
+		"outputs:\n  asff_file: "+asff+"\n  metrics_file: "+filepath.Join(work, "metrics.emf")+"\n  webhook:\n    url: "+hook.URL+"\n    backoff: 1ms\n")...)
+	os.WriteFile(cfg, body, 0o600)
+
+	serve := func(until func(out string) bool) string {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var out, errb syncbuf.Buffer
+		done := make(chan int)
+		go func() { done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &out, &errb) }()
+		deadline := time.After(20 * time.Second)
+		for !until(out.String()) {
+			select {
+			case code := <-done:
+				t.Fatalf("serve exited %d: %s", code, errb.String())
+			case <-deadline:
+				t.Fatalf("serve: timed out; out:\n%s\nerr:\n%s", out.String(), errb.String())
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		cancel()
+		if code := <-done; code != 0 {
+			t.Fatalf("serve exit %d: %s", code, errb.String())
+		}
+		return out.String()
+	}
+	// Files arrive: copied in with a rename, as a delivery agent would.
+	src := filepath.Join(dir, "cloudtrail")
+	filepath.Walk(src, func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			data, _ := os.ReadFile(p)
+			rel, _ := filepath.Rel(src, p)
+			dst := filepath.Join(watched, rel)
+			os.MkdirAll(filepath.Dir(dst), 0o755)
+			os.WriteFile(dst+".part", data, 0o644)
+			os.Rename(dst+".part", dst)
+		}
+		return nil
+	})
+	past := time.Now().Add(-time.Minute)
+	filepath.Walk(watched, func(p string, info os.FileInfo, err error) error { os.Chtimes(p, past, past); return nil })
+	out := serve(func(out string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return strings.Count(out, "\n") >= 13 && len(posted) >= 12
+	})
+	fs := decodeFindings(t, out)
+	if len(fs) != 13 {
+		t.Fatalf("%d findings:\n%s", len(fs), out)
+	}
+	mu.Lock()
+	if len(posted) != 12 { // every unsuppressed finding, once
+		t.Errorf("webhook got %d findings: %v", len(posted), posted)
+	}
+	for id, n := range posted {
+		if n != 1 {
+			t.Errorf("finding %s posted %d times", id, n)
+		}
+	}
+	mu.Unlock()
+	var doc struct{ Findings []map[string]any }
+	data, _ := os.ReadFile(asff)
+	if json.Unmarshal(data, &doc); len(doc.Findings) != 13 {
+		t.Errorf("asff file has %d findings", len(doc.Findings))
+	}
+	// Restart: the checkpoint says everything was read; a new file is read alone.
+	rec := `{"eventVersion":"1.09","userIdentity":{"type":"AssumedRole","arn":"arn:aws:sts::111111111111:assumed-role/web/x","accountId":"111111111111","accessKeyId":"` + ctcorpus.KeyA1 + `"},"eventTime":"2026-11-20T09:00:00Z","eventSource":"s3.amazonaws.com","eventName":"ListBuckets","sourceIPAddress":"192.0.2.123"}`
+	os.WriteFile(filepath.Join(watched, "late.json"), []byte(`{"Records":[`+rec+`]}`), 0o644)
+	os.Chtimes(filepath.Join(watched, "late.json"), past, past)
+	out = serve(func(out string) bool { return strings.Contains(out, "192.0.2.123") })
+	if fs := decodeFindings(t, out); len(fs) != 1 || fs[0].SourceIP != "192.0.2.123" || fs[0].Processes[0].Exe != "/usr/bin/curl" {
+		t.Fatalf("after restart: %s", out)
+	}
+}
+
+func TestServeFollowsS3(t *testing.T) {
+	dir := sharedCorpus(t)
+	fake := trailwatchtest.NewS3("trail")
+	src := filepath.Join(dir, "cloudtrail", "AWSLogs")
+	n := 0
+	filepath.Walk(src, func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			data, _ := os.ReadFile(p)
+			rel, _ := filepath.Rel(filepath.Join(dir, "cloudtrail"), p)
+			fake.Put(filepath.ToSlash(rel), string(data))
+			n++
+		}
+		return nil
+	})
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	// The SDK's default chain, kept to this test: static keys, no IMDS, no files.
+	t.Setenv("AWS_ACCESS_KEY_ID", trailwatchtest.AccessKeyID)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	work := t.TempDir()
+	cfg := filepath.Join(work, "c.yaml")
+	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	body = append(body, []byte("serve:\n  s3:\n    bucket: trail\n    prefix: AWSLogs/\n    endpoint: "+srv.URL+"\n    path_style: true\n"+
+		"  checkpoint: "+filepath.Join(work, "cp.json")+"\n  poll_interval: 100ms\n")...)
+	os.WriteFile(cfg, body, 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errb syncbuf.Buffer
+	done := make(chan int)
+	go func() { done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &out, &errb) }()
+	deadline := time.After(20 * time.Second)
+	// The JSON-lines export is not in the bucket: 4 gzip files hold 4/5 of the corpus.
+	for !strings.Contains(errb.String(), `"event":"detect_cycle","files":`+strconv.Itoa(n)) {
+		select {
+		case code := <-done:
+			t.Fatalf("serve exited %d: %s", code, errb.String())
+		case <-deadline:
+			t.Fatalf("timed out: %s", errb.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	cancel()
+	if code := <-done; code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	if len(decodeFindings(t, out.String())) == 0 {
+		t.Fatalf("no findings from S3: %s", errb.String())
+	}
+	cp, _ := os.ReadFile(filepath.Join(work, "cp.json"))
+	if strings.Count(string(cp), ".json.gz") != n {
+		t.Fatalf("checkpoint: %s", cp)
+	}
+}
+
+func TestDetectGoesOnPastBadFiles(t *testing.T) {
+	dir := sharedCorpus(t)
+	bad := t.TempDir()
+	gz, err := filepath.Glob(filepath.Join(dir, "cloudtrail", "AWSLogs", "*", "CloudTrail", "*", "*", "*", "*", "*part1.json.gz"))
+	if err != nil || len(gz) != 1 {
+		t.Fatalf("glob: %v %v", gz, err)
+	}
+	data, _ := os.ReadFile(gz[0])
+	os.WriteFile(filepath.Join(bad, "cut.json.gz"), data[:len(data)/2], 0o644)
+	os.WriteFile(filepath.Join(bad, "garbage.json"), []byte("not json at all\n{\"Records\": 7}\n"), 0o644)
+	code, out, errs := runCmd(t, "", "detect", "--config", filepath.Join(dir, "config.yaml"),
+		filepath.Join(bad, "cut.json.gz"), filepath.Join(bad, "missing.json"), filepath.Join(bad, "garbage.json"), filepath.Join(dir, "cloudtrail"))
+	if code != 1 || !strings.Contains(errs, "missing.json") {
+		t.Fatalf("a missing input must fail the run after the others were read: exit %d\n%s", code, errs)
+	}
+	if !strings.Contains(errs, `"event":"file_truncated","file":"`+filepath.Join(bad, "cut.json.gz")) || !strings.Contains(errs, `"event":"detect_done"`) {
+		t.Fatalf("truncation not reported: %s", errs)
+	}
+	if len(decodeFindings(t, out)) < 13 {
+		t.Fatalf("findings lost: %s", out)
+	}
+}
+
+func TestDetectPutsCloudWatchMetrics(t *testing.T) {
+	dir := sharedCorpus(t)
+	var mu sync.Mutex
+	calls := 0
+	cw := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasSuffix(r.URL.Path, "/operation/PutMetricData") {
+			http.Error(w, "unexpected", http.StatusBadRequest)
+			return
+		}
+		mu.Lock()
+		calls++
+		mu.Unlock()
+		w.Header().Set("Smithy-Protocol", "rpc-v2-cbor")
+		w.Header().Set("Content-Type", "application/cbor")
+		w.Write([]byte{0xa0}) // an empty CBOR map
+	}))
+	defer cw.Close()
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	cfg := filepath.Join(t.TempDir(), "c.yaml")
+	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	os.WriteFile(cfg, append(body, []byte("outputs:\n  cloudwatch:\n    namespace: imdsguard\n    endpoint: "+cw.URL+"\n")...), 0o600)
+	code, _, errs := runCmd(t, "", "detect", "--config", cfg, filepath.Join(dir, "cloudtrail"))
+	if code != 0 || strings.Contains(errs, "cloudwatch_failed") {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if calls != 1 {
+		t.Fatalf("PutMetricData called %d times", calls)
+	}
+}
+
+func TestCheckConfigAndUpdateIPRanges(t *testing.T) {
+	dir := t.TempDir()
+	ranges := filepath.Join(dir, "ip-ranges.json")
+	os.WriteFile(ranges, []byte(ctcorpus.IPRangesJSON), 0o644)
+	cfg := filepath.Join(dir, "c.yaml")
+	os.WriteFile(cfg, []byte("ip_ranges: "+ranges+"\n"), 0o600)
+	if code, out, errs := runCmd(t, "", "check-config", cfg); code != 0 || !strings.Contains(out, "ok") {
+		t.Fatalf("check-config: %d %s %s", code, out, errs)
+	}
+	bad := filepath.Join(dir, "bad.json")
+	os.WriteFile(bad, []byte(`{"prefixes":[]}`), 0o644)
+	if code, _, errs := runCmd(t, "", "update-ip-ranges", "--config", cfg, bad); code != 1 || !strings.Contains(errs, "no prefixes") {
+		t.Fatalf("bad update: %d %s", code, errs)
+	}
+	newer := filepath.Join(dir, "new.json")
+	os.WriteFile(newer, []byte(strings.Replace(ctcorpus.IPRangesJSON, "1763596800", "1763700000", 1)), 0o644)
+	if code, out, errs := runCmd(t, "", "update-ip-ranges", "--config", cfg, newer); code != 0 || !strings.Contains(out, "syncToken 1763700000") {
+		t.Fatalf("update: %d %s %s", code, out, errs)
+	}
+	if data, _ := os.ReadFile(ranges); !strings.Contains(string(data), "1763700000") {
+		t.Fatal("not installed")
+	}
+}

@@ -1,0 +1,253 @@
+package correlator
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awsconfig "github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
+	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
+	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
+)
+
+// component is one part of serve that runs until ctx ends: detection, and the
+// fingerprint intake (HTTPS API filling the store that detection reads).
+type component interface {
+	Name() string
+	Run(ctx context.Context) error
+}
+
+func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fl := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fl.SetOutput(io.Discard)
+	cfgPath := fl.String("config", "", "config file")
+	fpPath := fl.String("fingerprints", "", "JSON-lines file of host fingerprints")
+	if err := fl.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if *cfgPath == "" || fl.NArg() > 0 {
+		return fmt.Errorf("%w: serve takes --config and no arguments", errUsage)
+	}
+	e, err := load(*cfgPath, *fpPath, stderr)
+	if err != nil {
+		return err
+	}
+	defer e.close()
+	var cs []component
+	// The intake comes first: detection reads the store it opens.
+	if e.cfg.Intake.Listen != "" {
+		in, closeIntake, err := newIntake(e)
+		if err != nil {
+			return err
+		}
+		defer closeIntake()
+		cs = append(cs, in)
+	}
+	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" {
+		det, err := newDetection(ctx, e, stdout)
+		if err != nil {
+			return err
+		}
+		cs = append(cs, det)
+	}
+	e.log.Info().Str("event", "correlator_starting").Str("version", versionString()).Str("config", *cfgPath).Msg("starting")
+	return runComponents(ctx, e.log, cs...)
+}
+
+// runComponents runs every component and stops them all when one fails.
+func runComponents(ctx context.Context, log zerolog.Logger, cs ...component) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, len(cs))
+	for i, c := range cs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := c.Run(ctx); err != nil {
+				log.Error().Str("event", "component_failed").Str("component", c.Name()).Err(err).Msg("component stopped with an error")
+				errs[i] = fmt.Errorf("%s: %w", c.Name(), err)
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// detection follows the configured log sources, feeds the detector and emits findings
+// that are new or whose counts grew.
+type detection struct {
+	e         *env
+	det       *detector.Detector
+	followers []*trailwatch.Follower
+	out       *emitter
+	interval  time.Duration
+	emitted   map[string]int64 // finding id → count last emitted
+	latest    time.Time        // latest event time seen
+	rangesMod time.Time
+	stats     cloudtrail.Stats
+}
+
+func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, error) {
+	cfg := e.cfg
+	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" {
+		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket or intake.listen in the config")
+	}
+	cp, err := trailwatch.LoadCheckpoint(cfg.Serve.Checkpoint)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Serve.Checkpoint == "" {
+		e.log.Warn().Str("event", "no_checkpoint").Msg("serve.checkpoint is not set: a restart reads every file again")
+	}
+	out, err := newEmitter(ctx, cfg.Outputs, stdout, e)
+	if err != nil {
+		return nil, err
+	}
+	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval, emitted: map[string]int64{}}
+	if cfg.IPRanges != "" {
+		if info, err := os.Stat(cfg.IPRanges); err == nil {
+			d.rangesMod = info.ModTime()
+		}
+	}
+	var listers []trailwatch.Lister
+	if cfg.Serve.Directory != "" {
+		listers = append(listers, &trailwatch.Dir{Root: cfg.Serve.Directory, Settle: time.Second})
+	}
+	if b := cfg.Serve.S3; b.Bucket != "" {
+		client, err := newS3Client(ctx, cfg.Serve.S3.Region, b.Endpoint, b.PathStyle)
+		if err != nil {
+			return nil, err
+		}
+		listers = append(listers, &trailwatch.S3{Client: client, Bucket: b.Bucket, Prefix: b.Prefix})
+	}
+	for _, l := range listers {
+		d.followers = append(d.followers, &trailwatch.Follower{Lister: l, Checkpoint: cp, Read: d.read, Log: e.log})
+	}
+	return d, nil
+}
+
+func newS3Client(ctx context.Context, region, endpoint string, pathStyle bool) (*s3.Client, error) {
+	awsCfg, err := awsconfig.LoadDefaultConfig(ctx, awsconfig.WithRegion(region))
+	if err != nil {
+		return nil, fmt.Errorf("load aws config: %w", err)
+	}
+	return s3.NewFromConfig(awsCfg, func(o *s3.Options) {
+		if endpoint != "" {
+			o.BaseEndpoint = aws.String(endpoint)
+		}
+		o.UsePathStyle = pathStyle
+		o.DisableLogOutputChecksumValidationSkipped = true
+	}), nil
+}
+
+func newHTTPClient(timeout time.Duration) *http.Client {
+	return &http.Client{Timeout: timeout}
+}
+
+// Name implements component.
+func (d *detection) Name() string { return "detection" }
+
+func (d *detection) read(name string, r io.Reader) error {
+	logged := 0
+	st := cloudtrail.Read(name, r, func(rec *cloudtrail.Record, _ cloudtrail.Pos) {
+		d.det.Observe(rec)
+		if rec.Time.After(d.latest) {
+			d.latest = rec.Time
+		}
+	}, func(p cloudtrail.Problem) {
+		if logged++; logged <= maxProblemLogs || p.Truncated {
+			d.e.log.Warn().Str("event", map[bool]string{true: "file_truncated", false: "record_skipped"}[p.Truncated]).
+				Str("file", p.File).Int64("index", p.Index).Int64("offset", p.Offset).Err(p.Err).Msg("bad input")
+		}
+	})
+	d.stats.Add(st)
+	d.e.log.Info().Str("event", "log_file_read").Str("file", name).Int64("records", st.Records).Int64("malformed", st.Malformed).Bool("truncated", st.Truncated).Msg("read log file")
+	return nil
+}
+
+// Run implements component: poll, judge, emit, forget, every poll interval.
+func (d *detection) Run(ctx context.Context) error {
+	t := time.NewTicker(d.interval)
+	defer t.Stop()
+	for {
+		if err := d.cycle(ctx); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (d *detection) cycle(ctx context.Context) error {
+	d.reloadRanges()
+	read := 0
+	for _, f := range d.followers {
+		n, err := f.Poll(ctx)
+		read += n
+		if err != nil && ctx.Err() == nil {
+			d.e.log.Error().Str("event", "poll_failed").Str("source", f.Lister.ID()).Err(err).Msg("polling log files failed; retrying next interval")
+		}
+	}
+	if read == 0 {
+		return nil
+	}
+	all := d.det.Findings()
+	var changed []detector.Finding
+	for _, f := range all {
+		if d.emitted[f.ID] != f.Count {
+			changed = append(changed, f)
+			d.emitted[f.ID] = f.Count
+		}
+	}
+	if err := d.out.emit(ctx, changed, all); err != nil {
+		return err
+	}
+	// Keep two windows of history behind the newest record: late files still count.
+	horizon := d.latest.Add(-2 * d.e.cfg.Window)
+	d.det.Forget(horizon)
+	for _, f := range all {
+		if f.WindowStart.Add(d.e.cfg.Window).Before(horizon) {
+			delete(d.emitted, f.ID)
+		}
+	}
+	d.e.log.Info().Str("event", "detect_cycle").Int("files", read).Int("changed_findings", len(changed)).Int64("records", d.stats.Records).
+		Int64("malformed", d.stats.Malformed).Int("groups", d.det.Stats().Groups).Msg("detection cycle")
+	return nil
+}
+
+// reloadRanges picks up a new ip-ranges.json (installed by update-ip-ranges).
+func (d *detection) reloadRanges() {
+	p := d.e.cfg.IPRanges
+	if p == "" {
+		return
+	}
+	info, err := os.Stat(p)
+	if err != nil || info.ModTime().Equal(d.rangesMod) {
+		return
+	}
+	set, err := ipranges.Load(p)
+	if err != nil {
+		d.e.log.Error().Str("event", "ip_ranges_reload_failed").Err(err).Msg("keeping the ranges loaded before")
+		return
+	}
+	d.rangesMod = info.ModTime()
+	d.det.SetRanges(set)
+	d.e.log.Info().Str("event", "ip_ranges_reloaded").Int("prefixes", set.Len()).Str("sync_token", set.SyncToken).Msg("reloaded ip ranges")
+}

@@ -1,0 +1,77 @@
+package testbed
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// BinDir is where the bed builds the programs it runs: bin/ under the module root
+// (ignored by git), or $IMDSGUARD_BIN_DIR.
+func BinDir() (string, error) {
+	if d := os.Getenv("IMDSGUARD_BIN_DIR"); d != "" {
+		return d, nil
+	}
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("find module root: %w", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", fmt.Errorf("find module root: not inside the imdsguard module")
+	}
+	return filepath.Join(filepath.Dir(mod), "bin"), nil
+}
+
+// Build compiles a package of this module (or a tool it pins in go.mod) into BinDir,
+// once per process, and returns the binary's path. go's build cache makes a repeat
+// build cheap.
+func Build(pkg, name string) (string, error) {
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if p, ok := built[pkg]; ok {
+		return p, nil
+	}
+	dir, err := BinDir()
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create %s: %w", dir, err)
+	}
+	out := filepath.Join(dir, name)
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = filepath.Dir(dir)
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build %s: %w: %s", pkg, err, msg)
+	}
+	built[pkg] = out
+	return out, nil
+}
+
+var built = map[string]string{}
+
+// Emulator builds amazon-ec2-metadata-mock from the version pinned in go.mod.
+func Emulator() (string, error) {
+	return Build("github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock", "ec2-metadata-mock")
+}
+
+// ClientBinary builds the bed's Go IMDS client (aws-sdk-go-v2's feature/ec2/imds).
+func ClientBinary() (string, error) {
+	return Build("github.com/imdsguard/imdsguard/internal/testing/testbed/imdsclient", "imds-client")
+}
+
+// Agent builds the imdsguard agent.
+func Agent() (string, error) {
+	return Build("github.com/imdsguard/imdsguard/cmd/imdsguard", "imdsguard")
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

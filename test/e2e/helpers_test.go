@@ -1,0 +1,40 @@
+// Package e2e runs the built programs on the test bed (internal/testing/testbed): the
+// agent against real clients in its own cgroup and network namespace, and the paths that
+// span both programs, from a fetched credential to the correlator's finding. All of it
+// needs root (IMDSGUARD_PRIVILEGED=1).
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/imdsguard/imdsguard/internal/correlator"
+	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+)
+
+// runCmd runs one imdsguard-correlator command line in process.
+func runCmd(t *testing.T, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := correlator.Run(context.Background(), "", args, strings.NewReader(stdin), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func decodeFindings(t *testing.T, s string) []detector.Finding {
+	t.Helper()
+	var fs []detector.Finding
+	sc := bufio.NewScanner(strings.NewReader(s))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var f detector.Finding
+		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
+			t.Fatalf("bad finding line %q: %v", sc.Text(), err)
+		}
+		fs = append(fs, f)
+	}
+	return fs
+}
