@@ -18,6 +18,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/config"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/preflight"
+	"github.com/imdsguard/imdsguard/internal/logging"
 	buildversion "github.com/imdsguard/imdsguard/internal/version"
 )
 
@@ -221,24 +222,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 }
 
 func newLogger(c config.Log, stderr io.Writer) (zerolog.Logger, func(), error) {
-	var w io.Writer = stderr
-	closeFn := func() {}
-	switch c.Output {
-	case "stderr":
-	case "stdout":
-		w = os.Stdout
-	default:
-		f, err := os.OpenFile(c.Output, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return zerolog.Logger{}, nil, fmt.Errorf("open log output: %w", err)
-		}
-		w, closeFn = f, func() { f.Close() }
-	}
-	level, err := zerolog.ParseLevel(c.Level)
-	if err != nil {
-		return zerolog.Logger{}, nil, fmt.Errorf("log.level: %w", err)
-	}
-	return zerolog.New(w).Level(level).With().Timestamp().Logger(), closeFn, nil
+	return logging.New(c.Output, c.Level, stderr)
 }
 
 func fileExists(p string) bool {

@@ -25,6 +25,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
 	"github.com/imdsguard/imdsguard/internal/agent/tally"
+	"github.com/imdsguard/imdsguard/internal/atomicfile"
 )
 
 // Options are what the command line gives the agent.
@@ -362,7 +363,8 @@ func writeReady(path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("create ready file directory: %w", err)
 	}
-	if err := os.WriteFile(path, []byte(fmt.Sprintf("%d\n", os.Getpid())), 0o644); err != nil {
+	// Atomic: whoever waits for the file never reads it half written.
+	if err := atomicfile.Write(path, fmt.Appendf(nil, "%d\n", os.Getpid()), 0o644); err != nil {
 		return fmt.Errorf("write ready file: %w", err)
 	}
 	return nil

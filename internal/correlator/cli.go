@@ -17,12 +17,14 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/imdsguard/imdsguard/internal/atomicfile"
 	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
 	"github.com/imdsguard/imdsguard/internal/correlator/config"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/fpstore"
 	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
+	"github.com/imdsguard/imdsguard/internal/logging"
 	buildversion "github.com/imdsguard/imdsguard/internal/version"
 )
 
@@ -139,11 +141,7 @@ func cmdUpdateIPRanges(args []string, stdout io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", fl.Arg(0), err)
 	}
-	tmp := cfg.IPRanges + ".new"
-	if err := os.WriteFile(tmp, data, 0o644); err != nil {
-		return fmt.Errorf("write ip ranges: %w", err)
-	}
-	if err := os.Rename(tmp, cfg.IPRanges); err != nil {
+	if err := atomicfile.Write(cfg.IPRanges, data, 0o644); err != nil {
 		return fmt.Errorf("install ip ranges: %w", err)
 	}
 	fmt.Fprintf(stdout, "%s: %d prefixes, syncToken %s, createDate %s\n", cfg.IPRanges, set.Len(), set.SyncToken, set.CreateDate)
@@ -205,24 +203,7 @@ func (e *env) detector(onlyKey string) *detector.Detector {
 }
 
 func newLogger(c config.Log, stderr io.Writer) (zerolog.Logger, func(), error) {
-	var w io.Writer = stderr
-	closeFn := func() {}
-	switch c.Output {
-	case "stderr":
-	case "stdout":
-		w = os.Stdout
-	default:
-		f, err := os.OpenFile(c.Output, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return zerolog.Logger{}, nil, fmt.Errorf("open log output: %w", err)
-		}
-		w, closeFn = f, func() { f.Close() }
-	}
-	level, err := zerolog.ParseLevel(c.Level)
-	if err != nil {
-		return zerolog.Logger{}, nil, fmt.Errorf("log.level: %w", err)
-	}
-	return zerolog.New(w).Level(level).With().Timestamp().Logger(), closeFn, nil
+	return logging.New(c.Output, c.Level, stderr)
 }
 
 // maxProblemLogs bounds the skipped-record lines logged per file; the rest are counted.

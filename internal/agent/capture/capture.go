@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/imdsguard/imdsguard/internal/atomicfile"
 	"github.com/imdsguard/imdsguard/internal/wire"
 )
 
@@ -110,7 +111,7 @@ func HostSecret(path string) ([]byte, error) {
 	if _, err := rand.Read(secret); err != nil {
 		return nil, fmt.Errorf("generate host secret: %w", err)
 	}
-	if err := os.WriteFile(path, secret, 0o600); err != nil {
+	if err := atomicfile.Write(path, secret, 0o600); err != nil {
 		return nil, fmt.Errorf("write host secret: %w", err)
 	}
 	return secret, nil

@@ -16,7 +16,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/big"
 	"net/http"
 	"os"
 	"sync/atomic"
@@ -25,6 +24,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/agent/spool"
+	"github.com/imdsguard/imdsguard/internal/retry"
 	"github.com/imdsguard/imdsguard/internal/wire"
 )
 
@@ -103,7 +103,7 @@ func New(cfg Config, sp *spool.Spool, id Identity, log zerolog.Logger) (*Forward
 
 // Run drains the spool until ctx is done.
 func (f *Forwarder) Run(ctx context.Context) error {
-	backoff := f.cfg.MinBackoff
+	backoff := retry.Backoff{Min: f.cfg.MinBackoff, Max: f.cfg.MaxBackoff}
 	idle := time.NewTicker(5 * time.Second)
 	defer idle.Stop()
 	for {
@@ -113,16 +113,15 @@ func (f *Forwarder) Run(ctx context.Context) error {
 			return nil
 		case err != nil:
 			f.Stats.Failures.Add(1)
-			wait := jitter(backoff)
+			wait := backoff.Next()
 			f.log.Warn().Err(err).Str("event", "forward_failed").Dur("retry_in", wait).Msg("correlator did not take the batch")
 			select {
 			case <-ctx.Done():
 				return nil
 			case <-time.After(wait):
 			}
-			backoff = min(backoff*2, f.cfg.MaxBackoff)
 		case sent > 0:
-			backoff = f.cfg.MinBackoff
+			backoff.Reset()
 		default:
 			select {
 			case <-ctx.Done():
@@ -135,13 +134,6 @@ func (f *Forwarder) Run(ctx context.Context) error {
 }
 
 // jitter spreads retries of a fleet: a random wait between d/2 and d.
-func jitter(d time.Duration) time.Duration {
-	n, err := rand.Int(rand.Reader, big.NewInt(int64(d/2)+1))
-	if err != nil {
-		return d
-	}
-	return d/2 + time.Duration(n.Int64())
-}
 
 // sendBatch sends the oldest batch; it returns how many fingerprints left the spool.
 func (f *Forwarder) sendBatch(ctx context.Context) (int, error) {

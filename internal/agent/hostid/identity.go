@@ -14,9 +14,11 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	awsretry "github.com/aws/aws-sdk-go-v2/aws/retry"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/retry"
 )
 
 // Identity is what the instance identity document says about this instance.
@@ -73,7 +75,7 @@ func New(opts Options) *Source {
 		EnableFallback: aws.FalseTernary,
 		// One try per attempt: Run owns the retries and their backoff, so that a
 		// missing IMDS costs a bounded, logged wait rather than the SDK's hidden one.
-		Retryer: retry.AddWithMaxAttempts(retry.NewStandard(), 1),
+		Retryer: awsretry.AddWithMaxAttempts(awsretry.NewStandard(), 1),
 	}
 	if opts.HTTPClient != nil {
 		o.HTTPClient = opts.HTTPClient
@@ -95,7 +97,7 @@ func (s *Source) Ready() <-chan struct{} { return s.ready }
 // failure and then at every doubling of the attempt count, so a host without IMDS
 // says so plainly without flooding the log.
 func (s *Source) Run(ctx context.Context) error {
-	wait := s.opts.FirstBackoff
+	backoff := retry.Backoff{Min: s.opts.FirstBackoff, Max: s.opts.MaxBackoff}
 	for attempt := 1; ; attempt++ {
 		id, err := s.fetch(ctx)
 		if err == nil {
@@ -112,6 +114,7 @@ func (s *Source) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		wait := backoff.Next()
 		if attempt&(attempt-1) == 0 {
 			s.opts.Log.Warn().Str("event", "identity_unavailable").Err(err).Int("attempt", attempt).
 				Dur("retry_in", wait).
@@ -122,7 +125,6 @@ func (s *Source) Run(ctx context.Context) error {
 			return ctx.Err()
 		case <-time.After(wait):
 		}
-		wait = min(2*wait, s.opts.MaxBackoff)
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
+	"github.com/imdsguard/imdsguard/internal/retry"
 )
 
 // PutMetricData limits (CloudWatch API reference): at most 1000 metrics and 1 MB per
@@ -174,7 +175,7 @@ func Datums(s Snapshot, id hostid.Identity, known bool) []types.MetricDatum {
 
 func (c *CloudWatch) run(ctx context.Context) {
 	defer close(c.done)
-	backoff := c.opts.FirstBackoff
+	backoff := retry.Backoff{Min: c.opts.FirstBackoff, Max: c.opts.MaxBackoff}
 	failures := 0
 	var retry <-chan time.Time
 	for {
@@ -195,19 +196,20 @@ func (c *CloudWatch) run(ctx context.Context) {
 				c.opts.Log.Info().Str("event", "cloudwatch_recovered").Int("failures", failures).
 					Msg("CloudWatch PutMetricData works again")
 			}
-			backoff, failures = c.opts.FirstBackoff, 0
+			backoff.Reset()
+			failures = 0
 		case ctx.Err() != nil:
 			return
 		default:
 			failures++
+			wait := backoff.Next()
 			if failures&(failures-1) == 0 {
 				pending, dropped := c.Pending()
 				c.opts.Log.Warn().Str("event", "cloudwatch_put_failed").Err(err).Int("failures", failures).
-					Int("pending", pending).Uint64("dropped", dropped).Dur("retry_in", backoff).
+					Int("pending", pending).Uint64("dropped", dropped).Dur("retry_in", wait).
 					Msg("cannot send metrics to CloudWatch; keeping them and retrying")
 			}
-			retry = time.After(backoff)
-			backoff = min(2*backoff, c.opts.MaxBackoff)
+			retry = time.After(wait)
 		}
 	}
 }

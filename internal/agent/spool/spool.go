@@ -20,6 +20,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/imdsguard/imdsguard/internal/atomicfile"
 )
 
 const (
@@ -99,7 +101,7 @@ func Open(dir string, maxBytes int64) (*Spool, error) {
 	if s.ack.Seg < s.segs[0] {
 		s.ack = Position{Seg: s.segs[0]}
 	}
-	return s, syncDir(dir)
+	return s, atomicfile.SyncDir(dir)
 }
 
 func (s *Spool) path(seg uint64) string {
@@ -210,7 +212,7 @@ func (s *Spool) rotate() error {
 	if err != nil {
 		return fmt.Errorf("create spool segment: %w", err)
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := atomicfile.SyncDir(s.dir); err != nil {
 		f.Close()
 		return err
 	}
@@ -324,25 +326,10 @@ func (s *Spool) Ack(next Position) error {
 }
 
 func (s *Spool) writeAck() error {
-	tmp := filepath.Join(s.dir, "ack.tmp")
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	if err := atomicfile.Write(filepath.Join(s.dir, "ack"), fmt.Appendf(nil, "%d %d\n", s.ack.Seg, s.ack.Off), 0o600); err != nil {
 		return fmt.Errorf("write spool ack: %w", err)
 	}
-	_, err = fmt.Fprintf(f, "%d %d\n", s.ack.Seg, s.ack.Off)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write spool ack: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(s.dir, "ack")); err != nil {
-		return fmt.Errorf("write spool ack: %w", err)
-	}
-	return syncDir(s.dir)
+	return nil
 }
 
 // Notify is signalled after each Append, for a consumer waiting for work.
@@ -360,16 +347,4 @@ func (s *Spool) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.cur.Close()
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync spool directory: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync spool directory: %w", err)
-	}
-	return nil
 }

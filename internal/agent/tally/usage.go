@@ -12,6 +12,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/imdsguard/imdsguard/internal/atomicfile"
 )
 
 // Retention is how long hourly buckets are kept.
@@ -170,11 +172,7 @@ func (l *Ledger) Save(now time.Time) error {
 	if err := os.MkdirAll(filepath.Dir(l.path), 0o700); err != nil {
 		return fmt.Errorf("save usage ledger: %w", err)
 	}
-	tmp := l.path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("save usage ledger: %w", err)
-	}
-	if err := os.Rename(tmp, l.path); err != nil {
+	if err := atomicfile.Write(l.path, data, 0o600); err != nil {
 		return fmt.Errorf("save usage ledger: %w", err)
 	}
 	return nil

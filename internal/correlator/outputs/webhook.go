@@ -12,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/retry"
 )
 
 // Webhook POSTs findings as JSON, one request per finding, retrying with exponential
@@ -30,24 +31,21 @@ func (w *Webhook) Send(ctx context.Context, f detector.Finding) error {
 	if err != nil {
 		return fmt.Errorf("marshal finding: %w", err)
 	}
-	wait := w.Backoff
+	backoff := retry.Backoff{Min: w.Backoff, Max: 32 * w.Backoff}
 	var last error
 	for attempt := 0; attempt <= w.Retries; attempt++ {
 		if attempt > 0 {
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("post finding %s: %w (last: %v)", f.ID, ctx.Err(), last)
-			case <-time.After(wait):
+			if err := retry.Sleep(ctx, backoff.Next()); err != nil {
+				return fmt.Errorf("post finding %s: %w (last: %v)", f.ID, err, last)
 			}
-			wait *= 2
 		}
-		retry, err := w.post(ctx, body)
+		again, err := w.post(ctx, body)
 		if err == nil {
 			return nil
 		}
 		last = err
 		w.Log.Warn().Str("event", "webhook_failed").Str("finding_id", f.ID).Int("attempt", attempt+1).Err(err).Msg("webhook delivery failed")
-		if !retry {
+		if !again {
 			break
 		}
 	}
