@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -18,6 +17,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/config"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/preflight"
+	"github.com/imdsguard/imdsguard/internal/cli"
 	"github.com/imdsguard/imdsguard/internal/logging"
 	buildversion "github.com/imdsguard/imdsguard/internal/version"
 )
@@ -53,54 +53,23 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// errUsage marks errors that are the caller's wording, not the host's state.
-var errUsage = errors.New("usage")
-
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
-		return 2
-	}
-	var err error
-	switch args[0] {
-	case "run":
-		err = cmdRun(args[1:], stderr)
-	case "status":
-		err = cmdStatus(args[1:], stdout)
-	case "check-config":
-		err = cmdCheckConfig(args[1:], stdout)
-	case "reload":
-		err = cmdReload(args[1:], stdout)
-	case "report":
-		err = cmdReport(args[1:], stdout)
-	case "uninstall":
-		err = cmdUninstall(args[1:], stdout)
-	case "preflight":
-		err = preflight.Main(args[1:], stdout, DefaultConfig)
-	case "version", "--version", "-v":
-		fmt.Fprintln(stdout, "imdsguard", versionString())
-	case "help", "-h", "--help":
-		fmt.Fprint(stdout, usage)
-	default:
-		err = fmt.Errorf("%w: unknown command %q", errUsage, args[0])
-	}
-	switch {
-	case err == nil:
-		return 0
-	case errors.Is(err, errUsage):
-		fmt.Fprintf(stderr, "imdsguard: %v\n\n%s", err, usage)
-		return 2
-	default:
-		fmt.Fprintf(stderr, "imdsguard: %v\n", err)
-		return 1
-	}
+	return cli.Program{Name: "imdsguard", Usage: usage, Version: version, Commands: map[string]func([]string) error{
+		"run":          func(a []string) error { return cmdRun(a, stderr) },
+		"status":       func(a []string) error { return cmdStatus(a, stdout) },
+		"check-config": func(a []string) error { return cmdCheckConfig(a, stdout) },
+		"reload":       func(a []string) error { return cmdReload(a, stdout) },
+		"report":       func(a []string) error { return cmdReport(a, stdout) },
+		"uninstall":    func(a []string) error { return cmdUninstall(a, stdout) },
+		"preflight":    func(a []string) error { return cmdPreflight(a, stdout) },
+	}}.Run(args, stdout, stderr)
 }
 
 func versionString() string { return buildversion.String(version) }
 
 func cmdCheckConfig(args []string, stdout io.Writer) error {
 	if len(args) != 1 {
-		return fmt.Errorf("%w: check-config takes exactly one file", errUsage)
+		return fmt.Errorf("%w: check-config takes exactly one file", cli.ErrUsage)
 	}
 	cfg, err := config.Load(args[0])
 	if err != nil {
@@ -133,10 +102,10 @@ func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (string, 
 		extra(fs)
 	}
 	if err := fs.Parse(args); err != nil {
-		return "", fmt.Errorf("%w: %v", errUsage, err)
+		return "", fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
 	if fs.NArg() > 0 {
-		return "", fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+		return "", fmt.Errorf("%w: unexpected argument %q", cli.ErrUsage, fs.Arg(0))
 	}
 	return *path, nil
 }
@@ -228,4 +197,19 @@ func newLogger(c config.Log, stderr io.Writer) (zerolog.Logger, func(), error) {
 func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
+}
+
+func cmdPreflight(args []string, stdout io.Writer) error {
+	var noIMDS bool
+	p, err := parseFlags("preflight", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&noIMDS, "no-imds", false, "skip the IMDS check (the unit starts before the network)")
+	})
+	if err != nil {
+		return err
+	}
+	cfg, _, err := loadConfig(p)
+	if err != nil {
+		return fmt.Errorf("preflight: %w", err)
+	}
+	return preflight.Check(context.Background(), cfg, noIMDS, stdout)
 }

@@ -29,6 +29,9 @@ func TestCLI(t *testing.T) {
 		{[]string{"run", "--config", bad}, 1, "", "imds.colour: unknown key"},
 		{[]string{"run", "--bogus"}, 2, "", "flag provided but not defined"},
 		{[]string{"run", "extra"}, 2, "", `unexpected argument "extra"`},
+		{[]string{"preflight", "--config", filepath.Join(dir, "none.yaml")}, 1, "", "preflight: read config"},
+		{[]string{"preflight", "extra"}, 2, "", `unexpected argument "extra"`},
+		{[]string{"preflight", "--config", bad}, 1, "", "imds.colour: unknown key"},
 	}
 	for _, c := range cases {
 		var out, errOut bytes.Buffer

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/imdsguard/imdsguard/internal/agent/tally"
+	"github.com/imdsguard/imdsguard/internal/cli"
 )
 
 func cmdReport(args []string, stdout io.Writer) error {
@@ -23,7 +24,7 @@ func cmdReport(args []string, stdout io.Writer) error {
 		return err
 	}
 	if since <= 0 || (format != "text" && format != "json") {
-		return fmt.Errorf("%w: --since must be positive and --format text or json", errUsage)
+		return fmt.Errorf("%w: --since must be positive and --format text or json", cli.ErrUsage)
 	}
 	cfg, _, err := loadConfig(p)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
 	"github.com/imdsguard/imdsguard/internal/agent/status"
+	"github.com/imdsguard/imdsguard/internal/cli"
 )
 
 // cmdStatus prints the running agent's per-process table. The socket is --socket, or
@@ -20,10 +21,10 @@ func cmdStatus(args []string, stdout io.Writer) error {
 	path := fs.String("config", "", "config file (default "+DefaultConfig+" when it exists)")
 	socket := fs.String("socket", "", "status socket (default: status.socket of the config)")
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+		return fmt.Errorf("%w: unexpected argument %q", cli.ErrUsage, fs.Arg(0))
 	}
 	if *socket == "" {
 		cfg := config.Default()

@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/atomicfile"
+	"github.com/imdsguard/imdsguard/internal/cli"
 	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
 	"github.com/imdsguard/imdsguard/internal/correlator/config"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
@@ -49,9 +50,6 @@ Usage:
   imdsguard-correlator version
 `
 
-// errUsage marks errors that are the caller's wording.
-var errUsage = errors.New("usage")
-
 // Run runs one correlator command line (args without the program name) and returns the
 // process exit code: 0 done, 1 failed, 2 wrong usage. buildVersion is what the Makefile
 // stamped into the binary ("" for a plain go build).
@@ -59,46 +57,20 @@ func Run(ctx context.Context, buildVersion string, args []string, stdin io.Reade
 	if buildVersion != "" {
 		version = buildVersion
 	}
-	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
-		return 2
-	}
-	var err error
-	switch args[0] {
-	case "detect":
-		err = cmdDetect(ctx, args[1:], stdin, stdout, stderr)
-	case "investigate":
-		err = cmdInvestigate(ctx, args[1:], stdin, stdout, stderr)
-	case "serve":
-		err = cmdServe(ctx, args[1:], stdout, stderr)
-	case "update-ip-ranges":
-		err = cmdUpdateIPRanges(args[1:], stdout)
-	case "check-config":
-		err = cmdCheckConfig(args[1:], stdout)
-	case "version", "--version", "-v":
-		fmt.Fprintln(stdout, "imdsguard-correlator", versionString())
-	case "help", "-h", "--help":
-		fmt.Fprint(stdout, usage)
-	default:
-		err = fmt.Errorf("%w: unknown command %q", errUsage, args[0])
-	}
-	switch {
-	case err == nil:
-		return 0
-	case errors.Is(err, errUsage):
-		fmt.Fprintf(stderr, "imdsguard-correlator: %v\n\n%s", err, usage)
-		return 2
-	default:
-		fmt.Fprintf(stderr, "imdsguard-correlator: %v\n", err)
-		return 1
-	}
+	return cli.Program{Name: "imdsguard-correlator", Usage: usage, Version: version, Commands: map[string]func([]string) error{
+		"detect":           func(a []string) error { return cmdDetect(ctx, a, stdin, stdout, stderr) },
+		"investigate":      func(a []string) error { return cmdInvestigate(ctx, a, stdin, stdout, stderr) },
+		"serve":            func(a []string) error { return cmdServe(ctx, a, stdout, stderr) },
+		"update-ip-ranges": func(a []string) error { return cmdUpdateIPRanges(a, stdout) },
+		"check-config":     func(a []string) error { return cmdCheckConfig(a, stdout) },
+	}}.Run(args, stdout, stderr)
 }
 
 func versionString() string { return buildversion.String(version) }
 
 func cmdCheckConfig(args []string, stdout io.Writer) error {
 	if len(args) != 1 {
-		return fmt.Errorf("%w: check-config takes exactly one file", errUsage)
+		return fmt.Errorf("%w: check-config takes exactly one file", cli.ErrUsage)
 	}
 	cfg, err := config.Load(args[0])
 	if err != nil {
@@ -121,10 +93,10 @@ func cmdUpdateIPRanges(args []string, stdout io.Writer) error {
 	fl.SetOutput(io.Discard)
 	cfgPath := fl.String("config", "", "config file")
 	if err := fl.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
 	if *cfgPath == "" || fl.NArg() != 1 {
-		return fmt.Errorf("%w: update-ip-ranges needs --config and one new file", errUsage)
+		return fmt.Errorf("%w: update-ip-ranges needs --config and one new file", cli.ErrUsage)
 	}
 	cfg, err := config.Load(*cfgPath)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/cloudwatch"
 
+	"github.com/imdsguard/imdsguard/internal/cli"
 	"github.com/imdsguard/imdsguard/internal/correlator/config"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/investigate"
@@ -25,7 +26,7 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	cfgPath := fl.String("config", "", "config file")
 	fpPath := fl.String("fingerprints", "", "JSON-lines file of host fingerprints")
 	if err := fl.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
 	e, err := load(*cfgPath, *fpPath, stderr)
 	if err != nil {
@@ -62,13 +63,13 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 	key := fl.String("access-key", "", "access key id to investigate")
 	format := fl.String("format", "text", "text or json")
 	if err := fl.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
 	if *key == "" {
-		return fmt.Errorf("%w: investigate needs --access-key", errUsage)
+		return fmt.Errorf("%w: investigate needs --access-key", cli.ErrUsage)
 	}
 	if *format != "text" && *format != "json" {
-		return fmt.Errorf("%w: --format must be text or json", errUsage)
+		return fmt.Errorf("%w: --format must be text or json", cli.ErrUsage)
 	}
 	e, err := load(*cfgPath, *fpPath, stderr)
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/rs/zerolog"
 
+	"github.com/imdsguard/imdsguard/internal/cli"
 	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
@@ -35,10 +36,10 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cfgPath := fl.String("config", "", "config file")
 	fpPath := fl.String("fingerprints", "", "JSON-lines file of host fingerprints")
 	if err := fl.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
 	if *cfgPath == "" || fl.NArg() > 0 {
-		return fmt.Errorf("%w: serve takes --config and no arguments", errUsage)
+		return fmt.Errorf("%w: serve takes --config and no arguments", cli.ErrUsage)
 	}
 	e, err := load(*cfgPath, *fpPath, stderr)
 	if err != nil {

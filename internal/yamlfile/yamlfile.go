@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"reflect"
 	"sort"
 	"strings"
@@ -51,6 +52,45 @@ func WithFile(err error, path string) error {
 		ye.File = path
 	}
 	return err
+}
+
+// Validator is a configuration that checks its decoded values; root is the parsed
+// document, so that an error can name the line (see Errorf).
+type Validator interface {
+	Validate(root *yaml.Node) error
+}
+
+// Parse decodes data over the defaults in def, refusing unknown keys and wrong types,
+// then validates the result.
+func Parse[T any, PT interface {
+	*T
+	Validator
+}](data []byte, def T) (T, error) {
+	cfg := def
+	root, err := Decode(data, &cfg)
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	if err := PT(&cfg).Validate(root); err != nil {
+		var zero T
+		return zero, err
+	}
+	return cfg, nil
+}
+
+// Load reads the file at path and parses it as Parse does; errors name the file.
+func Load[T any, PT interface {
+	*T
+	Validator
+}](path string, def T) (T, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		var zero T
+		return zero, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse[T, PT](data, def)
+	return cfg, WithFile(err, path)
 }
 
 // Decode decodes data into out (a pointer to a struct holding the defaults), refusing

@@ -4,9 +4,7 @@
 package config
 
 import (
-	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -126,29 +124,13 @@ func Default() Config {
 type Error = yamlfile.Error
 
 // Load reads and validates the file at path.
-func Load(path string) (Config, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return Config{}, fmt.Errorf("read config: %w", err)
-	}
-	cfg, err := Parse(data)
-	return cfg, yamlfile.WithFile(err, path)
-}
+func Load(path string) (Config, error) { return yamlfile.Load(path, Default()) }
 
 // Parse decodes and validates YAML. Unknown keys, wrong types and bad values are errors.
-func Parse(data []byte) (Config, error) {
-	cfg := Default()
-	root, err := yamlfile.Decode(data, &cfg)
-	if err != nil {
-		return Config{}, err
-	}
-	if err := cfg.validate(root); err != nil {
-		return Config{}, err
-	}
-	return cfg, nil
-}
+func Parse(data []byte) (Config, error) { return yamlfile.Parse(data, Default()) }
 
-func (c *Config) validate(root *yaml.Node) error {
+// Validate checks the decoded values; errors name the key and its line in root.
+func (c *Config) Validate(root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
 		return yamlfile.Errorf(root, key, format, args...)
 	}

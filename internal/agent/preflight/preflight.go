@@ -9,7 +9,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -376,45 +375,17 @@ func Write(w io.Writer, results []Result) int {
 	return failed
 }
 
-// Main is `imdsguard preflight [--config FILE] [--no-imds]`. defaultConfig is read
-// when --config is not given and it exists. It returns an error when a check failed.
-func Main(args []string, stdout io.Writer, defaultConfig string) error {
-	fs := flag.NewFlagSet("preflight", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	path := fs.String("config", "", "config file")
-	noIMDS := fs.Bool("no-imds", false, "skip the IMDS check (the unit starts before the network)")
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("preflight: %w (usage: imdsguard preflight [--config FILE] [--no-imds])", err)
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("preflight: unexpected argument %q (usage: imdsguard preflight [--config FILE] [--no-imds])", fs.Arg(0))
-	}
-	cfg, err := loadConfig(*path, defaultConfig)
-	if err != nil {
-		return err
-	}
+// Check runs every check for cfg on this host, prints the report and fails when any
+// check did. noIMDS skips reaching IMDS (the unit starts before the network is up).
+func Check(ctx context.Context, cfg config.Config, noIMDS bool, stdout io.Writer) error {
 	h := Real(cfg)
-	if *noIMDS {
+	if noIMDS {
 		h.IMDS = ""
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if n := Write(stdout, Run(ctx, h, cfg)); n > 0 {
 		return fmt.Errorf("preflight: %d check(s) failed; the agent cannot run on this host until they are fixed", n)
 	}
 	return nil
-}
-
-func loadConfig(path, defaultConfig string) (config.Config, error) {
-	if path == "" {
-		if _, err := os.Stat(defaultConfig); err != nil {
-			return config.Parse(nil)
-		}
-		path = defaultConfig
-	}
-	cfg, err := config.Load(path)
-	if err != nil {
-		return config.Config{}, fmt.Errorf("preflight: %w", err)
-	}
-	return cfg, nil
 }

@@ -218,14 +218,3 @@ func TestRealUsesConfiguredIMDS(t *testing.T) {
 		t.Errorf("IMDS base = %q", got)
 	}
 }
-
-func TestMainReportsFailure(t *testing.T) {
-	var out bytes.Buffer
-	err := Main([]string{"--config", "/nonexistent/imdsguard.yaml"}, &out, "/nonexistent")
-	if err == nil || !strings.Contains(err.Error(), "read config") {
-		t.Errorf("missing config: err = %v", err)
-	}
-	if err := Main([]string{"extra"}, &out, "/nonexistent"); err == nil || !strings.Contains(err.Error(), "usage") {
-		t.Errorf("stray argument: err = %v", err)
-	}
-}
