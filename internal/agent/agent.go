@@ -143,7 +143,7 @@ func (a *agent) start() error {
 	a.log.Info().Str("event", "agent_started").Str("cgroup", dir).
 		Str("imds_ipv4", cfg.IMDS.Addr4.String()).Str("imds_ipv6", cfg.IMDS.Addr6.String()).
 		Int("imds_port", cfg.IMDS.Port).Str("events_output", cfg.Events.Output).
-		Str("mode", cfg.Mode).Str("failure_mode", cfg.FailureMode).Str("default_action", cfg.DefaultAction).
+		Str("mode", string(cfg.Mode)).Str("failure_mode", string(cfg.FailureMode)).Str("default_action", string(cfg.DefaultAction)).
 		Int("rules", len(cfg.Rules)).Bool("broker", cfg.Broker.Enabled).Str("pin_path", cfg.PinPath).
 		Msg("hooks attached, guarding IMDS connections")
 	if cfg.Agent.ReadyFile != "" {
@@ -353,7 +353,7 @@ func (a *agent) shutdown() {
 func brokerConfig(cfg config.Config) broker.Config {
 	return broker.Config{
 		Port: cfg.Broker.Port, Mark: cfg.Broker.Mark, IMDS4: cfg.IMDS.Addr4, IMDS6: cfg.IMDS.Addr6,
-		IMDSPort: cfg.IMDS.Port, Enforce: cfg.Mode == "enforce",
+		IMDSPort: cfg.IMDS.Port, Enforce: cfg.Mode.Enforcing(),
 		MaxHeaderBytes: cfg.Broker.MaxHeaderBytes, MaxBodyBytes: cfg.Broker.MaxBodyBytes,
 		ReadTimeout: cfg.Broker.ReadTimeout, IdleTimeout: cfg.Broker.IdleTimeout, UpstreamTimeout: cfg.Broker.UpstreamTimeout,
 	}

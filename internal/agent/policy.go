@@ -23,8 +23,7 @@ func (a *agent) applyPolicy(force bool) error {
 		p.Kernel.BrokerPort = uint16(a.cfg.Broker.Port)
 	}
 	a.mu.Lock()
-	unchanged := a.policy.loaded && policy.Equal(a.policy.current, p) &&
-		a.policy.current.Kernel.BrokerPort == p.Kernel.BrokerPort
+	unchanged := a.policy.loaded && policy.Equal(a.policy.current, p)
 	a.mu.Unlock()
 	if unchanged && !force {
 		return nil
@@ -39,7 +38,7 @@ func (a *agent) applyPolicy(force bool) error {
 	if len(p.Unresolved) > 0 {
 		ev = a.log.Warn().Strs("unresolved", p.Unresolved)
 	}
-	ev.Str("event", "policy_applied").Str("mode", a.cfg.Mode).Str("default_action", a.cfg.DefaultAction).
+	ev.Str("event", "policy_applied").Str("mode", string(a.cfg.Mode)).Str("default_action", string(a.cfg.DefaultAction)).
 		Int("rules", len(p.Names)).Msg("allowlist written to the kernel")
 	return nil
 }
@@ -73,7 +72,7 @@ func (a *agent) reload() error {
 		return err
 	}
 	if a.broker != nil {
-		a.broker.SetEnforce(a.cfg.Mode == "enforce")
+		a.broker.SetEnforce(a.cfg.Mode.Enforcing())
 	}
 	a.log.Info().Str("event", "reloaded").Msg("configuration reloaded")
 	return nil

@@ -27,12 +27,12 @@ type Config struct {
 
 	// Mode is "audit" (record what the allowlist would deny, deny nothing) or
 	// "enforce" (EPERM at connect, 401 for IMDSv1 where a rule requires v2).
-	Mode string `yaml:"mode"`
+	Mode Mode `yaml:"mode"`
 	// FailureMode is what the kernel does while the agent is gone: "open" (straight to
 	// IMDS, still counted) or "closed" (EPERM).
-	FailureMode string `yaml:"failure_mode"`
+	FailureMode FailureMode `yaml:"failure_mode"`
 	// DefaultAction applies when no rule matches: "allow" or "deny".
-	DefaultAction string `yaml:"default_action"`
+	DefaultAction Action `yaml:"default_action"`
 	// PinPath is where programs, links and maps are pinned, on a bpf file system, so
 	// that they keep guarding across restarts. "" disables pinning.
 	PinPath string `yaml:"pin_path"`
@@ -109,7 +109,7 @@ func Default() Config {
 
 		// A fresh install changes nothing but what is recorded: operators turn on
 		// enforcement once the events show what their hosts need.
-		Mode: "audit", FailureMode: "open", DefaultAction: "allow",
+		Mode: ModeAudit, FailureMode: FailOpen, DefaultAction: Allow,
 		PinPath:       "/sys/fs/bpf/imdsguard",
 		Broker:        defaultBroker(),
 		ControlSocket: "/run/imdsguard/control.sock",

@@ -23,8 +23,8 @@ type Rule struct {
 	Unit      string `yaml:"unit"`
 	Cgroup    string `yaml:"cgroup"`
 	Container string `yaml:"container"`
-	Action    string `yaml:"action"` // allow | deny
-	IMDSv2    string `yaml:"imdsv2"` // optional | required
+	Action    Action `yaml:"action"` // allow | deny
+	IMDSv2    IMDSv2 `yaml:"imdsv2"` // optional | required
 }
 
 // Broker configures the local HTTP broker that allowed IMDS connections are redirected
@@ -54,20 +54,14 @@ func (c *Config) validatePolicy(root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
 		return yamlfile.Errorf(root, key, format, args...)
 	}
-	switch c.Mode {
-	case "audit", "enforce":
-	default:
-		return bad("mode", `must be "audit" or "enforce", got %q`, c.Mode)
+	if err := oneOf(c.Mode, ModeAudit, ModeEnforce); err != nil {
+		return bad("mode", "%v", err)
 	}
-	switch c.FailureMode {
-	case "open", "closed":
-	default:
-		return bad("failure_mode", `must be "open" or "closed", got %q`, c.FailureMode)
+	if err := oneOf(c.FailureMode, FailOpen, FailClosed); err != nil {
+		return bad("failure_mode", "%v", err)
 	}
-	switch c.DefaultAction {
-	case "allow", "deny":
-	default:
-		return bad("default_action", `must be "allow" or "deny", got %q`, c.DefaultAction)
+	if err := oneOf(c.DefaultAction, Allow, Deny); err != nil {
+		return bad("default_action", "%v", err)
 	}
 	if c.PinPath != "" && !filepath.IsAbs(c.PinPath) {
 		return bad("pin_path", "must be an absolute path (or \"\" to not pin), got %q", c.PinPath)
@@ -86,21 +80,19 @@ func (c *Config) validatePolicy(root *yaml.Node) error {
 			return bad(key("name"), "%q already names rules[%d]", r.Name, j)
 		}
 		names[r.Name] = i
-		switch r.Action {
-		case "allow", "deny":
-		case "":
+		if r.Action == "" {
 			return bad(fmt.Sprintf("rules[%d]", i), "rule %q needs an action (allow or deny)", r.Name)
-		default:
-			return bad(key("action"), `must be "allow" or "deny", got %q`, r.Action)
 		}
-		switch r.IMDSv2 {
-		case "":
-			r.IMDSv2 = "optional"
-		case "optional", "required":
-		default:
-			return bad(key("imdsv2"), `must be "optional" or "required", got %q`, r.IMDSv2)
+		if err := oneOf(r.Action, Allow, Deny); err != nil {
+			return bad(key("action"), "%v", err)
 		}
-		if r.IMDSv2 == "required" && r.Action == "deny" {
+		if r.IMDSv2 == "" {
+			r.IMDSv2 = IMDSv2Optional
+		}
+		if err := oneOf(r.IMDSv2, IMDSv2Optional, IMDSv2Required); err != nil {
+			return bad(key("imdsv2"), "%v", err)
+		}
+		if r.IMDSv2.Required() && r.Action == Deny {
 			return bad(key("imdsv2"), "has no effect on a deny rule")
 		}
 		if r.User != "" && r.UID != nil {

@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"os/user"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,9 +44,9 @@ func (p *Policy) RuleName(i int) string {
 // Resolve resolves cfg's rules against this host. cgroupRoot is the cgroup2 mount.
 func Resolve(cfg config.Config, cgroupRoot string) Policy {
 	p := Policy{Kernel: hook.KernelPolicy{
-		DefaultAllow: cfg.DefaultAction == "allow",
-		Enforce:      cfg.Mode == "enforce",
-		FailClosed:   cfg.FailureMode == "closed",
+		DefaultAllow: cfg.DefaultAction.Allows(),
+		Enforce:      cfg.Mode.Enforcing(),
+		FailClosed:   cfg.FailureMode == config.FailClosed,
 	}}
 	var tree cgroupTree
 	needTree := false
@@ -58,7 +59,7 @@ func Resolve(cfg config.Config, cgroupRoot string) Policy {
 		tree = walkCgroups(cgroupRoot)
 	}
 	for i, r := range cfg.Rules {
-		kr := hook.KernelRule{Allow: r.Action == "allow", V2Required: r.IMDSv2 == "required"}
+		kr := hook.KernelRule{Allow: r.Action.Allows(), V2Required: r.IMDSv2.Required()}
 		miss := func(what string) {
 			p.Unresolved = append(p.Unresolved, fmt.Sprintf("rules[%d] (%s): %s", i, r.Name, what))
 		}
@@ -126,20 +127,9 @@ func Resolve(cfg config.Config, cgroupRoot string) Policy {
 
 // Equal reports whether two resolutions give the kernel the same policy.
 func Equal(a, b Policy) bool {
-	if len(a.Kernel.Rules) != len(b.Kernel.Rules) || a.Kernel.DefaultAllow != b.Kernel.DefaultAllow ||
-		a.Kernel.Enforce != b.Kernel.Enforce || a.Kernel.FailClosed != b.Kernel.FailClosed ||
-		!slices.Equal(a.Names, b.Names) {
-		return false
-	}
-	for i := range a.Kernel.Rules {
-		x, y := a.Kernel.Rules[i], b.Kernel.Rules[i]
-		if x.Allow != y.Allow || x.V2Required != y.V2Required || x.HasUID != y.HasUID || x.HasGID != y.HasGID ||
-			x.HasExe != y.HasExe || x.HasCgroup != y.HasCgroup || !slices.Equal(x.UIDs, y.UIDs) ||
-			!slices.Equal(x.GIDs, y.GIDs) || !slices.Equal(x.Exes, y.Exes) || !slices.Equal(x.Cgroups, y.Cgroups) {
-			return false
-		}
-	}
-	return true
+	// Every field of the kernel policy counts, including ones added later: a field-by-
+	// field comparison once missed the broker port, the mark and the host namespace.
+	return reflect.DeepEqual(a.Kernel, b.Kernel) && slices.Equal(a.Names, b.Names)
 }
 
 func lookupUser(name string) (uint32, error) {

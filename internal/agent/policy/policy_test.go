@@ -3,11 +3,13 @@ package policy
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
 )
 
 func parse(t *testing.T, yaml string) config.Config {
@@ -89,5 +91,27 @@ rules:
 	os.MkdirAll(filepath.Join(root, "system.slice/other/app.service"), 0o755)
 	if Equal(p, Resolve(cfg, root)) {
 		t.Error("a new unit cgroup did not change the policy")
+	}
+}
+
+func TestEqualSeesEveryKernelField(t *testing.T) {
+	base := Policy{Names: []string{"a"}, Kernel: hook.KernelPolicy{Rules: []hook.KernelRule{{Allow: true, UIDs: []uint32{0}, HasUID: true}}}}
+	if !Equal(base, base) {
+		t.Fatal("a policy differs from itself")
+	}
+	for name, change := range map[string]func(*Policy){
+		"broker port": func(p *Policy) { p.Kernel.BrokerPort = 4258 },
+		"own mark":    func(p *Policy) { p.Kernel.OwnMark = 0x1d5 },
+		"host netns":  func(p *Policy) { p.Kernel.HostNetns = 7 },
+		"enforce":     func(p *Policy) { p.Kernel.Enforce = true },
+		"rule uid":    func(p *Policy) { p.Kernel.Rules = []hook.KernelRule{{Allow: true, UIDs: []uint32{1}, HasUID: true}} },
+		"names":       func(p *Policy) { p.Names = []string{"b"} },
+	} {
+		other := base
+		other.Kernel.Rules = slices.Clone(base.Kernel.Rules)
+		change(&other)
+		if Equal(base, other) {
+			t.Errorf("%s: a changed policy compares equal", name)
+		}
 	}
 }
