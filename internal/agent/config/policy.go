@@ -2,11 +2,13 @@ package config
 
 import (
 	"fmt"
-	"github.com/imdsguard/imdsguard/internal/yamlfile"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
+	"github.com/imdsguard/imdsguard/internal/yamlfile"
 
 	"gopkg.in/yaml.v3"
 )
@@ -46,7 +48,7 @@ func defaultBroker() Broker {
 }
 
 // MaxRules is the kernel's limit: one bit per rule.
-const MaxRules = 64
+const MaxRules = hook.MaxRules
 
 var containerIDPattern = regexp.MustCompile(`^[0-9a-f]{12,64}$`)
 
