@@ -25,7 +25,6 @@ import (
 type fingerprints struct {
 	capture *capture.Capturer
 	meta    hostMeta
-	imds    *imdsIdentity // one IMDS client (and token) for host facts and the identity document
 	mu      sync.Mutex
 	f       *os.File     // local copy, nil when fingerprints.output is ""
 	spool   *spool.Spool // nil when not forwarding
@@ -40,7 +39,7 @@ func (a *agent) openFingerprints() error {
 	if err != nil {
 		return err
 	}
-	fps := &fingerprints{imds: newIMDSIdentity(a.cfg)}
+	fps := &fingerprints{}
 	fps.capture = capture.NewCapturer(secret, a.instance, func() []netip.Addr {
 		_, public := fps.meta.get()
 		return append(hostAddresses(), public...)
@@ -65,7 +64,7 @@ func (a *agent) openFingerprints() error {
 // learnMeta starts learning the instance profile and public addresses for fingerprints.
 func (a *agent) learnMeta(ctx context.Context) {
 	if a.fps != nil {
-		go a.fps.imds.learnHostMeta(ctx, &a.fps.meta, a.log)
+		go learnHostMeta(ctx, a.tel.Identity.Client(), &a.fps.meta, a.log)
 	}
 }
 
@@ -76,7 +75,7 @@ func (a *agent) forward(ctx context.Context) error {
 	}
 	c := a.cfg.Fingerprints.Correlator
 	f, err := forwarder.New(forwarder.Config{URL: c.URL, CAFile: c.CAFile, ClientCert: c.ClientCert, ClientKey: c.ClientKey},
-		a.fps.spool, a.fps.imds, a.log)
+		a.fps.spool, a.tel.Identity, a.log)
 	if err != nil {
 		return err
 	}

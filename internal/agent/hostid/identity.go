@@ -1,21 +1,19 @@
-// Package identity learns which EC2 instance the agent runs on (instance id, account,
-// region, availability zone, instance type, AMI) from the instance identity document,
-// over IMDSv2. The agent must keep guarding when IMDS is unreachable, so the lookup
+// Package hostid is the agent's one client of IMDS for its own needs: it learns which EC2
+// instance the agent runs on (instance id, account, region, availability zone, instance
+// type, AMI) from the instance identity document, over IMDSv2, keeps that document and
+// its signature for the fingerprint forwarder, and reads the host facts fingerprints
+// carry. The agent must keep guarding when IMDS is unreachable, so the lookup
 // runs in the background, retries with backoff and says clearly that it is still
 // missing; metrics go out without the instance's dimensions until it arrives.
 package hostid
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"sync"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	awsretry "github.com/aws/aws-sdk-go-v2/aws/retry"
-	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/retry"
@@ -49,13 +47,16 @@ type Options struct {
 
 // Source holds the identity once learnt. It is safe for concurrent use.
 type Source struct {
-	client *imds.Client
+	client *Client
 	opts   Options
 
-	mu    sync.Mutex
-	id    Identity
-	known bool
-	ready chan struct{}
+	mu      sync.Mutex
+	id      Identity
+	known   bool
+	ready   chan struct{}
+	doc     string // the identity document and its signature, as IMDS served them
+	sig     string
+	fetched time.Time
 }
 
 // New returns a Source; call Run to learn the identity.
@@ -69,18 +70,7 @@ func New(opts Options) *Source {
 	if opts.AttemptTimeout <= 0 {
 		opts.AttemptTimeout = 5 * time.Second
 	}
-	o := imds.Options{
-		Endpoint: opts.Endpoint,
-		// IMDSv2 only: the agent that tells people to stop using IMDSv1 must not use it.
-		EnableFallback: aws.FalseTernary,
-		// One try per attempt: Run owns the retries and their backoff, so that a
-		// missing IMDS costs a bounded, logged wait rather than the SDK's hidden one.
-		Retryer: awsretry.AddWithMaxAttempts(awsretry.NewStandard(), 1),
-	}
-	if opts.HTTPClient != nil {
-		o.HTTPClient = opts.HTTPClient
-	}
-	return &Source{client: imds.New(o), opts: opts, ready: make(chan struct{})}
+	return &Source{client: NewClient(opts.Endpoint, opts.HTTPClient), opts: opts, ready: make(chan struct{})}
 }
 
 // Get returns the identity and whether it is known yet.
@@ -128,19 +118,35 @@ func (s *Source) Run(ctx context.Context) error {
 	}
 }
 
+// Client is the IMDS client the Source uses, for the agent's other reads.
+func (s *Source) Client() *Client { return s.client }
+
+// Document returns the identity document and its signature, fetched again when older
+// than an hour; the forwarder sends them with every batch.
+func (s *Source) Document(ctx context.Context) (string, string, error) {
+	s.mu.Lock()
+	doc, sig, fetched := s.doc, s.sig, s.fetched
+	s.mu.Unlock()
+	if sig != "" && time.Since(fetched) < time.Hour {
+		return doc, sig, nil
+	}
+	doc, sig, err := s.client.Document(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	s.mu.Lock()
+	s.doc, s.sig, s.fetched = doc, sig, time.Now()
+	s.mu.Unlock()
+	return doc, sig, nil
+}
+
+// fetch learns the identity from the document alone: metrics need no signature.
 func (s *Source) fetch(ctx context.Context) (Identity, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.AttemptTimeout)
 	defer cancel()
-	out, err := s.client.GetInstanceIdentityDocument(ctx, &imds.GetInstanceIdentityDocumentInput{})
+	doc, err := s.client.dynamic(ctx, "instance-identity/document")
 	if err != nil {
 		return Identity{}, fmt.Errorf("get instance identity document: %w", err)
 	}
-	d := out.InstanceIdentityDocument
-	if d.InstanceID == "" || d.Region == "" {
-		return Identity{}, errors.New("get instance identity document: no instanceId or region in it")
-	}
-	return Identity{
-		InstanceID: d.InstanceID, AccountID: d.AccountID, Region: d.Region,
-		AvailabilityZone: d.AvailabilityZone, InstanceType: d.InstanceType, ImageID: d.ImageID,
-	}, nil
+	return ParseDocument(doc)
 }

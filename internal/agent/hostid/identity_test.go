@@ -41,6 +41,14 @@ func fakeIMDS(t *testing.T, fail int32) (*httptest.Server, *atomic.Int32, *atomi
 				return
 			}
 			w.Write([]byte(document))
+		case r.Method == http.MethodGet && r.URL.Path == "/latest/dynamic/instance-identity/pkcs7":
+			w.Write([]byte("MIAGCSqGSIb3DQEHAqCAMIACAQExCzAJBgUrDgMCGgUAMIAGCSqGSIb3DQEHAaCAJIAEggHb"))
+		case r.Method == http.MethodGet && r.URL.Path == "/latest/meta-data/instance-id":
+			w.Write([]byte("i-0abc1234def567890"))
+		case r.Method == http.MethodGet && r.URL.Path == "/latest/meta-data/iam/info":
+			w.Write([]byte(`{"Code":"Success","InstanceProfileArn":"arn:aws:iam::123456789012:instance-profile/web"}`))
+		case r.Method == http.MethodGet && r.URL.Path == "/latest/meta-data/public-ipv4":
+			w.Write([]byte("203.0.113.7"))
 		default:
 			http.NotFound(w, r)
 		}
@@ -123,5 +131,33 @@ func TestUsesGivenHTTPClient(t *testing.T) {
 	}
 	if dials.Load() == 0 {
 		t.Error("custom client not used")
+	}
+}
+
+// The document and its signature are fetched once for the forwarder's batches, not once
+// a batch; host facts come through the same client, and 404s (no IPv6) are not errors.
+func TestDocumentCachedAndHostFacts(t *testing.T) {
+	srv, calls, withoutToken := fakeIMDS(t, 0)
+	s := New(Options{Endpoint: srv.URL, Log: zerolog.Nop()})
+	ctx := context.Background()
+	doc, sig, err := s.Document(ctx)
+	if err != nil || doc != document || !strings.HasPrefix(sig, "MIAG") {
+		t.Fatalf("Document: %q %q %v", doc, sig, err)
+	}
+	before := calls.Load()
+	for range 5 {
+		if _, _, err := s.Document(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if calls.Load() != before {
+		t.Errorf("Document went back to IMDS %d times", calls.Load()-before)
+	}
+	arn, public, err := s.Client().HostFacts(ctx)
+	if err != nil || arn != "arn:aws:iam::123456789012:instance-profile/web" || len(public) != 1 || public[0].String() != "203.0.113.7" {
+		t.Errorf("HostFacts: %q %v %v", arn, public, err)
+	}
+	if withoutToken.Load() != 0 {
+		t.Errorf("%d requests without a token", withoutToken.Load())
 	}
 }

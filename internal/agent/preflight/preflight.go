@@ -26,6 +26,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent/cgroup"
 	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 )
 
 // MinKernel is the oldest kernel the agent runs on: BPF ring buffers and CAP_BPF came
@@ -304,42 +305,13 @@ func (h Host) checkIMDS(ctx context.Context) Result {
 		r.Fix = "not needed to guard this host; on EC2, check that the metadata endpoint is enabled (aws ec2 modify-instance-metadata-options --http-endpoint enabled)"
 		return r
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, h.IMDS+"/latest/api/token", nil)
+	// The agent's own IMDS client: IMDSv2 only, one try.
+	id, err := hostid.NewClient(h.IMDS, h.HTTP).Metadata(ctx, "instance-id")
 	if err != nil {
-		return fail(fmt.Sprintf("bad IMDS address %q: %v", h.IMDS, err))
-	}
-	req.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "60")
-	token, code, err := h.fetch(req)
-	if err != nil {
-		return fail(fmt.Sprintf("IMDS at %s is not reachable (not on EC2, the endpoint is disabled, or the network is not up yet): %v", h.IMDS, err))
-	}
-	if code != http.StatusOK || token == "" {
-		return fail(fmt.Sprintf("IMDSv2 token request (PUT /latest/api/token) to %s answered %d", h.IMDS, code))
-	}
-	req, err = http.NewRequestWithContext(ctx, http.MethodGet, h.IMDS+"/latest/meta-data/instance-id", nil)
-	if err != nil {
-		return fail(err.Error())
-	}
-	req.Header.Set("X-aws-ec2-metadata-token", token)
-	id, code, err := h.fetch(req)
-	if err != nil || code != http.StatusOK {
-		return fail(fmt.Sprintf("IMDSv2 token works at %s, but reading instance-id with it failed (status %d, %v)", h.IMDS, code, err))
+		return fail(fmt.Sprintf("IMDSv2 at %s is not reachable or did not answer (not on EC2, the endpoint is disabled, or the network is not up yet): %v", h.IMDS, err))
 	}
 	r.Detail = fmt.Sprintf("IMDSv2 works at %s (instance %s). Not visible from inside: whether IMDSv1 is refused (HttpTokens) and the hop limit; check them with aws ec2 describe-instances --query 'Reservations[].Instances[].MetadataOptions'", h.IMDS, id)
 	return r
-}
-
-func (h Host) fetch(req *http.Request) (string, int, error) {
-	resp, err := h.HTTP.Do(req)
-	if err != nil {
-		return "", 0, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if err != nil {
-		return "", resp.StatusCode, fmt.Errorf("read IMDS answer: %w", err)
-	}
-	return strings.TrimSpace(string(body)), resp.StatusCode, nil
 }
 
 func unameRelease() (string, error) {

@@ -165,6 +165,8 @@ func imdsStub(t *testing.T) *httptest.Server {
 				http.Error(w, "missing ttl", http.StatusBadRequest)
 				return
 			}
+			// Real IMDS echoes the TTL; the SDK needs it.
+			w.Header().Set("X-aws-ec2-metadata-token-ttl-seconds", r.Header.Get("X-aws-ec2-metadata-token-ttl-seconds"))
 			fmt.Fprint(w, token)
 		case r.Method == http.MethodGet && r.URL.Path == "/latest/meta-data/instance-id":
 			if r.Header.Get("X-aws-ec2-metadata-token") != token {
