@@ -60,29 +60,9 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
 	}
-	spec, err := loadImdsguard()
+	spec, err := targetSpec(t)
 	if err != nil {
-		return nil, fmt.Errorf("load BPF spec: %w", err)
-	}
-	ip4 := t.IPv4.As4()
-	ip6 := t.IPv6.As16()
-	port := [2]byte{byte(t.Port >> 8), byte(t.Port)}
-	bport := [2]byte{byte(t.BrokerPort >> 8), byte(t.BrokerPort)}
-	// The programs compare raw context words, which hold network byte order; these
-	// byte arrays are written as-is, so they land in memory in network order too.
-	for name, val := range map[string]any{
-		imdsguardVarImdsIp4:    ip4,
-		imdsguardVarImdsIp6:    ip6,
-		imdsguardVarImdsPort:   port,
-		imdsguardVarBrokerPort: bport,
-	} {
-		v, ok := spec.Variables[name]
-		if !ok {
-			return nil, fmt.Errorf("load BPF spec: variable %s missing", name)
-		}
-		if err := v.Set(val); err != nil {
-			return nil, fmt.Errorf("set %s: %w", name, err)
-		}
+		return nil, err
 	}
 	h := &Hook{}
 	opts := &ebpf.CollectionOptions{}
@@ -114,6 +94,35 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	}
 	h.reader = rd
 	return h, nil
+}
+
+// targetSpec is the programs' spec with t baked in as constants.
+func targetSpec(t Target) (*ebpf.CollectionSpec, error) {
+	spec, err := loadImdsguard()
+	if err != nil {
+		return nil, fmt.Errorf("load BPF spec: %w", err)
+	}
+	ip4 := t.IPv4.As4()
+	ip6 := t.IPv6.As16()
+	port := [2]byte{byte(t.Port >> 8), byte(t.Port)}
+	bport := [2]byte{byte(t.BrokerPort >> 8), byte(t.BrokerPort)}
+	// The programs compare raw context words, which hold network byte order; these
+	// byte arrays are written as-is, so they land in memory in network order too.
+	for name, val := range map[string]any{
+		imdsguardVarImdsIp4:    ip4,
+		imdsguardVarImdsIp6:    ip6,
+		imdsguardVarImdsPort:   port,
+		imdsguardVarBrokerPort: bport,
+	} {
+		v, ok := spec.Variables[name]
+		if !ok {
+			return nil, fmt.Errorf("load BPF spec: variable %s missing", name)
+		}
+		if err := v.Set(val); err != nil {
+			return nil, fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	return spec, nil
 }
 
 type program struct {

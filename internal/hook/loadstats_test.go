@@ -1,0 +1,71 @@
+package hook
+
+import (
+	"testing"
+	"time"
+
+	"github.com/imdsguard/imdsguard/internal/testbed"
+)
+
+var benchTarget = Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort, BrokerPort: 8080}
+
+// Loading everything the agent loads, as the agent does, stays within the goal.
+func TestPrivilegedLoadIsFast(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	const goal = 250 * time.Millisecond
+	start := time.Now()
+	h, err := Load(benchTarget, "")
+	took := time.Since(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Close()
+	t.Logf("Load: %s", took)
+	// Wall time depends on the machine; fail only well past the goal so a busy CI
+	// runner does not flake, the instruction budget above is the precise guard.
+	if took > 4*goal {
+		t.Errorf("Load took %s, goal %s", took, goal)
+	}
+}
+
+// BenchmarkLoad reports, per program, what loading it costs: wall time, the verifier's
+// time, processed and translated instructions. `make bench` runs it.
+func BenchmarkLoad(b *testing.B) {
+	testbed.RequirePrivileged(b)
+	b.Run("all", func(b *testing.B) {
+		for b.Loop() {
+			h, err := Load(benchTarget, "")
+			if err != nil {
+				b.Fatal(err)
+			}
+			h.Close()
+		}
+	})
+	first, err := LoadStats(benchTarget)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i, p := range first {
+		b.Run(p.Name, func(b *testing.B) {
+			var load, verif time.Duration
+			var last ProgramStats
+			n := 0
+			for b.Loop() {
+				stats, err := LoadStats(benchTarget)
+				if err != nil {
+					b.Fatal(err)
+				}
+				last = stats[i]
+				load += last.LoadTime
+				verif += last.VerifierTime
+				n++
+			}
+			b.ReportMetric(float64(load.Microseconds())/float64(n)/1000, "load-ms")
+			b.ReportMetric(float64(verif.Microseconds())/float64(n)/1000, "verifier-ms")
+			b.ReportMetric(float64(last.Verified), "processed-insns")
+			b.ReportMetric(float64(last.Budget), "budget-insns")
+			b.ReportMetric(float64(last.Xlated), "xlated-insns")
+			b.ReportMetric(0, "ns/op") // the op is a whole LoadStats; the metrics above are per program
+		})
+	}
+}
