@@ -12,17 +12,18 @@ import (
 )
 
 // verifierBudget is, per program, the most instructions the kernel's verifier may
-// process to accept it. The count is deterministic for a given object and kernel, and
-// it is what load time follows: the agent must be guarding within milliseconds of
-// starting (DESIGN: "programs load in milliseconds"), and on small instances the
-// verifier is slow. A change to bpf/ that needs more raises the figure here, in the same
-// commit, with the reason.
+// process to accept it (issue 16: each connect program under 4,000; all of them loaded
+// in 250 ms). The count is deterministic for a given object and kernel, and load time
+// follows it: the agent must be guarding within milliseconds of starting, on small
+// instances too. The figures are what kernel 6.18 processes today plus about 15%, for
+// other kernels' verifiers; a change to bpf/ that needs more raises them here, in the
+// same commit, and says why.
 var verifierBudget = map[string]int{
-	"connect4":     4000,
-	"connect6":     4000,
-	"getpeername4": 100,
-	"getpeername6": 100,
-	"sockops":      100,
+	"connect4":     2650, // 2287 on 6.18
+	"connect6":     2750, // 2364
+	"getpeername4": 30,   // 19
+	"getpeername6": 30,   // 21
+	"sockops":      40,   // 26
 }
 
 // ProgramStats is what loading one program cost the kernel.

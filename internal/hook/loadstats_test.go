@@ -9,6 +9,28 @@ import (
 
 var benchTarget = Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort, BrokerPort: 8080}
 
+// The verifier's processed-instruction count is deterministic: a change to bpf/ that
+// makes the kernel walk more paths fails here, before it makes the agent slow to start.
+func TestPrivilegedVerifierBudget(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	stats, err := LoadStats(benchTarget)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(stats) != len(verifierBudget) {
+		t.Errorf("%d programs measured, %d budgeted", len(stats), len(verifierBudget))
+	}
+	for _, s := range stats {
+		t.Logf("%-12s processed %6d insns (budget %d), %5d xlated, verifier %s, load %s",
+			s.Name, s.Verified, s.Budget, s.Xlated, s.VerifierTime, s.LoadTime)
+		if s.Budget == 0 {
+			t.Errorf("%s: no budget in verifierBudget", s.Name)
+		} else if s.Verified > s.Budget {
+			t.Errorf("%s: the verifier processed %d instructions, budget %d", s.Name, s.Verified, s.Budget)
+		}
+	}
+}
+
 // Loading everything the agent loads, as the agent does, stays within the goal.
 func TestPrivilegedLoadIsFast(t *testing.T) {
 	testbed.RequirePrivileged(t)
