@@ -33,9 +33,16 @@ enum verdict {
 	VERDICT_FAIL_CLOSED = 4, /* agent gone, failure_mode closed: EPERM */
 };
 
-#define FLAG_REDIRECTED 1
-#define FLAG_V2_REQUIRED 2
-#define RULE_NONE 0xff
+/* Bits of event.flags and redirect.flags. */
+enum flag {
+	FLAG_REDIRECTED = 1,
+	FLAG_V2_REQUIRED = 2,
+};
+
+/* event.rule and redirect.rule when no rule matched (the default applied). */
+enum rule {
+	RULE_NONE = 0xff,
+};
 
 /* Set by the loader before load (spec.Variables); network byte order. */
 volatile const __u32 imds_ip4 = 0;
@@ -242,11 +249,16 @@ struct {
 	PINNED;
 } stats SEC(".maps");
 
-/* Keeps these types in BTF for bpf2go's -type. */
+/* Keeps these types in BTF for bpf2go's -type: user space takes their layouts and
+ * values from here, never from a copy made by hand. */
 const struct event *unused_event __attribute__((unused));
 const struct policy *unused_policy __attribute__((unused));
 const struct redirect *unused_redirect __attribute__((unused));
 const struct port_key *unused_port_key __attribute__((unused));
+const enum verdict *unused_verdict __attribute__((unused));
+const enum stat *unused_stat __attribute__((unused));
+const enum flag *unused_flag __attribute__((unused));
+const enum rule *unused_rule __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {

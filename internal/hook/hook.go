@@ -296,18 +296,36 @@ type Stats struct {
 
 // Stats reads the counters.
 func (h *Hook) Stats() (Stats, error) {
-	var vals [6]uint64
-	for i := range vals {
+	st := Stats{QueueDrops: h.queueDrops.Load()}
+	for _, c := range st.counters() {
 		var perCPU []uint64
-		if err := h.objs.Stats.Lookup(uint32(i), &perCPU); err != nil {
+		if err := h.objs.Stats.Lookup(uint32(c.stat), &perCPU); err != nil {
 			return Stats{}, fmt.Errorf("read stats map: %w", err)
 		}
+		*c.dst = 0
 		for _, v := range perCPU {
-			vals[i] += v
+			*c.dst += v
 		}
 	}
-	return Stats{RingFull: vals[0], Denied: vals[1], AuditDenied: vals[2], FailOpen: vals[3],
-		FailClosed: vals[4], Redirected: vals[5], QueueDrops: h.queueDrops.Load()}, nil
+	return st, nil
+}
+
+// counters names where each of the kernel's enum stat counters goes in s.
+func (s *Stats) counters() []struct {
+	stat imdsguardStat
+	dst  *uint64
+} {
+	return []struct {
+		stat imdsguardStat
+		dst  *uint64
+	}{
+		{imdsguardStatSTAT_RINGBUF_FULL, &s.RingFull},
+		{imdsguardStatSTAT_DENIED, &s.Denied},
+		{imdsguardStatSTAT_AUDIT_DENIED, &s.AuditDenied},
+		{imdsguardStatSTAT_FAIL_OPEN, &s.FailOpen},
+		{imdsguardStatSTAT_FAIL_CLOSED, &s.FailClosed},
+		{imdsguardStatSTAT_REDIRECTED, &s.Redirected},
+	}
 }
 
 // Beat tells the kernel the agent is alive. Without a beat for a second, the programs
