@@ -31,7 +31,8 @@ func TestPrivilegedVerifierBudget(t *testing.T) {
 	}
 }
 
-// Loading everything the agent loads, as the agent does, stays within the goal.
+// Loading everything the agent loads, as the agent does, stays within issue 16's goal.
+// Run alone this is a cold start (the kernel's BTF parsed for CO-RE too): ~40 ms here.
 func TestPrivilegedLoadIsFast(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	const goal = 250 * time.Millisecond
@@ -42,10 +43,8 @@ func TestPrivilegedLoadIsFast(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.Close()
-	t.Logf("Load: %s", took)
-	// Wall time depends on the machine; fail only well past the goal so a busy CI
-	// runner does not flake, the instruction budget above is the precise guard.
-	if took > 4*goal {
+	t.Logf("Load: %s (goal %s)", took, goal)
+	if took > goal {
 		t.Errorf("Load took %s, goal %s", took, goal)
 	}
 }
