@@ -33,9 +33,16 @@ enum verdict {
 	VERDICT_FAIL_CLOSED = 4, /* agent gone, failure_mode closed: EPERM */
 };
 
-#define FLAG_REDIRECTED 1
-#define FLAG_V2_REQUIRED 2
-#define RULE_NONE 0xff
+/* Bits of event.flags and redirect.flags. */
+enum flag {
+	FLAG_REDIRECTED = 1,
+	FLAG_V2_REQUIRED = 2,
+};
+
+/* event.rule and redirect.rule when no rule matched (the default applied). */
+enum rule {
+	RULE_NONE = 0xff,
+};
 
 /* Set by the loader before load (spec.Variables); network byte order. */
 volatile const __u32 imds_ip4 = 0;
@@ -242,11 +249,16 @@ struct {
 	PINNED;
 } stats SEC(".maps");
 
-/* Keeps these types in BTF for bpf2go's -type. */
+/* Keeps these types in BTF for bpf2go's -type: user space takes their layouts and
+ * values from here, never from a copy made by hand. */
 const struct event *unused_event __attribute__((unused));
 const struct policy *unused_policy __attribute__((unused));
 const struct redirect *unused_redirect __attribute__((unused));
 const struct port_key *unused_port_key __attribute__((unused));
+const enum verdict *unused_verdict __attribute__((unused));
+const enum stat *unused_stat __attribute__((unused));
+const enum flag *unused_flag __attribute__((unused));
+const enum rule *unused_rule __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -255,7 +267,64 @@ static __always_inline void count(__u32 idx)
 		(*v)++;
 }
 
-/* ---- the decision ---- */
+/* ---- the decision ----
+ *
+ * Verifier cost is load time, and the agent must be guarding within milliseconds of
+ * starting (internal/hook's verifierBudget holds each program to its count). So the
+ * work on an IMDS connect() lives in global functions, which the verifier checks once
+ * each, on their own, instead of once for every path and state that reaches them: a
+ * program costs the sum of its parts, not their product.
+ *   judge()            the verdict; once per program, whichever address was called
+ *   emit()             the event; once, however many verdicts lead to it
+ *   exe_step()         one step of the executable's path walk; the loop around it is
+ *                      a call and a test per step
+ *   cgroup_rule_bits() one ancestor level's rule lookup, likewise
+ * judge() and emit() take only scalars and the context (what any kernel accepts), so
+ * each reads what it needs of the current task itself, and the destination travels as
+ * an enum dst: the programs call judge() only for the configured IMDS address, so the
+ * address follows from it. exe_step() takes pointers to the event and to its walk state
+ * (global functions take pointers to memory from Linux 5.12; the agent needs 5.14).
+ * Anything that would branch on every path (finding the first matching rule) is
+ * computed without a branch.
+ */
+
+/* Which IMDS address the client called. */
+enum dst {
+	DST_IPV4 = 0,        /* imds_ip4 on an AF_INET socket */
+	DST_IPV6 = 1,        /* imds_ip6 */
+	DST_IPV4_MAPPED = 2, /* ::ffff:imds_ip4: IPv4 from a dual-stack AF_INET6 socket */
+};
+
+/* judge()'s answer: deny (EPERM), let through as is, or redirect to the broker at the
+ * port in the low 16 bits (network byte order). */
+enum judgement {
+	JUDGE_DENY = 0,
+	JUDGE_PASS = 1,
+	JUDGE_REDIRECT = 0x10000,
+};
+
+static __always_inline __u16 dst_family(__u32 dst)
+{
+	return dst == DST_IPV4 ? AF_INET : AF_INET6;
+}
+
+/* The address as the client called it: IPv4 in the first 4 bytes, the rest zero. */
+static __always_inline void dst_addr(__u8 daddr[16], __u32 dst)
+{
+	__u32 ip[4] = {0, 0, 0, 0};
+	if (dst == DST_IPV4) {
+		ip[0] = imds_ip4;
+	} else if (dst == DST_IPV6) {
+		ip[0] = imds_ip6[0];
+		ip[1] = imds_ip6[1];
+		ip[2] = imds_ip6[2];
+		ip[3] = imds_ip6[3];
+	} else {
+		ip[2] = bpf_htonl(0x0000ffff);
+		ip[3] = imds_ip4;
+	}
+	__builtin_memcpy(daddr, ip, 16);
+}
 
 struct task_view {
 	__u64 pid_tgid;
@@ -289,33 +358,23 @@ static __always_inline __u64 lookup_bits(void *map, void *key)
 	return v ? *v : 0;
 }
 
-/* Index of the lowest set bit of a non-zero x (clang's BPF backend has no ctz). */
+/* Index of the lowest set bit of a non-zero x (clang's BPF backend has no ctz): the
+ * number of bits below it, counted without a branch, so the verifier walks it once. */
 static __always_inline __u8 lowest_bit(__u64 x)
 {
-	__u8 n = 0;
-	if (!(x & 0xffffffffULL)) {
-		n += 32;
-		x >>= 32;
-	}
-	if (!(x & 0xffff)) {
-		n += 16;
-		x >>= 16;
-	}
-	if (!(x & 0xff)) {
-		n += 8;
-		x >>= 8;
-	}
-	if (!(x & 0xf)) {
-		n += 4;
-		x >>= 4;
-	}
-	if (!(x & 0x3)) {
-		n += 2;
-		x >>= 2;
-	}
-	if (!(x & 0x1))
-		n += 1;
-	return n;
+	__u64 y = (x & -x) - 1;
+	y = y - ((y >> 1) & 0x5555555555555555ULL);
+	y = (y & 0x3333333333333333ULL) + ((y >> 2) & 0x3333333333333333ULL);
+	y = (y + (y >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+	return (y * 0x0101010101010101ULL) >> 56;
+}
+
+/* The rules that name cgroup id in policy generation gen. A global function, so that
+ * the verifier checks the lookup once, not once per ancestor level. */
+__noinline __u64 cgroup_rule_bits(__u32 gen, __u64 id)
+{
+	struct cgroup_key k = {.gen = gen, .id = id};
+	return lookup_bits(&rule_cgroups, &k);
 }
 
 /* Returns the first matching rule's index, RULE_NONE when none matches. Rules are
@@ -339,13 +398,11 @@ static __always_inline __u8 match(const struct policy *p, __u32 gen, const struc
 	if (p->has_cgroup & candidates) {
 		/* A unit, cgroup or container rule matches its cgroup and everything below. */
 		__u64 bits = 0;
-#pragma unroll
 		for (int level = 0; level < CGROUP_LEVELS; level++) {
 			__u64 id = bpf_get_current_ancestor_cgroup_id(level);
 			if (!id)
 				break;
-			struct cgroup_key k = {.gen = gen, .id = id};
-			bits |= lookup_bits(&rule_cgroups, &k);
+			bits |= cgroup_rule_bits(gen, id);
 		}
 		candidates &= bits | ~p->has_cgroup;
 	}
@@ -356,6 +413,44 @@ static __always_inline __u8 match(const struct policy *p, __u32 gen, const struc
 }
 
 /* ---- the event ---- */
+
+/* Where the walk up the executable's path stands. */
+struct exe_walk {
+	struct dentry *d;        /* the next dentry to record (or cross, at a mount root) */
+	struct dentry *mnt_root; /* root dentry of the mount d is on */
+	struct mount *mnt;
+};
+
+/* One step of the walk up the executable's path: from the root of a mount, on to where
+ * that mount hangs in its parent; otherwise record d's name and go to its parent.
+ * Returns 1 to go on, 0 when the walk ended (root of the mount tree, or no parent, or
+ * EXE_DEPTH names recorded). A global function, so that the verifier checks one step
+ * once instead of every step of the loop in every state it can be reached in. */
+__noinline int exe_step(struct event *e, struct exe_walk *w)
+{
+	if (!e || !w)
+		return 0;
+	struct dentry *d = w->d;
+	struct mount *mnt = w->mnt;
+	if (d == w->mnt_root) {
+		struct mount *parent_mnt = BPF_CORE_READ(mnt, mnt_parent);
+		if (parent_mnt == mnt)
+			return 0; /* root of the mount tree */
+		w->d = BPF_CORE_READ(mnt, mnt_mountpoint);
+		w->mnt = parent_mnt;
+		w->mnt_root = BPF_CORE_READ(parent_mnt, mnt.mnt_root);
+		return 1;
+	}
+	struct dentry *parent = BPF_CORE_READ(d, d_parent);
+	__u32 depth = e->exe_depth;
+	if (!d || parent == d || depth >= EXE_DEPTH)
+		return 0;
+	const unsigned char *name = BPF_CORE_READ(d, d_name.name);
+	bpf_probe_read_kernel_str(e->exe_names[depth & (EXE_DEPTH - 1)], EXE_NAME_LEN, name);
+	e->exe_depth = depth + 1;
+	w->d = parent;
+	return 1;
+}
 
 static __always_inline void fill_exe(struct event *e)
 {
@@ -372,62 +467,53 @@ static __always_inline void fill_exe(struct event *e)
 	 * dentries up to the mount's root, then continue from where that mount hangs in its
 	 * parent, until the root of the mount tree. Leaf first; user space reverses it. */
 	struct vfsmount *vfsmnt = BPF_CORE_READ(exe, f_path.mnt);
-	struct mount *mnt = (void *)vfsmnt - bpf_core_field_offset(struct mount, mnt);
-	struct dentry *mnt_root = BPF_CORE_READ(vfsmnt, mnt_root);
-	struct dentry *d = BPF_CORE_READ(exe, f_path.dentry);
-	__u32 depth = 0;
-#pragma unroll
+	struct exe_walk w = {
+		.d = BPF_CORE_READ(exe, f_path.dentry),
+		.mnt_root = BPF_CORE_READ(vfsmnt, mnt_root),
+		.mnt = (void *)vfsmnt - bpf_core_field_offset(struct mount, mnt),
+	};
 	for (int i = 0; i < EXE_WALK; i++) {
-		if (d == mnt_root) {
-			struct mount *parent_mnt = BPF_CORE_READ(mnt, mnt_parent);
-			if (parent_mnt == mnt)
-				break; /* root of the mount tree */
-			d = BPF_CORE_READ(mnt, mnt_mountpoint);
-			mnt = parent_mnt;
-			mnt_root = BPF_CORE_READ(mnt, mnt.mnt_root);
-			continue;
-		}
-		struct dentry *parent = BPF_CORE_READ(d, d_parent);
-		if (!d || parent == d || depth >= EXE_DEPTH)
+		if (!exe_step(e, &w))
 			break;
-		const unsigned char *name = BPF_CORE_READ(d, d_name.name);
-		bpf_probe_read_kernel_str(e->exe_names[depth & (EXE_DEPTH - 1)], EXE_NAME_LEN, name);
-		depth++;
-		d = parent;
 	}
-	e->exe_depth = depth;
-	if (d != mnt_root || depth >= EXE_DEPTH)
+	if (w.d != w.mnt_root || e->exe_depth >= EXE_DEPTH)
 		e->exe_truncated = 1; /* deeper than we walk: path is a suffix */
 }
 
-static __always_inline void emit(struct bpf_sock_addr *ctx, const struct task_view *t, __u64 cookie,
-				 __u16 family, const __u32 ip[4], int v4, __u8 verdict, __u8 rule, __u8 flags)
+/* What emit() records besides the task, packed into one argument (a global function
+ * takes at most five). */
+static __always_inline __u64 meta(__u32 exe_dev, __u32 dst, __u8 verdict, __u8 rule, __u8 flags)
+{
+	return (__u64)exe_dev << 32 | (__u64)(dst & 0xff) << 24 | (__u64)flags << 16 | (__u64)rule << 8 | verdict;
+}
+
+/* Writes one event for the current task's connect() to dst. cgroup_id, exe_ino and the
+ * exe_dev in meta are the task_view judge() decided with. Returns 0. */
+__noinline int emit(struct bpf_sock_addr *ctx, __u64 cookie, __u64 cgroup_id, __u64 exe_ino, __u64 meta)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(STAT_RINGBUF_FULL);
-		return;
+		return 0;
 	}
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	__u32 dst = (meta >> 24) & 0xff;
+
 	e->ktime_ns = bpf_ktime_get_ns();
-	e->cgroup_id = t->cgroup_id;
+	e->cgroup_id = cgroup_id;
 	e->netns_cookie = bpf_get_netns_cookie(ctx);
 	e->socket_cookie = cookie;
-	e->exe_ino = t->exe_ino;
-	e->exe_dev = t->exe_dev;
-	e->tgid = t->pid_tgid >> 32;
-	e->tid = (__u32)t->pid_tgid;
-	e->uid = (__u32)t->uid_gid;
-	e->gid = t->uid_gid >> 32;
-	e->family = family;
+	e->exe_ino = exe_ino;
+	e->exe_dev = meta >> 32;
+	e->tgid = pid_tgid >> 32;
+	e->tid = (__u32)pid_tgid;
+	e->uid = (__u32)uid_gid;
+	e->gid = uid_gid >> 32;
 	e->dport = bpf_ntohs(imds_port);
-	__builtin_memset(e->daddr, 0, sizeof(e->daddr));
-	if (v4)
-		__builtin_memcpy(e->daddr, &ip[0], 4);
-	else
-		__builtin_memcpy(e->daddr, ip, 16);
-	e->verdict = verdict;
-	e->rule = rule;
-	e->flags = flags;
+	e->verdict = meta & 0xff;
+	e->rule = (meta >> 8) & 0xff;
+	e->flags = (meta >> 16) & 0xff;
 	e->exe_depth = 0;
 	e->exe_truncated = 0;
 	e->start_boottime = 0;
@@ -436,12 +522,22 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, const struct task_vi
 	__builtin_memset(e->exe_names, 0, sizeof(e->exe_names));
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	fill_exe(e);
+	/* Last: the one part that differs by dst, so the verifier's paths split only here. */
+	e->family = dst_family(dst);
+	dst_addr(e->daddr, dst);
 	bpf_ringbuf_submit(e, 0);
+	return 0;
 }
 
-/* Judges one IMDS connect(). Returns 1 to let it proceed (possibly redirected), 0 for
- * EPERM. */
-static __always_inline int judge(struct bpf_sock_addr *ctx, __u16 family, __u32 ip[4], int v4, int mapped)
+static __always_inline void record(struct bpf_sock_addr *ctx, __u64 cookie, const struct task_view *t, __u32 dst,
+				   __u8 verdict, __u8 rule, __u8 flags)
+{
+	emit(ctx, cookie, t->cgroup_id, t->exe_ino, meta(t->exe_dev, dst, verdict, rule, flags));
+}
+
+/* Judges one IMDS connect() to dst. Returns an enum judgement; the caller rewrites the
+ * destination when it says redirect. */
+__noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 {
 	struct bpf_sock *sk = ctx->sk;
 	__u32 zero = 0;
@@ -452,13 +548,13 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u16 family, __u32 
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	if (p && p->own_mark && sk->mark == p->own_mark)
-		return 1; /* the broker's own upstream socket */
+		return JUDGE_PASS; /* the broker's own upstream socket */
 
 	read_task(&t);
 	if (!p || !p->loaded) {
 		/* No policy loaded yet (first start): witness only. */
-		emit(ctx, &t, cookie, family, ip, v4, VERDICT_ALLOW, RULE_NONE, 0);
-		return 1;
+		record(ctx, cookie, &t, dst, VERDICT_ALLOW, RULE_NONE, 0);
+		return JUDGE_PASS;
 	}
 
 	__u8 rule = match(p, gen, &t);
@@ -470,8 +566,8 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u16 family, __u32 
 	if (!allow) {
 		if (p->enforce) {
 			count(STAT_DENIED);
-			emit(ctx, &t, cookie, family, ip, v4, VERDICT_DENY, rule, flags);
-			return 0;
+			record(ctx, cookie, &t, dst, VERDICT_DENY, rule, flags);
+			return JUDGE_DENY;
 		}
 		count(STAT_AUDIT_DENIED);
 	}
@@ -480,19 +576,19 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u16 family, __u32 
 	/* Only TCP from the agent's own network namespace goes through the broker: a
 	 * container's loopback is not the host's. */
 	if (!p->broker_port || sk->type != SOCK_STREAM || bpf_get_netns_cookie(ctx) != p->host_netns) {
-		emit(ctx, &t, cookie, family, ip, v4, verdict, rule, flags);
-		return 1;
+		record(ctx, cookie, &t, dst, verdict, rule, flags);
+		return JUDGE_PASS;
 	}
 	__u64 *hb = bpf_map_lookup_elem(&heartbeat, &zero);
 	if (!hb || bpf_ktime_get_ns() - *hb > HEARTBEAT_TIMEOUT_NS) {
 		if (p->fail_closed) {
 			count(STAT_FAIL_CLOSED);
-			emit(ctx, &t, cookie, family, ip, v4, VERDICT_FAIL_CLOSED, rule, flags);
-			return 0;
+			record(ctx, cookie, &t, dst, VERDICT_FAIL_CLOSED, rule, flags);
+			return JUDGE_DENY;
 		}
 		count(STAT_FAIL_OPEN);
-		emit(ctx, &t, cookie, family, ip, v4, allow ? VERDICT_FAIL_OPEN : verdict, rule, flags);
-		return 1;
+		record(ctx, cookie, &t, dst, allow ? VERDICT_FAIL_OPEN : verdict, rule, flags);
+		return JUDGE_PASS;
 	}
 
 	struct redirect r = {};
@@ -504,46 +600,35 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u16 family, __u32 
 	r.tid = (__u32)t.pid_tgid;
 	r.uid = (__u32)t.uid_gid;
 	r.gid = t.uid_gid >> 32;
-	if (v4)
-		__builtin_memcpy(r.daddr, &ip[0], 4);
-	else
-		__builtin_memcpy(r.daddr, ip, 16);
+	dst_addr(r.daddr, dst);
 	r.dport = bpf_ntohs(imds_port);
-	r.family = family;
+	r.family = dst_family(dst);
 	r.rule = rule;
 	r.flags = flags | FLAG_REDIRECTED;
 	r.verdict = verdict;
 	if (bpf_map_update_elem(&redirects, &cookie, &r, BPF_ANY)) {
 		/* Cannot remember it: the broker would refuse it, so go direct. */
-		emit(ctx, &t, cookie, family, ip, v4, verdict, rule, flags);
-		return 1;
+		record(ctx, cookie, &t, dst, verdict, rule, flags);
+		return JUDGE_PASS;
 	}
 	count(STAT_REDIRECTED);
-	emit(ctx, &t, cookie, family, ip, v4, verdict, rule, flags | FLAG_REDIRECTED);
-	if (v4) {
-		ctx->user_ip4 = bpf_htonl(0x7f000001);
-	} else if (mapped) {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
-	} else {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = 0;
-		ctx->user_ip6[3] = bpf_htonl(1);
-	}
-	ctx->user_port = (__u32)p->broker_port;
-	return 1;
+	record(ctx, cookie, &t, dst, verdict, rule, flags | FLAG_REDIRECTED);
+	return JUDGE_REDIRECT | p->broker_port;
 }
 
+/* A connect() judge() let through: 1, after pointing a redirected one at the broker. */
 SEC("cgroup/connect4")
 int imds_connect4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->user_ip4 != imds_ip4 || ctx->user_port != (__u32)imds_port)
 		return 1;
-	__u32 ip[4] = {ctx->user_ip4, 0, 0, 0};
-	return judge(ctx, AF_INET, ip, 1, 0);
+	int j = judge(ctx, DST_IPV4);
+	if (j & JUDGE_REDIRECT) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_port = j & 0xffff;
+		return 1;
+	}
+	return j == JUDGE_DENY ? 0 : 1;
 }
 
 SEC("cgroup/connect6")
@@ -556,12 +641,26 @@ int imds_connect6(struct bpf_sock_addr *ctx)
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
+	__u32 dst;
 	if (ip[0] == imds_ip6[0] && ip[1] == imds_ip6[1] && ip[2] == imds_ip6[2] && ip[3] == imds_ip6[3])
-		return judge(ctx, AF_INET6, ip, 0, 0);
+		dst = DST_IPV6;
 	/* IPv4-mapped (::ffff:a.b.c.d): what a dual-stack socket uses for IPv4. */
-	if (ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff) && ip[3] == imds_ip4)
-		return judge(ctx, AF_INET6, ip, 0, 1);
-	return 1;
+	else if (ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff) && ip[3] == imds_ip4)
+		dst = DST_IPV4_MAPPED;
+	else
+		return 1;
+	int j = judge(ctx, dst);
+	if (j & JUDGE_REDIRECT) {
+		/* ::ffff:127.0.0.1 keeps a mapped connection IPv4; [::1] otherwise. */
+		int mapped = dst == DST_IPV4_MAPPED;
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
+		ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+		ctx->user_port = j & 0xffff;
+		return 1;
+	}
+	return j == JUDGE_DENY ? 0 : 1;
 }
 
 /* The client asked for IMDS: getpeername() must say IMDS, not the broker. */

@@ -44,13 +44,13 @@ type Event struct {
 // Verdict is what the kernel did with the connect().
 type Verdict uint8
 
-// Verdicts, as the kernel's enum verdict.
+// Verdicts: the kernel's enum verdict, as bpf2go generated it from bpf/.
 const (
-	VerdictAllow      Verdict = 0
-	VerdictDeny       Verdict = 1 // EPERM: the allowlist refused it (enforce)
-	VerdictAuditDeny  Verdict = 2 // allowed, but the allowlist would refuse it (audit)
-	VerdictFailOpen   Verdict = 3 // agent gone: let through straight to IMDS
-	VerdictFailClosed Verdict = 4 // agent gone: EPERM
+	VerdictAllow      = Verdict(imdsguardVerdictVERDICT_ALLOW)
+	VerdictDeny       = Verdict(imdsguardVerdictVERDICT_DENY)        // EPERM: the allowlist refused it (enforce)
+	VerdictAuditDeny  = Verdict(imdsguardVerdictVERDICT_AUDIT_DENY)  // allowed, but the allowlist would refuse it (audit)
+	VerdictFailOpen   = Verdict(imdsguardVerdictVERDICT_FAIL_OPEN)   // agent gone: let through straight to IMDS
+	VerdictFailClosed = Verdict(imdsguardVerdictVERDICT_FAIL_CLOSED) // agent gone: EPERM
 )
 
 func (v Verdict) String() string {

@@ -60,29 +60,9 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
 	}
-	spec, err := loadImdsguard()
+	spec, err := targetSpec(t)
 	if err != nil {
-		return nil, fmt.Errorf("load BPF spec: %w", err)
-	}
-	ip4 := t.IPv4.As4()
-	ip6 := t.IPv6.As16()
-	port := [2]byte{byte(t.Port >> 8), byte(t.Port)}
-	bport := [2]byte{byte(t.BrokerPort >> 8), byte(t.BrokerPort)}
-	// The programs compare raw context words, which hold network byte order; these
-	// byte arrays are written as-is, so they land in memory in network order too.
-	for name, val := range map[string]any{
-		imdsguardVarImdsIp4:    ip4,
-		imdsguardVarImdsIp6:    ip6,
-		imdsguardVarImdsPort:   port,
-		imdsguardVarBrokerPort: bport,
-	} {
-		v, ok := spec.Variables[name]
-		if !ok {
-			return nil, fmt.Errorf("load BPF spec: variable %s missing", name)
-		}
-		if err := v.Set(val); err != nil {
-			return nil, fmt.Errorf("set %s: %w", name, err)
-		}
+		return nil, err
 	}
 	h := &Hook{}
 	opts := &ebpf.CollectionOptions{}
@@ -114,6 +94,35 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	}
 	h.reader = rd
 	return h, nil
+}
+
+// targetSpec is the programs' spec with t baked in as constants.
+func targetSpec(t Target) (*ebpf.CollectionSpec, error) {
+	spec, err := loadImdsguard()
+	if err != nil {
+		return nil, fmt.Errorf("load BPF spec: %w", err)
+	}
+	ip4 := t.IPv4.As4()
+	ip6 := t.IPv6.As16()
+	port := [2]byte{byte(t.Port >> 8), byte(t.Port)}
+	bport := [2]byte{byte(t.BrokerPort >> 8), byte(t.BrokerPort)}
+	// The programs compare raw context words, which hold network byte order; these
+	// byte arrays are written as-is, so they land in memory in network order too.
+	for name, val := range map[string]any{
+		imdsguardVarImdsIp4:    ip4,
+		imdsguardVarImdsIp6:    ip6,
+		imdsguardVarImdsPort:   port,
+		imdsguardVarBrokerPort: bport,
+	} {
+		v, ok := spec.Variables[name]
+		if !ok {
+			return nil, fmt.Errorf("load BPF spec: variable %s missing", name)
+		}
+		if err := v.Set(val); err != nil {
+			return nil, fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	return spec, nil
 }
 
 type program struct {
@@ -287,18 +296,36 @@ type Stats struct {
 
 // Stats reads the counters.
 func (h *Hook) Stats() (Stats, error) {
-	var vals [6]uint64
-	for i := range vals {
+	st := Stats{QueueDrops: h.queueDrops.Load()}
+	for _, c := range st.counters() {
 		var perCPU []uint64
-		if err := h.objs.Stats.Lookup(uint32(i), &perCPU); err != nil {
+		if err := h.objs.Stats.Lookup(uint32(c.stat), &perCPU); err != nil {
 			return Stats{}, fmt.Errorf("read stats map: %w", err)
 		}
+		*c.dst = 0
 		for _, v := range perCPU {
-			vals[i] += v
+			*c.dst += v
 		}
 	}
-	return Stats{RingFull: vals[0], Denied: vals[1], AuditDenied: vals[2], FailOpen: vals[3],
-		FailClosed: vals[4], Redirected: vals[5], QueueDrops: h.queueDrops.Load()}, nil
+	return st, nil
+}
+
+// counters names where each of the kernel's enum stat counters goes in s.
+func (s *Stats) counters() []struct {
+	stat imdsguardStat
+	dst  *uint64
+} {
+	return []struct {
+		stat imdsguardStat
+		dst  *uint64
+	}{
+		{imdsguardStatSTAT_RINGBUF_FULL, &s.RingFull},
+		{imdsguardStatSTAT_DENIED, &s.Denied},
+		{imdsguardStatSTAT_AUDIT_DENIED, &s.AuditDenied},
+		{imdsguardStatSTAT_FAIL_OPEN, &s.FailOpen},
+		{imdsguardStatSTAT_FAIL_CLOSED, &s.FailClosed},
+		{imdsguardStatSTAT_REDIRECTED, &s.Redirected},
+	}
 }
 
 // Beat tells the kernel the agent is alive. Without a beat for a second, the programs

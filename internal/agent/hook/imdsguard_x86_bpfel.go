@@ -53,6 +53,13 @@ type imdsguardExeKey struct {
 	Ino uint64
 }
 
+type imdsguardFlag uint32
+
+const (
+	imdsguardFlagFLAG_REDIRECTED imdsguardFlag = 1
+	imdsguardFlagFLAG_V2REQUIRED imdsguardFlag = 2
+)
+
 type imdsguardIdKey struct {
 	_   structs.HostLayout
 	Gen uint32
@@ -105,6 +112,34 @@ type imdsguardRedirect struct {
 	_             [4]byte
 }
 
+type imdsguardRule uint32
+
+const (
+	imdsguardRuleRULE_NONE imdsguardRule = 255
+)
+
+type imdsguardStat uint32
+
+const (
+	imdsguardStatSTAT_RINGBUF_FULL imdsguardStat = 0
+	imdsguardStatSTAT_DENIED       imdsguardStat = 1
+	imdsguardStatSTAT_AUDIT_DENIED imdsguardStat = 2
+	imdsguardStatSTAT_FAIL_OPEN    imdsguardStat = 3
+	imdsguardStatSTAT_FAIL_CLOSED  imdsguardStat = 4
+	imdsguardStatSTAT_REDIRECTED   imdsguardStat = 5
+	imdsguardStatSTAT_MAX          imdsguardStat = 6
+)
+
+type imdsguardVerdict uint32
+
+const (
+	imdsguardVerdictVERDICT_ALLOW       imdsguardVerdict = 0
+	imdsguardVerdictVERDICT_DENY        imdsguardVerdict = 1
+	imdsguardVerdictVERDICT_AUDIT_DENY  imdsguardVerdict = 2
+	imdsguardVerdictVERDICT_FAIL_OPEN   imdsguardVerdict = 3
+	imdsguardVerdictVERDICT_FAIL_CLOSED imdsguardVerdict = 4
+)
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -130,9 +165,13 @@ const (
 	imdsguardVarImdsIp6           = "imds_ip6"
 	imdsguardVarImdsPort          = "imds_port"
 	imdsguardVarUnusedEvent       = "unused_event"
+	imdsguardVarUnusedFlag        = "unused_flag"
 	imdsguardVarUnusedPolicy      = "unused_policy"
 	imdsguardVarUnusedPortKey     = "unused_port_key"
 	imdsguardVarUnusedRedirect    = "unused_redirect"
+	imdsguardVarUnusedRule        = "unused_rule"
+	imdsguardVarUnusedStat        = "unused_stat"
+	imdsguardVarUnusedVerdict     = "unused_verdict"
 )
 
 // loadImdsguard returns the embedded CollectionSpec for imdsguard.
@@ -210,9 +249,13 @@ type imdsguardVariableSpecs struct {
 	ImdsIp6        *ebpf.VariableSpec `ebpf:"imds_ip6"`
 	ImdsPort       *ebpf.VariableSpec `ebpf:"imds_port"`
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedFlag     *ebpf.VariableSpec `ebpf:"unused_flag"`
 	UnusedPolicy   *ebpf.VariableSpec `ebpf:"unused_policy"`
 	UnusedPortKey  *ebpf.VariableSpec `ebpf:"unused_port_key"`
 	UnusedRedirect *ebpf.VariableSpec `ebpf:"unused_redirect"`
+	UnusedRule     *ebpf.VariableSpec `ebpf:"unused_rule"`
+	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedVerdict  *ebpf.VariableSpec `ebpf:"unused_verdict"`
 }
 
 // imdsguardObjects contains all objects after they have been loaded into the kernel.
@@ -273,9 +316,13 @@ type imdsguardVariables struct {
 	ImdsIp6        *ebpf.Variable `ebpf:"imds_ip6"`
 	ImdsPort       *ebpf.Variable `ebpf:"imds_port"`
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
+	UnusedFlag     *ebpf.Variable `ebpf:"unused_flag"`
 	UnusedPolicy   *ebpf.Variable `ebpf:"unused_policy"`
 	UnusedPortKey  *ebpf.Variable `ebpf:"unused_port_key"`
 	UnusedRedirect *ebpf.Variable `ebpf:"unused_redirect"`
+	UnusedRule     *ebpf.Variable `ebpf:"unused_rule"`
+	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedVerdict  *ebpf.Variable `ebpf:"unused_verdict"`
 }
 
 // imdsguardPrograms contains all programs after they have been loaded into the kernel.

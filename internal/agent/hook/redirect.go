@@ -65,10 +65,11 @@ func (h *Hook) LookupRedirect(port uint16) (Redirect, error) {
 	}, nil
 }
 
+// The kernel's enum flag and enum rule, in the width of the fields that hold them.
 const (
-	flagRedirected = 1
-	flagV2Required = 2
-	ruleNone       = 0xff
+	flagRedirected = uint8(imdsguardFlagFLAG_REDIRECTED)
+	flagV2Required = uint8(imdsguardFlagFLAG_V2REQUIRED)
+	ruleNone       = uint8(imdsguardRuleRULE_NONE)
 )
 
 func ruleIndex(r uint8) int {
