@@ -202,4 +202,3 @@ func Compare(t testing.TB, page, name string, code []string, what string) {
 		}
 	}
 }
-
