@@ -5,7 +5,8 @@ GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
-# Privileged tests (BPF, namespaces, cgroups) run only when this is set; see README.
+# Privileged tests (BPF, namespaces, cgroups) run only when this is set; see
+# docs/install-and-operate.md.
 PRIV     := IMDSGUARD_PRIVILEGED=1
 # Commands the test bed runs, and the Debian packages that provide them.
 TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool \
@@ -51,7 +52,6 @@ package:
 	@set -e; version=$(PKG_VERSION); epoch=$$(git log -1 --format=%ct); \
 	for arch in $(PKG_ARCHES); do \
 		for cmd in imdsguard imdsguard-correlator; do \
-			[ -d cmd/$$cmd ] || { echo "skipping $$cmd: cmd/$$cmd does not exist"; continue; }; \
 			CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(GO) build -trimpath \
 				-ldflags "-s -w -X main.version=$$version" -o $(DIST)/bin/linux-$$arch/$$cmd ./cmd/$$cmd; \
 			for fmt in $(PKG_FORMATS); do \

@@ -46,7 +46,8 @@ Usage:
   imdsguard preflight [--config FILE] [--no-imds]  check that this host can run the agent
   imdsguard version                 print the version
 
-Configuration keys and their defaults are documented in the README.
+Every configuration key, at its default: /etc/imdsguard/config.yaml as installed,
+and docs/agent-configuration.md.
 `
 
 func main() {

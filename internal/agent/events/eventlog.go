@@ -1,6 +1,6 @@
 // Package eventlog writes the agent's record of IMDS connections: one JSON object per
 // line, one line per connection, with field names that are a contract with the tools
-// that read them (see the README's event schema).
+// that read them (docs/events.md, checked against this package by a test).
 package events
 
 import (

@@ -26,7 +26,7 @@ const (
 )
 
 // Finding is one (access key, source, type, window): the JSON-lines schema is stable and
-// documented in the README.
+// documented in docs/findings.md (a test checks it).
 type Finding struct {
 	ID              string `json:"id"`
 	Type            string `json:"type"`

@@ -149,7 +149,7 @@ func (a *AgentProc) Stop() error {
 	return a.err
 }
 
-// Event is one line of the agent's events output, as the README documents it.
+// Event is one line of the agent's events output, as docs/events.md documents it.
 type Event struct {
 	Time         time.Time `json:"time"`
 	Event        string    `json:"event"`
