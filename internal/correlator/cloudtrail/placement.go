@@ -134,18 +134,18 @@ func ParseFunction(r *Record) (Function, bool) {
 		return Function{}, false
 	}
 	f := Function{Name: first(resp.FunctionName, req.FunctionName), RoleARN: first(resp.Role, req.Role)}
-	f.AccountID, f.Name = FunctionAccountAndName(first(resp.FunctionARN, f.Name))
+	f.AccountID, f.Name = functionAccountAndName(first(resp.FunctionARN, f.Name))
 	if f.AccountID == "" {
 		f.AccountID = first(r.RecipientAccountID, r.UserIdentity.AccountID)
 	}
 	return f, f.Name != "" && f.RoleARN != ""
 }
 
-// FunctionAccountAndName takes a function name, or its ARN
+// functionAccountAndName takes a function name, or its ARN
 // (arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER]), and returns its account
 // ("" for a bare name) and bare name. The name is the role session name of the
 // function's credentials.
-func FunctionAccountAndName(s string) (account, name string) {
+func functionAccountAndName(s string) (account, name string) {
 	parts := strings.Split(s, ":")
 	if len(parts) >= 7 && parts[0] == "arn" && parts[5] == "function" {
 		return parts[4], parts[6]
