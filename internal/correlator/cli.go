@@ -14,6 +14,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/rs/zerolog"
 
@@ -23,6 +24,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/config"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/fpstore"
+	"github.com/imdsguard/imdsguard/internal/correlator/inventory"
 	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
 	"github.com/imdsguard/imdsguard/internal/logging"
@@ -35,11 +37,14 @@ var version = ""
 const usage = `imdsguard-correlator flags off-host use of instance credentials in CloudTrail.
 
 Usage:
-  imdsguard-correlator detect [--config FILE] [--fingerprints FILE] CLOUDTRAIL_FILE...
+  imdsguard-correlator detect [--config FILE] [--fingerprints FILE] [--inventory FILE]...
+        CLOUDTRAIL_FILE...
         run detection over files (gzip or plain JSON, JSON lines; a directory is read
-        recursively; "-" is stdin) and print findings as JSON lines
-  imdsguard-correlator investigate [--config FILE] [--fingerprints FILE] --access-key KEY
-        [--format text|json] CLOUDTRAIL_FILE...
+        recursively; "-" is stdin) and print findings as JSON lines; --inventory takes
+        the JSON of aws ec2 describe-network-interfaces, describe-addresses,
+        describe-vpc-endpoints or aws lambda list-functions (repeatable)
+  imdsguard-correlator investigate [--config FILE] [--fingerprints FILE] [--inventory FILE]...
+        --access-key KEY [--format text|json] CLOUDTRAIL_FILE...
         print one key's story: issuance, sources, API calls, findings
   imdsguard-correlator serve --config FILE [--fingerprints FILE]
         follow serve.directory and/or serve.s3 and print findings as they appear;
@@ -127,8 +132,10 @@ type env struct {
 	fps    *fpstore.Memory
 	// stored is the intake's store when serve runs one; the detector reads it with fps.
 	stored fpstore.Store
-	log    zerolog.Logger
-	close  func()
+	// inv is what inventory.files and --inventory said.
+	inv   *inventory.Inventory
+	log   zerolog.Logger
+	close func()
 }
 
 func load(cfgPath, fpPath string, stderr io.Writer) (*env, error) {
@@ -143,7 +150,7 @@ func load(cfgPath, fpPath string, stderr io.Writer) (*env, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &env{cfg: cfg, fps: fpstore.NewMemory(), log: log, close: closeLog}
+	e := &env{cfg: cfg, fps: fpstore.NewMemory(), inv: &inventory.Inventory{}, log: log, close: closeLog}
 	if cfg.IPRanges != "" {
 		if e.ranges, err = ipranges.Load(cfg.IPRanges); err != nil {
 			closeLog()
@@ -161,8 +168,33 @@ func load(cfgPath, fpPath string, stderr io.Writer) (*env, error) {
 			return nil, err
 		}
 	}
+	if err := e.addInventory(cfg.Inventory.Files); err != nil {
+		closeLog()
+		return nil, err
+	}
 	return e, nil
 }
+
+// addInventory loads inventory files (inventory.files, --inventory).
+func (e *env) addInventory(paths []string) error {
+	if len(paths) == 0 {
+		return nil
+	}
+	inv, err := inventory.Load(paths...)
+	if err != nil {
+		return err
+	}
+	e.inv.Merge(inv)
+	e.log.Info().Str("event", "inventory_loaded").Strs("files", paths).Int("addresses", len(inv.Addresses)).Int("vpc_endpoints", len(inv.Endpoints)).
+		Int("functions", len(inv.Functions)).Msg("inventory loaded")
+	return nil
+}
+
+// fileList is a repeatable flag.
+type fileList []string
+
+func (l *fileList) String() string     { return strings.Join(*l, ",") }
+func (l *fileList) Set(v string) error { *l = append(*l, v); return nil }
 
 func (e *env) detector(onlyKey string) *detector.Detector {
 	var fps fpstore.Store = e.fps
@@ -171,7 +203,9 @@ func (e *env) detector(onlyKey string) *detector.Detector {
 	}
 	opt := detector.OptionsFrom(e.cfg, e.ranges, fps, e.log)
 	opt.OnlyKey = onlyKey
-	return detector.New(opt)
+	d := detector.New(opt)
+	d.AddInventory(e.inv)
+	return d
 }
 
 func newLogger(c config.Log, stderr io.Writer) (zerolog.Logger, func(), error) {
@@ -183,14 +217,20 @@ const maxProblemLogs = 20
 
 // readInputs feeds every record of the named inputs to observe. "-" is stdin; a
 // directory is read recursively. Bad records and truncated files are logged and counted;
-// only a file that cannot be opened at all is an error, and the others are still read.
+// a file that cannot be opened, or from which not one record could be read, is an error
+// (after the others were read): a run that read nothing from it must not look like one
+// that found nothing in it.
 func readInputs(ctx context.Context, names []string, stdin io.Reader, log zerolog.Logger, observe func(*cloudtrail.Record)) (cloudtrail.Stats, int, error) {
 	var total cloudtrail.Stats
 	truncated := 0
 	var errs []error
 	readOne := func(name string, r io.Reader) {
 		logged := 0
+		var firstProblem *cloudtrail.Problem
 		st := cloudtrail.Read(name, r, func(rec *cloudtrail.Record, _ cloudtrail.Pos) { observe(rec) }, func(p cloudtrail.Problem) {
+			if firstProblem == nil {
+				firstProblem = &p
+			}
 			if p.Truncated {
 				log.Warn().Str("event", "file_truncated").Str("file", p.File).Int64("index", p.Index).Int64("offset", p.Offset).Err(p.Err).Msg("log file ends early; records after this point are lost")
 				return
@@ -201,6 +241,9 @@ func readInputs(ctx context.Context, names []string, stdin io.Reader, log zerolo
 		})
 		if st.Truncated {
 			truncated++
+		}
+		if st.Records == 0 && firstProblem != nil {
+			errs = append(errs, fmt.Errorf("%s: no record could be read (%d skipped): %s: %w", name, st.Malformed, firstProblem.Pos, firstProblem.Err))
 		}
 		if st.Malformed > maxProblemLogs {
 			log.Warn().Str("event", "records_skipped").Str("file", name).Int64("malformed", st.Malformed).Msg("more malformed records skipped than logged")

@@ -25,6 +25,8 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	fl.SetOutput(io.Discard)
 	cfgPath := fl.String("config", "", "config file")
 	fpPath := fl.String("fingerprints", "", "JSON-lines file of host fingerprints")
+	var invPaths fileList
+	fl.Var(&invPaths, "inventory", "AWS CLI output of describe-network-interfaces, describe-addresses, describe-vpc-endpoints or lambda list-functions (repeatable)")
 	if err := fl.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
@@ -33,10 +35,17 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		return err
 	}
 	defer e.close()
+	if err := e.addInventory(invPaths); err != nil {
+		return err
+	}
 	d := e.detector("")
 	start := time.Now()
 	st, truncated, readErr := readInputs(ctx, fl.Args(), stdin, e.log, d.Observe)
 	all := d.Findings()
+	var dropped int64
+	for _, n := range d.Dropped() {
+		dropped += n
+	}
 	out, err := newEmitter(ctx, e.cfg.Outputs, stdout, e)
 	if err != nil {
 		return err
@@ -51,7 +60,7 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		}
 	}
 	e.log.Info().Str("event", "detect_done").Int64("records", st.Records).Int64("malformed", st.Malformed).Int("truncated_files", truncated).
-		Int("findings", flagged).Int("suppressed", len(all)-flagged).Dur("took", time.Since(start)).Msg("detection finished")
+		Int64("dropped", dropped).Int("findings", flagged).Int("suppressed", len(all)-flagged).Dur("took", time.Since(start)).Msg("detection finished")
 	return readErr
 }
 
@@ -60,6 +69,8 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 	fl.SetOutput(io.Discard)
 	cfgPath := fl.String("config", "", "config file")
 	fpPath := fl.String("fingerprints", "", "JSON-lines file of host fingerprints")
+	var invPaths fileList
+	fl.Var(&invPaths, "inventory", "AWS CLI output of describe-network-interfaces, describe-addresses, describe-vpc-endpoints or lambda list-functions (repeatable)")
 	key := fl.String("access-key", "", "access key id to investigate")
 	format := fl.String("format", "text", "text or json")
 	if err := fl.Parse(args); err != nil {
@@ -76,6 +87,9 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 		return err
 	}
 	defer e.close()
+	if err := e.addInventory(invPaths); err != nil {
+		return err
+	}
 	d := e.detector(*key)
 	_, _, readErr := readInputs(ctx, fl.Args(), stdin, e.log, d.Observe)
 	story := investigate.Build(d, *key)

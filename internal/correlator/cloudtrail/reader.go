@@ -142,13 +142,17 @@ func isDecodeErr(err error) bool {
 
 // deliver checks what the decoder could not and hands the record on.
 func (rd *reader) deliver(rec *Record, pos Pos) {
-	if rec.EventTime == "" {
-		rd.report(Problem{Pos: pos, Err: errors.New("record has no eventTime")})
+	field, value := "eventTime", rec.EventTime
+	if value == "" {
+		field, value = "@timestamp", rec.Timestamp
+	}
+	if value == "" {
+		rd.report(Problem{Pos: pos, Err: errors.New("record has neither eventTime nor @timestamp")})
 		return
 	}
-	t, err := time.Parse(time.RFC3339, rec.EventTime)
+	t, err := time.Parse(time.RFC3339, value)
 	if err != nil {
-		rd.report(Problem{Pos: pos, Err: fmt.Errorf("bad eventTime %q", rec.EventTime)})
+		rd.report(Problem{Pos: pos, Err: fmt.Errorf("bad %s %q", field, value)})
 		return
 	}
 	rec.Time = t

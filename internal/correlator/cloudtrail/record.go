@@ -29,8 +29,11 @@ type Record struct {
 	RecipientAccountID   string          `json:"recipientAccountId"`
 	VPCEndpointID        string          `json:"vpcEndpointId"`
 	VPCEndpointAccountID string          `json:"vpcEndpointAccountId"`
+	// Timestamp is what log pipelines (Logstash, Elastic) put in place of eventTime;
+	// the reader uses it only when eventTime is absent.
+	Timestamp string `json:"@timestamp"`
 
-	// Time is EventTime parsed; set by the reader.
+	// Time is EventTime (or Timestamp) parsed; set by the reader.
 	Time time.Time `json:"-"`
 }
 

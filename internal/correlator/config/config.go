@@ -34,14 +34,24 @@ type Config struct {
 	// Suppress rules: a finding matching every non-empty field of a rule is suppressed.
 	Suppress []Rule `yaml:"suppress"`
 	// Fingerprints is an optional JSON-lines file of host fingerprints to load at start.
-	Fingerprints string  `yaml:"fingerprints"`
-	Outputs      Outputs `yaml:"outputs"`
-	Serve        Serve   `yaml:"serve"`
-	Intake       Intake  `yaml:"intake"`
-	Log          Log     `yaml:"log"`
+	Fingerprints string `yaml:"fingerprints"`
+	// Inventory says where instances, VPC endpoints and Lambda functions are, from the
+	// EC2 and Lambda APIs: evidence the detector uses before any guess.
+	Inventory Inventory `yaml:"inventory"`
+	Outputs   Outputs   `yaml:"outputs"`
+	Serve     Serve     `yaml:"serve"`
+	Intake    Intake    `yaml:"intake"`
+	Log       Log       `yaml:"log"`
 
 	Egress  []netip.Prefix `yaml:"-"`
 	Trusted []netip.Prefix `yaml:"-"`
+}
+
+// Inventory lists files of AWS CLI output (aws ec2 describe-network-interfaces,
+// describe-addresses, describe-vpc-endpoints, aws lambda list-functions), loaded at start
+// by every command, like --inventory.
+type Inventory struct {
+	Files []string `yaml:"files"`
 }
 
 // Rule is one suppression rule.
@@ -203,6 +213,11 @@ func (c *Config) Validate(root *yaml.Node) error {
 	}
 	if c.Fingerprints != "" && !filepath.IsAbs(c.Fingerprints) {
 		return bad("fingerprints", "must be an absolute path, got %q", c.Fingerprints)
+	}
+	for i, p := range c.Inventory.Files {
+		if !filepath.IsAbs(p) {
+			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "inventory.files", i)), Key: fmt.Sprintf("inventory.files[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
+		}
 	}
 	if c.Outputs.ASFFFile != "" && !filepath.IsAbs(c.Outputs.ASFFFile) {
 		return bad("outputs.asff_file", "must be an absolute path, got %q", c.Outputs.ASFFFile)

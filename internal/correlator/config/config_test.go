@@ -69,8 +69,10 @@ func TestErrorsNameKeyAndLine(t *testing.T) {
 		"intake:\n  listen: 127.0.0.1:0\n  plain_http: true\n  database: /x.db\n  aws_certificates: [/a.pem]\n  allowed_accounts:\n    - \"12\"\n": `7: intake.allowed_accounts[0]: not a 12-digit account id`,
 		"intake:\n  listen: 127.0.0.1:0\n  plain_http: true\n  database: /x.db\n":                                                                  `intake.aws_certificates: intake needs aws_certificates`,
 		"intake:\n  listen: 127.0.0.1:0\n  tls_cert: /c.pem\n  tls_key: /k.pem\n  client_ca: /ca.pem\n":                                            `intake.database: must be set`,
-		"intake:\n  purge_grace: -1h\n": `2: intake.purge_grace: must not be negative`,
-		"intake:\n  tls: yes\n":         `2: intake.tls: unknown key`,
+		"intake:\n  purge_grace: -1h\n":                       `2: intake.purge_grace: must not be negative`,
+		"intake:\n  tls: yes\n":                               `2: intake.tls: unknown key`,
+		"inventory:\n  files:\n    - /a.json\n    - b.json\n": `4: inventory.files[1]: must be an absolute path`,
+		"inventory:\n  ec2: {}\n":                             `2: inventory.ec2: unknown key`,
 	}
 	for in, want := range cases {
 		_, err := Parse([]byte(in))

@@ -54,7 +54,9 @@ type Credential struct {
 	Issued       time.Time `json:"issued,omitempty"`
 	Expiration   time.Time `json:"expiration,omitempty"`
 	IMDSVersion  string    `json:"imds_version,omitempty"`
-	// Source: "fingerprint", "AssumeRole" or "userIdentity".
+	// Source: "fingerprint", "AssumeRole", "userIdentity" or "function" (a Lambda key
+	// known by its session: the name and role of a function from the inventory or the
+	// trail's CreateFunction/UpdateFunctionConfiguration).
 	Source    string         `json:"source"`
 	Processes []wire.Process `json:"processes,omitempty"`
 	// HostAddresses are the instance's addresses from its fingerprints.
@@ -100,7 +102,9 @@ type groupKey struct {
 type claim struct {
 	instance, account string
 	since             time.Time
-	from              string // "fingerprint", "AssociateAddress", "AttachNetworkInterface"
+	from              string // "fingerprint", "inventory", "AssociateAddress", "AttachNetworkInterface", …
+	// An empty instance ends the claims before it: the address was disassociated or
+	// released at since.
 }
 
 // Stats count what the detector saw.
@@ -120,6 +124,7 @@ type Detector struct {
 	groups     map[groupKey]*Group
 	enis       map[string][]netip.Addr // network interface id → its addresses
 	attaches   map[string][]claim      // network interface id → instances it was attached to
+	pl         placement
 	stats      Stats
 }
 
@@ -136,6 +141,7 @@ func New(opt Options) *Detector {
 		groups:     map[groupKey]*Group{},
 		enis:       map[string][]netip.Addr{},
 		attaches:   map[string][]claim{},
+		pl:         newPlacement(),
 	}
 	for _, a := range opt.Affiliates {
 		d.affiliates[a] = true
@@ -154,6 +160,7 @@ func (d *Detector) Stats() Stats {
 func (d *Detector) Observe(rec *cloudtrail.Record) {
 	d.stats.Records++
 	d.learn(rec)
+	d.learnPlacement(rec)
 	d.use(rec)
 }
 
@@ -238,7 +245,7 @@ func (d *Detector) use(rec *cloudtrail.Record) {
 		if key != d.opt.OnlyKey {
 			return
 		}
-	} else if !strings.HasPrefix(key, "ASIA") || cloudtrail.IsServicePrincipal(rec.SourceIPAddress) || rec.SourceIPAddress == "" {
+	} else if !strings.HasPrefix(key, "ASIA") || cloudtrail.IsServicePrincipal(rec.SourceIPAddress) {
 		// Long-term keys are no instance's; calls made by AWS services on the
 		// principal's behalf come from AWS, not from wherever the key is.
 		return
@@ -248,6 +255,27 @@ func (d *Detector) use(rec *cloudtrail.Record) {
 		d.creds[key] = &Credential{AccessKeyID: key, Kind: "instance", InstanceID: id.SessionName(), AccountID: id.AccountID,
 			Role: id.RoleName(), IMDSVersion: deliveryVersion(id.SessionContext.EC2RoleDelivery), Source: "userIdentity"}
 		d.stats.Learned++
+	}
+	if _, ok := d.creds[key]; !ok {
+		if _, ok := d.pl.sessions[key]; !ok {
+			d.pl.sessions[key] = session{account: id.AccountID, role: id.RoleName(), name: id.SessionName()}
+		}
+	}
+	// A record whose source is no address cannot be judged: counted by cause (and
+	// reported for the keys that turn out to be instances' or functions').
+	if rec.SourceIPAddress == "" {
+		d.drop(key, DropNoSource)
+		if d.opt.OnlyKey == "" {
+			return
+		}
+	}
+	if rec.SourceIPAddress != "" && !cloudtrail.IsServicePrincipal(rec.SourceIPAddress) {
+		if _, err := netip.ParseAddr(rec.SourceIPAddress); err != nil {
+			d.drop(key, DropBadSource)
+			if d.opt.OnlyKey == "" {
+				return
+			}
+		}
 	}
 	gk := groupKey{key: key, source: rec.SourceIPAddress, vpce: rec.VPCEndpointID, vpceAccount: rec.VPCEndpointAccountID,
 		window: rec.Time.Truncate(d.opt.Window).Unix()}
@@ -307,6 +335,8 @@ func (d *Detector) Credential(key string) (Credential, bool) {
 	learnt, ok := d.creds[key]
 	if ok {
 		c = *learnt
+	} else {
+		c, ok = d.lambdaBySession(key)
 	}
 	if d.opt.Fingerprints == nil {
 		return c, ok
@@ -351,11 +381,15 @@ func (d *Detector) Groups(key string) []*Group {
 // Forget drops groups whose window ended before t and credentials that expired before
 // t, so a long-running serve keeps bounded memory.
 func (d *Detector) Forget(t time.Time) {
+	live := map[string]bool{}
 	for gk, g := range d.groups {
 		if g.WindowStart.Add(d.opt.Window).Before(t) {
 			delete(d.groups, gk)
+		} else {
+			live[gk.key] = true
 		}
 	}
+	d.forgetPlacement(live)
 	for k, c := range d.creds {
 		if !c.Expiration.IsZero() && c.Expiration.Before(t) {
 			delete(d.creds, k)

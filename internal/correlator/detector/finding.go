@@ -46,16 +46,22 @@ type Finding struct {
 	Processes []wire.Process `json:"processes,omitempty"`
 	// CredentialSource says how the key was tied to its instance or function:
 	// "fingerprint", "AssumeRole" or "userIdentity".
-	CredentialSource string    `json:"credential_source"`
-	WindowStart      time.Time `json:"window_start"`
-	FirstSeen        time.Time `json:"first_seen"`
-	LastSeen         time.Time `json:"last_seen"`
-	Count            int64     `json:"count"`
-	Errors           int64     `json:"errors"`
-	APICalls         []Call    `json:"api_calls"`
-	Suppressed       bool      `json:"suppressed"`
-	SuppressedBy     string    `json:"suppressed_by,omitempty"`
-	Reason           string    `json:"reason"`
+	CredentialSource string `json:"credential_source"`
+	// PlacedBy says which evidence placed the instance at its addresses, strongest
+	// first: "fingerprint", "inventory", "trail" (an address event in the trail),
+	// "guess" (the first AWS address its key was used from), "none". For an
+	// OtherInstance finding it is the evidence that the source is the other
+	// instance's. Empty for Lambda findings.
+	PlacedBy     string    `json:"placed_by,omitempty"`
+	WindowStart  time.Time `json:"window_start"`
+	FirstSeen    time.Time `json:"first_seen"`
+	LastSeen     time.Time `json:"last_seen"`
+	Count        int64     `json:"count"`
+	Errors       int64     `json:"errors"`
+	APICalls     []Call    `json:"api_calls"`
+	Suppressed   bool      `json:"suppressed"`
+	SuppressedBy string    `json:"suppressed_by,omitempty"`
+	Reason       string    `json:"reason"`
 }
 
 // Call is one API, how often it was called and how often it failed.

@@ -13,6 +13,7 @@ import (
 // verdict is the judgement of one group.
 type verdict struct {
 	typ, severity, sourceAccount, reason string
+	placedBy                             string // the evidence the judgement rested on
 }
 
 // judgeCtx holds what Findings computes once per call.
@@ -20,12 +21,14 @@ type judgeCtx struct {
 	fpClaims   map[netip.Addr][]claim // from fingerprints and attached network interfaces
 	hasClaims  map[string]bool        // instance id → some address is known
 	firstInAWS map[string]netip.Addr  // instance id → its earliest AWS source (learnt)
+	placedBy   map[string]string      // instance id → the strongest evidence of its addresses
 	creds      map[string]Credential
 }
 
 // Findings judges every group seen so far and returns the findings, suppressed ones
 // included (marked), ordered by first_seen.
 func (d *Detector) Findings() []Finding {
+	d.Dropped() // logs each cause of dropped records once
 	jc := d.prepare()
 	var out []Finding
 	for _, g := range d.groups {
@@ -49,7 +52,8 @@ func (d *Detector) Findings() []Finding {
 }
 
 func (d *Detector) prepare() *judgeCtx {
-	jc := &judgeCtx{fpClaims: map[netip.Addr][]claim{}, hasClaims: map[string]bool{}, firstInAWS: map[string]netip.Addr{}, creds: map[string]Credential{}}
+	jc := &judgeCtx{fpClaims: map[netip.Addr][]claim{}, hasClaims: map[string]bool{}, firstInAWS: map[string]netip.Addr{},
+		placedBy: map[string]string{}, creds: map[string]Credential{}}
 	if d.opt.Fingerprints != nil {
 		d.opt.Fingerprints.All(func(fp wire.Fingerprint) {
 			for _, a := range fp.HostAddresses {
@@ -66,9 +70,24 @@ func (d *Detector) prepare() *judgeCtx {
 			}
 		}
 	}
+	d.joinElasticIPs(jc.fpClaims)
+	place := func(c claim) {
+		if c.instance == "" {
+			return // the end of a claim
+		}
+		jc.hasClaims[c.instance] = true
+		if e := evidence(c.from); evidenceRank(e) > evidenceRank(jc.placedBy[c.instance]) {
+			jc.placedBy[c.instance] = e
+		}
+	}
 	for _, cs := range d.claims {
 		for _, c := range cs {
-			jc.hasClaims[c.instance] = true
+			place(c)
+		}
+	}
+	for _, cs := range jc.fpClaims {
+		for _, c := range cs {
+			place(c)
 		}
 	}
 	first := map[string]time.Time{}
@@ -86,7 +105,7 @@ func (d *Detector) prepare() *judgeCtx {
 			continue
 		}
 		src, err := netip.ParseAddr(g.Source)
-		if err != nil || !d.opt.Ranges.Contains(src) || d.egress(src.Unmap()) {
+		if err != nil || !d.opt.Ranges.Contains(src) || d.egress(src.Unmap()) || d.natEgress(src.Unmap(), c.AccountID) {
 			continue
 		}
 		if t, ok := first[c.InstanceID]; !ok || g.First.Before(t) {
@@ -121,13 +140,13 @@ func (d *Detector) ownerAt(jc *judgeCtx, a netip.Addr, t time.Time, account stri
 			if !c.since.After(t) && (!haveBest || c.since.After(best.since)) {
 				best, haveBest = c, true
 			}
-			if !haveEarliest || c.since.Before(earliest.since) {
+			if c.instance != "" && (!haveEarliest || c.since.Before(earliest.since)) {
 				earliest, haveEarliest = c, true
 			}
 		}
 	}
 	if haveBest {
-		return best, true
+		return best, best.instance != "" // an empty instance: released or disassociated by t
 	}
 	return earliest, haveEarliest
 }
@@ -149,18 +168,33 @@ func (d *Detector) judge(g *Group, c Credential, jc *judgeCtx) verdict {
 	src = src.Unmap()
 	instance := c.Kind == "instance"
 	if g.VPCEndpointID != "" {
-		if g.VPCEAccountID != "" && g.VPCEAccountID != c.AccountID {
+		owner, known := g.VPCEAccountID, g.VPCEAccountID != ""
+		if !known {
+			// Older records and some services leave vpcEndpointAccountId out: the
+			// endpoint is the account's own only if the inventory or the trail says so.
+			owner, known = d.pl.endpoints[g.VPCEndpointID]
+		}
+		if !known {
 			if !instance {
 				return verdict{}
 			}
-			return d.inside(g.VPCEAccountID, fmt.Sprintf("called through VPC endpoint %s of account %s, not the credential's account %s", g.VPCEndpointID, g.VPCEAccountID, c.AccountID))
+			return verdict{typ: TypeInsideAWS, severity: Medium, placedBy: d.placedBy(jc, c),
+				reason: fmt.Sprintf("VPC endpoint of unknown owner: called through %s, which the record (no vpcEndpointAccountId), the inventory and the trail do not tie to account %s", g.VPCEndpointID, c.AccountID)}
+		}
+		if owner != c.AccountID {
+			if !instance {
+				return verdict{}
+			}
+			v := d.inside(owner, fmt.Sprintf("called through VPC endpoint %s of account %s, not the credential's account %s", g.VPCEndpointID, owner, c.AccountID))
+			v.placedBy = d.placedBy(jc, c)
+			return v
 		}
 		if o, ok := d.ownerAt(jc, src, g.First, c.AccountID); ok && instance && o.instance != c.InstanceID {
-			return verdict{typ: TypeOtherInstance, severity: High, reason: fmt.Sprintf("called through the account's VPC endpoint %s from %s, an address of instance %s (from %s), not of %s", g.VPCEndpointID, src, o.instance, o.from, c.InstanceID)}
+			return verdict{typ: TypeOtherInstance, severity: High, placedBy: evidence(o.from), reason: fmt.Sprintf("called through the account's VPC endpoint %s from %s, an address of instance %s (from %s), not of %s", g.VPCEndpointID, src, o.instance, o.from, c.InstanceID)}
 		}
 		return verdict{} // the account's own VPC endpoint
 	}
-	if d.egress(src) {
+	if d.egress(src) || instance && d.natEgress(src, c.AccountID) {
 		return verdict{}
 	}
 	if o, ok := d.ownerAt(jc, src, g.First, c.AccountID); ok {
@@ -168,9 +202,11 @@ func (d *Detector) judge(g *Group, c Credential, jc *judgeCtx) verdict {
 		case !instance, o.instance == c.InstanceID:
 			return verdict{}
 		case o.account == "" || o.account == c.AccountID:
-			return verdict{typ: TypeOtherInstance, severity: High, reason: fmt.Sprintf("%s is an address of instance %s (from %s), not of %s which the key was issued to", src, o.instance, o.from, c.InstanceID)}
+			return verdict{typ: TypeOtherInstance, severity: High, placedBy: evidence(o.from), reason: fmt.Sprintf("%s is an address of instance %s (from %s), not of %s which the key was issued to", src, o.instance, o.from, c.InstanceID)}
 		default:
-			return d.inside(o.account, fmt.Sprintf("%s is an address of instance %s in account %s", src, o.instance, o.account))
+			v := d.inside(o.account, fmt.Sprintf("%s is an address of instance %s in account %s", src, o.instance, o.account))
+			v.placedBy = evidence(o.from)
+			return v
 		}
 	}
 	r, inAWS := d.opt.Ranges.Lookup(src)
@@ -178,7 +214,7 @@ func (d *Detector) judge(g *Group, c Credential, jc *judgeCtx) verdict {
 		if !instance {
 			return verdict{typ: TypeResourceOutsideAWS, severity: High, reason: fmt.Sprintf("Lambda credentials of %s used from %s, outside AWS's published ranges", c.FunctionName, src)}
 		}
-		return verdict{typ: TypeOutsideAWS, severity: High, reason: fmt.Sprintf("%s is outside AWS's published ranges and not an egress address", src)}
+		return verdict{typ: TypeOutsideAWS, severity: High, placedBy: d.placedBy(jc, c), reason: fmt.Sprintf("%s is outside AWS's published ranges and not an egress address", src)}
 	}
 	if !instance {
 		return verdict{} // Lambda calls from AWS addresses
@@ -186,7 +222,24 @@ func (d *Detector) judge(g *Group, c Credential, jc *judgeCtx) verdict {
 	if !jc.hasClaims[c.InstanceID] && jc.firstInAWS[c.InstanceID] == src {
 		return verdict{} // learnt: the instance's own address
 	}
-	return d.inside("", fmt.Sprintf("%s is an AWS address (%s %s) that is not one of instance %s's", src, r.Service, r.Region, c.InstanceID))
+	v := d.inside("", fmt.Sprintf("%s is an AWS address (%s %s) that is not one of instance %s's", src, r.Service, r.Region, c.InstanceID))
+	v.placedBy = d.placedBy(jc, c)
+	return v
+}
+
+// placedBy names the evidence of where c's instance is: what its known addresses came
+// from, else the first-address guess, else none.
+func (d *Detector) placedBy(jc *judgeCtx, c Credential) string {
+	if c.Kind != "instance" {
+		return ""
+	}
+	if e := jc.placedBy[c.InstanceID]; e != "" {
+		return e
+	}
+	if _, ok := jc.firstInAWS[c.InstanceID]; ok {
+		return PlacedByGuess
+	}
+	return PlacedByNone
 }
 
 func (d *Detector) finding(g *Group, c Credential, v verdict) Finding {
@@ -195,7 +248,7 @@ func (d *Detector) finding(g *Group, c Credential, v verdict) Finding {
 		AccessKeyID: g.AccessKeyID, SourceIP: g.Source, SourceAccountID: v.sourceAccount, VPCEndpointID: g.VPCEndpointID,
 		InstanceID: c.InstanceID, FunctionName: c.FunctionName, AccountID: c.AccountID, Role: c.Role, Region: g.Region,
 		IMDSVersion: c.IMDSVersion, Processes: c.Processes, CredentialSource: c.Source, WindowStart: g.WindowStart,
-		FirstSeen: g.First, LastSeen: g.Last, Count: g.Count, Errors: g.Errors, Reason: v.reason,
+		FirstSeen: g.First, LastSeen: g.Last, Count: g.Count, Errors: g.Errors, Reason: v.reason, PlacedBy: v.placedBy,
 	}
 	if f.AccountID == "" {
 		f.AccountID = g.Account
