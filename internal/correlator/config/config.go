@@ -1,4 +1,4 @@
-// Package correlatorconfig reads and validates the correlator's YAML configuration. Like
+// Package config reads and validates the correlator's YAML configuration. Like
 // the agent's, every error names the file, line and key, and a file with any error is
 // refused whole.
 package config

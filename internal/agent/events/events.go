@@ -1,4 +1,4 @@
-// Package eventlog writes the agent's record of IMDS connections: one JSON object per
+// Package events writes the agent's record of IMDS connections: one JSON object per
 // line, one line per connection, with field names that are a contract with the tools
 // that read them (docs/events.md, checked against this package by a test).
 package events

@@ -1,4 +1,4 @@
-// Package identitydoc checks EC2 instance identity documents: the JSON that IMDS serves at
+// Package iddoc checks EC2 instance identity documents: the JSON that IMDS serves at
 // /latest/dynamic/instance-identity/document, and the PKCS#7 SignedData over it that it
 // serves at /latest/dynamic/instance-identity/pkcs7. The correlator's intake uses Verify
 // to learn which instance sent a batch; tests use Sign to play AWS.

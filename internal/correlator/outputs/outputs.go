@@ -1,4 +1,4 @@
-// Package findings delivers the detector's findings: JSON lines (the stable schema),
+// Package outputs delivers the detector's findings: JSON lines (the stable schema),
 // AWS Security Finding Format files for Security Hub, a webhook that POSTs each finding
 // with retries, and CloudWatch metrics of findings (PutMetricData, or Embedded Metric
 // Format lines).

@@ -1,4 +1,4 @@
-// Package usage keeps the per-process tally of IMDS use that `imdsguard report` reads:
+// Package tally keeps the per-process tally of IMDS use that `imdsguard report` reads:
 // who still uses IMDSv1, what was refused or denied, in hourly buckets kept for 30 days
 // in a file under the state directory, so the story survives agent restarts.
 package tally
