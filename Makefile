@@ -18,7 +18,7 @@ PKG_ARCHES ?= amd64 arm64
 PKG_FORMATS ?= deb rpm
 PKG_VERSION ?= $(shell packaging/version.sh)
 
-.PHONY: all build test unit demo bench generate check-generate deps build-deps root clean package
+.PHONY: all build test unit lint demo bench generate check-generate deps build-deps root clean package
 
 all: build
 
@@ -30,9 +30,14 @@ build:
 unit:
 	$(GO) test ./...
 
-# Everything, as CI runs it: privileged tests run serially (they share the kernel).
-test: root deps
+# Linters (.golangci.yml), pinned in go.mod as a Go tool: no install by hand.
+lint:
 	$(GO) vet ./...
+	$(GO) tool golangci-lint run ./...
+
+# Everything, as CI runs it: lint, then every test; privileged tests run serially (they
+# share the kernel).
+test: root deps lint
 	$(PRIV) $(GO) test -count=1 -p 1 -parallel 1 -timeout 20m ./...
 
 demo: root deps
@@ -41,6 +46,8 @@ demo: root deps
 bench: root deps
 	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/agent/broker
 	$(GO) test -run '^$$' -bench Append -benchtime 2000x ./internal/agent/spool
+	$(PRIV) $(GO) test -run '^$$' -bench Load -benchtime 5x ./internal/agent/hook
+	$(GO) test -run '^$$' -bench ReadPublicTrail -benchtime 3s ./internal/correlator/cloudtrail
 	$(GO) run ./tools/bench
 	$(GO) run ./tools/bench-correlator
 	$(GO) run ./tools/bench-intake

@@ -47,7 +47,9 @@ func cmdReport(args []string, stdout io.Writer) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", row.Exe, dash(row.Unit), row.User, row.V1, row.V1Rejected,
 			row.V2, row.Token, row.Denied, row.Credential, row.LastSeen.Format(time.RFC3339))
 	}
-	tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
 	fmt.Fprintln(stdout)
 	switch {
 	case len(r.Rows) == 0:

@@ -63,7 +63,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	if err != nil {
 		return err
 	}
-	a.onClose(func() { ctl.Close() })
+	a.onClose(func() { _ = ctl.Close() })
 	runErr := a.loop(ctx, hup, ctl)
 	return errors.Join(runErr, a.stop())
 }
@@ -109,7 +109,7 @@ func (a *agent) start() error {
 	if a.h, err = hook.Load(target, cfg.PinPath); err != nil {
 		return err
 	}
-	a.onClose(func() { a.h.Close() })
+	a.onClose(func() { _ = a.h.Close() })
 	// Loading parsed the kernel's BTF (megabytes) for CO-RE; hand that back now rather
 	// than carry it for the agent's lifetime.
 	debug.FreeOSMemory()
@@ -119,7 +119,11 @@ func (a *agent) start() error {
 	if err := a.openFingerprints(); err != nil {
 		return err
 	}
-	a.onClose(func() { a.fps.Close() })
+	a.onClose(func() {
+		if err := a.fps.Close(); err != nil {
+			a.log.Error().Err(err).Str("event", "fingerprints_close_failed").Msg("closing fingerprint outputs")
+		}
+	})
 	if a.ledger, err = tally.Open(filepath.Join(cfg.StateDir, "usage.json")); err != nil {
 		return err
 	}
@@ -150,7 +154,7 @@ func (a *agent) start() error {
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {
 			return err
 		}
-		a.onClose(func() { os.Remove(cfg.Agent.ReadyFile) })
+		a.onClose(func() { _ = os.Remove(cfg.Agent.ReadyFile) })
 	}
 	a.reportPreexisting()
 	return nil
@@ -204,7 +208,7 @@ func (a *agent) loop(ctx context.Context, hup <-chan struct{}, ctl *control) err
 			a.stats.report()
 			a.saveLedger()
 		case <-hup:
-			a.reload()
+			_ = a.reload() // it logs why it refused a file
 			if err := a.tel.reopen(); err != nil {
 				a.log.Error().Err(err).Str("event", "emf_reopen_failed").Msg("reopening EMF output")
 			}

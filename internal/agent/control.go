@@ -51,7 +51,7 @@ func (a *agent) serveControl() (*control, error) {
 
 func (c *control) handle(conn net.Conn) {
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second)) // a stuck peer then fails the read
 	line, err := bufio.NewReader(conn).ReadString('\n')
 	if err != nil {
 		return
@@ -89,7 +89,7 @@ func Reload(path string) error {
 		return fmt.Errorf("reach the agent at %s (is it running?): %w", path, err)
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second)) // a stuck peer then fails the read
 	if _, err := fmt.Fprintln(conn, "reload"); err != nil {
 		return fmt.Errorf("send reload: %w", err)
 	}

@@ -79,7 +79,7 @@ func (a *agent) forward(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	go f.Run(ctx)
+	go func() { _ = f.Run(ctx) }() // returns when ctx is done; failures are logged and retried inside
 	return nil
 }
 

@@ -24,7 +24,7 @@ func Write(path string, data []byte, perm os.FileMode) error {
 	defer func() {
 		if !committed {
 			tmp.Close()
-			os.Remove(name)
+			_ = os.Remove(name)
 		}
 	}()
 	if err := tmp.Chmod(perm); err != nil {

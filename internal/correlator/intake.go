@@ -29,11 +29,11 @@ func newIntake(e *env) (*intake.Server, func(), error) {
 	h := intake.NewHandler(intake.Options{Store: store, AWSCertificates: certs, AllowedAccounts: c.AllowedAccounts, Log: e.log})
 	srv, err := intake.NewServer(serverConfig(c), h, e.log)
 	if err != nil {
-		store.Close()
+		_ = store.Close()
 		return nil, nil, err
 	}
 	e.stored = store
-	return srv, func() { store.Close() }, nil
+	return srv, func() { _ = store.Close() }, nil
 }
 
 func serverConfig(c config.Intake) intake.ServerConfig {

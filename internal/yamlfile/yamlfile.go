@@ -12,6 +12,7 @@ import (
 	"os"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -219,7 +220,9 @@ func LineOf(root *yaml.Node, key string) int {
 	for _, part := range strings.Split(key, ".") {
 		idx := -1
 		if open := strings.IndexByte(part, '['); open > 0 && strings.HasSuffix(part, "]") {
-			fmt.Sscanf(part[open+1:len(part)-1], "%d", &idx)
+			if n, err := strconv.Atoi(part[open+1 : len(part)-1]); err == nil {
+				idx = n
+			}
 			part = part[:open]
 		}
 		if n.Kind != yaml.MappingNode {

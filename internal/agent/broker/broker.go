@@ -231,7 +231,7 @@ func (b *Broker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		w.Header().Set("Connection", "close")
 		w.WriteHeader(status)
-		io.WriteString(w, body)
+		_, _ = io.WriteString(w, body) // the client hung up: nothing to tell it
 		finish(status, reason)
 	}
 	switch {

@@ -89,7 +89,7 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	}
 	rd, err := ringbuf.NewReader(h.objs.Events)
 	if err != nil {
-		h.objs.Close()
+		_ = h.objs.Close()
 		return nil, fmt.Errorf("open ring buffer: %w", err)
 	}
 	h.reader = rd
@@ -170,7 +170,7 @@ func (h *Hook) Attach(path string) error {
 		}
 		if h.pinDir != "" {
 			if err := l.Pin(filepath.Join(h.pinDir, "link_"+p.name)); err != nil {
-				l.Close()
+				_ = l.Close()
 				return fmt.Errorf("pin %s: %w", p.name, err)
 			}
 		}
@@ -195,7 +195,7 @@ func adopt(pin string, prog *ebpf.Program, cgroupID uint64) (link.Link, error) {
 	if err == nil {
 		if cg := info.Cgroup(); cg != nil && cg.CgroupId == cgroupID {
 			if err := l.Update(prog); err != nil {
-				l.Close()
+				_ = l.Close()
 				return nil, fmt.Errorf("update program: %w", err)
 			}
 			return l, nil
@@ -203,7 +203,7 @@ func adopt(pin string, prog *ebpf.Program, cgroupID uint64) (link.Link, error) {
 	}
 	// Another cgroup (the configuration changed): detach the old one.
 	_ = l.Unpin()
-	l.Close()
+	_ = l.Close()
 	return nil, nil
 }
 

@@ -50,7 +50,7 @@ func OwnNetnsCookie() (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("netns cookie: %w", err)
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	// SO_NETNS_COOKIE (71) needs Linux 5.14.
 	v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 	if err != nil {

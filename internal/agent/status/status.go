@@ -97,7 +97,7 @@ func (s *Server) serve() {
 // answer runs inline: the report is small and built under one short lock, and serving
 // one client at a time bounds what a busy console can cost the agent.
 func (s *Server) answer(c *net.UnixConn) {
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	uid, err := peerUID(c)
 	if err != nil || uid != 0 {

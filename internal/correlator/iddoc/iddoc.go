@@ -7,7 +7,7 @@ package iddoc
 import (
 	"bytes"
 	"crypto"
-	"crypto/dsa" // deprecated, but AWS signs the pkcs7 document with DSA-SHA1
+	"crypto/dsa" //nolint:staticcheck // deprecated, but AWS signs the pkcs7 document with DSA-SHA1
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/subtle"

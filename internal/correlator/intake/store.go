@@ -71,7 +71,7 @@ func OpenSQLite(path string, log zerolog.Logger) (*SQLite, error) {
 		return nil, fmt.Errorf("open fingerprint database: %w", err)
 	}
 	if _, err := db.Exec(schema); err != nil {
-		db.Close()
+		_ = db.Close()
 		return nil, fmt.Errorf("create fingerprint table in %s: %w", path, err)
 	}
 	return &SQLite{db: db, log: log}, nil
@@ -94,13 +94,13 @@ func (s *SQLite) Put(ctx context.Context, fps []wire.Fingerprint, sender string)
 	if err != nil {
 		return 0, 0, fmt.Errorf("begin fingerprint transaction: %w", err)
 	}
-	defer tx.Rollback() // a no-op after Commit
+	defer func() { _ = tx.Rollback() }() // a no-op after Commit
 	stmt, err := tx.PrepareContext(ctx, `INSERT OR IGNORE INTO fingerprints
 		(id, access_key_id, instance_id, account_id, expiration, received, sender, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`)
 	if err != nil {
 		return 0, 0, fmt.Errorf("prepare fingerprint insert: %w", err)
 	}
-	defer stmt.Close()
+	defer func() { _ = stmt.Close() }()
 	now := time.Now()
 	for i, fp := range fps {
 		// A fingerprint without an expiration is kept as long as instance role
@@ -169,7 +169,7 @@ func (s *SQLite) scan(fn func(wire.Fingerprint), query string, args ...any) erro
 	if err != nil {
 		return fmt.Errorf("query fingerprints: %w", err)
 	}
-	defer rows.Close()
+	defer func() { _ = rows.Close() }()
 	var fps []wire.Fingerprint
 	for rows.Next() {
 		var body string
@@ -186,7 +186,7 @@ func (s *SQLite) scan(fn func(wire.Fingerprint), query string, args ...any) erro
 		return fmt.Errorf("read fingerprints: %w", err)
 	}
 	// fn runs after the rows are closed: it may call the store again.
-	rows.Close()
+	_ = rows.Close()
 	for _, fp := range fps {
 		fn(fp)
 	}

@@ -168,7 +168,7 @@ func Parse(data []byte) (*Inventory, error) {
 	if out.Addresses != nil {
 		for i, a := range *out.Addresses {
 			if err := inv.addAddress(a); err != nil {
-				return nil, fmt.Errorf("Addresses[%d]: %w", i, err)
+				return nil, fmt.Errorf("Addresses[%d]: %w", i, err) //nolint:staticcheck // names the JSON key
 			}
 		}
 	}
@@ -187,7 +187,7 @@ func Parse(data []byte) (*Inventory, error) {
 				name = f.FunctionName
 			}
 			if name == "" || f.Role == "" {
-				return nil, fmt.Errorf("Functions[%d]: FunctionName and Role are required", i)
+				return nil, fmt.Errorf("Functions[%d]: FunctionName and Role are required", i) //nolint:staticcheck // names the JSON key
 			}
 			inv.Functions = append(inv.Functions, Function{Name: name, AccountID: account, RoleARN: f.Role})
 		}

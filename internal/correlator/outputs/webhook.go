@@ -66,7 +66,7 @@ func (w *Webhook) post(ctx context.Context, body []byte) (retry bool, err error)
 	if err != nil {
 		return true, err
 	}
-	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
 	switch {
 	case resp.StatusCode >= 200 && resp.StatusCode < 300:

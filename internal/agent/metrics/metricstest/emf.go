@@ -49,11 +49,11 @@ func ValidateEMF(line []byte) (map[string]float64, error) {
 		}
 		ns, _ := d["Namespace"].(string)
 		if len(ns) < 1 || len(ns) > 255 {
-			return nil, fmt.Errorf("Namespace %q", ns)
+			return nil, fmt.Errorf("namespace %q", ns)
 		}
 		sets, ok := d["Dimensions"].([]any)
 		if !ok {
-			return nil, fmt.Errorf("Dimensions missing")
+			return nil, fmt.Errorf("dimensions missing")
 		}
 		var first []string
 		for i, sv := range sets {
@@ -75,7 +75,7 @@ func ValidateEMF(line []byte) (map[string]float64, error) {
 		sort.Strings(first)
 		metrics, ok := d["Metrics"].([]any)
 		if !ok || len(metrics) == 0 || len(metrics) > 100 {
-			return nil, fmt.Errorf("Metrics must hold 1-100 definitions")
+			return nil, fmt.Errorf("metrics must hold 1-100 definitions")
 		}
 		for _, mv := range metrics {
 			m, _ := mv.(map[string]any)
