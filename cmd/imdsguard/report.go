@@ -41,9 +41,9 @@ func cmdReport(args []string, stdout io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "IMDS use from %s to %s\n\n", r.From.Format(time.RFC3339), r.To.Format(time.RFC3339))
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "EXE\tUNIT\tUSER\tV1\tV1 REFUSED\tV2\tTOKEN\tDENIED\tCREDENTIALS\tLAST SEEN")
+	fmt.Fprintln(tw, "EXE\tUNIT\tUSER\tV1\tV1 ENFORCE WOULD REFUSE\tV1 REFUSED\tV2\tTOKEN\tDENIED\tCREDENTIALS\tLAST SEEN")
 	for _, row := range r.Rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", row.Exe, dash(row.Unit), row.User, row.V1, row.V1Rejected,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", row.Exe, dash(row.Unit), row.User, row.V1, row.V1WouldReject, row.V1Rejected,
 			row.V2, row.Token, row.Denied, row.Credential, row.LastSeen.Format(time.RFC3339))
 	}
 	tw.Flush()

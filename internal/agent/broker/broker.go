@@ -58,14 +58,17 @@ const (
 
 // Request is one request the broker handled, for events and metrics.
 type Request struct {
-	Conn     hook.Redirect
-	Method   string
-	Path     string
-	Version  Version
-	Status   int
-	Refused  string // why the broker answered itself, "" when IMDS answered
-	Started  time.Time
-	Duration time.Duration
+	Conn    hook.Redirect
+	Method  string
+	Path    string
+	Version Version
+	Status  int
+	Refused string // why the broker answered itself, "" when IMDS answered
+	// WouldRefuse is why enforce mode would have refused a request that audit mode
+	// forwarded (imdsv2_required), "" otherwise.
+	WouldRefuse string
+	Started     time.Time
+	Duration    time.Duration
 	// Body is IMDS's answer to a credential request (status 200), for fingerprinting.
 	// It holds secrets: never log it.
 	Body []byte
@@ -201,7 +204,7 @@ func (b *Broker) SetEnforce(on bool) { b.enforce.Store(on) }
 
 // Classify says how a request authenticates to IMDS.
 func Classify(r *http.Request) Version {
-	if r.Method == http.MethodPut && r.URL.Path == "/latest/api/token" {
+	if r.Method == http.MethodPut && IsTokenPath(r.URL.Path) {
 		return VersionToken
 	}
 	if r.Header.Get("X-aws-ec2-metadata-token") != "" {
@@ -250,6 +253,8 @@ func (b *Broker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// What IMDS answers with HttpTokens=required: SDKs fetch a token and retry.
 		refuse(http.StatusUnauthorized, "imdsv2_required", "401 - Unauthorized\n")
 		return
+	case req.Version == VersionV1 && info.r.V2Required:
+		req.WouldRefuse = "imdsv2_required" // audit: forwarded, marked for the operator
 	}
 	body := http.MaxBytesReader(w, r.Body, b.cfg.MaxBodyBytes)
 	status, creds, err := b.forward(w, r, body, info.r)
@@ -265,12 +270,32 @@ func (b *Broker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		b.log.Warn().Err(err).Str("event", "broker_upstream_failed").Str("path", r.URL.Path).Msg("forwarding to IMDS")
 		if status == 0 {
-			refuse(http.StatusBadGateway, "upstream_error", "502 - Bad Gateway\n")
+			// Without the agent the client's own connection to IMDS would have failed:
+			// reset its connection rather than answer an HTTP error it would treat
+			// differently (cloud-init gives up on a 5xx, SDKs back off and retry).
+			resetConn(w)
+			finish(0, "upstream_error")
 			return
 		}
 	}
 	req.Body = creds
 	finish(status, "")
+}
+
+// resetConn closes the client's connection with a TCP reset (SO_LINGER 0).
+func resetConn(w http.ResponseWriter) {
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		panic(http.ErrAbortHandler) // closes the connection without an answer
+	}
+	c, _, err := hj.Hijack()
+	if err != nil {
+		panic(http.ErrAbortHandler)
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
 }
 
 // forward sends the request to IMDS and copies the answer back. It returns the status

@@ -21,12 +21,13 @@ const Retention = 30 * 24 * time.Hour
 type Kind int
 
 const (
-	V1         Kind = iota // IMDSv1 request answered
-	V1Rejected             // IMDSv1 request refused (a rule requires v2)
-	V2                     // IMDSv2 request
-	Token                  // token PUT
-	Denied                 // connect() denied by the allowlist
-	Credential             // role credentials fetched
+	V1            Kind = iota // IMDSv1 request answered
+	V1Rejected                // IMDSv1 request refused (a rule requires v2)
+	V2                        // IMDSv2 request
+	Token                     // token PUT
+	Denied                    // connect() denied by the allowlist
+	Credential                // role credentials fetched
+	V1WouldReject             // IMDSv1 request forwarded in audit mode that enforce would refuse
 )
 
 // Who is the process identity a tally is kept by.
@@ -38,13 +39,16 @@ type Who struct {
 
 // Counts is one tally.
 type Counts struct {
-	V1         uint64    `json:"v1"`
-	V1Rejected uint64    `json:"v1_rejected"`
-	V2         uint64    `json:"v2"`
-	Token      uint64    `json:"token"`
-	Denied     uint64    `json:"denied"`
-	Credential uint64    `json:"credentials"`
-	LastSeen   time.Time `json:"last_seen"`
+	V1         uint64 `json:"v1"`
+	V1Rejected uint64 `json:"v1_rejected"`
+	// V1WouldReject counts the V1 requests (already in V1) that enforce mode would
+	// have refused: what switching to enforce changes for this process.
+	V1WouldReject uint64    `json:"v1_would_reject"`
+	V2            uint64    `json:"v2"`
+	Token         uint64    `json:"token"`
+	Denied        uint64    `json:"denied"`
+	Credential    uint64    `json:"credentials"`
+	LastSeen      time.Time `json:"last_seen"`
 }
 
 func (c *Counts) add(k Kind, at time.Time) {
@@ -61,6 +65,8 @@ func (c *Counts) add(k Kind, at time.Time) {
 		c.Denied++
 	case Credential:
 		c.Credential++
+	case V1WouldReject:
+		c.V1WouldReject++
 	}
 	if at.After(c.LastSeen) {
 		c.LastSeen = at
@@ -74,6 +80,7 @@ func (c *Counts) merge(o Counts) {
 	c.Token += o.Token
 	c.Denied += o.Denied
 	c.Credential += o.Credential
+	c.V1WouldReject += o.V1WouldReject
 	if o.LastSeen.After(c.LastSeen) {
 		c.LastSeen = o.LastSeen
 	}
