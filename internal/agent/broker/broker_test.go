@@ -36,6 +36,18 @@ func (f *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "TOKEN")
 	case r.URL.Path == "/latest/meta-data/redirect":
 		http.Redirect(w, r, "http://198.51.100.1/elsewhere", http.StatusFound)
+	case r.URL.Path == "/latest/meta-data/hop":
+		w.Header().Set("Connection", "X-Hop")
+		w.Header().Set("X-Hop", "secret")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		w.Header().Set("X-End", "kept")
+		io.WriteString(w, "hop")
+	case r.URL.Path == "/latest/user-data":
+		io.WriteString(w, strings.Repeat("u", 200<<10)) // large: chunked, streamed
+	case r.URL.Path == "/latest/meta-data/iam/security-credentials/chunked":
+		io.WriteString(w, `{"Code":"Success",`)
+		w.(http.Flusher).Flush() // forces chunked framing
+		io.WriteString(w, `"AccessKeyId":"ASIACHUNK","SecretAccessKey":"s3cr3t","Token":"t0k"}`)
 	case strings.Contains(r.URL.Path, "/meta-data/iam/security-credentials/"):
 		io.WriteString(w, `{"Code":"Success","AccessKeyId":"ASIAFAKE","SecretAccessKey":"s3cr3t","Token":"t0k"}`)
 	default:
@@ -65,22 +77,65 @@ func (f *fakeRedirects) LookupRedirect(port uint16) (hook.Redirect, error) {
 type bed struct {
 	imds     *fakeIMDS
 	stopIMDS func()
+	upSrv    *httptest.Server
+	upMu     sync.Mutex
+	upConns  int
+	upClosed int
 	imdsAddr string
 	url      string
 	mu       sync.Mutex
 	requests []Request
 }
 
-func (b *bed) recorded() []Request {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return append([]Request(nil), b.requests...)
+func (b *bed) upstreamConns() int {
+	b.upMu.Lock()
+	defer b.upMu.Unlock()
+	return b.upConns
+}
+
+// closeUpstreamIdle makes IMDS close its idle keep-alive connections, as a server's
+// idle timeout does. Turning keep-alives off closes those already idle; one still
+// finishing its answer is caught on the next turn.
+func (b *bed) closeUpstreamIdle() {
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		b.upSrv.Config.SetKeepAlivesEnabled(false)
+		b.upSrv.Config.SetKeepAlivesEnabled(true)
+		b.upMu.Lock()
+		closed := b.upClosed
+		b.upMu.Unlock()
+		if closed > 0 {
+			return
+		}
+	}
+}
+
+func (b *bed) recorded(want int) []Request {
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(2 * time.Millisecond) {
+		b.mu.Lock()
+		recs := append([]Request(nil), b.requests...)
+		b.mu.Unlock()
+		if len(recs) >= want || time.Now().After(deadline) {
+			return recs
+		}
+	}
 }
 
 func start(t testing.TB, enforce bool, redirects Redirects) *bed {
 	t.Helper()
 	tb := &bed{imds: &fakeIMDS{}}
-	up := httptest.NewServer(tb.imds)
+	up := httptest.NewUnstartedServer(tb.imds)
+	up.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		tb.upMu.Lock()
+		defer tb.upMu.Unlock()
+		switch st {
+		case http.StateNew:
+			tb.upConns++
+		case http.StateClosed:
+			tb.upClosed++
+		}
+	}
+	up.Start()
+	tb.upSrv = up
 	t.Cleanup(up.Close)
 	tb.stopIMDS = up.Close
 	upAddr := netip.MustParseAddrPort(up.Listener.Addr().String())
@@ -150,7 +205,7 @@ func TestClassifyAndEnforce(t *testing.T) {
 			if st != want {
 				t.Fatalf("v1 GET with v2 required: %d, want %d", st, want)
 			}
-			recs := b.recorded()
+			recs := b.recorded(3)
 			if len(recs) != 3 || recs[0].Version != VersionToken || recs[1].Version != VersionV2 || recs[2].Version != VersionV1 ||
 				recs[2].Status != want || recs[0].Conn.PID != 42 {
 				t.Fatalf("recorded %+v", recs)
@@ -251,7 +306,7 @@ func TestKeepAliveAndCredentials(t *testing.T) {
 			t.Fatalf("%s: %d", p, resp.StatusCode)
 		}
 	}
-	recs := b.recorded()
+	recs := b.recorded(2)
 	if len(recs) != 2 || recs[0].Body != nil || !strings.Contains(string(recs[1].Body), "ASIAFAKE") {
 		t.Fatalf("recorded %+v", recs)
 	}
@@ -313,13 +368,17 @@ func TestCredentialPathForms(t *testing.T) {
 		io.Copy(io.Discard, resp.Body)
 		conn.Close()
 	}
-	recs := b.recorded()
+	recs := b.recorded(len(paths))
 	if len(recs) != len(paths) {
 		t.Fatalf("recorded %d requests, want %d", len(recs), len(paths))
 	}
-	for i, r := range recs {
-		if r.Path != paths[i] || !strings.Contains(string(r.Body), "ASIAFAKE") {
-			t.Errorf("%s: recorded path %q body %q", paths[i], r.Path, r.Body)
+	got := map[string]bool{}
+	for _, r := range recs { // recorded as each answer completes: in any order
+		got[r.Path] = strings.Contains(string(r.Body), "ASIAFAKE")
+	}
+	for _, p := range paths {
+		if !got[p] {
+			t.Errorf("%s: not recorded as a credential fetch: %+v", p, recs)
 		}
 	}
 }
@@ -331,7 +390,7 @@ func TestAuditMarksWouldRefuse(t *testing.T) {
 		t.Fatalf("v1 in audit: %d", st)
 	}
 	do(t, &http.Client{}, "GET", b.url+"/latest/meta-data/instance-id", map[string]string{"X-aws-ec2-metadata-token": "T"})
-	recs := b.recorded()
+	recs := b.recorded(2)
 	if len(recs) != 2 || recs[0].WouldRefuse != "imdsv2_required" || recs[0].Refused != "" || recs[1].WouldRefuse != "" {
 		t.Fatalf("recorded %+v", recs)
 	}
@@ -356,7 +415,7 @@ func TestUpstreamDownResetsClient(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("read: %v, want connection reset", err)
 	}
-	recs := b.recorded()
+	recs := b.recorded(1)
 	if len(recs) != 1 || recs[0].Refused != "upstream_error" || recs[0].Status != 0 {
 		t.Fatalf("recorded %+v", recs)
 	}
