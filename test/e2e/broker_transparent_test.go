@@ -97,15 +97,21 @@ func TestPrivilegedAuditWouldRefuse(t *testing.T) {
 	if ev.Status != 200 || ev.Refused != "" || ev.WouldRefuse != "imdsv2_required" || ev.IMDSVersion != "v1" {
 		t.Errorf("request event %+v, want forwarded and would_refuse imdsv2_required", ev)
 	}
-	if err := agent.Stop(); err != nil {
-		t.Fatalf("stop: %v", err)
-	}
+	// The report asks the running agent: the request is there at once, long before the
+	// agent saves its ledger; once the agent stopped, the saved ledger says the same.
 	bin, _ := testbed.Agent()
-	out, err := exec.Command(bin, "report", "--config", agent.ConfigPath, "--format", "json").CombinedOutput()
-	if err != nil {
-		t.Fatalf("report: %v: %s", err, out)
-	}
-	if !strings.Contains(string(out), `"v1_would_reject": 1`) {
-		t.Errorf("report does not count the request enforce would refuse: %s", out)
+	for _, source := range []string{"agent", "ledger"} {
+		if source == "ledger" {
+			if err := agent.Stop(); err != nil {
+				t.Fatalf("stop: %v", err)
+			}
+		}
+		out, err := exec.Command(bin, "report", "--config", agent.ConfigPath, "--format", "json").CombinedOutput()
+		if err != nil {
+			t.Fatalf("report: %v: %s", err, out)
+		}
+		if !strings.Contains(string(out), `"v1_would_reject": 1`) || !strings.Contains(string(out), `"source": "`+source+`"`) {
+			t.Errorf("report (%s) does not count the request enforce would refuse: %s", source, out)
+		}
 	}
 }

@@ -124,16 +124,33 @@ func Open(path string) (*Ledger, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read usage ledger: %w", err)
 	}
+	if err := l.load(data); err != nil {
+		return nil, fmt.Errorf("usage ledger %s is corrupt: %w", path, err)
+	}
+	return l, nil
+}
+
+// Decode returns a ledger, not backed by a file, from what Snapshot returned: the
+// running agent's live tally, as `imdsguard report` gets it over the status socket.
+func Decode(data []byte) (*Ledger, error) {
+	l := &Ledger{counts: map[key]*Counts{}}
+	if err := l.load(data); err != nil {
+		return nil, fmt.Errorf("decode usage tally: %w", err)
+	}
+	return l, nil
+}
+
+func (l *Ledger) load(data []byte) error {
 	var f file
 	if err := json.Unmarshal(data, &f); err != nil {
-		return nil, fmt.Errorf("usage ledger %s is corrupt: %w", path, err)
+		return err
 	}
 	l.instance, l.since = f.InstanceID, f.Since
 	for _, b := range f.Buckets {
 		c := b.Count
 		l.counts[key{b.Hour, b.Who}] = &c
 	}
-	return l, nil
+	return nil
 }
 
 // SetInstance records which instance the ledger is about (for the switch command).
@@ -159,18 +176,7 @@ func (l *Ledger) Observe(k Kind, who Who, at time.Time) {
 
 // Save writes the ledger atomically, dropping buckets older than Retention.
 func (l *Ledger) Save(now time.Time) error {
-	l.mu.Lock()
-	f := file{InstanceID: l.instance, Since: l.since}
-	for k, c := range l.counts {
-		if now.Sub(k.hour) > Retention {
-			delete(l.counts, k)
-			continue
-		}
-		f.Buckets = append(f.Buckets, bucket{Hour: k.hour, Who: k.who, Count: *c})
-	}
-	l.mu.Unlock()
-	sort.Slice(f.Buckets, func(i, j int) bool { return f.Buckets[i].Hour.Before(f.Buckets[j].Hour) })
-	data, err := json.Marshal(f)
+	data, err := l.Snapshot(now)
 	if err != nil {
 		return err
 	}
@@ -185,6 +191,27 @@ func (l *Ledger) Save(now time.Time) error {
 		return fmt.Errorf("save usage ledger: %w", err)
 	}
 	return nil
+}
+
+// Snapshot is the ledger as it stands, in the form Save writes and Decode reads,
+// dropping buckets older than Retention.
+func (l *Ledger) Snapshot(now time.Time) ([]byte, error) {
+	l.mu.Lock()
+	f := file{InstanceID: l.instance, Since: l.since}
+	for k, c := range l.counts {
+		if now.Sub(k.hour) > Retention {
+			delete(l.counts, k)
+			continue
+		}
+		f.Buckets = append(f.Buckets, bucket{Hour: k.hour, Who: k.who, Count: *c})
+	}
+	l.mu.Unlock()
+	sort.Slice(f.Buckets, func(i, j int) bool { return f.Buckets[i].Hour.Before(f.Buckets[j].Hour) })
+	data, err := json.Marshal(f)
+	if err != nil {
+		return nil, fmt.Errorf("encode usage ledger: %w", err)
+	}
+	return data, nil
 }
 
 // Row is one process identity's use over a window.
@@ -204,6 +231,9 @@ type Report struct {
 	// ReadyForV2 says no IMDSv1 request was answered or refused in the window.
 	ReadyForV2 bool   `json:"ready_for_imdsv2"`
 	Command    string `json:"command,omitempty"`
+	// Source says where the tally came from: "agent" (live, over the status socket) or
+	// "ledger" (the file the agent saves every stats interval). Set by the caller.
+	Source string `json:"source,omitempty"`
 }
 
 // Report sums the window [now-since, now].
