@@ -97,6 +97,16 @@ type Broker struct {
 
 	readers, upReaders sync.Pool // *bufio.Reader
 	bufs               sync.Pool // *[]byte
+
+	// A connection to IMDS dialled ahead, per address family, so that a new client
+	// connection does not wait for its dial: taken by the next client connection and
+	// replaced off its path. Each client connection still has its own.
+	spare4, spare6 spare
+}
+
+type spare struct {
+	conns    chan net.Conn // capacity 1
+	dialling atomic.Bool
 }
 
 // New returns a broker; record is called once per request, from the serving goroutine,
@@ -105,6 +115,7 @@ func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logg
 	b := &Broker{cfg: cfg, redirects: redirects, record: record, log: log,
 		dialer: MarkedDialer(cfg.Mark, cfg.UpstreamTimeout), conns: map[*clientConn]struct{}{}}
 	b.enforce.Store(cfg.Enforce)
+	b.spare4.conns, b.spare6.conns = make(chan net.Conn, 1), make(chan net.Conn, 1)
 	// A request head must fit in the client reader's buffer; 64 kB bounds what one
 	// idle connection holds even when max_header_bytes is larger.
 	size := min(max(cfg.MaxHeaderBytes+1024, 4096), 64<<10)
@@ -241,12 +252,28 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			b.mu.Unlock()
 			errs = append(errs, ctx.Err())
 			b.wg.Wait()
+			b.dropSpares()
 			return errors.Join(errs...)
 		case <-tick.C:
 		}
 	}
 	b.wg.Wait()
+	b.dropSpares()
 	return errors.Join(errs...)
+}
+
+// dropSpares closes the connections dialled ahead.
+func (b *Broker) dropSpares() {
+	for _, s := range []*spare{&b.spare4, &b.spare6} {
+		for s.dialling.Load() {
+			time.Sleep(time.Millisecond) // a dial in flight ends within UpstreamTimeout
+		}
+		select {
+		case c := <-s.conns:
+			c.Close()
+		default:
+		}
+	}
 }
 
 // SetEnforce switches between refusing IMDSv1 where v2 is required (true) and
@@ -273,7 +300,8 @@ type clientConn struct {
 	br     *bufio.Reader
 	up     net.Conn
 	upbr   *bufio.Reader
-	served int // exchanges over up
+	served int  // exchanges over up
+	warm   bool // up was dialled ahead: IMDS may have closed it meanwhile
 	info   connInfo
 }
 
@@ -433,7 +461,7 @@ func (cc *clientConn) forward(r *request, capture bool) (response, error) {
 			}
 			return res, nil
 		}
-		reused := cc.served > 0
+		reused := cc.served > 0 || cc.warm
 		cc.dropUpstream()
 		if attempt == 0 && reused && !res.started && !res.wrote && r.contentLength == 0 {
 			continue
@@ -469,15 +497,31 @@ func (cc *clientConn) roundTrip(r *request, capture bool) (response, error) {
 	return res, err
 }
 
+// dial gives the client connection its connection to IMDS: the one dialled ahead when
+// there is one (once per client connection: a redial after a failure dials anew), and
+// starts dialling the next.
 func (cc *clientConn) dial() error {
 	b := cc.b
-	addr := netip.AddrPortFrom(b.cfg.IMDS4, uint16(b.cfg.IMDSPort))
+	addr, sp := netip.AddrPortFrom(b.cfg.IMDS4, uint16(b.cfg.IMDSPort)), &b.spare4
 	if d := cc.info.r.Dst.Addr(); d.Is6() && !d.Is4In6() {
-		addr = netip.AddrPortFrom(b.cfg.IMDS6, uint16(b.cfg.IMDSPort))
+		addr, sp = netip.AddrPortFrom(b.cfg.IMDS6, uint16(b.cfg.IMDSPort)), &b.spare6
 	}
-	up, err := b.dialer.Dial("tcp", addr.String())
-	if err != nil {
-		return &upstreamError{fmt.Errorf("dial IMDS: %w", err)}
+	var up net.Conn
+	if !cc.warm && cc.served == 0 {
+		select {
+		case up = <-sp.conns:
+		default:
+		}
+	}
+	cc.warm = up != nil
+	if up == nil {
+		var err error
+		if up, err = b.dialer.Dial("tcp", addr.String()); err != nil {
+			return &upstreamError{fmt.Errorf("dial IMDS: %w", err)}
+		}
+	}
+	if !b.closing.Load() && sp.dialling.CompareAndSwap(false, true) {
+		go b.dialAhead(sp, addr)
 	}
 	cc.up, cc.served = up, 0
 	if cc.upbr == nil {
@@ -485,6 +529,19 @@ func (cc *clientConn) dial() error {
 	}
 	cc.upbr.Reset(up)
 	return nil
+}
+
+func (b *Broker) dialAhead(sp *spare, addr netip.AddrPort) {
+	defer sp.dialling.Store(false)
+	up, err := b.dialer.Dial("tcp", addr.String())
+	if err != nil {
+		return // IMDS unreachable: the next client dials itself and sees it fail
+	}
+	select {
+	case sp.conns <- up:
+	default:
+		up.Close()
+	}
 }
 
 func (cc *clientConn) dropUpstream() {

@@ -79,7 +79,7 @@ type bed struct {
 	stopIMDS func()
 	upSrv    *httptest.Server
 	upMu     sync.Mutex
-	upConns  int
+	upConns  map[net.Conn]bool // connections IMDS served a request on
 	upClosed int
 	imdsAddr string
 	url      string
@@ -90,7 +90,7 @@ type bed struct {
 func (b *bed) upstreamConns() int {
 	b.upMu.Lock()
 	defer b.upMu.Unlock()
-	return b.upConns
+	return len(b.upConns)
 }
 
 // closeUpstreamIdle makes IMDS close its idle keep-alive connections, as a server's
@@ -124,12 +124,13 @@ func start(t testing.TB, enforce bool, redirects Redirects) *bed {
 	t.Helper()
 	tb := &bed{imds: &fakeIMDS{}}
 	up := httptest.NewUnstartedServer(tb.imds)
-	up.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+	tb.upConns = map[net.Conn]bool{}
+	up.Config.ConnState = func(c net.Conn, st http.ConnState) {
 		tb.upMu.Lock()
 		defer tb.upMu.Unlock()
 		switch st {
-		case http.StateNew:
-			tb.upConns++
+		case http.StateActive:
+			tb.upConns[c] = true
 		case http.StateClosed:
 			tb.upClosed++
 		}
