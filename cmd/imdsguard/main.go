@@ -72,7 +72,7 @@ func cmdCheckConfig(args []string, stdout io.Writer) error {
 	if len(args) != 1 {
 		return fmt.Errorf("%w: check-config takes exactly one file", cli.ErrUsage)
 	}
-	cfg, err := config.Load(args[0])
+	cfg, err := config.Check(args[0])
 	if err != nil {
 		return err
 	}

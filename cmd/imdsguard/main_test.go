@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,15 @@ func TestCLI(t *testing.T) {
 	bad := filepath.Join(dir, "bad.yaml")
 	os.WriteFile(good, []byte("imds:\n  port: 8080\n"), 0o600)
 	os.WriteFile(bad, []byte("imds:\n  port: 80\n  colour: blue\n"), 0o600)
+	// A rule naming a script (as /usr/bin/aws is) never matches: the kernel sees the
+	// interpreter. A rule naming a binary is fine.
+	script, binary := filepath.Join(dir, "aws"), filepath.Join(dir, "tool")
+	os.WriteFile(script, []byte("#!/usr/bin/python3\nprint('hi')\n"), 0o755)
+	os.WriteFile(binary, []byte("\x7fELF\x02\x01"), 0o755)
+	rule := "rules:\n  - name: cli\n    exe: %s\n    action: allow\n"
+	scriptRule, binaryRule := filepath.Join(dir, "script.yaml"), filepath.Join(dir, "binary.yaml")
+	os.WriteFile(scriptRule, []byte(fmt.Sprintf(rule, script)), 0o600)
+	os.WriteFile(binaryRule, []byte(fmt.Sprintf(rule, binary)), 0o600)
 	cases := []struct {
 		args        []string
 		code        int
@@ -26,6 +36,8 @@ func TestCLI(t *testing.T) {
 		{[]string{"check-config", good}, 0, "port: 8080", ""},
 		{[]string{"check-config", bad}, 1, "", bad + ":3: imds.colour: unknown key"},
 		{[]string{"check-config", filepath.Join(dir, "none.yaml")}, 1, "", "no such file"},
+		{[]string{"check-config", scriptRule}, 1, "", scriptRule + ":3: rules[0].exe: " + script + " is a script (#!/usr/bin/python3): the kernel runs its interpreter"},
+		{[]string{"check-config", binaryRule}, 0, "exe: " + binary, ""},
 		{[]string{"run", "--config", bad}, 1, "", "imds.colour: unknown key"},
 		{[]string{"run", "--bogus"}, 2, "", "flag provided but not defined"},
 		{[]string{"run", "extra"}, 2, "", `unexpected argument "extra"`},

@@ -128,6 +128,7 @@ func (a *agent) start() error {
 		return err
 	}
 	a.onClose(a.saveLedger)
+	a.tel.ledger.Store(a.ledger)
 	// Alive before the policy can redirect to us, broker listening before redirects.
 	if err := a.h.Beat(); err != nil {
 		return err

@@ -116,7 +116,7 @@ func (a *agent) recordCredential(req broker.Request, rec events.Record) {
 		return
 	}
 	proc := wire.Process{PID: int(rec.PID), Exe: rec.Exe, User: rec.User, Unit: rec.Unit, ContainerID: rec.ContainerID}
-	fp, first, err := a.fps.capture.Observe(req.Path, req.Body, proc, req.Conn.StartBoottime, string(req.Version))
+	fp, first, err := a.fps.capture.Observe(broker.CanonicalPath(req.Path), req.Body, proc, req.Conn.StartBoottime, string(req.Version))
 	if err != nil {
 		a.log.Warn().Err(err).Str("event", "fingerprint_failed").Str("path", req.Path).Msg("credential answer not understood")
 		return

@@ -45,7 +45,7 @@ func (a *agent) recordRequest(req broker.Request) {
 	rec.Kind = events.KindRequest
 	rec.Time = req.Started
 	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)
-	rec.Status, rec.Refused = req.Status, req.Refused
+	rec.Status, rec.Refused, rec.WouldRefuse = req.Status, req.Refused, req.WouldRefuse
 	rec.DurationMS = float64(req.Duration.Microseconds()) / 1000
 	a.reqMu.RLock()
 	defer a.reqMu.RUnlock()
@@ -112,6 +112,9 @@ func (a *agent) observeRequest(req broker.Request, rec events.Record) {
 	case req.Version == broker.VersionV1:
 		kind = metrics.MetadataNoToken
 		a.ledger.Observe(tally.V1, who, req.Started)
+		if req.WouldRefuse != "" {
+			a.ledger.Observe(tally.V1WouldReject, who, req.Started)
+		}
 	case req.Version == broker.VersionV2:
 		kind = metrics.MetadataWithToken
 		a.ledger.Observe(tally.V2, who, req.Started)

@@ -2,9 +2,11 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -15,6 +17,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
 	"github.com/imdsguard/imdsguard/internal/agent/status"
+	"github.com/imdsguard/imdsguard/internal/agent/tally"
 )
 
 // telemetry is what the agent reports about IMDS use besides the event lines: the
@@ -29,6 +32,18 @@ type telemetry struct {
 	status *status.Server
 	cancel context.CancelFunc
 	done   chan struct{}
+	// ledger is the usage tally, set once the agent opened it: the status socket
+	// serves it live to `imdsguard report`.
+	ledger atomic.Pointer[tally.Ledger]
+}
+
+// usage is the live usage tally for the status socket.
+func (t *telemetry) usage() ([]byte, error) {
+	l := t.ledger.Load()
+	if l == nil {
+		return nil, errors.New("usage tally not open yet")
+	}
+	return l.Snapshot(time.Now().UTC())
 }
 
 // statusTableSize bounds the per-process table `imdsguard status` shows.
@@ -86,7 +101,7 @@ func startTelemetry(cfg config.Config, log zerolog.Logger, httpClient *http.Clie
 	if cfg.Status.Socket != "" {
 		// The status socket is a console convenience: without it the agent still
 		// guards, counts and publishes, so a failure here is a warning, not a stop.
-		s, err := status.Listen(cfg.Status.Socket, status.Source{Processes: t.Metrics.Processes, Identity: t.Identity.Get}, log)
+		s, err := status.Listen(cfg.Status.Socket, status.Source{Processes: t.Metrics.Processes, Identity: t.Identity.Get, Usage: t.usage}, log)
 		if err != nil {
 			log.Warn().Err(err).Str("event", "status_unavailable").Str("status_socket", cfg.Status.Socket).
 				Msg("`imdsguard status` will not work")

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -39,24 +40,76 @@ func run() error {
 		fmt.Println("== test bed removed")
 	}()
 	fmt.Printf("   netns %s, cgroup %s\n", bed.Name, bed.Cgroup)
-	fmt.Println("== starting imdsguard on the bed's cgroup")
-	agent, err := bed.StartAgent("")
+	fmt.Println("== starting imdsguard on the bed's cgroup, running clients")
+	who, err := whoTouched(ctx, bed)
 	if err != nil {
 		return err
 	}
-	fmt.Println("== running clients")
-	runs, err := bed.RunClients(ctx)
+	fmt.Printf("\n== who touched IMDS (from the agent's events, %s)\n\n", who.eventsPath)
+	printTable(who.header, who.rows)
+	fmt.Printf("\n%d event lines; the process outside the guarded cgroup (pid %d) %s.\n", who.events, who.outsidePID,
+		map[bool]string{false: "was correctly not seen", true: "WAS SEEN: this is a bug"}[who.outsideSeen])
+	fmt.Println("A sample event line:")
+	fmt.Println("  " + who.sample)
+	if who.outsideSeen {
+		return fmt.Errorf("attribution leaked outside the cgroup")
+	}
+	policy := enforcePolicy()
+	fmt.Printf("\n== restarting imdsguard in enforce mode with this allowlist:\n%s\n", indent(policy))
+	header, rows, err := enforceTable(ctx, bed, policy)
 	if err != nil {
 		return err
+	}
+	fmt.Println("== what each client got, and what the agent recorded")
+	fmt.Println()
+	printTable(header, rows)
+	return nil
+}
+
+func printTable(header []string, rows [][]string) {
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, strings.Join(header, "\t"))
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	tw.Flush()
+}
+
+// whoTable is the first table: who touched IMDS, and how.
+type whoTable struct {
+	header      []string
+	rows        [][]string
+	eventsPath  string
+	events      int
+	outsidePID  int
+	outsideSeen bool
+	sample      string
+}
+
+// whoTouched runs the standard clients under an agent and builds the table from the
+// agent's events, read once the agent has stopped: every line it recorded is written
+// by then, so no row misses its requests.
+func whoTouched(ctx context.Context, bed *testbed.Bed) (whoTable, error) {
+	var t whoTable
+	agent, err := bed.StartAgent("")
+	if err != nil {
+		return t, err
+	}
+	defer agent.Stop()
+	t.eventsPath = agent.EventsPath
+	runs, err := bed.RunClients(ctx)
+	if err != nil {
+		return t, err
 	}
 	outside := bed.RunCommand(ctx, "outside-cgroup", "curl outside the guarded cgroup (must not appear)",
 		testbed.Placement{OutsideCgroup: true}, "curl", "-sf", "-m", "5", "http://169.254.169.254/latest/meta-data/instance-id")
 	runs = append(runs, outside)
+	t.outsidePID = outside.PID
 	var pids []int
 	how := map[int]testbed.Run{}
 	for _, r := range runs {
 		if r.Err != nil {
-			return r.Err
+			return t, r.Err
 		}
 		how[r.PID] = r
 		if r.Name != "outside-cgroup" {
@@ -64,24 +117,25 @@ func run() error {
 		}
 	}
 	if _, err := agent.WaitEvents(pids...); err != nil {
-		return err
+		return t, err
 	}
 	if err := agent.Stop(); err != nil {
-		return fmt.Errorf("agent did not stop cleanly: %w", err)
+		return t, fmt.Errorf("agent did not stop cleanly: %w", err)
 	}
 	events, err := agent.Events()
 	if err != nil {
-		return err
+		return t, err
 	}
+	t.events = len(events)
 	sort.SliceStable(events, func(i, j int) bool { return events[i].Time.Before(events[j].Time) })
-
-	fmt.Printf("\n== who touched IMDS (from the agent's events, %s)\n\n", agent.EventsPath)
-	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "CLIENT\tPID\tPPID\tUSER\tEXE\tDST\tVERDICT\tREQUESTS\tHOW")
+	t.header = []string{"CLIENT", "PID", "PPID", "USER", "EXE", "DST", "VERDICT", "REQUESTS", "HOW"}
 	versions := map[int][]string{}
 	for _, e := range events {
 		if e.Event == "imds_request" {
 			versions[e.PID] = append(versions[e.PID], e.IMDSVersion)
+		}
+		if e.PID == outside.PID {
+			t.outsideSeen = true
 		}
 	}
 	for _, e := range events {
@@ -101,32 +155,18 @@ func run() error {
 		if reqs == "" {
 			reqs = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name, e.PID, e.PPID, e.User, exe, e.Dst, e.Verdict, reqs, what)
+		t.rows = append(t.rows, []string{name, strconv.Itoa(e.PID), strconv.Itoa(e.PPID), e.User, exe, e.Dst, e.Verdict, reqs, what})
 	}
-	tw.Flush()
-	seenOutside := false
-	for _, e := range events {
-		if e.PID == outside.PID {
-			seenOutside = true
-		}
-	}
-	fmt.Printf("\n%d event lines; the process outside the guarded cgroup (pid %d) %s.\n", len(events), outside.PID,
-		map[bool]string{false: "was correctly not seen", true: "WAS SEEN: this is a bug"}[seenOutside])
-	fmt.Println("A sample event line:")
 	if data, err := os.ReadFile(agent.EventsPath); err == nil {
-		fmt.Println("  " + strings.SplitN(string(data), "\n", 2)[0])
+		t.sample = strings.SplitN(string(data), "\n", 2)[0]
 	}
-	if seenOutside {
-		return fmt.Errorf("attribution leaked outside the cgroup")
-	}
-	return enforce(ctx, bed)
+	return t, nil
 }
 
-// enforce shows the guard: a restarted agent with an allowlist that denies uid 65534
-// and requires IMDSv2 from curl.
-func enforce(ctx context.Context, bed *testbed.Bed) error {
+// enforcePolicy denies uid 65534 and requires IMDSv2 from curl.
+func enforcePolicy() string {
 	curl, _ := filepath.EvalSymlinks("/usr/bin/curl")
-	policy := fmt.Sprintf(`mode: enforce
+	return fmt.Sprintf(`mode: enforce
 default_action: allow
 rules:
   - name: no-nobody
@@ -137,15 +177,19 @@ rules:
     action: allow
     imdsv2: required
 `, curl)
-	fmt.Printf("\n== restarting imdsguard in enforce mode with this allowlist:\n%s\n", indent(policy))
+}
+
+// enforceTable shows the guard: an agent with policy, the clients, and what each got
+// according to the agent, read once the agent has stopped and written everything.
+func enforceTable(ctx context.Context, bed *testbed.Bed, policy string) ([]string, [][]string, error) {
 	agent, err := bed.StartAgent(policy)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	defer agent.Stop()
 	client, err := testbed.ClientBinary()
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	base := "http://169.254.169.254"
 	tok := bed.RunCommand(ctx, "curl-token", "", testbed.Placement{}, "curl", "-s", "-m", "5", "-X", "PUT",
@@ -163,14 +207,18 @@ rules:
 	for _, r := range runs {
 		pids = append(pids, r.PID)
 	}
-	events, err := agent.WaitEvents(pids...)
-	if err != nil {
-		return err
+	if _, err := agent.WaitEvents(pids...); err != nil {
+		return nil, nil, err
 	}
-	fmt.Println("== what each client got, and what the agent recorded")
-	fmt.Println()
-	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "CLIENT\tPID\tUSER\tCONNECT\tRULE\tREQUESTS (version status)")
+	if err := agent.Stop(); err != nil {
+		return nil, nil, fmt.Errorf("agent did not stop cleanly: %w", err)
+	}
+	events, err := agent.Events()
+	if err != nil {
+		return nil, nil, err
+	}
+	header := []string{"CLIENT", "PID", "USER", "CONNECT", "RULE", "REQUESTS (version status)"}
+	var rows [][]string
 	for _, r := range runs {
 		verdict, rule, user := "", "", ""
 		var reqs []string
@@ -191,10 +239,9 @@ rules:
 		if rule == "" {
 			rule = "(default)"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", r.Name, r.PID, user, verdict, rule, strings.Join(reqs, ", "))
+		rows = append(rows, []string{r.Name, strconv.Itoa(r.PID), user, verdict, rule, strings.Join(reqs, ", ")})
 	}
-	tw.Flush()
-	return nil
+	return header, rows, nil
 }
 
 func indent(s string) string {

@@ -4,12 +4,18 @@
 // IMDSv1 where a rule requires IMDSv2, and forwards the rest to the real IMDS over
 // sockets of its own that the kernel never redirects.
 //
+// It forwards like a proxy built for the job: one connection to IMDS per client
+// connection, each request head parsed once (request.go), answers streamed back over the
+// raw connections as IMDS framed them (response.go); the only body it reads is a
+// credential answer, to fingerprint it.
+//
 // It is no open proxy: it serves only connections the kernel redirected, talks only to
 // IMDS, follows no redirects, adds no X-Forwarded-For, refuses a token PUT that carries
 // one (as IMDS itself does), caps header and body sizes and times out slow clients.
 package broker
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -58,14 +64,17 @@ const (
 
 // Request is one request the broker handled, for events and metrics.
 type Request struct {
-	Conn     hook.Redirect
-	Method   string
-	Path     string
-	Version  Version
-	Status   int
-	Refused  string // why the broker answered itself, "" when IMDS answered
-	Started  time.Time
-	Duration time.Duration
+	Conn    hook.Redirect
+	Method  string
+	Path    string
+	Version Version
+	Status  int
+	Refused string // why the broker answered itself, "" when IMDS answered
+	// WouldRefuse is why enforce mode would have refused a request that audit mode
+	// forwarded (imdsv2_required), "" otherwise.
+	WouldRefuse string
+	Started     time.Time
+	Duration    time.Duration
 	// Body is IMDS's answer to a credential request (status 200), for fingerprinting.
 	// It holds secrets: never log it.
 	Body []byte
@@ -74,35 +83,45 @@ type Request struct {
 // Broker serves redirected IMDS connections.
 type Broker struct {
 	enforce   atomic.Bool // changes on reload
+	closing   atomic.Bool
 	cfg       Config
 	redirects Redirects
 	record    func(Request)
 	log       zerolog.Logger
-	upstream  *http.Transport
-	servers   []*http.Server
+	dialer    *net.Dialer
+
+	mu        sync.Mutex
+	listeners []net.Listener
+	conns     map[*clientConn]struct{}
 	wg        sync.WaitGroup
+
+	readers, upReaders sync.Pool // *bufio.Reader
+	bufs               sync.Pool // *[]byte
+
+	// A connection to IMDS dialled ahead, per address family, so that a new client
+	// connection does not wait for its dial: taken by the next client connection and
+	// replaced off its path. Each client connection still has its own.
+	spare4, spare6 spare
 }
 
-type ctxKey struct{}
-
-type connInfo struct {
-	r   hook.Redirect
-	err error
+type spare struct {
+	conns    chan net.Conn // capacity 1
+	dialling atomic.Bool
 }
 
-// New returns a broker; record is called once per request, from the serving goroutine.
+// New returns a broker; record is called once per request, from the serving goroutine,
+// after the client has its answer.
 func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logger) *Broker {
-	b := &Broker{cfg: cfg, redirects: redirects, record: record, log: log}
+	b := &Broker{cfg: cfg, redirects: redirects, record: record, log: log,
+		dialer: MarkedDialer(cfg.Mark, cfg.UpstreamTimeout), conns: map[*clientConn]struct{}{}}
 	b.enforce.Store(cfg.Enforce)
-	dialer := MarkedDialer(cfg.Mark, cfg.UpstreamTimeout)
-	b.upstream = &http.Transport{
-		Proxy:                 nil, // never an HTTP proxy from the environment: IMDS only
-		DialContext:           dialer.DialContext,
-		MaxIdleConnsPerHost:   16,
-		IdleConnTimeout:       30 * time.Second,
-		ResponseHeaderTimeout: cfg.UpstreamTimeout,
-		DisableCompression:    true,
-	}
+	b.spare4.conns, b.spare6.conns = make(chan net.Conn, 1), make(chan net.Conn, 1)
+	// A request head must fit in the client reader's buffer; 64 kB bounds what one
+	// idle connection holds even when max_header_bytes is larger.
+	size := min(max(cfg.MaxHeaderBytes+1024, 4096), 64<<10)
+	b.readers.New = func() any { return bufio.NewReaderSize(nil, size) }
+	b.upReaders.New = func() any { return bufio.NewReaderSize(nil, 4096) }
+	b.bufs.New = func() any { buf := make([]byte, 0, 2048); return &buf }
 	return b
 }
 
@@ -150,175 +169,409 @@ func (b *Broker) Listen() error {
 
 // Serve serves one listener (tests use their own).
 func (b *Broker) Serve(ln net.Listener) {
-	srv := &http.Server{
-		Handler:           b,
-		MaxHeaderBytes:    b.cfg.MaxHeaderBytes,
-		ReadHeaderTimeout: b.cfg.ReadTimeout,
-		ReadTimeout:       b.cfg.ReadTimeout,
-		WriteTimeout:      b.cfg.ReadTimeout + b.cfg.UpstreamTimeout,
-		IdleTimeout:       b.cfg.IdleTimeout,
-		ErrorLog:          nil,
-		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			return context.WithValue(ctx, ctxKey{}, b.identify(c))
-		},
-	}
-	srv.SetKeepAlivesEnabled(true)
-	b.servers = append(b.servers, srv)
+	b.mu.Lock()
+	b.listeners = append(b.listeners, ln)
+	b.mu.Unlock()
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			b.log.Error().Err(err).Str("event", "broker_serve_failed").Msg("broker listener failed")
+		var delay time.Duration
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				if b.closing.Load() || errors.Is(err, net.ErrClosed) {
+					return
+				}
+				// Out of file descriptors and the like: back off as net/http does.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				b.log.Warn().Err(err).Str("event", "broker_accept_failed").Msg("broker accept")
+				time.Sleep(delay)
+				continue
+			}
+			delay = 0
+			cc := &clientConn{b: b, c: c}
+			if !b.track(cc) {
+				c.Close()
+				return
+			}
+			go cc.serve()
 		}
 	}()
 }
 
-// identify finds the kernel's record of the connection, once per connection.
-func (b *Broker) identify(c net.Conn) *connInfo {
-	ap, err := netip.ParseAddrPort(c.RemoteAddr().String())
-	if err != nil {
-		return &connInfo{err: fmt.Errorf("peer address %q: %w", c.RemoteAddr(), err)}
+func (b *Broker) track(cc *clientConn) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing.Load() {
+		return false
 	}
-	r, err := b.redirects.LookupRedirect(ap.Port())
-	return &connInfo{r: r, err: err}
+	b.conns[cc] = struct{}{}
+	b.wg.Add(1)
+	return true
 }
 
-// Shutdown stops accepting, lets requests in flight finish until ctx is done, and
-// closes idle connections.
+func (b *Broker) untrack(cc *clientConn) {
+	b.mu.Lock()
+	delete(b.conns, cc)
+	b.mu.Unlock()
+	b.wg.Done()
+}
+
+// Shutdown stops accepting, closes idle connections, lets requests in flight finish
+// until ctx is done, then closes what is left.
 func (b *Broker) Shutdown(ctx context.Context) error {
+	b.closing.Store(true)
+	b.mu.Lock()
 	var errs []error
-	for _, s := range b.servers {
-		errs = append(errs, s.Shutdown(ctx))
+	for _, ln := range b.listeners {
+		if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	b.mu.Unlock()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		b.mu.Lock()
+		n := len(b.conns)
+		for cc := range b.conns {
+			if cc.idle.Load() {
+				cc.c.Close()
+			}
+		}
+		b.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			b.mu.Lock()
+			for cc := range b.conns {
+				cc.c.Close()
+			}
+			b.mu.Unlock()
+			errs = append(errs, ctx.Err())
+			b.wg.Wait()
+			b.dropSpares()
+			return errors.Join(errs...)
+		case <-tick.C:
+		}
 	}
 	b.wg.Wait()
-	b.upstream.CloseIdleConnections()
+	b.dropSpares()
 	return errors.Join(errs...)
+}
+
+// dropSpares closes the connections dialled ahead.
+func (b *Broker) dropSpares() {
+	for _, s := range []*spare{&b.spare4, &b.spare6} {
+		for s.dialling.Load() {
+			time.Sleep(time.Millisecond) // a dial in flight ends within UpstreamTimeout
+		}
+		select {
+		case c := <-s.conns:
+			c.Close()
+		default:
+		}
+	}
 }
 
 // SetEnforce switches between refusing IMDSv1 where v2 is required (true) and
 // forwarding it (audit).
 func (b *Broker) SetEnforce(on bool) { b.enforce.Store(on) }
 
-// Classify says how a request authenticates to IMDS.
-func Classify(r *http.Request) Version {
-	if r.Method == http.MethodPut && r.URL.Path == "/latest/api/token" {
+// classify says how a request authenticates to IMDS.
+func classify(r *request) Version {
+	if r.method == "PUT" && IsTokenPath(r.path) {
 		return VersionToken
 	}
-	if r.Header.Get("X-aws-ec2-metadata-token") != "" {
+	if r.token {
 		return VersionV2
 	}
 	return VersionV1
 }
 
-// hopByHop headers describe one connection, not the request: never forwarded.
-var hopByHop = []string{"Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-	"Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+// clientConn is one redirected client connection and its own connection to IMDS.
+type clientConn struct {
+	b    *Broker
+	c    net.Conn
+	idle atomic.Bool // waiting for a request: Shutdown may close it
 
-func (b *Broker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	start := time.Now()
-	info, _ := r.Context().Value(ctxKey{}).(*connInfo)
-	req := Request{Method: r.Method, Path: r.URL.Path, Version: Classify(r), Started: start}
-	if info != nil {
-		req.Conn = info.r
-	}
-	finish := func(status int, refused string) {
-		req.Status, req.Refused, req.Duration = status, refused, time.Since(start)
-		if b.record != nil {
-			b.record(req)
-		}
-	}
-	refuse := func(status int, reason, body string) {
-		w.Header().Set("Content-Type", "text/plain")
-		w.Header().Set("Connection", "close")
-		w.WriteHeader(status)
-		_, _ = io.WriteString(w, body) // the client hung up: nothing to tell it
-		finish(status, reason)
-	}
-	switch {
-	case info == nil || info.err != nil:
-		// Dialled directly, not redirected: no process to vouch for it.
-		refuse(http.StatusForbidden, "not_redirected", "403 - Forbidden: connection not redirected by imdsguard\n")
-		return
-	case r.ContentLength > b.cfg.MaxBodyBytes:
-		refuse(http.StatusRequestEntityTooLarge, "body_too_large", "413 - Request Entity Too Large\n")
-		return
-	case req.Version == VersionToken && len(r.Header.Values("X-Forwarded-For")) > 0:
-		// IMDS refuses token requests that went through a proxy; so do we.
-		refuse(http.StatusForbidden, "x_forwarded_for", "403 - Forbidden\n")
-		return
-	case req.Version == VersionV1 && info.r.V2Required && b.enforce.Load():
-		// What IMDS answers with HttpTokens=required: SDKs fetch a token and retry.
-		refuse(http.StatusUnauthorized, "imdsv2_required", "401 - Unauthorized\n")
-		return
-	}
-	body := http.MaxBytesReader(w, r.Body, b.cfg.MaxBodyBytes)
-	status, creds, err := b.forward(w, r, body, info.r)
-	if err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			refuse(http.StatusRequestEntityTooLarge, "body_too_large", "413 - Request Entity Too Large\n")
-			return
-		}
-		if r.Context().Err() != nil && status == 0 {
-			finish(0, "client_gone") // nobody left to answer
-			return
-		}
-		b.log.Warn().Err(err).Str("event", "broker_upstream_failed").Str("path", r.URL.Path).Msg("forwarding to IMDS")
-		if status == 0 {
-			refuse(http.StatusBadGateway, "upstream_error", "502 - Bad Gateway\n")
-			return
-		}
-	}
-	req.Body = creds
-	finish(status, "")
+	br     *bufio.Reader
+	up     net.Conn
+	upbr   *bufio.Reader
+	served int  // exchanges over up
+	warm   bool // up was dialled ahead: IMDS may have closed it meanwhile
+	info   connInfo
 }
 
-// forward sends the request to IMDS and copies the answer back. It returns the status
-// written (0 if nothing was) and, for a successful credential request, the body.
-func (b *Broker) forward(w http.ResponseWriter, r *http.Request, body io.Reader, conn hook.Redirect) (int, []byte, error) {
-	host := b.cfg.IMDS4.String()
-	if conn.Dst.Addr().Is6() && !conn.Dst.Addr().Is4In6() {
-		host = "[" + b.cfg.IMDS6.String() + "]"
-	}
-	u := *r.URL
-	u.Scheme, u.Host = "http", host+":"+strconv.Itoa(b.cfg.IMDSPort)
-	ctx, cancel := context.WithTimeout(r.Context(), b.cfg.UpstreamTimeout)
-	defer cancel()
-	if r.ContentLength == 0 {
-		body = http.NoBody
-	}
-	up, err := http.NewRequestWithContext(ctx, r.Method, u.String(), body)
-	if err != nil {
-		return 0, nil, fmt.Errorf("build upstream request: %w", err)
-	}
-	up.Header = r.Header.Clone()
-	for _, h := range hopByHop {
-		up.Header.Del(h)
-	}
-	up.Host = r.Host
-	up.ContentLength = r.ContentLength
-	resp, err := b.upstream.RoundTrip(up) // RoundTrip follows no redirects
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	for k, vs := range resp.Header {
-		for _, v := range vs {
-			w.Header().Add(k, v)
+type connInfo struct {
+	r   hook.Redirect
+	err error
+}
+
+// identify finds the kernel's record of the connection, once per connection.
+func (b *Broker) identify(c net.Conn) connInfo {
+	var ap netip.AddrPort
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		ap = ta.AddrPort()
+	} else {
+		var err error
+		if ap, err = netip.ParseAddrPort(c.RemoteAddr().String()); err != nil {
+			return connInfo{err: fmt.Errorf("peer address %q: %w", c.RemoteAddr(), err)}
 		}
 	}
-	for _, h := range hopByHop {
-		w.Header().Del(h)
-	}
-	w.WriteHeader(resp.StatusCode)
-	if resp.StatusCode == http.StatusOK && r.Method == http.MethodGet && IsCredentialPath(r.URL.Path) {
-		data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	r, err := b.redirects.LookupRedirect(ap.Port())
+	return connInfo{r: r, err: err}
+}
+
+func (cc *clientConn) serve() {
+	b := cc.b
+	defer b.untrack(cc)
+	cc.br = b.readers.Get().(*bufio.Reader)
+	cc.br.Reset(cc.c)
+	bufp := b.bufs.Get().(*[]byte)
+	defer func() {
+		cc.c.Close()
+		if cc.up != nil {
+			cc.up.Close()
+		}
+		cc.br.Reset(nil)
+		b.readers.Put(cc.br)
+		if cc.upbr != nil {
+			cc.upbr.Reset(nil)
+			b.upReaders.Put(cc.upbr)
+		}
+		if cap(*bufp) <= 64<<10 {
+			b.bufs.Put(bufp)
+		}
+	}()
+	cc.info = b.identify(cc.c)
+	first := true
+	for {
+		if !first {
+			// Keep-alive: wait for the next request, up to the idle timeout.
+			cc.idle.Store(true)
+			if b.closing.Load() {
+				return
+			}
+			// Setting a deadline fails only on a closed socket, which the read reports.
+			_ = cc.c.SetReadDeadline(time.Now().Add(b.cfg.IdleTimeout))
+			if _, err := cc.br.Peek(1); err != nil {
+				return
+			}
+			cc.idle.Store(false)
+		}
+		first = false
+		now := time.Now()
+		_ = cc.c.SetReadDeadline(now.Add(b.cfg.ReadTimeout))
+		_ = cc.c.SetWriteDeadline(now.Add(b.cfg.ReadTimeout + b.cfg.UpstreamTimeout))
+		req, err := readHead(cc.br, b.cfg.MaxHeaderBytes, *bufp)
 		if err != nil {
-			return resp.StatusCode, nil, fmt.Errorf("read credentials: %w", err)
+			var he *httpError
+			if errors.As(err, &he) {
+				answerError(cc.c, he)
+			}
+			return // malformed, timed out or closed: nothing more on this connection
 		}
-		_, err = w.Write(data)
-		return resp.StatusCode, data, err
+		*bufp = req.head[:0]
+		if !cc.exchange(&req, time.Now()) {
+			return
+		}
 	}
-	_, err = io.Copy(w, resp.Body)
-	return resp.StatusCode, nil, err
+}
+
+// exchange judges one request and, unless refused, forwards it and relays the answer.
+// It reports whether the connection may carry another request.
+func (cc *clientConn) exchange(r *request, start time.Time) bool {
+	b := cc.b
+	rec := Request{Conn: cc.info.r, Method: r.method, Path: r.path, Version: classify(r), Started: start}
+	finish := func(status int, refused string) {
+		rec.Status, rec.Refused, rec.Duration = status, refused, time.Since(start)
+		if b.record != nil {
+			b.record(rec)
+		}
+	}
+	refuse := func(status int, reason, body string) bool {
+		answerError(cc.c, &httpError{status: status, body: body})
+		finish(status, reason)
+		return false
+	}
+	switch {
+	case cc.info.err != nil:
+		// Dialled directly, not redirected: no process to vouch for it.
+		return refuse(http.StatusForbidden, "not_redirected", "403 - Forbidden: connection not redirected by imdsguard\n")
+	case r.contentLength > b.cfg.MaxBodyBytes:
+		return refuse(http.StatusRequestEntityTooLarge, "body_too_large", "413 - Request Entity Too Large\n")
+	case rec.Version == VersionToken && r.forwardedFor:
+		// IMDS refuses token requests that went through a proxy; so do we.
+		return refuse(http.StatusForbidden, "x_forwarded_for", "403 - Forbidden\n")
+	case rec.Version == VersionV1 && cc.info.r.V2Required && b.enforce.Load():
+		// What IMDS answers with HttpTokens=required: SDKs fetch a token and retry.
+		return refuse(http.StatusUnauthorized, "imdsv2_required", "401 - Unauthorized\n")
+	case rec.Version == VersionV1 && cc.info.r.V2Required:
+		rec.WouldRefuse = "imdsv2_required" // audit: forwarded, marked for the operator
+	}
+	capture := r.method == "GET" && IsCredentialPath(r.path)
+	res, err := cc.forward(r, capture)
+	if err != nil {
+		var ue *upstreamError
+		isUp := errors.As(err, &ue) || !res.wrote
+		if isUp {
+			b.log.Warn().Err(err).Str("event", "broker_upstream_failed").Str("path", r.path).Msg("forwarding to IMDS")
+		}
+		if !res.wrote {
+			// Without the agent the client's own connection to IMDS would have failed:
+			// reset its connection rather than answer an HTTP error it would treat
+			// differently (cloud-init gives up on a 5xx, SDKs back off and retry).
+			resetConn(cc.c)
+			finish(0, "upstream_error")
+			return false
+		}
+		if !isUp {
+			finish(res.status, "client_gone")
+			return false
+		}
+		res.close = true // cut short: the client sees its connection end, as with IMDS
+	}
+	if capture && !res.tooLarge && res.creds != nil {
+		rec.Body = res.creds
+	}
+	finish(res.status, "")
+	return !res.close
+}
+
+// forward sends the request to IMDS over the connection's own upstream socket (dialled
+// on first use) and relays the answer. A reused upstream connection that IMDS closed
+// while idle is redialled once, when nothing was sent to the client yet and the
+// request carried no body.
+func (cc *clientConn) forward(r *request, capture bool) (response, error) {
+	b := cc.b
+	for attempt := 0; ; attempt++ {
+		if cc.up == nil {
+			if err := cc.dial(); err != nil {
+				return response{}, err
+			}
+		}
+		_ = cc.up.SetDeadline(time.Now().Add(b.cfg.UpstreamTimeout))
+		res, err := cc.roundTrip(r, capture)
+		if err == nil {
+			cc.served++
+			if res.close {
+				cc.dropUpstream()
+			}
+			return res, nil
+		}
+		reused := cc.served > 0 || cc.warm
+		cc.dropUpstream()
+		if attempt == 0 && reused && !res.started && !res.wrote && r.contentLength == 0 {
+			continue
+		}
+		return res, err
+	}
+}
+
+func (cc *clientConn) roundTrip(r *request, capture bool) (response, error) {
+	// Head and a body already read go to IMDS in one write.
+	out := r.head
+	n := r.contentLength
+	if n > 0 && r.expect100 {
+		if _, err := io.WriteString(cc.c, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+			return response{wrote: true}, err
+		}
+	}
+	if n > 0 && int64(cc.br.Buffered()) >= n {
+		body, _ := cc.br.Peek(int(n))
+		out = append(out, body...)
+		_, _ = cc.br.Discard(int(n)) // buffered: cannot fail
+		n = 0
+	}
+	if _, err := cc.up.Write(out); err != nil {
+		return response{}, &upstreamError{fmt.Errorf("send request: %w", err)}
+	}
+	if n > 0 {
+		if _, err := io.CopyN(cc.up, cc.br, n); err != nil {
+			return response{}, fmt.Errorf("copy request body: %w", err)
+		}
+	}
+	res, _, err := relay(cc.c, cc.upbr, r, capture, out[:0])
+	return res, err
+}
+
+// dial gives the client connection its connection to IMDS: the one dialled ahead when
+// there is one (once per client connection: a redial after a failure dials anew), and
+// starts dialling the next.
+func (cc *clientConn) dial() error {
+	b := cc.b
+	addr, sp := netip.AddrPortFrom(b.cfg.IMDS4, uint16(b.cfg.IMDSPort)), &b.spare4
+	if d := cc.info.r.Dst.Addr(); d.Is6() && !d.Is4In6() {
+		addr, sp = netip.AddrPortFrom(b.cfg.IMDS6, uint16(b.cfg.IMDSPort)), &b.spare6
+	}
+	var up net.Conn
+	if !cc.warm && cc.served == 0 {
+		select {
+		case up = <-sp.conns:
+		default:
+		}
+	}
+	cc.warm = up != nil
+	if up == nil {
+		var err error
+		if up, err = b.dialer.Dial("tcp", addr.String()); err != nil {
+			return &upstreamError{fmt.Errorf("dial IMDS: %w", err)}
+		}
+	}
+	if !b.closing.Load() && sp.dialling.CompareAndSwap(false, true) {
+		go b.dialAhead(sp, addr)
+	}
+	cc.up, cc.served = up, 0
+	if cc.upbr == nil {
+		cc.upbr = b.upReaders.Get().(*bufio.Reader)
+	}
+	cc.upbr.Reset(up)
+	return nil
+}
+
+func (b *Broker) dialAhead(sp *spare, addr netip.AddrPort) {
+	defer sp.dialling.Store(false)
+	up, err := b.dialer.Dial("tcp", addr.String())
+	if err != nil {
+		return // IMDS unreachable: the next client dials itself and sees it fail
+	}
+	select {
+	case sp.conns <- up:
+	default:
+		up.Close()
+	}
+}
+
+func (cc *clientConn) dropUpstream() {
+	if cc.up != nil {
+		cc.up.Close()
+		cc.up = nil
+	}
+}
+
+// answerError answers a request the broker refuses itself, then ends the connection
+// without a reset: what the client still sends is read and dropped for a moment (as
+// net/http does), so that the answer is not lost to an RST.
+func answerError(c net.Conn, e *httpError) {
+	msg := fmt.Sprintf("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+		e.status, http.StatusText(e.status), len(e.body), e.body)
+	if _, err := io.WriteString(c, msg); err != nil {
+		return
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+		_ = tc.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		_, _ = io.CopyN(io.Discard, tc, 256<<10)
+	}
+}
+
+// resetConn closes the client's connection with a TCP reset (SO_LINGER 0).
+func resetConn(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	c.Close()
 }

@@ -3,6 +3,7 @@ package broker
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,7 +36,19 @@ func (f *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "TOKEN")
 	case r.URL.Path == "/latest/meta-data/redirect":
 		http.Redirect(w, r, "http://198.51.100.1/elsewhere", http.StatusFound)
-	case strings.HasPrefix(r.URL.Path, "/latest/meta-data/iam/security-credentials/"):
+	case r.URL.Path == "/latest/meta-data/hop":
+		w.Header().Set("Connection", "X-Hop")
+		w.Header().Set("X-Hop", "secret")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		w.Header().Set("X-End", "kept")
+		io.WriteString(w, "hop")
+	case r.URL.Path == "/latest/user-data":
+		io.WriteString(w, strings.Repeat("u", 200<<10)) // large: chunked, streamed
+	case r.URL.Path == "/latest/meta-data/iam/security-credentials/chunked":
+		io.WriteString(w, `{"Code":"Success",`)
+		w.(http.Flusher).Flush() // forces chunked framing
+		io.WriteString(w, `"AccessKeyId":"ASIACHUNK","SecretAccessKey":"s3cr3t","Token":"t0k"}`)
+	case strings.Contains(r.URL.Path, "/meta-data/iam/security-credentials/"):
 		io.WriteString(w, `{"Code":"Success","AccessKeyId":"ASIAFAKE","SecretAccessKey":"s3cr3t","Token":"t0k"}`)
 	default:
 		io.WriteString(w, "i-0123456789")
@@ -62,23 +76,69 @@ func (f *fakeRedirects) LookupRedirect(port uint16) (hook.Redirect, error) {
 
 type bed struct {
 	imds     *fakeIMDS
+	stopIMDS func()
+	upSrv    *httptest.Server
+	upMu     sync.Mutex
+	upConns  map[net.Conn]bool // connections IMDS served a request on
+	upClosed int
 	imdsAddr string
 	url      string
 	mu       sync.Mutex
 	requests []Request
 }
 
-func (b *bed) recorded() []Request {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return append([]Request(nil), b.requests...)
+func (b *bed) upstreamConns() int {
+	b.upMu.Lock()
+	defer b.upMu.Unlock()
+	return len(b.upConns)
+}
+
+// closeUpstreamIdle makes IMDS close its idle keep-alive connections, as a server's
+// idle timeout does. Turning keep-alives off closes those already idle; one still
+// finishing its answer is caught on the next turn.
+func (b *bed) closeUpstreamIdle() {
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		b.upSrv.Config.SetKeepAlivesEnabled(false)
+		b.upSrv.Config.SetKeepAlivesEnabled(true)
+		b.upMu.Lock()
+		closed := b.upClosed
+		b.upMu.Unlock()
+		if closed > 0 {
+			return
+		}
+	}
+}
+
+func (b *bed) recorded(want int) []Request {
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(2 * time.Millisecond) {
+		b.mu.Lock()
+		recs := append([]Request(nil), b.requests...)
+		b.mu.Unlock()
+		if len(recs) >= want || time.Now().After(deadline) {
+			return recs
+		}
+	}
 }
 
 func start(t testing.TB, enforce bool, redirects Redirects) *bed {
 	t.Helper()
 	tb := &bed{imds: &fakeIMDS{}}
-	up := httptest.NewServer(tb.imds)
+	up := httptest.NewUnstartedServer(tb.imds)
+	tb.upConns = map[net.Conn]bool{}
+	up.Config.ConnState = func(c net.Conn, st http.ConnState) {
+		tb.upMu.Lock()
+		defer tb.upMu.Unlock()
+		switch st {
+		case http.StateActive:
+			tb.upConns[c] = true
+		case http.StateClosed:
+			tb.upClosed++
+		}
+	}
+	up.Start()
+	tb.upSrv = up
 	t.Cleanup(up.Close)
+	tb.stopIMDS = up.Close
 	upAddr := netip.MustParseAddrPort(up.Listener.Addr().String())
 	tb.imdsAddr = upAddr.String()
 	cfg := Config{
@@ -146,7 +206,7 @@ func TestClassifyAndEnforce(t *testing.T) {
 			if st != want {
 				t.Fatalf("v1 GET with v2 required: %d, want %d", st, want)
 			}
-			recs := b.recorded()
+			recs := b.recorded(3)
 			if len(recs) != 3 || recs[0].Version != VersionToken || recs[1].Version != VersionV2 || recs[2].Version != VersionV1 ||
 				recs[2].Status != want || recs[0].Conn.PID != 42 {
 				t.Fatalf("recorded %+v", recs)
@@ -247,7 +307,7 @@ func TestKeepAliveAndCredentials(t *testing.T) {
 			t.Fatalf("%s: %d", p, resp.StatusCode)
 		}
 	}
-	recs := b.recorded()
+	recs := b.recorded(2)
 	if len(recs) != 2 || recs[0].Body != nil || !strings.Contains(string(recs[1].Body), "ASIAFAKE") {
 		t.Fatalf("recorded %+v", recs)
 	}
@@ -255,14 +315,109 @@ func TestKeepAliveAndCredentials(t *testing.T) {
 
 func TestIsCredentialPath(t *testing.T) {
 	for p, want := range map[string]bool{
-		"/latest/meta-data/iam/security-credentials/role":                              true,
-		"/latest/meta-data/iam/security-credentials/":                                  false,
-		"/latest/meta-data/iam/security-credentials/role/x":                            false,
-		"/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance": true,
-		"/latest/meta-data/instance-id":                                                false,
+		"/latest/meta-data/iam/security-credentials/role":                                   true,
+		"/latest/meta-data/iam/security-credentials/":                                       false,
+		"/latest/meta-data/iam/security-credentials/role/x":                                 false,
+		"/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance":      true,
+		"/latest/meta-data/instance-id":                                                     false,
+		"/2021-03-23/meta-data/iam/security-credentials/role":                               true,
+		"/1.0/meta-data/iam/security-credentials/role":                                      true,
+		"//latest//meta-data/iam//security-credentials/role/":                               true,
+		"/latest/meta-data/./iam/x/../security-credentials/role":                            true,
+		"/LATEST/Meta-Data/IAM/security-credentials/role":                                   true,
+		"/2021-03-23/meta-data/identity-credentials/ec2/security-credentials/ec2-instance/": true,
+		"/2021-3-23/meta-data/iam/security-credentials/role":                                false,
+		"/meta-data/iam/security-credentials/role":                                          false,
+		"/v2/meta-data/iam/security-credentials/role":                                       false,
 	} {
 		if IsCredentialPath(p) != want {
 			t.Errorf("IsCredentialPath(%q) != %v", p, want)
 		}
+	}
+}
+
+func TestIsTokenPath(t *testing.T) {
+	for p, want := range map[string]bool{
+		"/latest/api/token": true, "//latest/api//token/": true, "/2021-03-23/api/token": true,
+		"/latest/api/token/x": false, "/api/token": false, "/latest/meta-data/api/token": false,
+	} {
+		if IsTokenPath(p) != want {
+			t.Errorf("IsTokenPath(%q) != %v", p, want)
+		}
+	}
+}
+
+// Every spelling of a credential path that IMDS serves is fingerprinted alike.
+func TestCredentialPathForms(t *testing.T) {
+	b := start(t, true, v4Redirect(false))
+	paths := []string{
+		"/latest/meta-data/iam/security-credentials/role",
+		"/2021-03-23/meta-data/iam/security-credentials/role",
+		"/latest/meta-data/iam/security-credentials/role/",
+		"//latest//meta-data/iam/security-credentials//role",
+	}
+	for _, p := range paths {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(b.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n", p)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		conn.Close()
+	}
+	recs := b.recorded(len(paths))
+	if len(recs) != len(paths) {
+		t.Fatalf("recorded %d requests, want %d", len(recs), len(paths))
+	}
+	got := map[string]bool{}
+	for _, r := range recs { // recorded as each answer completes: in any order
+		got[r.Path] = strings.Contains(string(r.Body), "ASIAFAKE")
+	}
+	for _, p := range paths {
+		if !got[p] {
+			t.Errorf("%s: not recorded as a credential fetch: %+v", p, recs)
+		}
+	}
+}
+
+// In audit mode an IMDSv1 request that enforce would refuse is forwarded and marked.
+func TestAuditMarksWouldRefuse(t *testing.T) {
+	b := start(t, false, v4Redirect(true))
+	if st, _ := do(t, &http.Client{}, "GET", b.url+"/latest/meta-data/instance-id", nil); st != 200 {
+		t.Fatalf("v1 in audit: %d", st)
+	}
+	do(t, &http.Client{}, "GET", b.url+"/latest/meta-data/instance-id", map[string]string{"X-aws-ec2-metadata-token": "T"})
+	recs := b.recorded(2)
+	if len(recs) != 2 || recs[0].WouldRefuse != "imdsv2_required" || recs[0].Refused != "" || recs[1].WouldRefuse != "" {
+		t.Fatalf("recorded %+v", recs)
+	}
+}
+
+// An IMDS that cannot be reached looks to the client as it would without the broker:
+// its connection fails (reset), it gets no HTTP answer.
+func TestUpstreamDownResetsClient(t *testing.T) {
+	b := start(t, true, v4Redirect(false))
+	b.stopIMDS()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(b.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(conn, "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+	data, err := io.ReadAll(conn)
+	if len(data) != 0 {
+		t.Fatalf("client got an answer: %q", data)
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("read: %v, want connection reset", err)
+	}
+	recs := b.recorded(1)
+	if len(recs) != 1 || recs[0].Refused != "upstream_error" || recs[0].Status != 0 {
+		t.Fatalf("recorded %+v", recs)
 	}
 }

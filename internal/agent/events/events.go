@@ -53,6 +53,7 @@ type Record struct {
 	IMDSVersion string // token, v1, v2
 	Status      int    // HTTP status the client got
 	Refused     string // why the broker answered itself, e.g. imdsv2_required
+	WouldRefuse string // audit mode: why enforce mode would have refused it
 	DurationMS  float64
 }
 
@@ -158,6 +159,9 @@ func (w *Writer) Write(r Record) {
 			Int("status", r.Status).Float64("duration_ms", r.DurationMS)
 		if r.Refused != "" {
 			e = e.Str("refused", r.Refused)
+		}
+		if r.WouldRefuse != "" {
+			e = e.Str("would_refuse", r.WouldRefuse)
 		}
 	}
 	if len(r.Missing) > 0 {

@@ -90,6 +90,9 @@ func Resolve(cfg config.Config, cgroupRoot string) Policy {
 			var st syscall.Stat_t
 			if err := syscall.Stat(r.Exe, &st); err == nil {
 				kr.Exes = []hook.ExeID{{Dev: st.Dev, Ino: st.Ino}}
+				if interp, ok := config.ScriptInterpreter(r.Exe); ok {
+					miss("exe " + r.Exe + " is a script (#!" + interp + "): processes running it have the interpreter as their exe, so this rule never matches them")
+				}
 			} else {
 				miss("exe " + r.Exe + ": " + err.Error())
 			}

@@ -29,12 +29,16 @@ type Report struct {
 	Time      time.Time              `json:"time"`
 	Identity  *hostid.Identity       `json:"identity,omitempty"`
 	Processes []metrics.ProcessStats `json:"processes"`
+	// Usage is the agent's live usage tally (internal/agent/tally's Snapshot form), for
+	// `imdsguard report`: what the saved ledger will say at the next save.
+	Usage json.RawMessage `json:"usage,omitempty"`
 }
 
 // Source produces the report's contents.
 type Source struct {
 	Processes func() []metrics.ProcessStats
 	Identity  func() (hostid.Identity, bool) // may be nil
+	Usage     func() ([]byte, error)         // may be nil
 }
 
 // Server answers status requests on a unix socket.
@@ -105,6 +109,13 @@ func (s *Server) answer(c *net.UnixConn) {
 		return
 	}
 	r := Report{Time: time.Now().UTC(), Processes: s.src.Processes()}
+	if s.src.Usage != nil {
+		if u, err := s.src.Usage(); err == nil {
+			r.Usage = u
+		} else {
+			s.log.Warn().Err(err).Str("event", "status_usage_failed").Msg("usage tally left out of status")
+		}
+	}
 	if s.src.Identity != nil {
 		if id, ok := s.src.Identity(); ok {
 			r.Identity = &id

@@ -23,12 +23,13 @@ const Retention = 30 * 24 * time.Hour
 type Kind int
 
 const (
-	V1         Kind = iota // IMDSv1 request answered
-	V1Rejected             // IMDSv1 request refused (a rule requires v2)
-	V2                     // IMDSv2 request
-	Token                  // token PUT
-	Denied                 // connect() denied by the allowlist
-	Credential             // role credentials fetched
+	V1            Kind = iota // IMDSv1 request answered
+	V1Rejected                // IMDSv1 request refused (a rule requires v2)
+	V2                        // IMDSv2 request
+	Token                     // token PUT
+	Denied                    // connect() denied by the allowlist
+	Credential                // role credentials fetched
+	V1WouldReject             // IMDSv1 request forwarded in audit mode that enforce would refuse
 )
 
 // Who is the process identity a tally is kept by.
@@ -40,13 +41,16 @@ type Who struct {
 
 // Counts is one tally.
 type Counts struct {
-	V1         uint64    `json:"v1"`
-	V1Rejected uint64    `json:"v1_rejected"`
-	V2         uint64    `json:"v2"`
-	Token      uint64    `json:"token"`
-	Denied     uint64    `json:"denied"`
-	Credential uint64    `json:"credentials"`
-	LastSeen   time.Time `json:"last_seen"`
+	V1         uint64 `json:"v1"`
+	V1Rejected uint64 `json:"v1_rejected"`
+	// V1WouldReject counts the V1 requests (already in V1) that enforce mode would
+	// have refused: what switching to enforce changes for this process.
+	V1WouldReject uint64    `json:"v1_would_reject"`
+	V2            uint64    `json:"v2"`
+	Token         uint64    `json:"token"`
+	Denied        uint64    `json:"denied"`
+	Credential    uint64    `json:"credentials"`
+	LastSeen      time.Time `json:"last_seen"`
 }
 
 func (c *Counts) add(k Kind, at time.Time) {
@@ -63,6 +67,8 @@ func (c *Counts) add(k Kind, at time.Time) {
 		c.Denied++
 	case Credential:
 		c.Credential++
+	case V1WouldReject:
+		c.V1WouldReject++
 	}
 	if at.After(c.LastSeen) {
 		c.LastSeen = at
@@ -76,6 +82,7 @@ func (c *Counts) merge(o Counts) {
 	c.Token += o.Token
 	c.Denied += o.Denied
 	c.Credential += o.Credential
+	c.V1WouldReject += o.V1WouldReject
 	if o.LastSeen.After(c.LastSeen) {
 		c.LastSeen = o.LastSeen
 	}
@@ -119,16 +126,33 @@ func Open(path string) (*Ledger, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read usage ledger: %w", err)
 	}
+	if err := l.load(data); err != nil {
+		return nil, fmt.Errorf("usage ledger %s is corrupt: %w", path, err)
+	}
+	return l, nil
+}
+
+// Decode returns a ledger, not backed by a file, from what Snapshot returned: the
+// running agent's live tally, as `imdsguard report` gets it over the status socket.
+func Decode(data []byte) (*Ledger, error) {
+	l := &Ledger{counts: map[key]*Counts{}}
+	if err := l.load(data); err != nil {
+		return nil, fmt.Errorf("decode usage tally: %w", err)
+	}
+	return l, nil
+}
+
+func (l *Ledger) load(data []byte) error {
 	var f file
 	if err := json.Unmarshal(data, &f); err != nil {
-		return nil, fmt.Errorf("usage ledger %s is corrupt: %w", path, err)
+		return err
 	}
 	l.instance, l.since = f.InstanceID, f.Since
 	for _, b := range f.Buckets {
 		c := b.Count
 		l.counts[key{b.Hour, b.Who}] = &c
 	}
-	return l, nil
+	return nil
 }
 
 // SetInstance records which instance the ledger is about (for the switch command).
@@ -154,6 +178,22 @@ func (l *Ledger) Observe(k Kind, who Who, at time.Time) {
 
 // Save writes the ledger atomically, dropping buckets older than Retention.
 func (l *Ledger) Save(now time.Time) error {
+	data, err := l.Snapshot(now)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(l.path), 0o700); err != nil {
+		return fmt.Errorf("save usage ledger: %w", err)
+	}
+	if err := atomicfile.Write(l.path, data, 0o600); err != nil {
+		return fmt.Errorf("save usage ledger: %w", err)
+	}
+	return nil
+}
+
+// Snapshot is the ledger as it stands, in the form Save writes and Decode reads,
+// dropping buckets older than Retention.
+func (l *Ledger) Snapshot(now time.Time) ([]byte, error) {
 	l.mu.Lock()
 	f := file{InstanceID: l.instance, Since: l.since}
 	for k, c := range l.counts {
@@ -167,15 +207,9 @@ func (l *Ledger) Save(now time.Time) error {
 	sort.Slice(f.Buckets, func(i, j int) bool { return f.Buckets[i].Hour.Before(f.Buckets[j].Hour) })
 	data, err := json.Marshal(f)
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("encode usage ledger: %w", err)
 	}
-	if err := os.MkdirAll(filepath.Dir(l.path), 0o700); err != nil {
-		return fmt.Errorf("save usage ledger: %w", err)
-	}
-	if err := atomicfile.Write(l.path, data, 0o600); err != nil {
-		return fmt.Errorf("save usage ledger: %w", err)
-	}
-	return nil
+	return data, nil
 }
 
 // Row is one process identity's use over a window.
@@ -195,6 +229,9 @@ type Report struct {
 	// ReadyForV2 says no IMDSv1 request was answered or refused in the window.
 	ReadyForV2 bool   `json:"ready_for_imdsv2"`
 	Command    string `json:"command,omitempty"`
+	// Source says where the tally came from: "agent" (live, over the status socket) or
+	// "ledger" (the file the agent saves every stats interval). Set by the caller.
+	Source string `json:"source,omitempty"`
 }
 
 // Report sums the window [now-since, now].

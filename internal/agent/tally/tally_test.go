@@ -54,3 +54,31 @@ func TestLedgerSurvivesRestartAndReports(t *testing.T) {
 		t.Fatalf("old buckets kept: %+v", r.Rows)
 	}
 }
+
+// The running agent hands its live tally to `imdsguard report` as a snapshot; decoded,
+// it reports what the ledger itself would, V1WouldReject included.
+func TestSnapshotDecode(t *testing.T) {
+	l, err := Open(t.TempDir() + "/usage.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	who := Who{Exe: "/usr/bin/curl", User: "root"}
+	l.Observe(V1, who, now)
+	l.Observe(V1WouldReject, who, now)
+	data, err := l.Snapshot(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, err := Decode(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := live.Report(time.Hour, now)
+	if len(r.Rows) != 1 || r.Rows[0].V1 != 1 || r.Rows[0].V1WouldReject != 1 || r.ReadyForV2 {
+		t.Fatalf("report from snapshot %+v", r)
+	}
+	if _, err := Decode([]byte("{")); err == nil {
+		t.Fatal("a corrupt snapshot decoded")
+	}
+}

@@ -180,6 +180,7 @@ type Event struct {
 	IMDSVersion string  `json:"imds_version"`
 	Status      int     `json:"status"`
 	Refused     string  `json:"refused"`
+	WouldRefuse string  `json:"would_refuse"`
 	DurationMS  float64 `json:"duration_ms"`
 }
 

@@ -86,6 +86,7 @@ type Bed struct {
 
 	emulator *exec.Cmd
 	waitErr  chan error
+	stopOnce sync.Once
 
 	mu        sync.Mutex
 	cgroupFDs map[*exec.Cmd]func() // cgroup fds of commands not yet started
@@ -284,11 +285,19 @@ func (b *Bed) startEmulator(opts Options) error {
 	b.waitErr = make(chan error, 1)
 	go func() { b.waitErr <- <-waitErr }()
 	b.closers = append(b.closers, func() error {
-		_ = cmd.Process.Kill()
-		<-b.waitErr
+		b.StopEmulator()
 		return nil
 	})
 	return b.waitReady()
+}
+
+// StopEmulator kills the emulator: IMDS is down and its address refuses connections,
+// for tests of what clients see then. Close does it too.
+func (b *Bed) StopEmulator() {
+	b.stopOnce.Do(func() {
+		_ = b.emulator.Process.Kill()
+		<-b.waitErr
+	})
 }
 
 var (
