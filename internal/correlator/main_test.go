@@ -1,7 +1,6 @@
 package correlator
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -18,6 +17,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch/trailwatchtest"
 	"github.com/imdsguard/imdsguard/internal/testing/ctcorpus"
+	"github.com/imdsguard/imdsguard/internal/testing/findingtest"
 	"github.com/imdsguard/imdsguard/internal/testing/syncbuf"
 )
 
@@ -47,20 +47,7 @@ func runCmd(t *testing.T, stdin string, args ...string) (int, string, string) {
 	return code, out.String(), errb.String()
 }
 
-func decodeFindings(t *testing.T, s string) []detector.Finding {
-	t.Helper()
-	var fs []detector.Finding
-	sc := bufio.NewScanner(strings.NewReader(s))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		var f detector.Finding
-		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
-			t.Fatalf("bad finding line %q: %v", sc.Text(), err)
-		}
-		fs = append(fs, f)
-	}
-	return fs
-}
+func decodeFindings(t *testing.T, s string) []detector.Finding { return findingtest.Decode(t, s) }
 
 func readLabels(t *testing.T, dir string) []ctcorpus.Label {
 	data, err := os.ReadFile(filepath.Join(dir, "labels.jsonl"))

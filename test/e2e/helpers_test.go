@@ -5,15 +5,14 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"strings"
 	"testing"
 
 	"github.com/imdsguard/imdsguard/internal/correlator"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/testing/findingtest"
 )
 
 // runCmd runs one imdsguard-correlator command line in process.
@@ -24,17 +23,4 @@ func runCmd(t *testing.T, stdin string, args ...string) (int, string, string) {
 	return code, out.String(), errb.String()
 }
 
-func decodeFindings(t *testing.T, s string) []detector.Finding {
-	t.Helper()
-	var fs []detector.Finding
-	sc := bufio.NewScanner(strings.NewReader(s))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		var f detector.Finding
-		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
-			t.Fatalf("bad finding line %q: %v", sc.Text(), err)
-		}
-		fs = append(fs, f)
-	}
-	return fs
-}
+func decodeFindings(t *testing.T, s string) []detector.Finding { return findingtest.Decode(t, s) }
