@@ -251,3 +251,35 @@ func sortedKeys(m map[string]bool) []string {
 	slices.Sort(out)
 	return out
 }
+
+// TestPackagesTable keeps architecture.md's package table the map of the tree: every Go
+// package (but the docs' own) has a row, and every row is a package.
+func TestPackagesTable(t *testing.T) {
+	var pkgs []string
+	root := ".."
+	err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (strings.HasPrefix(d.Name(), ".") && path != root || d.Name() == "testdata" || d.Name() == "node_modules") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return nil
+		}
+		rel, _ := filepath.Rel(root, filepath.Dir(path))
+		if top := strings.Split(rel, string(filepath.Separator))[0]; top != "cmd" && top != "internal" && top != "tools" && top != "test" {
+			return nil
+		}
+		if !slices.Contains(pkgs, rel) {
+			pkgs = append(pkgs, filepath.ToSlash(rel))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// test/e2e has only _test.go files: a package all the same.
+	pkgs = append(pkgs, "test/e2e")
+	doctable.Compare(t, "architecture.md", "packages", pkgs, "the Go packages under cmd/, internal/, test/ and tools/")
+}
