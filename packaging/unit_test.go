@@ -123,6 +123,13 @@ func TestUnitOrdering(t *testing.T) {
 			t.Errorf("unit is not ordered before %s (Before=%s)", want, before)
 		}
 	}
+	// Ordering means nothing unless systemd waits for the agent to say it is guarding.
+	if got := unitValues(t, "Type"); len(got) != 1 || got[0] != "notify" {
+		t.Errorf("Type=%v, want notify: with simple, units ordered after imdsguard start before it guards", got)
+	}
+	if got := unitValues(t, "WatchdogSec"); len(got) != 1 || got[0] == "0" {
+		t.Errorf("WatchdogSec=%v: a wedged agent would never be restarted", got)
+	}
 	if got := unitValues(t, "Restart"); len(got) != 1 || got[0] != "always" {
 		t.Errorf("Restart=%v, want always", got)
 	}

@@ -49,7 +49,7 @@ const (
 // value on hup reloads the configuration and reopens the output files.
 func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
 	a := &agent{cfg: opts.Config, opts: opts, log: log, recent: newRecent(4096),
-		requests: make(chan events.Record, opts.Config.Agent.QueueSize)}
+		requests: make(chan events.Record, opts.Config.Agent.QueueSize), sd: newNotifier(log)}
 	defer a.close()
 	if err := a.start(); err != nil {
 		return err
@@ -65,6 +65,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	}
 	a.onClose(func() { _ = ctl.Close() })
 	runErr := a.loop(ctx, hup, ctl)
+	a.sd.stopping()
 	return errors.Join(runErr, a.stop())
 }
 
@@ -77,6 +78,7 @@ func (a *agent) start() error {
 		return fmt.Errorf("find cgroup v2: %w", err)
 	}
 	a.cgroupRoot = root
+	a.sd.status("loading kernel programs")
 	dir := cfg.Cgroup
 	if dir == "" {
 		dir = root
@@ -142,6 +144,7 @@ func (a *agent) start() error {
 	if err := a.applyPolicy(true); err != nil {
 		return err
 	}
+	a.sd.status("attaching to " + dir)
 	if err := a.h.Attach(dir); err != nil {
 		return err
 	}
@@ -158,6 +161,8 @@ func (a *agent) start() error {
 		a.onClose(func() { _ = os.Remove(cfg.Agent.ReadyFile) })
 	}
 	a.reportPreexisting()
+	// Only now: programs attached, policy in the kernel, broker listening.
+	a.sd.ready()
 	return nil
 }
 
@@ -197,9 +202,11 @@ func (a *agent) loop(ctx context.Context, hup <-chan struct{}, ctl *control) err
 		case err := <-a.readErr:
 			a.readErr <- err // stop() collects it
 			return fmt.Errorf("event reader stopped: %w", err)
-		case <-beat.C:
+		case now := <-beat.C:
 			if err := a.h.Beat(); err != nil {
 				a.log.Error().Err(err).Str("event", "heartbeat_failed").Msg("kernel will apply the failure mode")
+			} else {
+				a.sd.alive(now)
 			}
 		case <-resolve.C:
 			if err := a.applyPolicy(false); err != nil {
@@ -255,6 +262,7 @@ type agent struct {
 	cfg        config.Config
 	opts       Options
 	log        zerolog.Logger
+	sd         *notifier // systemd: status, readiness, watchdog
 	h          *hook.Hook
 	out        *events.Writer
 	broker     *broker.Broker
