@@ -38,7 +38,9 @@ func (n *notifier) status(s string) { n.send("STATUS=" + s) }
 
 func (n *notifier) ready() { n.send(daemon.SdNotifyReady + "\nSTATUS=guarding IMDS") }
 
-func (n *notifier) stopping() { n.send(daemon.SdNotifyStopping + "\nSTATUS=stopping; pinned programs keep guarding") }
+func (n *notifier) stopping() {
+	n.send(daemon.SdNotifyStopping + "\nSTATUS=stopping; pinned programs keep guarding")
+}
 
 // alive pets the watchdog after a successful heartbeat, at most twice a watchdog period.
 func (n *notifier) alive(now time.Time) {
