@@ -42,7 +42,7 @@ func (n *notifier) stopping() {
 	n.send(daemon.SdNotifyStopping + "\nSTATUS=stopping; pinned programs keep guarding")
 }
 
-// alive pets the watchdog after a successful heartbeat, at most twice a watchdog period.
+// alive pets the watchdog after a successful heartbeat, about four times a watchdog period.
 func (n *notifier) alive(now time.Time) {
 	if n.watchdog == 0 || now.Sub(n.lastPet) < n.watchdog/4 {
 		return
