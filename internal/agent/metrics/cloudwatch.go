@@ -67,7 +67,8 @@ type CloudWatch struct {
 	clReg   string
 
 	wake chan struct{}
-	stop context.CancelFunc
+	quit chan struct{}     // closed by Close: finish the send in flight, then stop
+	stop context.CancelFunc // abandons the send in flight, when Close runs out of time
 	done chan struct{}
 }
 
@@ -92,7 +93,7 @@ func NewCloudWatch(opts CloudWatchOptions) *CloudWatch {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &CloudWatch{opts: opts, region: opts.Region, wake: make(chan struct{}, 1), stop: cancel,
-		done: make(chan struct{})}
+		quit: make(chan struct{}), done: make(chan struct{})}
 	go c.run(ctx)
 	return c
 }
@@ -181,6 +182,8 @@ func (c *CloudWatch) run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
+			return
+		case <-c.quit:
 			return
 		case <-c.wake:
 			if retry != nil {
@@ -323,8 +326,16 @@ func (c *CloudWatch) clientFor(ctx context.Context) (*cloudwatch.Client, error) 
 // Close implements Sink: it stops the background sender and makes one last attempt to
 // send everything queued, within ctx.
 func (c *CloudWatch) Close(ctx context.Context) error {
+	// Cancelling a PutMetricData mid-body would lose it and leave CloudWatch a cut
+	// request: let the send in flight finish, unless ctx runs out first.
+	close(c.quit)
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		c.stop()
+		<-c.done
+	}
 	c.stop()
-	<-c.done
 	if err := c.sendAll(ctx); err != nil {
 		pending, _ := c.Pending()
 		return fmt.Errorf("cloudwatch: %d data points not sent at shutdown: %w", pending, err)
