@@ -67,7 +67,7 @@ type CloudWatch struct {
 	clReg   string
 
 	wake chan struct{}
-	quit chan struct{}     // closed by Close: finish the send in flight, then stop
+	quit chan struct{}      // closed by Close: finish the send in flight, then stop
 	stop context.CancelFunc // abandons the send in flight, when Close runs out of time
 	done chan struct{}
 }
