@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent/cgroup"
 	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 )
 
@@ -71,6 +73,12 @@ type Host struct {
 	KernelRelease func() (string, error)
 	// LoadBPF loads and frees a trivial program of the type the agent uses.
 	LoadBPF func() error
+	// LoadPrograms loads imdsguard's own programs, unattached and unpinned, and frees
+	// them: the one true answer to "does this kernel's verifier take them?".
+	LoadPrograms func() error
+	// NetnsCookie reads the agent's own network namespace cookie (SO_NETNS_COOKIE),
+	// which it needs to tell its namespace's connections from containers'.
+	NetnsCookie func() error
 	// IMDS is the base URL of the metadata service ("http://169.254.169.254:80"); empty
 	// skips the IMDS check.
 	IMDS string
@@ -84,7 +92,19 @@ func Real(cfg config.Config) Host {
 		Root:          "/",
 		KernelRelease: unameRelease,
 		LoadBPF:       loadTrivialProgram,
-		IMDS:          "http://" + net.JoinHostPort(cfg.IMDS.IPv4, strconv.Itoa(cfg.IMDS.Port)),
+		LoadPrograms: func() error {
+			// The addresses as written: preflight may run on a config not yet validated.
+			ip4, _ := netip.ParseAddr(cfg.IMDS.IPv4)
+			ip6, _ := netip.ParseAddr(cfg.IMDS.IPv6)
+			h, err := hook.Load(hook.Target{IPv4: ip4, IPv6: ip6, Port: uint16(cfg.IMDS.Port),
+				BrokerPort: uint16(cfg.Broker.Port)}, "")
+			if err != nil {
+				return err
+			}
+			return h.Close()
+		},
+		NetnsCookie: func() error { _, err := hook.OwnNetnsCookie(); return err },
+		IMDS:        "http://" + net.JoinHostPort(cfg.IMDS.IPv4, strconv.Itoa(cfg.IMDS.Port)),
 		HTTP: &http.Client{
 			Timeout: 2 * time.Second,
 			// IMDS answers directly; a redirect or an environment proxy would be
@@ -106,6 +126,14 @@ func Run(ctx context.Context, h Host, cfg config.Config) []Result {
 		checkBPFFS(mountinfo, err),
 		h.checkLockdown(),
 		h.checkBPFLoad(),
+	}
+	// Probe what the agent needs rather than trust a version number: distributions
+	// backport features, and a new enough version can still lack one.
+	if results[len(results)-1].Status == OK && h.LoadPrograms != nil {
+		results = append(results, h.checkPrograms())
+	}
+	if h.NetnsCookie != nil {
+		results = append(results, h.checkNetnsCookie())
 	}
 	if h.IMDS != "" {
 		results = append(results, h.checkIMDS(ctx))
@@ -133,7 +161,7 @@ func (h Host) checkKernel() Result {
 		r.Status, r.Detail = Fail, fmt.Sprintf("kernel %s is too old: %s or newer is needed (BPF ring buffer, CAP_BPF)", rel, need)
 		r.Fix = "boot a newer kernel: Amazon Linux 2023, Ubuntu 20.10+ and Debian 11+ have one; on Amazon Linux 2 install kernel-5.10 or 5.15 (amazon-linux-extras)"
 	default:
-		r.Detail = fmt.Sprintf("%s (%s or newer needed)", rel, need)
+		r.Detail = fmt.Sprintf("%s (%s or newer needed; the probes below say what works)", rel, need)
 	}
 	return r
 }
@@ -271,6 +299,31 @@ func (h Host) checkBPFLoad() Result {
 		r.Detail = fmt.Sprintf("loading a test BPF program failed: %v", err)
 		r.Fix = "the kernel must have CONFIG_BPF_SYSCALL=y and CONFIG_CGROUP_BPF=y"
 	}
+	return r
+}
+
+func (h Host) checkPrograms() Result {
+	r := Result{Check: "bpf programs"}
+	start := time.Now()
+	if err := h.LoadPrograms(); err != nil {
+		r.Status = Fail
+		r.Detail = fmt.Sprintf("this kernel refused imdsguard's programs: %v", err)
+		r.Fix = "the programs need BTF, the BPF ring buffer and BPF-to-BPF global functions (Linux 5.14 or newer, or a distribution kernel with them backported); see docs/install-and-operate.md#kernels"
+		return r
+	}
+	r.Detail = fmt.Sprintf("the verifier took imdsguard's programs in %d ms", time.Since(start).Milliseconds())
+	return r
+}
+
+func (h Host) checkNetnsCookie() Result {
+	r := Result{Check: "netns cookie"}
+	if err := h.NetnsCookie(); err != nil {
+		r.Status = Fail
+		r.Detail = fmt.Sprintf("cannot read the agent's network namespace cookie: %v", err)
+		r.Fix = "SO_NETNS_COOKIE came in Linux 5.14: boot a 5.15 or newer kernel (Amazon Linux 2: the kernel-5.15 extra); without it the agent cannot tell its own namespace's connections from containers'"
+		return r
+	}
+	r.Detail = "SO_NETNS_COOKIE works"
 	return r
 }
 

@@ -3,6 +3,7 @@ package preflight
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
 const mountinfoV2 = `22 1 0:21 / / rw,relatime - ext4 /dev/vda rw
@@ -218,5 +220,57 @@ func TestRealUsesConfiguredIMDS(t *testing.T) {
 	}
 	if got := Real(cfg).IMDS; got != "http://127.0.0.1:8080" {
 		t.Errorf("IMDS base = %q", got)
+	}
+}
+
+// The probes decide, not the version: a kernel whose verifier refuses the programs, or
+// that lacks SO_NETNS_COOKIE, fails preflight whatever uname says, and says what to do.
+func TestProbesDecide(t *testing.T) {
+	files := map[string]string{
+		"proc/self/mountinfo":          mountinfoV2,
+		"sys/kernel/btf/vmlinux":       "btf",
+		"sys/kernel/security/lockdown": "[none] integrity confidentiality\n",
+	}
+	h := fakeHost(t, files)
+	h.LoadPrograms = func() error { return nil }
+	h.NetnsCookie = func() error { return nil }
+	results := byCheck(Run(context.Background(), h, config.Default()))
+	if results["bpf programs"].Status != OK || results["netns cookie"].Status != OK {
+		t.Fatalf("probes on a good kernel: %+v %+v", results["bpf programs"], results["netns cookie"])
+	}
+
+	// A 6.1 kernel (uname looks fine) that lacks what the programs need.
+	h.LoadPrograms = func() error { return errors.New("load program connect4: invalid argument") }
+	h.NetnsCookie = func() error { return fmt.Errorf("read netns cookie: %w", unix.ENOPROTOOPT) }
+	results = byCheck(Run(context.Background(), h, config.Default()))
+	for _, check := range []string{"bpf programs", "netns cookie"} {
+		r := results[check]
+		if r.Status != Fail || r.Fix == "" {
+			t.Errorf("%s: %v %q (fix %q), want a failure with a fix", check, r.Status, r.Detail, r.Fix)
+		}
+	}
+	if results["kernel"].Status != OK {
+		t.Errorf("kernel check: %v; the version alone was fine", results["kernel"].Status)
+	}
+
+	// Without permission to load, the program probe is not attempted: one clear failure.
+	h.LoadBPF = func() error { return fmt.Errorf("load program: %w", unix.EPERM) }
+	h.LoadPrograms = func() error { t.Error("programs loaded without permission"); return nil }
+	results = byCheck(Run(context.Background(), h, config.Default()))
+	if _, ok := results["bpf programs"]; ok {
+		t.Error("program probe ran after the permission check failed")
+	}
+}
+
+// On this machine, as root, the real probes pass: the programs verify and the cookie
+// reads.
+func TestPrivilegedRealProbes(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	h := Real(config.Default())
+	if r := h.checkPrograms(); r.Status != OK {
+		t.Errorf("bpf programs: %s", r.Detail)
+	}
+	if r := h.checkNetnsCookie(); r.Status != OK {
+		t.Errorf("netns cookie: %s", r.Detail)
 	}
 }
