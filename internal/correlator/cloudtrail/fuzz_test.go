@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"reflect"
+	"strings"
 	"testing"
 	"testing/iotest"
 )
@@ -45,12 +46,30 @@ func agree(t *testing.T, data []byte) {
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("input %q\nfast:          %+v\nencoding/json: %+v", data, got, want)
 	}
-	// Byte by byte from the reader, the buffer boundaries fall everywhere.
+	// Byte by byte from the reader, the buffer boundaries fall everywhere; the last
+	// bytes come with io.EOF.
+	readers := map[string]io.Reader{"in halves": iotest.HalfReader(bytes.NewReader(data))}
 	if len(data) < 4096 {
-		got = readAll(Read, iotest.OneByteReader(bytes.NewReader(data)))
+		readers["a byte at a time"] = iotest.DataErrReader(iotest.OneByteReader(bytes.NewReader(data)))
+	}
+	for how, r := range readers {
+		got = readAll(Read, r)
 		if !reflect.DeepEqual(got, want) {
-			t.Fatalf("input %q read a byte at a time\nfast:          %+v\nencoding/json: %+v", data, got, want)
+			t.Fatalf("input %q read %s\nfast:          %+v\nencoding/json: %+v", data, how, got, want)
 		}
+	}
+}
+
+// TestValuesLargerThanTheBuffer reads records larger than the stream's buffer.
+func TestValuesLargerThanTheBuffer(t *testing.T) {
+	big := `{"eventTime":"2026-11-20T10:00:00Z","requestParameters":{"a":[` + strings.Repeat(`"0123456789",`, 70000) + `1]},"eventName":"Big"}`
+	agree(t, []byte(`{"Records":[`+rec1+`,`+big+`,`+rec2+`]}`))
+	agree(t, []byte(big+"\n"+rec1))
+	agree(t, []byte("{\n"+big[1:]+"\n{\n"+rec2[1:]))
+	agree(t, []byte(`{"Records":[`+rec1+`,`+big[:len(big)-1000]))
+	recs, _, st := read(t, []byte(`[`+big+`]`))
+	if st.Records != 1 || len(recs[0].RequestParameters) != 70000*13+9 || recs[0].EventName != "Big" {
+		t.Fatalf("stats %+v", st)
 	}
 }
 

@@ -184,9 +184,9 @@ func (s *stream) decode(parse func(p *parser), target func() any) error {
 		case errMore:
 			_ = s.refill() // a read error ends the input: the next parse is final
 		case errEnd:
-			s.err = io.ErrUnexpectedEOF
-			if !errors.Is(s.rerr, io.EOF) {
-				s.err = s.rerr
+			s.err = s.rerr
+			if errors.Is(s.rerr, io.EOF) && nonSpace(s.buf[s.scanp:]) {
+				s.err = io.ErrUnexpectedEOF
 			}
 			return s.err
 		default: // errSyntax: encoding/json words it
@@ -197,6 +197,15 @@ func (s *stream) decode(parse func(p *parser), target func() any) error {
 			return s.err
 		}
 	}
+}
+
+func nonSpace(b []byte) bool {
+	for _, c := range b {
+		if c != ' ' && c != '\t' && c != '\r' && c != '\n' {
+			return true
+		}
+	}
+	return false
 }
 
 func skipValue(p *parser) { p.skip() }
