@@ -2,6 +2,7 @@ package cloudtrail
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"unicode/utf8"
@@ -36,6 +37,8 @@ type parser struct {
 	depth int
 	// err stops the parse: errMore, errSyntax or errEnd.
 	err error
+	// strs, when not nil, keeps one copy of the strings that repeat from record to record.
+	strs *repeats
 	// typeErr is set when a value had the wrong type for its field. encoding/json goes
 	// on filling the other fields and reports the first such error at the end; so does
 	// the parser, and the record is then bad.
@@ -84,6 +87,9 @@ func (p *parser) str() (body []byte, slow bool) {
 	i := start
 	b := p.b
 	for {
+		for i+8 <= len(b) && plainWord(binary.LittleEndian.Uint64(b[i:])) {
+			i += 8
+		}
 		for i < len(b) && !strEnd[b[i]] {
 			i++
 		}
@@ -133,6 +139,17 @@ func (p *parser) str() (body []byte, slow bool) {
 			i++
 		}
 	}
+}
+
+// plainWord reports whether none of the 8 bytes in w ends or interrupts the fast scan
+// of a string (a quote, a backslash, a control character, a non-ASCII byte), testing
+// them all at once: a byte is zero in x exactly when (x-1) &^ x has its top bit set.
+func plainWord(w uint64) bool {
+	const ones, tops = 0x0101010101010101, 0x8080808080808080
+	quote := w ^ ('"' * ones)
+	backslash := w ^ ('\\' * ones)
+	control := (w - 0x20*ones) &^ w // top bit set for bytes below 0x20 (and any above 0x7f)
+	return ((quote-ones)&^quote|(backslash-ones)&^backslash|control|w)&tops == 0
 }
 
 func isHex(c byte) bool {
@@ -380,15 +397,52 @@ func (p *parser) structValue(member func(key []byte, slow bool)) {
 	}
 }
 
-// stringValue reads the value of a string field.
+// repeats keeps one copy of each of the first values of the string fields that repeat
+// (event names and sources, regions, accounts, roles, user agents…), so that a record
+// allocates only for what is new in it.
+type repeats struct {
+	m map[string]string
+}
+
+// maxStrings bounds the copies kept by one reader.
+const maxStrings = 8192
+
+func (c *repeats) get(body []byte) string {
+	if s, ok := c.m[string(body)]; ok {
+		return s
+	}
+	s := string(body)
+	if c.m == nil {
+		c.m = make(map[string]string)
+	}
+	if len(c.m) < maxStrings {
+		c.m[s] = s
+	}
+	return s
+}
+
+// stringValue reads the value of a string field whose values repeat.
 func (p *parser) stringValue(dst *string) {
+	p.stringField(dst, p.strs)
+}
+
+// uniqueValue reads the value of a string field that is new in every record.
+func (p *parser) uniqueValue(dst *string) {
+	p.stringField(dst, nil)
+}
+
+func (p *parser) stringField(dst *string, strs *repeats) {
 	if !p.ws() {
 		return
 	}
 	switch p.b[p.i] {
 	case '"':
 		body, slow := p.str()
-		if p.err == nil {
+		switch {
+		case p.err != nil:
+		case !slow && strs != nil:
+			*dst = strs.get(body)
+		default:
 			*dst = text(body, slow)
 		}
 	case 'n':
@@ -491,7 +545,7 @@ func (p *parser) record(r *Record, detail **Record) {
 		case 1:
 			p.structValue(func(key []byte, slow bool) { p.identity(&r.UserIdentity, key, slow) })
 		case 2:
-			p.stringValue(&r.EventTime)
+			p.uniqueValue(&r.EventTime)
 		case 3:
 			p.stringValue(&r.EventSource)
 		case 4:
@@ -499,7 +553,7 @@ func (p *parser) record(r *Record, detail **Record) {
 		case 5:
 			p.stringValue(&r.AWSRegion)
 		case 6:
-			p.stringValue(&r.SourceIPAddress)
+			p.uniqueValue(&r.SourceIPAddress)
 		case 7:
 			p.stringValue(&r.UserAgent)
 		case 8:
@@ -509,7 +563,7 @@ func (p *parser) record(r *Record, detail **Record) {
 		case 10:
 			p.rawValue(&r.ResponseElements)
 		case 11:
-			p.stringValue(&r.EventID)
+			p.uniqueValue(&r.EventID)
 		case 12:
 			p.stringValue(&r.RecipientAccountID)
 		case 13:
@@ -517,7 +571,7 @@ func (p *parser) record(r *Record, detail **Record) {
 		case 14:
 			p.stringValue(&r.VPCEndpointAccountID)
 		case 15:
-			p.stringValue(&r.Timestamp)
+			p.uniqueValue(&r.Timestamp)
 		case 16:
 			p.detail(detail)
 		default:
@@ -553,13 +607,13 @@ func (p *parser) identity(u *UserIdentity, key []byte, slow bool) {
 	case 0:
 		p.stringValue(&u.Type)
 	case 1:
-		p.stringValue(&u.PrincipalID)
+		p.uniqueValue(&u.PrincipalID)
 	case 2:
-		p.stringValue(&u.ARN)
+		p.uniqueValue(&u.ARN)
 	case 3:
 		p.stringValue(&u.AccountID)
 	case 4:
-		p.stringValue(&u.AccessKeyID)
+		p.uniqueValue(&u.AccessKeyID)
 	case 5:
 		p.stringValue(&u.InvokedBy)
 	case 6:

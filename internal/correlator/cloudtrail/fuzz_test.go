@@ -3,6 +3,7 @@ package cloudtrail
 import (
 	"bytes"
 	"compress/gzip"
+	"encoding/binary"
 	"io"
 	"os"
 	"reflect"
@@ -115,4 +116,18 @@ func FuzzFastDecoder(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		agree(t, data)
 	})
+}
+
+// TestPlainWord holds the 8-bytes-at-once test against the table, for every byte value
+// at every place in the word.
+func TestPlainWord(t *testing.T) {
+	for place := range 8 {
+		for c := range 256 {
+			w := []byte("abcdefgh")
+			w[place] = byte(c)
+			if got, want := plainWord(binary.LittleEndian.Uint64(w)), !strEnd[c]; got != want {
+				t.Fatalf("byte %#x at %d: plain %v, want %v", c, place, got, want)
+			}
+		}
+	}
 }

@@ -69,6 +69,7 @@ type reader struct {
 	problem func(Problem)
 	stats   Stats
 	rec     Record
+	strs    repeats
 }
 
 func (rd *reader) report(p Problem) {
@@ -92,7 +93,9 @@ func (rd *reader) run(r io.Reader) {
 			return
 		}
 		defer gz.Close()
-		br = bufio.NewReaderSize(gz, 256<<10)
+		ahead := newGunzipAhead(gz)
+		defer ahead.Close()
+		br = bufio.NewReaderSize(ahead, 256<<10)
 	}
 	// Skip a byte-order mark and leading white space, then look at what starts the file.
 	var skipped int64
@@ -161,7 +164,7 @@ func (rd *reader) deliver(rec *Record, pos Pos) {
 
 // document reads {"Records":[...], ...} token by token: one record in memory at a time.
 func (rd *reader) document(r io.Reader, base int64) {
-	dec := newStream(r)
+	dec := newStream(r, &rd.strs)
 	pos := func(i int64) Pos { return Pos{File: rd.name, Index: i, Offset: base + dec.InputOffset()} }
 	if _, err := dec.Token(); err != nil { // {
 		rd.decodeErr(err, pos(0))
@@ -225,7 +228,7 @@ func (rd *reader) elements(dec *stream, pos func(int64) Pos, idx *int64) bool {
 
 // array reads a top-level JSON array of records.
 func (rd *reader) array(r io.Reader, base int64) {
-	dec := newStream(r)
+	dec := newStream(r, &rd.strs)
 	pos := func(i int64) Pos { return Pos{File: rd.name, Index: i, Offset: base + dec.InputOffset()} }
 	var idx int64
 	if _, err := dec.Token(); err != nil {
@@ -258,7 +261,7 @@ func newEventBridge() any { return new(eventBridge) }
 
 // values reads a stream of JSON values (pretty-printed records, one after another).
 func (rd *reader) values(r io.Reader, base int64) {
-	dec := newStream(r)
+	dec := newStream(r, &rd.strs)
 	var idx int64
 	var e eventBridge
 	parse := func(p *parser) { p.record(&e.Record, &e.Detail) }
@@ -278,8 +281,8 @@ func (rd *reader) values(r io.Reader, base int64) {
 
 // decodeLine decodes one JSON line (white space trimmed) into e; encoding/json words the
 // error of a bad one.
-func decodeLine(body []byte, e *eventBridge) error {
-	p := parser{b: body, final: true}
+func decodeLine(body []byte, e *eventBridge, strs *repeats) error {
+	p := parser{b: body, final: true, strs: strs}
 	p.record(&e.Record, &e.Detail)
 	if p.err == nil && !p.typeErr && p.i == len(body) {
 		return nil
@@ -330,7 +333,7 @@ func (rd *reader) lines(br *bufio.Reader, base int64) {
 		case len(body) == 0:
 		default:
 			e = eventBridge{}
-			if uerr := decodeLine(body, &e); uerr != nil {
+			if uerr := decodeLine(body, &e, &rd.strs); uerr != nil {
 				if errors.Is(err, io.EOF) && !isDecodeErr(uerr) {
 					rd.report(Problem{Pos: p, Truncated: true, Err: fmt.Errorf("last line is cut: %w", uerr)})
 				} else {

@@ -20,6 +20,7 @@ type stream struct {
 
 	tokenState int
 	tokenStack []int
+	strs       *repeats
 }
 
 // The token states of encoding/json's Decoder.
@@ -45,8 +46,8 @@ func (e *syntaxError) Error() string { return e.msg }
 
 const streamBuf = 256 << 10
 
-func newStream(r io.Reader) *stream {
-	return &stream{r: r}
+func newStream(r io.Reader, strs *repeats) *stream {
+	return &stream{r: r, strs: strs}
 }
 
 // InputOffset is the offset of the next unread byte.
@@ -170,7 +171,7 @@ func (s *stream) decode(parse func(p *parser), target func() any) error {
 		return &syntaxError{"not at beginning of value", s.InputOffset()}
 	}
 	for {
-		p := parser{b: s.buf[s.scanp:], final: s.rerr != nil}
+		p := parser{b: s.buf[s.scanp:], final: s.rerr != nil, strs: s.strs}
 		parse(&p)
 		switch p.err {
 		case nil:
