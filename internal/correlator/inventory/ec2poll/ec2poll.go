@@ -42,6 +42,7 @@ type Poller struct {
 	Log                      zerolog.Logger
 
 	targets []*target
+	polled  bool
 }
 
 // target is one account (own, or a role) in one region.
@@ -101,6 +102,7 @@ func (p *Poller) setup() {
 // names what could not be listed (its last good listing is in the whole).
 func (p *Poller) Poll(ctx context.Context) (*inventory.Inventory, error) {
 	p.setup()
+	p.polled = true
 	whole := &inventory.Inventory{}
 	var errs []error
 	for _, t := range p.targets {
@@ -117,8 +119,8 @@ func (p *Poller) Poll(ctx context.Context) (*inventory.Inventory, error) {
 	return whole, errors.Join(errs...)
 }
 
-// Run polls now and then every Interval until ctx ends, giving each round's whole to
-// publish. Errors are logged; they never stop it.
+// Run polls every Interval until ctx ends (at once, unless Poll or Round was called before),
+// giving each round's whole to publish. Errors are logged; they never stop it.
 func (p *Poller) Run(ctx context.Context, publish func(*inventory.Inventory)) {
 	interval := p.Interval
 	if interval <= 0 {
@@ -126,17 +128,18 @@ func (p *Poller) Run(ctx context.Context, publish func(*inventory.Inventory)) {
 	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	if p.polled {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 	for {
-		start := time.Now()
-		inv, err := p.Poll(ctx)
+		inv := p.Round(ctx)
 		if ctx.Err() != nil {
 			return
 		}
-		if err != nil {
-			p.Log.Warn().Str("event", "inventory_poll_failed").Err(err).Msg("EC2 inventory: some accounts or regions could not be listed; their last listing is kept")
-		}
-		p.Log.Info().Str("event", "inventory_polled").Int("addresses", len(inv.Addresses)).Int("vpc_endpoints", len(inv.Endpoints)).
-			Int("elastic_ips", len(inv.ElasticIPs)).Dur("took", time.Since(start)).Msg("EC2 inventory polled")
 		publish(inv)
 		select {
 		case <-ctx.Done():
@@ -144,6 +147,18 @@ func (p *Poller) Run(ctx context.Context, publish func(*inventory.Inventory)) {
 		case <-t.C:
 		}
 	}
+}
+
+// Round polls once and logs what was found and what could not be listed.
+func (p *Poller) Round(ctx context.Context) *inventory.Inventory {
+	start := time.Now()
+	inv, err := p.Poll(ctx)
+	if err != nil {
+		p.Log.Warn().Str("event", "inventory_poll_failed").Err(err).Msg("EC2 inventory: some accounts or regions could not be listed; their last listing is kept")
+	}
+	p.Log.Info().Str("event", "inventory_polled").Int("addresses", len(inv.Addresses)).Int("vpc_endpoints", len(inv.Endpoints)).
+		Int("elastic_ips", len(inv.ElasticIPs)).Dur("took", time.Since(start)).Msg("EC2 inventory polled")
+	return inv
 }
 
 // list asks one account in one region. The SDK's types carry the API's field names, the
