@@ -215,19 +215,21 @@ func newLogger(c config.Log, stderr io.Writer) (zerolog.Logger, func(), error) {
 // maxProblemLogs bounds the skipped-record lines logged per file; the rest are counted.
 const maxProblemLogs = 20
 
-// readInputs feeds every record of the named inputs to observe. "-" is stdin; a
+// readInputs feeds every record of the named inputs to observe, and tells prog (which
+// may be nil) how far it is. "-" is stdin; a
 // directory is read recursively. Bad records and truncated files are logged and counted;
 // a file that cannot be opened, or from which not one record could be read, is an error
 // (after the others were read): a run that read nothing from it must not look like one
 // that found nothing in it.
-func readInputs(ctx context.Context, names []string, stdin io.Reader, log zerolog.Logger, observe func(*cloudtrail.Record)) (cloudtrail.Stats, int, error) {
+func readInputs(ctx context.Context, names []string, stdin io.Reader, log zerolog.Logger, prog *progress, observe func(*cloudtrail.Record)) (cloudtrail.Stats, int, error) {
 	var total cloudtrail.Stats
 	truncated := 0
 	var errs []error
 	readOne := func(name string, r io.Reader) {
 		logged := 0
 		var firstProblem *cloudtrail.Problem
-		st := cloudtrail.Read(name, r, func(rec *cloudtrail.Record, _ cloudtrail.Pos) { observe(rec) }, func(p cloudtrail.Problem) {
+		defer prog.fileDone()
+		st := cloudtrail.Read(name, prog.reader(r), func(rec *cloudtrail.Record, _ cloudtrail.Pos) { prog.record(); observe(rec) }, func(p cloudtrail.Problem) {
 			if firstProblem == nil {
 				firstProblem = &p
 			}

@@ -30,7 +30,8 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	if err := fl.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
-	e, err := load(*cfgPath, *fpPath, stderr)
+	prog := newProgress(stderr)
+	e, err := load(*cfgPath, *fpPath, prog.logWriter(stderr))
 	if err != nil {
 		return err
 	}
@@ -40,7 +41,9 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	}
 	d := e.detector("")
 	start := time.Now()
-	st, truncated, readErr := readInputs(ctx, fl.Args(), stdin, e.log, d.Observe)
+	prog.begin(fl.Args(), stderr)
+	st, truncated, readErr := readInputs(ctx, fl.Args(), stdin, e.log, prog, d.Observe)
+	prog.finish()
 	all := d.Findings()
 	var dropped int64
 	for _, n := range d.Dropped() {
@@ -82,7 +85,8 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 	if *format != "text" && *format != "json" {
 		return fmt.Errorf("%w: --format must be text or json", cli.ErrUsage)
 	}
-	e, err := load(*cfgPath, *fpPath, stderr)
+	prog := newProgress(stderr)
+	e, err := load(*cfgPath, *fpPath, prog.logWriter(stderr))
 	if err != nil {
 		return err
 	}
@@ -91,7 +95,9 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 		return err
 	}
 	d := e.detector(*key)
-	_, _, readErr := readInputs(ctx, fl.Args(), stdin, e.log, d.Observe)
+	prog.begin(fl.Args(), stderr)
+	_, _, readErr := readInputs(ctx, fl.Args(), stdin, e.log, prog, d.Observe)
+	prog.finish()
 	story := investigate.Build(d, *key)
 	if *format == "json" {
 		enc := json.NewEncoder(stdout)

@@ -62,6 +62,12 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 		cs = append(cs, det)
+		if len(e.cfg.Inventory.EC2.Regions) > 0 {
+			if det.inventory, err = newInventoryPoller(ctx, e); err != nil {
+				return err
+			}
+			cs = append(cs, det.inventory)
+		}
 	}
 	e.log.Info().Str("event", "correlator_starting").Str("version", versionString()).Str("config", *cfgPath).Msg("starting")
 	return runComponents(ctx, e.log, cs...)
@@ -100,6 +106,7 @@ type detection struct {
 	latest    time.Time        // latest event time seen
 	rangesMod time.Time
 	stats     cloudtrail.Stats
+	inventory *inventoryPoller // nil without inventory.ec2
 }
 
 func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, error) {
@@ -198,6 +205,7 @@ func (d *detection) Run(ctx context.Context) error {
 
 func (d *detection) cycle(ctx context.Context) error {
 	d.reloadRanges()
+	d.applyInventory()
 	read := 0
 	for _, f := range d.followers {
 		n, err := f.Poll(ctx)

@@ -69,6 +69,7 @@ type reader struct {
 	problem func(Problem)
 	stats   Stats
 	rec     Record
+	strs    repeats
 }
 
 func (rd *reader) report(p Problem) {
@@ -92,7 +93,9 @@ func (rd *reader) run(r io.Reader) {
 			return
 		}
 		defer func() { _ = gz.Close() }() // read side: nothing to flush
-		br = bufio.NewReaderSize(gz, 256<<10)
+		ahead := newGunzipAhead(gz)
+		defer ahead.Close()
+		br = bufio.NewReaderSize(ahead, 256<<10)
 	}
 	// Skip a byte-order mark and leading white space, then look at what starts the file.
 	var skipped int64
@@ -126,8 +129,7 @@ func (rd *reader) run(r io.Reader) {
 
 // decodeErr tells a bad record (the decoder consumed it; go on) from a broken stream.
 func (rd *reader) decodeErr(err error, pos Pos) (stop bool) {
-	var syn *json.SyntaxError
-	if errors.As(err, &syn) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) || !isDecodeErr(err) {
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) || !isDecodeErr(err) {
 		rd.report(Problem{Pos: pos, Truncated: true, Err: fmt.Errorf("file ends or breaks here: %w", err)})
 		return true
 	}
@@ -162,7 +164,7 @@ func (rd *reader) deliver(rec *Record, pos Pos) {
 
 // document reads {"Records":[...], ...} token by token: one record in memory at a time.
 func (rd *reader) document(r io.Reader, base int64) {
-	dec := json.NewDecoder(r)
+	dec := newStream(r, &rd.strs)
 	pos := func(i int64) Pos { return Pos{File: rd.name, Index: i, Offset: base + dec.InputOffset()} }
 	if _, err := dec.Token(); err != nil { // {
 		rd.decodeErr(err, pos(0))
@@ -176,8 +178,7 @@ func (rd *reader) document(r io.Reader, base int64) {
 			return
 		}
 		if key != "Records" {
-			var skip json.RawMessage
-			if err := dec.Decode(&skip); err != nil && rd.decodeErr(err, pos(idx)) {
+			if err := dec.decode(skipValue, func() any { return new(json.RawMessage) }); err != nil && rd.decodeErr(err, pos(idx)) {
 				return
 			}
 			continue
@@ -204,12 +205,15 @@ func (rd *reader) document(r io.Reader, base int64) {
 	}
 }
 
+func newRecord() any { return new(Record) }
+
 // elements decodes array elements until the closing bracket; false when the stream broke.
-func (rd *reader) elements(dec *json.Decoder, pos func(int64) Pos, idx *int64) bool {
+func (rd *reader) elements(dec *stream, pos func(int64) Pos, idx *int64) bool {
+	parse := func(p *parser) { p.record(&rd.rec, nil) }
 	for dec.More() {
 		p := pos(*idx)
 		rd.rec = Record{}
-		err := dec.Decode(&rd.rec)
+		err := dec.decode(parse, newRecord)
 		*idx++
 		if err != nil {
 			if rd.decodeErr(err, p) {
@@ -224,7 +228,7 @@ func (rd *reader) elements(dec *json.Decoder, pos func(int64) Pos, idx *int64) b
 
 // array reads a top-level JSON array of records.
 func (rd *reader) array(r io.Reader, base int64) {
-	dec := json.NewDecoder(r)
+	dec := newStream(r, &rd.strs)
 	pos := func(i int64) Pos { return Pos{File: rd.name, Index: i, Offset: base + dec.InputOffset()} }
 	var idx int64
 	if _, err := dec.Token(); err != nil {
@@ -253,15 +257,19 @@ func (e *eventBridge) record() *Record {
 	return &e.Record
 }
 
+func newEventBridge() any { return new(eventBridge) }
+
 // values reads a stream of JSON values (pretty-printed records, one after another).
 func (rd *reader) values(r io.Reader, base int64) {
-	dec := json.NewDecoder(r)
+	dec := newStream(r, &rd.strs)
 	var idx int64
+	var e eventBridge
+	parse := func(p *parser) { p.record(&e.Record, &e.Detail) }
 	for dec.More() {
 		p := Pos{File: rd.name, Index: idx, Offset: base + dec.InputOffset()}
 		idx++
-		var e eventBridge
-		if err := dec.Decode(&e); err != nil {
+		e = eventBridge{}
+		if err := dec.decode(parse, newEventBridge); err != nil {
 			if rd.decodeErr(err, p) {
 				return
 			}
@@ -271,9 +279,24 @@ func (rd *reader) values(r io.Reader, base int64) {
 	}
 }
 
+// decodeLine decodes one JSON line (white space trimmed) into e; encoding/json words the
+// error of a bad one.
+func decodeLine(body []byte, e *eventBridge, strs *repeats) error {
+	p := parser{b: body, final: true, strs: strs}
+	p.record(&e.Record, &e.Detail)
+	if p.err == nil && !p.typeErr && p.i == len(body) {
+		return nil
+	}
+	if err := json.Unmarshal(body, new(eventBridge)); err != nil {
+		return err
+	}
+	return fmt.Errorf("line: %w", errSyntax) // unreachable: the two disagree
+}
+
 // lines reads JSON lines; a bad line is skipped and the next one read.
 func (rd *reader) lines(br *bufio.Reader, base int64) {
 	var (
+		e    eventBridge
 		buf  []byte
 		line int64
 		off  = base
@@ -309,8 +332,8 @@ func (rd *reader) lines(br *bufio.Reader, base int64) {
 			rd.report(Problem{Pos: p, Err: fmt.Errorf("line longer than %d bytes", maxLine)})
 		case len(body) == 0:
 		default:
-			var e eventBridge
-			if uerr := json.Unmarshal(body, &e); uerr != nil {
+			e = eventBridge{}
+			if uerr := decodeLine(body, &e, &rd.strs); uerr != nil {
 				if errors.Is(err, io.EOF) && !isDecodeErr(uerr) {
 					rd.report(Problem{Pos: p, Truncated: true, Err: fmt.Errorf("last line is cut: %w", uerr)})
 				} else {

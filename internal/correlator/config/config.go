@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"net/url"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"time"
 
@@ -49,9 +50,19 @@ type Config struct {
 
 // Inventory lists files of AWS CLI output (aws ec2 describe-network-interfaces,
 // describe-addresses, describe-vpc-endpoints, aws lambda list-functions), loaded at start
-// by every command, like --inventory.
+// by every command, like --inventory; and, for serve, what to ask the EC2 API.
 type Inventory struct {
-	Files []string `yaml:"files"`
+	Files []string     `yaml:"files"`
+	EC2   EC2Inventory `yaml:"ec2"`
+}
+
+// EC2Inventory makes serve poll the EC2 API (DescribeNetworkInterfaces,
+// DescribeAddresses, DescribeVpcEndpoints) in each region, for its own account or, with
+// RoleARNs, for each member account through the role it assumes there.
+type EC2Inventory struct {
+	Regions  []string      `yaml:"regions"`
+	RoleARNs []string      `yaml:"role_arns"`
+	Interval time.Duration `yaml:"interval"`
 }
 
 // Rule is one suppression rule.
@@ -151,11 +162,12 @@ type Log struct {
 // Default returns the configuration used for every key a file leaves out.
 func Default() Config {
 	return Config{
-		Window:  time.Hour,
-		Outputs: Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond}},
-		Serve:   Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
-		Intake:  Intake{PurgeGrace: 24 * time.Hour},
-		Log:     Log{Level: "info", Output: "stderr"},
+		Window:    time.Hour,
+		Outputs:   Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond}},
+		Serve:     Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
+		Intake:    Intake{PurgeGrace: 24 * time.Hour},
+		Log:       Log{Level: "info", Output: "stderr"},
+		Inventory: Inventory{EC2: EC2Inventory{Interval: 15 * time.Minute}},
 	}
 }
 
@@ -218,6 +230,9 @@ func (c *Config) Validate(root *yaml.Node) error {
 		if !filepath.IsAbs(p) {
 			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "inventory.files", i)), Key: fmt.Sprintf("inventory.files[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
 		}
+	}
+	if err := c.Inventory.EC2.validate(root); err != nil {
+		return err
 	}
 	if c.Outputs.ASFFFile != "" && !filepath.IsAbs(c.Outputs.ASFFFile) {
 		return bad("outputs.asff_file", "must be an absolute path, got %q", c.Outputs.ASFFFile)
@@ -379,4 +394,33 @@ func (c Config) String() string {
 		return fmt.Sprintf("marshal config: %v", err)
 	}
 	return string(out)
+}
+
+var (
+	regionRE  = regexp.MustCompile(`^[a-z]{2}(-[a-z]+)+-\d+$`)
+	roleARNRE = regexp.MustCompile(`^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$`)
+)
+
+func (e *EC2Inventory) validate(root *yaml.Node) error {
+	item := func(list string, i int, format string, args ...any) error {
+		key := fmt.Sprintf("inventory.ec2.%s[%d]", list, i)
+		return &Error{Line: yamlfile.LineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+	}
+	for i, r := range e.Regions {
+		if !regionRE.MatchString(r) {
+			return item("regions", i, "not a region: %q", r)
+		}
+	}
+	for i, a := range e.RoleARNs {
+		if !roleARNRE.MatchString(a) {
+			return item("role_arns", i, "not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME): %q", a)
+		}
+	}
+	if len(e.RoleARNs) > 0 && len(e.Regions) == 0 {
+		return yamlfile.Errorf(root, "inventory.ec2.role_arns", "needs inventory.ec2.regions")
+	}
+	if e.Interval < time.Minute || e.Interval > 24*time.Hour {
+		return yamlfile.Errorf(root, "inventory.ec2.interval", "must be 1m-24h, got %s", e.Interval)
+	}
+	return nil
 }

@@ -69,10 +69,14 @@ func TestErrorsNameKeyAndLine(t *testing.T) {
 		"intake:\n  listen: 127.0.0.1:0\n  plain_http: true\n  database: /x.db\n  aws_certificates: [/a.pem]\n  allowed_accounts:\n    - \"12\"\n": `7: intake.allowed_accounts[0]: not a 12-digit account id`,
 		"intake:\n  listen: 127.0.0.1:0\n  plain_http: true\n  database: /x.db\n":                                                                  `intake.aws_certificates: intake needs aws_certificates`,
 		"intake:\n  listen: 127.0.0.1:0\n  tls_cert: /c.pem\n  tls_key: /k.pem\n  client_ca: /ca.pem\n":                                            `intake.database: must be set`,
-		"intake:\n  purge_grace: -1h\n":                       `2: intake.purge_grace: must not be negative`,
-		"intake:\n  tls: yes\n":                               `2: intake.tls: unknown key`,
-		"inventory:\n  files:\n    - /a.json\n    - b.json\n": `4: inventory.files[1]: must be an absolute path`,
-		"inventory:\n  ec2: {}\n":                             `2: inventory.ec2: unknown key`,
+		"intake:\n  purge_grace: -1h\n":                                                            `2: intake.purge_grace: must not be negative`,
+		"intake:\n  tls: yes\n":                                                                    `2: intake.tls: unknown key`,
+		"inventory:\n  files:\n    - /a.json\n    - b.json\n":                                      `4: inventory.files[1]: must be an absolute path`,
+		"inventory:\n  ec2: {regions: [us-east-1], frequency: 1m}\n":                               `2: inventory.ec2.frequency: unknown key`,
+		"inventory:\n  ec2:\n    regions: [us-east-1, Mars]\n":                                     `3: inventory.ec2.regions[1]: not a region`,
+		"inventory:\n  ec2:\n    regions: [us-east-1]\n    role_arns: [arn:aws:iam::123:role/x]\n": `4: inventory.ec2.role_arns[0]: not an IAM role ARN`,
+		"inventory:\n  ec2:\n    role_arns: [arn:aws:iam::222222222222:role/inventory]\n":          `3: inventory.ec2.role_arns: needs inventory.ec2.regions`,
+		"inventory:\n  ec2:\n    interval: 10s\n":                                                  `3: inventory.ec2.interval: must be 1m-24h`,
 	}
 	for in, want := range cases {
 		_, err := Parse([]byte(in))

@@ -125,6 +125,7 @@ type Detector struct {
 	enis       map[string][]netip.Addr // network interface id → its addresses
 	attaches   map[string][]claim      // network interface id → instances it was attached to
 	pl         placement
+	inv        inventoryIndex
 	stats      Stats
 }
 
@@ -142,6 +143,7 @@ func New(opt Options) *Detector {
 		enis:       map[string][]netip.Addr{},
 		attaches:   map[string][]claim{},
 		pl:         newPlacement(),
+		inv:        newInventoryIndex(),
 	}
 	for _, a := range opt.Affiliates {
 		d.affiliates[a] = true

@@ -80,14 +80,11 @@ func (d *Detector) prepare() *judgeCtx {
 			jc.placedBy[c.instance] = e
 		}
 	}
-	for _, cs := range d.claims {
-		for _, c := range cs {
-			place(c)
-		}
-	}
-	for _, cs := range jc.fpClaims {
-		for _, c := range cs {
-			place(c)
+	for _, claims := range []map[netip.Addr][]claim{d.claims, d.inv.claims, jc.fpClaims} {
+		for _, cs := range claims {
+			for _, c := range cs {
+				place(c)
+			}
 		}
 	}
 	first := map[string]time.Time{}
@@ -132,7 +129,7 @@ func (d *Detector) ownerAt(jc *judgeCtx, a netip.Addr, t time.Time, account stri
 	private := a.IsPrivate() || !a.IsGlobalUnicast()
 	var best, earliest claim
 	var haveBest, haveEarliest bool
-	for _, list := range [][]claim{d.claims[a], jc.fpClaims[a]} {
+	for _, list := range [][]claim{d.claims[a], d.inv.claims[a], jc.fpClaims[a]} {
 		for _, c := range list {
 			if private && c.account != account {
 				continue
@@ -172,7 +169,7 @@ func (d *Detector) judge(g *Group, c Credential, jc *judgeCtx) verdict {
 		if !known {
 			// Older records and some services leave vpcEndpointAccountId out: the
 			// endpoint is the account's own only if the inventory or the trail says so.
-			owner, known = d.pl.endpoints[g.VPCEndpointID]
+			owner, known = d.endpointOwner(g.VPCEndpointID)
 		}
 		if !known {
 			if !instance {

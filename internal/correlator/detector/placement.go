@@ -2,6 +2,7 @@ package detector
 
 import (
 	"net/netip"
+	"slices"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
 	"github.com/imdsguard/imdsguard/internal/correlator/inventory"
@@ -58,57 +59,86 @@ type fnKey struct{ account, name string }
 // placement is what the detector knows of where things are beyond fingerprints and
 // address claims: elastic IPs, VPC endpoints, NAT gateways, Lambda functions.
 type placement struct {
-	allocs       map[string]netip.Addr   // allocation id → elastic IP
-	assocs       map[string]string       // association id → allocation id
-	assocIPs     map[string]netip.Addr   // association id → elastic IP (from the inventory)
-	eips         []eipAssociation        // associations and releases to join
-	endpoints    map[string]string       // VPC endpoint id → owner account
-	egress       map[netip.Addr][]string // NAT gateway address → accounts behind it
-	functions    map[fnKey]string        // (account, function name) → execution role name
-	interfaces   map[string]string       // network interface id → instance (from the inventory)
-	sessions     map[string]session      // access key → its session, until it is tied to an owner
+	allocs       map[string]netip.Addr // allocation id → elastic IP
+	assocs       map[string]string     // association id → allocation id
+	eips         []eipAssociation      // associations and releases to join
+	endpoints    map[string]string     // VPC endpoint id → owner account
+	functions    map[fnKey]string      // (account, function name) → execution role name
+	sessions     map[string]session    // access key → its session, until it is tied to an owner
 	drops        map[string]map[string]int64
 	loggedCauses map[string]bool
 }
 
 func newPlacement() placement {
 	return placement{
-		allocs: map[string]netip.Addr{}, assocs: map[string]string{}, assocIPs: map[string]netip.Addr{},
-		endpoints: map[string]string{}, egress: map[netip.Addr][]string{}, functions: map[fnKey]string{},
-		interfaces: map[string]string{}, sessions: map[string]session{}, drops: map[string]map[string]int64{},
+		allocs: map[string]netip.Addr{}, assocs: map[string]string{},
+		endpoints: map[string]string{}, functions: map[fnKey]string{},
+		sessions: map[string]session{}, drops: map[string]map[string]int64{},
 		loggedCauses: map[string]bool{},
 	}
 }
 
+// inventoryIndex is what the EC2 and Lambda APIs said, kept apart from what the trail
+// taught so that a newer inventory can replace it whole.
+type inventoryIndex struct {
+	claims     map[netip.Addr][]claim  // instance addresses
+	egress     map[netip.Addr][]string // NAT gateway address → accounts behind it
+	allocs     map[string]netip.Addr   // allocation id → elastic IP
+	assocIPs   map[string]netip.Addr   // association id → elastic IP
+	endpoints  map[string]string       // VPC endpoint id → owner account
+	functions  map[fnKey]string        // (account, function name) → execution role name
+	interfaces map[string]string       // network interface id → instance
+}
+
+func newInventoryIndex() inventoryIndex {
+	return inventoryIndex{
+		claims: map[netip.Addr][]claim{}, egress: map[netip.Addr][]string{}, allocs: map[string]netip.Addr{},
+		assocIPs: map[string]netip.Addr{}, endpoints: map[string]string{}, functions: map[fnKey]string{},
+		interfaces: map[string]string{},
+	}
+}
+
 // AddInventory adds what the EC2 and Lambda APIs said: instance addresses, NAT gateway
-// egress, elastic IP allocations, VPC endpoints and functions. It may be called again
-// with a newer inventory; what it adds is kept.
+// egress, elastic IP allocations, VPC endpoints and functions, to what earlier calls
+// added.
 func (d *Detector) AddInventory(inv *inventory.Inventory) {
+	ix := &d.inv
 	for _, a := range inv.Addresses {
-		d.addClaim(a.Addr.Unmap(), claim{instance: a.InstanceID, account: a.AccountID, since: a.Since, from: "inventory"})
+		c := claim{instance: a.InstanceID, account: a.AccountID, since: a.Since, from: "inventory"}
+		if !slices.Contains(ix.claims[a.Addr.Unmap()], c) {
+			ix.claims[a.Addr.Unmap()] = append(ix.claims[a.Addr.Unmap()], c)
+		}
 	}
 	for _, e := range inv.Egress {
-		d.pl.egress[e.Addr.Unmap()] = appendNew(d.pl.egress[e.Addr.Unmap()], e.AccountID)
+		ix.egress[e.Addr.Unmap()] = appendNew(ix.egress[e.Addr.Unmap()], e.AccountID)
 	}
 	for _, e := range inv.ElasticIPs {
-		d.pl.allocs[e.AllocationID] = e.PublicIP.Unmap()
+		ix.allocs[e.AllocationID] = e.PublicIP.Unmap()
 		if e.AssociationID != "" {
-			d.pl.assocIPs[e.AssociationID] = e.PublicIP.Unmap()
+			ix.assocIPs[e.AssociationID] = e.PublicIP.Unmap()
 		}
 	}
 	for _, ep := range inv.Endpoints {
-		d.pl.endpoints[ep.ID] = ep.OwnerID
+		ix.endpoints[ep.ID] = ep.OwnerID
 	}
 	for _, f := range inv.Functions {
 		account, role := roleFromARN(f.RoleARN)
 		if f.AccountID != "" {
 			account = f.AccountID
 		}
-		d.pl.functions[fnKey{account, f.Name}] = role
+		ix.functions[fnKey{account, f.Name}] = role
 	}
 	for eni, inst := range inv.Interfaces {
-		d.pl.interfaces[eni] = inst
+		ix.interfaces[eni] = inst
 	}
+}
+
+// SetInventory replaces what AddInventory and SetInventory gave before with inv: an
+// address the API no longer lists no longer places an instance. What the trail taught
+// is kept.
+func (d *Detector) SetInventory(inv *inventory.Inventory) {
+	d.inv = newInventoryIndex()
+	d.AddInventory(inv)
 }
 
 func appendNew(list []string, s string) []string {
@@ -174,10 +204,10 @@ func (d *Detector) learnPlacement(rec *cloudtrail.Record) {
 // is now known to claims.
 func (d *Detector) joinElasticIPs(claims map[netip.Addr][]claim) {
 	for _, e := range d.pl.eips {
-		ip, ok := d.pl.allocs[e.allocation]
+		ip, ok := d.allocation(e.allocation)
 		if !ok && e.association != "" {
-			if ip, ok = d.pl.assocIPs[e.association]; !ok {
-				ip, ok = d.pl.allocs[d.pl.assocs[e.association]]
+			if ip, ok = d.inv.assocIPs[e.association]; !ok {
+				ip, ok = d.allocation(d.pl.assocs[e.association])
 			}
 		}
 		if !ok {
@@ -185,7 +215,7 @@ func (d *Detector) joinElasticIPs(claims map[netip.Addr][]claim) {
 		}
 		c := e.claim
 		if c.from == "AssociateAddress" && c.instance == "" {
-			if c.instance = d.pl.interfaces[e.networkInterface]; c.instance == "" {
+			if c.instance = d.inv.interfaces[e.networkInterface]; c.instance == "" {
 				for _, a := range d.attaches[e.networkInterface] {
 					c.instance = a.instance
 				}
@@ -198,9 +228,27 @@ func (d *Detector) joinElasticIPs(claims map[netip.Addr][]claim) {
 	}
 }
 
+// allocation is the elastic IP of an allocation id, from the trail or the inventory.
+func (d *Detector) allocation(id string) (netip.Addr, bool) {
+	if ip, ok := d.pl.allocs[id]; ok {
+		return ip, true
+	}
+	ip, ok := d.inv.allocs[id]
+	return ip, ok
+}
+
+// endpointOwner is the account that owns a VPC endpoint, from the inventory or the trail.
+func (d *Detector) endpointOwner(id string) (string, bool) {
+	if owner, ok := d.inv.endpoints[id]; ok {
+		return owner, true
+	}
+	owner, ok := d.pl.endpoints[id]
+	return owner, ok
+}
+
 // natEgress reports whether a is a NAT gateway address of account.
 func (d *Detector) natEgress(a netip.Addr, account string) bool {
-	for _, acc := range d.pl.egress[a] {
+	for _, acc := range d.inv.egress[a] {
 		if acc == account {
 			return true
 		}
@@ -216,6 +264,9 @@ func (d *Detector) lambdaBySession(key string) (Credential, bool) {
 		return Credential{}, false
 	}
 	role, ok := d.pl.functions[fnKey{s.account, s.name}]
+	if !ok {
+		role, ok = d.inv.functions[fnKey{s.account, s.name}]
+	}
 	if !ok || role != s.role {
 		return Credential{}, false
 	}

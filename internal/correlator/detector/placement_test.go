@@ -227,3 +227,34 @@ func TestDroppedRecordsCountedAndLoggedOncePerCause(t *testing.T) {
 		t.Fatalf("%d drop log lines, want one per cause:\n%s", n, logs.String())
 	}
 }
+
+// TestSetInventoryReplaces: a newer inventory replaces the older one (the poller's
+// rounds), while AddInventory adds; what the trail taught stays.
+func TestSetInventoryReplaces(t *testing.T) {
+	recs := []rec{call(1, keyA, instA, "52.9.9.9"), call(5, keyA, instA, "3.5.1.11"), call(6, keyA, instA, "2600:1f18:aaaa:bbbb::11"),
+		call(7, keyA, instA, "3.225.16.109")}
+	inv, err := inventory.Load("../inventory/testdata/network-interfaces.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := newTestDetector(t, zerolog.Nop())
+	d.SetInventory(&inventory.Inventory{Endpoints: []inventory.Endpoint{{ID: "vpce-0old", OwnerID: acct}}})
+	d.SetInventory(inv)
+	observeAll(t, d, recs...)
+	if got := findingsBySource(d); len(got) != 1 || got["52.9.9.9|"].PlacedBy != PlacedByInventory {
+		t.Fatalf("with the inventory set: %v", got)
+	}
+	if _, ok := d.endpointOwner("vpce-0old"); ok {
+		t.Fatal("the replaced inventory's endpoint is still known")
+	}
+	// The instance's addresses are gone from the next round: back to the guess.
+	d.SetInventory(&inventory.Inventory{})
+	if got := findingsBySource(d); got["3.5.1.11|"].PlacedBy != PlacedByGuess {
+		t.Fatalf("after the inventory was replaced by an empty one: %v", got)
+	}
+	d.AddInventory(inv)
+	d.AddInventory(inv)
+	if got := findingsBySource(d); len(got) != 1 || got["52.9.9.9|"].PlacedBy != PlacedByInventory {
+		t.Fatalf("after adding it again: %v", got)
+	}
+}

@@ -1,0 +1,270 @@
+package cloudtrail
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// readReference is the reader as it was before the fast decoder (encoding/json
+// throughout): the fuzz test and the benchmark hold the new one against it. It streams the records of one file (any supported format, gzip or not) to fn and
+// every skipped record or early end to problem (which may be nil). fn gets a Record that
+// is reused for the next one: copy what must outlive the call. Memory use does not grow
+// with the file. Read never fails: what went wrong is in the problems and the Stats.
+func readReference(name string, r io.Reader, fn func(*Record, Pos), problem func(Problem)) Stats {
+	rd := &refReader{name: name, fn: fn, problem: problem}
+	rd.run(r)
+	return rd.stats
+}
+
+type refReader struct {
+	name    string
+	fn      func(*Record, Pos)
+	problem func(Problem)
+	stats   Stats
+	rec     Record
+}
+
+func (rd *refReader) report(p Problem) {
+	p.File = rd.name
+	if p.Truncated {
+		rd.stats.Truncated = true
+	} else {
+		rd.stats.Malformed++
+	}
+	if rd.problem != nil {
+		rd.problem(p)
+	}
+}
+
+func (rd *refReader) run(r io.Reader) {
+	br := bufio.NewReaderSize(r, 256<<10)
+	if magic, _ := br.Peek(2); len(magic) == 2 && magic[0] == 0x1f && magic[1] == 0x8b {
+		gz, err := gzip.NewReader(br)
+		if err != nil {
+			rd.report(Problem{Truncated: true, Err: fmt.Errorf("open gzip: %w", err)})
+			return
+		}
+		defer gz.Close()
+		br = bufio.NewReaderSize(gz, 256<<10)
+	}
+	// Skip a byte-order mark and leading white space, then look at what starts the file.
+	var skipped int64
+	for {
+		b, err := br.ReadByte()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				rd.report(Problem{Truncated: true, Err: fmt.Errorf("read: %w", err)})
+			}
+			return // empty file
+		}
+		if b == ' ' || b == '\t' || b == '\r' || b == '\n' || b == 0xef || b == 0xbb || b == 0xbf {
+			skipped++
+			continue
+		}
+		_ = br.UnreadByte()
+		break
+	}
+	head, _ := br.Peek(4096)
+	switch {
+	case recordsDoc.Match(head):
+		rd.document(br, skipped)
+	case head[0] == '[':
+		rd.array(br, skipped)
+	case bytes.HasPrefix(head, []byte("{\n")) || bytes.HasPrefix(head, []byte("{\r\n")):
+		rd.values(br, skipped) // one pretty-printed record or several
+	default:
+		rd.lines(br, skipped)
+	}
+}
+
+// decodeErr tells a bad record (the decoder consumed it; go on) from a broken stream.
+func (rd *refReader) decodeErr(err error, pos Pos) (stop bool) {
+	var syn *json.SyntaxError
+	if errors.As(err, &syn) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) || !isDecodeErr(err) {
+		rd.report(Problem{Pos: pos, Truncated: true, Err: fmt.Errorf("file ends or breaks here: %w", err)})
+		return true
+	}
+	rd.report(Problem{Pos: pos, Err: err})
+	return false
+}
+
+// deliver checks what the decoder could not and hands the record on.
+func (rd *refReader) deliver(rec *Record, pos Pos) {
+	field, value := "eventTime", rec.EventTime
+	if value == "" {
+		field, value = "@timestamp", rec.Timestamp
+	}
+	if value == "" {
+		rd.report(Problem{Pos: pos, Err: errors.New("record has neither eventTime nor @timestamp")})
+		return
+	}
+	t, err := time.Parse(time.RFC3339, value)
+	if err != nil {
+		rd.report(Problem{Pos: pos, Err: fmt.Errorf("bad %s %q", field, value)})
+		return
+	}
+	rec.Time = t
+	rd.stats.Records++
+	rd.fn(rec, pos)
+}
+
+// document reads {"Records":[...], ...} token by token: one record in memory at a time.
+func (rd *refReader) document(r io.Reader, base int64) {
+	dec := json.NewDecoder(r)
+	pos := func(i int64) Pos { return Pos{File: rd.name, Index: i, Offset: base + dec.InputOffset()} }
+	if _, err := dec.Token(); err != nil { // {
+		rd.decodeErr(err, pos(0))
+		return
+	}
+	var idx int64
+	for dec.More() {
+		key, err := dec.Token()
+		if err != nil {
+			rd.decodeErr(err, pos(idx))
+			return
+		}
+		if key != "Records" {
+			var skip json.RawMessage
+			if err := dec.Decode(&skip); err != nil && rd.decodeErr(err, pos(idx)) {
+				return
+			}
+			continue
+		}
+		tok, err := dec.Token()
+		if err != nil {
+			rd.decodeErr(err, pos(idx))
+			return
+		}
+		if d, ok := tok.(json.Delim); !ok || d != '[' {
+			rd.report(Problem{Pos: pos(idx), Err: errors.New("Records is not an array")})
+			continue
+		}
+		if !rd.elements(dec, pos, &idx) {
+			return
+		}
+		if _, err := dec.Token(); err != nil { // ]
+			rd.decodeErr(err, pos(idx))
+			return
+		}
+	}
+	if _, err := dec.Token(); err != nil { // }
+		rd.decodeErr(err, pos(idx))
+	}
+}
+
+// elements decodes array elements until the closing bracket; false when the stream broke.
+func (rd *refReader) elements(dec *json.Decoder, pos func(int64) Pos, idx *int64) bool {
+	for dec.More() {
+		p := pos(*idx)
+		rd.rec = Record{}
+		err := dec.Decode(&rd.rec)
+		*idx++
+		if err != nil {
+			if rd.decodeErr(err, p) {
+				return false
+			}
+			continue
+		}
+		rd.deliver(&rd.rec, p)
+	}
+	return true
+}
+
+// array reads a top-level JSON array of records.
+func (rd *refReader) array(r io.Reader, base int64) {
+	dec := json.NewDecoder(r)
+	pos := func(i int64) Pos { return Pos{File: rd.name, Index: i, Offset: base + dec.InputOffset()} }
+	var idx int64
+	if _, err := dec.Token(); err != nil {
+		rd.decodeErr(err, pos(0))
+		return
+	}
+	if !rd.elements(dec, pos, &idx) {
+		return
+	}
+	if _, err := dec.Token(); err != nil {
+		rd.decodeErr(err, pos(idx))
+	}
+}
+
+// values reads a stream of JSON values (pretty-printed records, one after another).
+func (rd *refReader) values(r io.Reader, base int64) {
+	dec := json.NewDecoder(r)
+	var idx int64
+	for dec.More() {
+		p := Pos{File: rd.name, Index: idx, Offset: base + dec.InputOffset()}
+		idx++
+		var e eventBridge
+		if err := dec.Decode(&e); err != nil {
+			if rd.decodeErr(err, p) {
+				return
+			}
+			continue
+		}
+		rd.deliver(e.record(), p)
+	}
+}
+
+// lines reads JSON lines; a bad line is skipped and the next one read.
+func (rd *refReader) lines(br *bufio.Reader, base int64) {
+	var (
+		buf  []byte
+		line int64
+		off  = base
+	)
+	for {
+		buf = buf[:0]
+		tooLong := false
+		var err error
+		for {
+			var chunk []byte
+			chunk, err = br.ReadSlice('\n')
+			if len(buf)+len(chunk) <= maxLine {
+				buf = append(buf, chunk...)
+			} else {
+				tooLong = true
+			}
+			if !errors.Is(err, bufio.ErrBufferFull) {
+				break
+			}
+		}
+		if len(buf) == 0 && err != nil {
+			if !errors.Is(err, io.EOF) {
+				rd.report(Problem{Pos: Pos{File: rd.name, Index: line + 1, Offset: off}, Truncated: true, Err: fmt.Errorf("read: %w", err)})
+			}
+			return
+		}
+		line++
+		p := Pos{File: rd.name, Index: line, Offset: off}
+		off += int64(len(buf))
+		body := bytes.TrimSpace(buf)
+		switch {
+		case tooLong:
+			rd.report(Problem{Pos: p, Err: fmt.Errorf("line longer than %d bytes", maxLine)})
+		case len(body) == 0:
+		default:
+			var e eventBridge
+			if uerr := json.Unmarshal(body, &e); uerr != nil {
+				if errors.Is(err, io.EOF) && !isDecodeErr(uerr) {
+					rd.report(Problem{Pos: p, Truncated: true, Err: fmt.Errorf("last line is cut: %w", uerr)})
+				} else {
+					rd.report(Problem{Pos: p, Err: uerr})
+				}
+			} else {
+				rd.deliver(e.record(), p)
+			}
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				rd.report(Problem{Pos: Pos{File: rd.name, Index: line + 1, Offset: off}, Truncated: true, Err: fmt.Errorf("read: %w", err)})
+			}
+			return
+		}
+	}
+}
