@@ -47,7 +47,7 @@ bench: root deps
 	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/agent/broker
 	$(GO) test -run '^$$' -bench Append -benchtime 2000x ./internal/agent/spool
 	$(PRIV) $(GO) test -run '^$$' -bench Load -benchtime 5x ./internal/agent/hook
-	$(GO) test -run '^$$' -bench ReadPublicTrail -benchtime 3s ./internal/correlator/cloudtrail
+	$(GO) test -run '^$$' -bench 'DecodeRealShaped|ReadPublicTrail' -benchtime 5x ./internal/correlator/cloudtrail
 	$(GO) run ./tools/bench
 	$(GO) run ./tools/bench-correlator
 	$(GO) run ./tools/bench-intake
