@@ -19,6 +19,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
+	"github.com/imdsguard/imdsguard/internal/correlator/outputs"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
 )
 
@@ -93,10 +94,9 @@ type detection struct {
 	e         *env
 	det       *detector.Detector
 	followers []*trailwatch.Follower
-	out       *emitter
+	out       *outputs.Dispatcher
 	interval  time.Duration
-	emitted   map[string]int64 // finding id → count last emitted
-	latest    time.Time        // latest event time seen
+	latest    time.Time // latest event time seen
 	rangesMod time.Time
 	stats     cloudtrail.Stats
 }
@@ -113,11 +113,11 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, er
 	if cfg.Serve.Checkpoint == "" {
 		e.log.Warn().Str("event", "no_checkpoint").Msg("serve.checkpoint is not set: a restart reads every file again")
 	}
-	out, err := newEmitter(ctx, cfg.Outputs, stdout, e)
+	out, err := newDispatcher(ctx, e, stdout)
 	if err != nil {
 		return nil, err
 	}
-	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval, emitted: map[string]int64{}}
+	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval}
 	if cfg.IPRanges != "" {
 		if info, err := os.Stat(cfg.IPRanges); err == nil {
 			d.rangesMod = info.ModTime()
@@ -179,8 +179,16 @@ func (d *detection) read(name string, r io.Reader) error {
 	return nil
 }
 
-// Run implements component: poll, judge, emit, forget, every poll interval.
-func (d *detection) Run(ctx context.Context) error {
+// Run implements component: poll, judge, publish, forget, every poll interval. When
+// it stops, the outputs get serve's shutdown grace to deliver what is queued.
+func (d *detection) Run(ctx context.Context) (err error) {
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), d.e.cfg.Outputs.ShutdownGrace)
+		defer cancel()
+		if cerr := d.out.Close(cctx); cerr != nil {
+			d.e.log.Error().Str("event", "outputs_cut_short").Err(cerr).Msg("findings left undelivered at shutdown")
+		}
+	}()
 	t := time.NewTicker(d.interval)
 	defer t.Stop()
 	for {
@@ -208,24 +216,16 @@ func (d *detection) cycle(ctx context.Context) error {
 	if read == 0 {
 		return nil
 	}
-	all := d.det.Findings()
-	var changed []detector.Finding
-	for _, f := range all {
-		if d.emitted[f.ID] != f.Count {
-			changed = append(changed, f)
-			d.emitted[f.ID] = f.Count
-		}
-	}
-	if err := d.out.emit(ctx, changed, all); err != nil {
+	changed, err := d.out.Publish(ctx, d.det.Findings(), time.Now())
+	if err != nil {
 		return err
 	}
 	// Keep two windows of history behind the newest record: late files still count.
 	horizon := d.latest.Add(-2 * d.e.cfg.Window)
 	d.det.Forget(horizon)
-	for _, f := range all {
-		if f.WindowStart.Add(d.e.cfg.Window).Before(horizon) {
-			delete(d.emitted, f.ID)
-		}
+	// A finding whose window ended before the horizon cannot change again.
+	if err := d.out.Forget(ctx, horizon.Add(-d.e.cfg.Window)); err != nil {
+		return err
 	}
 	d.e.log.Info().Str("event", "detect_cycle").Int("files", read).Int("changed_findings", len(changed)).Int64("records", d.stats.Records).
 		Int64("malformed", d.stats.Malformed).Int("groups", d.det.Stats().Groups).Msg("detection cycle")

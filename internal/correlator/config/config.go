@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -68,8 +69,44 @@ type Outputs struct {
 	// MetricsFile, when set, is appended CloudWatch Embedded Metric Format lines: the
 	// number of findings by type and severity.
 	MetricsFile string `yaml:"metrics_file"`
+	// MetricsNamespace is the namespace of the metrics_file's EMF lines.
+	MetricsNamespace string `yaml:"metrics_namespace"`
 	// CloudWatch, when Namespace is set, receives the same counts with PutMetricData.
 	CloudWatch CloudWatch `yaml:"cloudwatch"`
+	// EventBridge, when EventBus is set, receives each finding as an event shaped like
+	// GuardDuty's.
+	EventBridge EventBridge `yaml:"eventbridge"`
+	// SecurityHub, when Enabled, receives each finding with BatchImportFindings (ASFF).
+	SecurityHub SecurityHub `yaml:"security_hub"`
+	// QueueSize is how many detection cycles' findings each output may have waiting;
+	// past that an output that is behind misses a cycle (logged and counted) rather
+	// than slowing detection.
+	QueueSize int `yaml:"queue_size"`
+	// ShutdownGrace is how long a stopping correlator waits for queued findings to be
+	// delivered.
+	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
+}
+
+// EventBridge says where finding events are put.
+type EventBridge struct {
+	// EventBus is the bus name or ARN; "default" is the account's default bus.
+	EventBus string `yaml:"event_bus"`
+	// Source is the events' source (AWS reserves "aws.*").
+	Source   string `yaml:"source"`
+	Region   string `yaml:"region"`
+	Endpoint string `yaml:"endpoint"`
+	Retries  int    `yaml:"retries"`
+	// Backoff is the first wait before retrying refused entries; it doubles each time.
+	Backoff time.Duration `yaml:"backoff"`
+}
+
+// SecurityHub says where findings are imported. Their ProductArn is asff_product_arn.
+type SecurityHub struct {
+	Enabled  bool          `yaml:"enabled"`
+	Region   string        `yaml:"region"`
+	Endpoint string        `yaml:"endpoint"`
+	Retries  int           `yaml:"retries"`
+	Backoff  time.Duration `yaml:"backoff"`
 }
 
 // CloudWatch says where finding metrics are put.
@@ -142,11 +179,14 @@ type Log struct {
 // Default returns the configuration used for every key a file leaves out.
 func Default() Config {
 	return Config{
-		Window:  time.Hour,
-		Outputs: Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond}},
-		Serve:   Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
-		Intake:  Intake{PurgeGrace: 24 * time.Hour},
-		Log:     Log{Level: "info", Output: "stderr"},
+		Window: time.Hour,
+		Outputs: Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond},
+			MetricsNamespace: "imdsguard", QueueSize: 256, ShutdownGrace: 10 * time.Second,
+			EventBridge: EventBridge{Source: "imdsguard", Region: "us-east-1", Retries: 5, Backoff: 500 * time.Millisecond},
+			SecurityHub: SecurityHub{Region: "us-east-1", Retries: 5, Backoff: 500 * time.Millisecond}},
+		Serve:  Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
+		Intake: Intake{PurgeGrace: 24 * time.Hour},
+		Log:    Log{Level: "info", Output: "stderr"},
 	}
 }
 
@@ -236,6 +276,9 @@ func (c *Config) validate(root *yaml.Node) error {
 	if c.Outputs.CloudWatch.Namespace == "" && (c.Outputs.CloudWatch.Region != "" || c.Outputs.CloudWatch.Endpoint != "") {
 		return bad("outputs.cloudwatch.namespace", "must be set when outputs.cloudwatch is used")
 	}
+	if err := c.validateOutputs(root); err != nil {
+		return err
+	}
 	if w := c.Outputs.Webhook; w.URL != "" {
 		u, err := url.Parse(w.URL)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -279,6 +322,51 @@ func (c *Config) validate(root *yaml.Node) error {
 	}
 	if c.Log.Output != "stderr" && c.Log.Output != "stdout" && !filepath.IsAbs(c.Log.Output) {
 		return bad("log.output", `must be "stderr", "stdout" or an absolute file path, got %q`, c.Log.Output)
+	}
+	return nil
+}
+
+func (c *Config) validateOutputs(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return yamlfile.Errorf(root, key, format, args...)
+	}
+	o := c.Outputs
+	if o.MetricsNamespace == "" || len(o.MetricsNamespace) > 255 {
+		return bad("outputs.metrics_namespace", "must be 1-255 characters, got %q", o.MetricsNamespace)
+	}
+	if o.QueueSize < 1 || o.QueueSize > 100000 {
+		return bad("outputs.queue_size", "must be 1-100000, got %d", o.QueueSize)
+	}
+	if o.ShutdownGrace < 0 {
+		return bad("outputs.shutdown_grace", "must not be negative, got %s", o.ShutdownGrace)
+	}
+	for key, e := range map[string]string{"outputs.eventbridge.endpoint": o.EventBridge.Endpoint, "outputs.security_hub.endpoint": o.SecurityHub.Endpoint} {
+		if e == "" {
+			continue
+		}
+		if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad(key, "must be an http(s) URL, got %q", e)
+		}
+	}
+	eb := o.EventBridge
+	if eb.EventBus == "" && eb.Endpoint != "" {
+		return bad("outputs.eventbridge.event_bus", "must be set when outputs.eventbridge is used (\"default\" for the default bus)")
+	}
+	if eb.Source == "" || strings.HasPrefix(eb.Source, "aws.") {
+		return bad("outputs.eventbridge.source", "must be set and not start with \"aws.\" (AWS reserves it), got %q", eb.Source)
+	}
+	for key, r := range map[string]int{"outputs.eventbridge.retries": eb.Retries, "outputs.security_hub.retries": o.SecurityHub.Retries} {
+		if r < 0 || r > 100 {
+			return bad(key, "must be 0-100, got %d", r)
+		}
+	}
+	for key, b := range map[string]time.Duration{"outputs.eventbridge.backoff": eb.Backoff, "outputs.security_hub.backoff": o.SecurityHub.Backoff} {
+		if b < 0 {
+			return bad(key, "must not be negative, got %s", b)
+		}
+	}
+	if !o.SecurityHub.Enabled && o.SecurityHub.Endpoint != "" {
+		return bad("outputs.security_hub.enabled", "must be true when outputs.security_hub is used")
 	}
 	return nil
 }
