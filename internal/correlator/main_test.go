@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/correlator/outputs/outputstest"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch/trailwatchtest"
 	"github.com/imdsguard/imdsguard/internal/testing/ctcorpus"
 	"github.com/imdsguard/imdsguard/internal/testing/syncbuf"
@@ -367,7 +368,7 @@ func TestDetectPutsCloudWatchMetrics(t *testing.T) {
 	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
 	os.WriteFile(cfg, append(body, []byte("outputs:\n  cloudwatch:\n    namespace: imdsguard\n    endpoint: "+cw.URL+"\n")...), 0o600)
 	code, _, errs := runCmd(t, "", "detect", "--config", cfg, filepath.Join(dir, "cloudtrail"))
-	if code != 0 || strings.Contains(errs, "cloudwatch_failed") {
+	if code != 0 || strings.Contains(errs, "output_failed") {
 		t.Fatalf("exit %d: %s", code, errs)
 	}
 	mu.Lock()
@@ -398,5 +399,86 @@ func TestCheckConfigAndUpdateIPRanges(t *testing.T) {
 	}
 	if data, _ := os.ReadFile(ranges); !strings.Contains(string(data), "1763700000") {
 		t.Fatal("not installed")
+	}
+}
+
+// A webhook that never answers holds up neither detection nor the other outputs:
+// EventBridge and Security Hub get every finding once, through the real SDK, and
+// serve stops after outputs.shutdown_grace.
+func TestServeOutputsOffTheDetectionPath(t *testing.T) {
+	dir := sharedCorpus(t)
+	hung := make(chan struct{})
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-hung:
+		case <-r.Context().Done():
+		}
+	}))
+	defer hook.Close()
+	defer close(hung)
+	eb, sh := &outputstest.EventBridge{FailFirstEntry: true}, &outputstest.SecurityHub{FailFirstFinding: true}
+	ebSrv, shSrv := httptest.NewServer(eb), httptest.NewServer(sh)
+	defer ebSrv.Close()
+	defer shSrv.Close()
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	work := t.TempDir()
+	cfg := filepath.Join(work, "c.yaml")
+	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	body = append(body, []byte("serve:\n  directory: "+filepath.Join(dir, "cloudtrail")+"\n  poll_interval: 100ms\n"+
+		"outputs:\n  shutdown_grace: 200ms\n  webhook:\n    url: "+hook.URL+"\n    timeout: 1h\n"+
+		"  eventbridge:\n    event_bus: default\n    endpoint: "+ebSrv.URL+"\n    backoff: 1ms\n"+
+		"  security_hub:\n    enabled: true\n    endpoint: "+shSrv.URL+"\n    backoff: 1ms\n")...)
+	os.WriteFile(cfg, body, 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errb syncbuf.Buffer
+	done := make(chan int)
+	go func() { done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &out, &errb) }()
+	deadline := time.After(20 * time.Second)
+	for len(eb.Entries()) < 12 || len(sh.Findings()) < 13 || strings.Count(out.String(), "\n") < 13 {
+		select {
+		case code := <-done:
+			t.Fatalf("serve exited %d: %s", code, errb.String())
+		case <-deadline:
+			t.Fatalf("timed out: %d events, %d imports, out:\n%s\nerr:\n%s", len(eb.Entries()), len(sh.Findings()), out.String(), errb.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("serve exit %d: %s", code, errb.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("serve did not stop after outputs.shutdown_grace")
+	}
+	if !strings.Contains(errb.String(), `"event":"outputs_cut_short"`) || !strings.Contains(errb.String(), "webhook") {
+		t.Errorf("no word of the undelivered webhook: %s", errb.String())
+	}
+	if r := append(eb.Refused(), sh.Refused()...); len(r) > 0 {
+		t.Fatalf("stand-ins refused: %v", r)
+	}
+	events := map[string]int{}
+	for _, e := range eb.Entries() {
+		var d struct{ ID string }
+		json.Unmarshal([]byte(e["Detail"].(string)), &d)
+		events[d.ID]++
+	}
+	imports := map[string]int{}
+	for _, f := range sh.Findings() {
+		imports[f["Id"].(string)]++
+	}
+	for _, f := range decodeFindings(t, out.String()) {
+		if n := imports[f.ID]; n != 1 {
+			t.Errorf("finding %s imported %d times", f.ID, n)
+		}
+		if want := map[bool]int{true: 0, false: 1}[f.Suppressed]; events[f.ID] != want {
+			t.Errorf("finding %s (suppressed %v) put %d times", f.ID, f.Suppressed, events[f.ID])
+		}
 	}
 }

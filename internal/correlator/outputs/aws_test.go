@@ -3,11 +3,7 @@ package outputs
 import (
 	"context"
 	"encoding/json"
-	"io"
-	"net/http"
 	"net/http/httptest"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,75 +14,15 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/correlator/outputs/outputstest"
 )
-
-// signedJSON checks what every SDK request must carry and decodes its JSON body.
-func signedJSON(t *testing.T, r *http.Request, v any) bool {
-	t.Helper()
-	if !strings.HasPrefix(r.Header.Get("Authorization"), "AWS4-HMAC-SHA256 Credential=AKIDTEST/") {
-		t.Errorf("unsigned request: %q", r.Header.Get("Authorization"))
-		return false
-	}
-	body, _ := io.ReadAll(r.Body)
-	if err := json.Unmarshal(body, v); err != nil {
-		t.Errorf("body %s: %v", body, err)
-		return false
-	}
-	return true
-}
-
-// eventBridgeStandIn decodes PutEvents (AWS JSON 1.1, X-Amz-Target AWSEvents.PutEvents)
-// and refuses the first entry of the first call, as a throttled bus does.
-type eventBridgeStandIn struct {
-	t       *testing.T
-	mu      sync.Mutex
-	calls   int
-	entries []map[string]any
-}
-
-func (s *eventBridgeStandIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if r.Method != http.MethodPost || r.Header.Get("X-Amz-Target") != "AWSEvents.PutEvents" ||
-		r.Header.Get("Content-Type") != "application/x-amz-json-1.1" {
-		s.t.Errorf("unexpected request %s %s target %q type %q", r.Method, r.URL.Path, r.Header.Get("X-Amz-Target"), r.Header.Get("Content-Type"))
-		http.Error(w, "unexpected", http.StatusBadRequest)
-		return
-	}
-	var in struct{ Entries []map[string]any }
-	if !signedJSON(s.t, r, &in) {
-		http.Error(w, "bad", http.StatusBadRequest)
-		return
-	}
-	s.calls++
-	type result struct {
-		EventId      string `json:",omitempty"`
-		ErrorCode    string `json:",omitempty"`
-		ErrorMessage string `json:",omitempty"`
-	}
-	var out struct {
-		FailedEntryCount int
-		Entries          []result
-	}
-	for i, e := range in.Entries {
-		if s.calls == 1 && i == 0 {
-			out.FailedEntryCount++
-			out.Entries = append(out.Entries, result{ErrorCode: "ThrottlingException", ErrorMessage: "slow down"})
-			continue
-		}
-		s.entries = append(s.entries, e)
-		out.Entries = append(out.Entries, result{EventId: "ev-" + e["Detail"].(string)[:8]})
-	}
-	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
-	json.NewEncoder(w).Encode(out)
-}
 
 func testBatch(fs []detector.Finding) *Batch {
 	return &Batch{Changed: fs, All: fs, Counts: CountFindings(fs), Time: time.Date(2026, 11, 20, 11, 0, 0, 0, time.UTC)}
 }
 
 func TestEventBridgePutEventsGuardDutyShape(t *testing.T) {
-	stand := &eventBridgeStandIn{t: t}
+	stand := &outputstest.EventBridge{FailFirstEntry: true}
 	srv := httptest.NewServer(stand)
 	defer srv.Close()
 	client := eventbridge.New(eventbridge.Options{Region: "eu-west-1", BaseEndpoint: aws.String(srv.URL),
@@ -103,14 +39,12 @@ func TestEventBridgePutEventsGuardDutyShape(t *testing.T) {
 	if err := eb.Deliver(context.Background(), testBatch(fs)); err != nil {
 		t.Fatal(err)
 	}
-	stand.mu.Lock()
-	defer stand.mu.Unlock()
 	// 10 + the refused one again + 2.
-	if stand.calls != 3 || len(stand.entries) != 12 {
-		t.Fatalf("%d calls, %d entries", stand.calls, len(stand.entries))
+	if stand.Calls() != 3 || len(stand.Entries()) != 12 || len(stand.Refused()) != 0 {
+		t.Fatalf("%d calls, %d entries, refused %v", stand.Calls(), len(stand.Entries()), stand.Refused())
 	}
 	seen := map[string]int{}
-	for _, e := range stand.entries {
+	for _, e := range stand.Entries() {
 		if e["Source"] != "imdsguard" || e["DetailType"] != "GuardDuty Finding" || e["EventBusName"] != "default" {
 			t.Fatalf("entry %v", e)
 		}
@@ -144,49 +78,8 @@ func TestEventBridgePutEventsGuardDutyShape(t *testing.T) {
 	}
 }
 
-// securityHubStandIn decodes BatchImportFindings (REST JSON, POST /findings/import) and
-// fails the first finding of the first call.
-type securityHubStandIn struct {
-	t        *testing.T
-	mu       sync.Mutex
-	calls    int
-	findings []map[string]any
-}
-
-func (s *securityHubStandIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if r.Method != http.MethodPost || r.URL.Path != "/findings/import" {
-		s.t.Errorf("unexpected request %s %s", r.Method, r.URL.Path)
-		http.Error(w, "unexpected", http.StatusNotFound)
-		return
-	}
-	var in struct{ Findings []map[string]any }
-	if !signedJSON(s.t, r, &in) {
-		http.Error(w, "bad", http.StatusBadRequest)
-		return
-	}
-	s.calls++
-	type failed struct{ Id, ErrorCode, ErrorMessage string }
-	out := struct {
-		FailedCount, SuccessCount int
-		FailedFindings            []failed
-	}{FailedFindings: []failed{}}
-	for i, f := range in.Findings {
-		if s.calls == 1 && i == 0 {
-			out.FailedCount++
-			out.FailedFindings = append(out.FailedFindings, failed{Id: f["Id"].(string), ErrorCode: "InternalFailure", ErrorMessage: "try again"})
-			continue
-		}
-		out.SuccessCount++
-		s.findings = append(s.findings, f)
-	}
-	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(out)
-}
-
 func TestSecurityHubBatchImportFindings(t *testing.T) {
-	stand := &securityHubStandIn{t: t}
+	stand := &outputstest.SecurityHub{FailFirstFinding: true}
 	srv := httptest.NewServer(stand)
 	defer srv.Close()
 	client := securityhub.New(securityhub.Options{Region: "us-east-1", BaseEndpoint: aws.String(srv.URL),
@@ -195,13 +88,11 @@ func TestSecurityHubBatchImportFindings(t *testing.T) {
 	if err := sh.Deliver(context.Background(), testBatch(sample())); err != nil {
 		t.Fatal(err)
 	}
-	stand.mu.Lock()
-	defer stand.mu.Unlock()
-	if stand.calls != 2 || len(stand.findings) != 2 {
-		t.Fatalf("%d calls, %d findings", stand.calls, len(stand.findings))
+	if stand.Calls() != 2 || len(stand.Findings()) != 2 || len(stand.Refused()) != 0 {
+		t.Fatalf("%d calls, %d findings, refused %v", stand.Calls(), len(stand.Findings()), stand.Refused())
 	}
 	byID := map[string]map[string]any{}
-	for _, f := range stand.findings {
+	for _, f := range stand.Findings() {
 		byID[f["Id"].(string)] = f
 	}
 	a, b := byID["f1"], byID["f2"]
