@@ -1,0 +1,128 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/imdsguard/imdsguard/internal/wire"
+)
+
+func nowNano() int64 { return time.Now().UnixNano() }
+
+// Put stores fps in one transaction: all of them or, on error, none. A fingerprint
+// whose id is already stored (or repeated in fps) is a duplicate and left as it was.
+// sender says who proved the batch. (intake.Store)
+func (s *DB) Put(ctx context.Context, fps []wire.Fingerprint, sender string) (added, duplicates int, err error) {
+	bodies := make([][]byte, len(fps))
+	for i, fp := range fps {
+		if bodies[i], err = json.Marshal(fp); err != nil {
+			return 0, 0, fmt.Errorf("encode fingerprint %s: %w", fp.ID, err)
+		}
+	}
+	defer s.lockWrites()()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, 0, fmt.Errorf("begin fingerprint transaction: %w", err)
+	}
+	defer tx.Rollback() // a no-op after Commit
+	stmt, err := tx.PrepareContext(ctx, s.q(`INSERT INTO fingerprints
+		(id, access_key_id, instance_id, account_id, expiration, received, sender, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (id) DO NOTHING`))
+	if err != nil {
+		return 0, 0, fmt.Errorf("prepare fingerprint insert: %w", err)
+	}
+	defer stmt.Close()
+	now := time.Now()
+	for i, fp := range fps {
+		// A fingerprint without an expiration is kept as long as instance role
+		// credentials last at most (12h), not purged at once.
+		exp := fp.Expiration
+		if exp.IsZero() {
+			exp = now.Add(12 * time.Hour)
+		}
+		res, err := stmt.ExecContext(ctx, fp.ID, fp.AccessKeyID, fp.Instance.ID, fp.Instance.AccountID, exp.Unix(), now.UnixNano(), sender, string(bodies[i]))
+		if err != nil {
+			return 0, 0, fmt.Errorf("insert fingerprint %s: %w", fp.ID, err)
+		}
+		if n, _ := res.RowsAffected(); n == 1 {
+			added++
+		} else {
+			duplicates++
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, 0, fmt.Errorf("commit fingerprints: %w", err)
+	}
+	return added, duplicates, nil
+}
+
+// Purge removes fingerprints that expired before t, and says how many. (intake.Store)
+func (s *DB) Purge(ctx context.Context, t time.Time) (int64, error) {
+	defer s.lockWrites()()
+	res, err := s.db.ExecContext(ctx, s.q(`DELETE FROM fingerprints WHERE expiration < ?`), t.Unix())
+	if err != nil {
+		return 0, fmt.Errorf("purge fingerprints: %w", err)
+	}
+	n, _ := res.RowsAffected()
+	return n, nil
+}
+
+// Len is the number of stored fingerprints.
+func (s *DB) Len(ctx context.Context) (int64, error) {
+	var n int64
+	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM fingerprints`).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count fingerprints: %w", err)
+	}
+	return n, nil
+}
+
+// ByAccessKey implements fpstore.Store. A database error is logged and gives none.
+func (s *DB) ByAccessKey(accessKeyID string) []wire.Fingerprint {
+	var out []wire.Fingerprint
+	err := s.scan(func(fp wire.Fingerprint) { out = append(out, fp) },
+		`SELECT body FROM fingerprints WHERE access_key_id = ? ORDER BY received, id`, accessKeyID)
+	if err != nil {
+		s.log.Error().Str("event", "fingerprint_read_failed").Str("access_key_id", accessKeyID).Err(err).Msg("reading fingerprints failed")
+	}
+	return out
+}
+
+// All implements fpstore.Store. A database error is logged and ends the walk.
+func (s *DB) All(fn func(wire.Fingerprint)) {
+	if err := s.scan(fn, `SELECT body FROM fingerprints ORDER BY received, id`); err != nil {
+		s.log.Error().Str("event", "fingerprint_read_failed").Err(err).Msg("reading fingerprints failed")
+	}
+}
+
+func (s *DB) scan(fn func(wire.Fingerprint), query string, args ...any) error {
+	rows, err := s.db.Query(s.q(query), args...)
+	if err != nil {
+		return fmt.Errorf("query fingerprints: %w", err)
+	}
+	defer rows.Close()
+	var fps []wire.Fingerprint
+	for rows.Next() {
+		var body string
+		if err := rows.Scan(&body); err != nil {
+			return fmt.Errorf("scan fingerprint: %w", err)
+		}
+		var fp wire.Fingerprint
+		if err := json.Unmarshal([]byte(body), &fp); err != nil {
+			return fmt.Errorf("decode stored fingerprint: %w", err)
+		}
+		fps = append(fps, fp)
+	}
+	if err := rows.Err(); err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("read fingerprints: %w", err)
+	}
+	// fn runs after the rows are closed: it may call the store again.
+	rows.Close()
+	for _, fp := range fps {
+		fn(fp)
+	}
+	return nil
+}
