@@ -10,7 +10,7 @@ PRIV     := IMDSGUARD_PRIVILEGED=1
 # Commands the test bed runs, and the Debian packages that provide them.
 TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool \
 	setpriv:util-linux strace:strace systemd-analyze:systemd debootstrap:debootstrap \
-	rpm:rpm dpkg-deb:dpkg
+	rpm:rpm dpkg-deb:dpkg pg_ctlcluster:postgresql
 # Packages: every architecture and format, into $(DIST). See packaging/.
 DIST       ?= dist
 PKG_ARCHES ?= amd64 arm64

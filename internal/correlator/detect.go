@@ -39,7 +39,7 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	start := time.Now()
 	st, truncated, readErr := readInputs(ctx, fl.Args(), stdin, e.log, d.Observe)
 	all := d.Findings()
-	out, err := newDispatcher(ctx, e, stdout)
+	out, err := newDispatcher(ctx, e, stdout, nil)
 	if err != nil {
 		return err
 	}
@@ -100,12 +100,13 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 
 // newDispatcher starts the configured outputs behind one dispatcher. Stdout always
 // receives the findings as JSON lines.
-func newDispatcher(ctx context.Context, e *env, stdout io.Writer) (*outputs.Dispatcher, error) {
+// l nil is a ledger in memory.
+func newDispatcher(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledger) (*outputs.Dispatcher, error) {
 	outs, err := newOutputs(ctx, e.cfg.Outputs, stdout, e.log)
 	if err != nil {
 		return nil, err
 	}
-	return outputs.NewDispatcher(outs, e.cfg.Outputs.QueueSize, nil, e.log), nil
+	return outputs.NewDispatcher(outs, e.cfg.Outputs.QueueSize, l, e.log), nil
 }
 
 func newOutputs(ctx context.Context, cfg config.Outputs, stdout io.Writer, log zerolog.Logger) ([]outputs.Output, error) {

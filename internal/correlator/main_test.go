@@ -5,10 +5,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,6 +22,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/outputs/outputstest"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch/trailwatchtest"
 	"github.com/imdsguard/imdsguard/internal/testing/ctcorpus"
+	"github.com/imdsguard/imdsguard/internal/testing/pgtest"
 	"github.com/imdsguard/imdsguard/internal/testing/syncbuf"
 )
 
@@ -36,7 +40,38 @@ func TestMain(m *testing.M) {
 	corpusDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
+	if pg != nil {
+		if err := pg.Stop(); err != nil {
+			fmt.Fprintln(os.Stderr, "stop postgres:", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
+}
+
+// pg is the PostgreSQL of this test binary, started by the first test that needs it.
+var (
+	pg     *pgtest.Server
+	pgErr  error
+	pgOnce sync.Once
+)
+
+// postgresDSN gives the test a new database on the shared server. Without PostgreSQL
+// installed the test is skipped, except under make test, where it must run.
+func postgresDSN(t *testing.T) string {
+	t.Helper()
+	pgOnce.Do(func() { pg, pgErr = pgtest.Start() })
+	if errors.Is(pgErr, pgtest.ErrNoPostgres) && os.Getenv("IMDSGUARD_PRIVILEGED") != "1" {
+		t.Skip(pgErr)
+	}
+	if pgErr != nil {
+		t.Fatal(pgErr)
+	}
+	dsn, err := pg.NewDatabase(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dsn
 }
 
 func sharedCorpus(*testing.T) string { return corpusDir }
@@ -480,5 +515,72 @@ func TestServeOutputsOffTheDetectionPath(t *testing.T) {
 		if want := map[bool]int{true: 0, false: 1}[f.Suppressed]; events[f.ID] != want {
 			t.Errorf("finding %s (suppressed %v) put %d times", f.ID, f.Suppressed, events[f.ID])
 		}
+	}
+}
+
+// Two replicas on one PostgreSQL read the same trail: between them, each finding is
+// printed and put on EventBridge once.
+func TestServeReplicasPublishEachFindingOnce(t *testing.T) {
+	dir := sharedCorpus(t)
+	dsn := postgresDSN(t)
+	eb := &outputstest.EventBridge{}
+	ebSrv := httptest.NewServer(eb)
+	defer ebSrv.Close()
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	base, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	type replica struct {
+		out, errb syncbuf.Buffer
+		done      chan int
+	}
+	rs := make([]*replica, 2)
+	for i := range rs {
+		work := t.TempDir()
+		cfg := filepath.Join(work, "c.yaml")
+		body := append(slices.Clone(base), []byte("serve:\n  directory: "+filepath.Join(dir, "cloudtrail")+"\n  checkpoint: "+filepath.Join(work, "cp.json")+
+			"\n  poll_interval: 100ms\nstore:\n  driver: postgres\n  dsn: \""+dsn+"\"\n"+
+			"outputs:\n  eventbridge:\n    event_bus: default\n    endpoint: "+ebSrv.URL+"\n")...)
+		os.WriteFile(cfg, body, 0o600)
+		r := &replica{done: make(chan int, 1)}
+		rs[i] = r
+		go func() { r.done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &r.out, &r.errb) }()
+	}
+	deadline := time.After(30 * time.Second)
+	for !strings.Contains(rs[0].errb.String(), `"event":"detect_cycle"`) || !strings.Contains(rs[1].errb.String(), `"event":"detect_cycle"`) ||
+		len(eb.Entries()) < 12 {
+		select {
+		case <-deadline:
+			t.Fatalf("timed out; %d events\nreplica 0:\n%s\nreplica 1:\n%s", len(eb.Entries()), rs[0].errb.String(), rs[1].errb.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	time.Sleep(200 * time.Millisecond) // a second publication, if there were one, would be out by now
+	cancel()
+	for i, r := range rs {
+		if code := <-r.done; code != 0 {
+			t.Fatalf("replica %d exit %d: %s", i, code, r.errb.String())
+		}
+	}
+	seen := map[string]int{}
+	for _, r := range rs {
+		for _, f := range decodeFindings(t, r.out.String()) {
+			seen[f.ID]++
+		}
+	}
+	if len(seen) != 13 {
+		t.Fatalf("%d distinct findings printed", len(seen))
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Errorf("finding %s printed %d times", id, n)
+		}
+	}
+	if n := len(eb.Entries()); n != 12 {
+		t.Errorf("%d events put, want 12", n)
 	}
 }

@@ -46,18 +46,24 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer e.close()
+	db, err := openStore(ctx, e)
+	if err != nil {
+		return err
+	}
+	if db != nil {
+		defer db.Close()
+	}
 	var cs []component
-	// The intake comes first: detection reads the store it opens.
+	// The intake comes first: detection reads the store it fills.
 	if e.cfg.Intake.Listen != "" {
-		in, closeIntake, err := newIntake(e)
+		in, err := newIntake(e, db)
 		if err != nil {
 			return err
 		}
-		defer closeIntake()
 		cs = append(cs, in)
 	}
 	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" {
-		det, err := newDetection(ctx, e, stdout)
+		det, err := newDetection(ctx, e, stdout, ledger(db))
 		if err != nil {
 			return err
 		}
@@ -101,7 +107,7 @@ type detection struct {
 	stats     cloudtrail.Stats
 }
 
-func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, error) {
+func newDetection(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledger) (*detection, error) {
 	cfg := e.cfg
 	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" {
 		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket or intake.listen in the config")
@@ -113,7 +119,7 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, er
 	if cfg.Serve.Checkpoint == "" {
 		e.log.Warn().Str("event", "no_checkpoint").Msg("serve.checkpoint is not set: a restart reads every file again")
 	}
-	out, err := newDispatcher(ctx, e, stdout)
+	out, err := newDispatcher(ctx, e, stdout, l)
 	if err != nil {
 		return nil, err
 	}

@@ -40,6 +40,7 @@ type Config struct {
 	Outputs      Outputs `yaml:"outputs"`
 	Serve        Serve   `yaml:"serve"`
 	Intake       Intake  `yaml:"intake"`
+	Store        Store   `yaml:"store"`
 	Log          Log     `yaml:"log"`
 
 	Egress  []netip.Prefix `yaml:"-"`
@@ -170,6 +171,16 @@ type Intake struct {
 	PurgeGrace time.Duration `yaml:"purge_grace"`
 }
 
+// Store is the correlator's database: the intake's fingerprints and, on PostgreSQL,
+// the findings already published, shared by every replica.
+type Store struct {
+	// Driver is "sqlite" (embedded, one process) or "postgres" (replicas).
+	Driver string `yaml:"driver"`
+	// DSN is, for sqlite, the database file (default: intake.database); for postgres, a
+	// connection string ("postgres://user@host/db" or "host=… dbname=…").
+	DSN string `yaml:"dsn"`
+}
+
 // Log configures the correlator's diagnostics (zerolog JSON lines).
 type Log struct {
 	Level  string `yaml:"level"`
@@ -186,6 +197,7 @@ func Default() Config {
 			SecurityHub: SecurityHub{Region: "us-east-1", Retries: 5, Backoff: 500 * time.Millisecond}},
 		Serve:  Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
 		Intake: Intake{PurgeGrace: 24 * time.Hour},
+		Store:  Store{Driver: "sqlite"},
 		Log:    Log{Level: "info", Output: "stderr"},
 	}
 }
@@ -315,6 +327,24 @@ func (c *Config) validate(root *yaml.Node) error {
 	if err := c.validateIntake(root); err != nil {
 		return err
 	}
+	switch c.Store.Driver {
+	case "sqlite":
+		if c.Store.DSN != "" && !filepath.IsAbs(c.Store.DSN) {
+			return bad("store.dsn", "must be an absolute path for sqlite, got %q", c.Store.DSN)
+		}
+		if c.Store.DSN != "" && c.Intake.Database != "" && c.Store.DSN != c.Intake.Database {
+			return bad("store.dsn", "and intake.database name two SQLite files: set store.dsn only")
+		}
+	case "postgres":
+		if c.Store.DSN == "" {
+			return bad("store.dsn", "must be set for postgres")
+		}
+		if c.Intake.Database != "" {
+			return bad("intake.database", "is the SQLite file: leave it out with store.driver postgres")
+		}
+	default:
+		return bad("store.driver", "must be sqlite or postgres, got %q", c.Store.Driver)
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -420,8 +450,8 @@ func (c *Config) validateIntake(root *yaml.Node) error {
 	if len(in.AWSCertificates) > 0 && len(in.AllowedAccounts) == 0 {
 		return bad("intake.allowed_accounts", "must list the accounts whose instances may send")
 	}
-	if in.Database == "" {
-		return bad("intake.database", "must be set when intake is used")
+	if in.Database == "" && c.Store.DSN == "" {
+		return bad("intake.database", "must be set when intake is used (or store.dsn)")
 	}
 	return nil
 }

@@ -85,6 +85,9 @@ func TestErrorsNameKeyAndLine(t *testing.T) {
 		"intake:\n  listen: 127.0.0.1:0\n  plain_http: true\n  database: /x.db\n":                                                                  `intake.aws_certificates: intake needs aws_certificates`,
 		"intake:\n  listen: 127.0.0.1:0\n  tls_cert: /c.pem\n  tls_key: /k.pem\n  client_ca: /ca.pem\n":                                            `intake.database: must be set`,
 		"intake:\n  purge_grace: -1h\n": `2: intake.purge_grace: must not be negative`,
+		"store:\n  driver: mysql\n":     `2: store.driver: must be sqlite or postgres`,
+		"store:\n  driver: postgres\n":  `store.dsn: must be set for postgres`,
+		"store:\n  dsn: rel.db\n":       `2: store.dsn: must be an absolute path for sqlite`,
 		"intake:\n  tls: yes\n":         `2: intake.tls: unknown key`,
 	}
 	for in, want := range cases {

@@ -174,7 +174,7 @@ func TestForwarderMTLSOnly(t *testing.T) {
 	}
 	var n int
 	var sender string
-	if err := store.db.QueryRow(`SELECT count(*), min(sender) FROM fingerprints`).Scan(&n, &sender); err != nil || n != 15 || !strings.Contains(sender, "CN=build-host-7") {
+	if err := store.SQL().QueryRow(`SELECT count(*), min(sender) FROM fingerprints`).Scan(&n, &sender); err != nil || n != 15 || !strings.Contains(sender, "CN=build-host-7") {
 		t.Fatalf("stored %d from %q: %v", n, sender, err)
 	}
 	// An older agent still sends its document: on an intake that checks none, the

@@ -61,10 +61,22 @@ func (s *DB) Claim(ctx context.Context, fs []detector.Finding) ([]detector.Findi
 	return out, nil
 }
 
-// Forget drops the findings whose window started before t (outputs.Ledger).
+// LedgerRetention is how long a published finding stays in the ledger at least, after
+// its last publication. The replica that forgets is not the only one that may still
+// hold the finding: another, reading older log files (SQS hands them out in any
+// order), may report it a while later and must still find it claimed.
+const LedgerRetention = 24 * time.Hour
+
+// Forget drops the findings whose window started before t and that were last
+// published more than LedgerRetention ago (outputs.Ledger).
 func (s *DB) Forget(ctx context.Context, before time.Time) error {
+	return s.forget(ctx, before, time.Now().Add(-LedgerRetention))
+}
+
+func (s *DB) forget(ctx context.Context, before, publishedBefore time.Time) error {
 	defer s.lockWrites()()
-	if _, err := s.db.ExecContext(ctx, s.q(`DELETE FROM published_findings WHERE window_start < ?`), before.UnixNano()); err != nil {
+	if _, err := s.db.ExecContext(ctx, s.q(`DELETE FROM published_findings WHERE window_start < ? AND published_at < ?`),
+		before.UnixNano(), publishedBefore.UnixNano()); err != nil {
 		return fmt.Errorf("forget published findings: %w", err)
 	}
 	return nil

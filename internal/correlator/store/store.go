@@ -75,6 +75,9 @@ func Open(ctx context.Context, driver, dsn string, log zerolog.Logger) (*DB, err
 // Close closes the database.
 func (s *DB) Close() error { return s.db.Close() }
 
+// SQL is the database handle, for tests and tools that look inside.
+func (s *DB) SQL() *sql.DB { return s.db }
+
 // Driver is "sqlite" or "postgres".
 func (s *DB) Driver() string { return s.driver }
 

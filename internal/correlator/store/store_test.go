@@ -178,8 +178,17 @@ func TestClaimOnceAcrossReplicas(t *testing.T) {
 		if out, _ := replicas[0].Claim(ctx, findings(40, 6)); len(out) != 40 {
 			t.Fatalf("grown counts: %d claimed", len(out))
 		}
-		// Forget the first window: those findings may be claimed anew.
-		if err := replicas[1].Forget(ctx, findings(1, 0)[0].WindowStart.Add(time.Minute)); err != nil {
+		// Forgetting the first window keeps what was published lately: another
+		// replica may still hold those findings.
+		w0 := findings(1, 0)[0].WindowStart.Add(time.Minute)
+		if err := replicas[1].Forget(ctx, w0); err != nil {
+			t.Fatal(err)
+		}
+		if out, _ := replicas[0].Claim(ctx, findings(40, 6)); len(out) != 0 {
+			t.Fatalf("claimed again after a fresh forget: %d", len(out))
+		}
+		// Past the retention, they go, and may be claimed anew.
+		if err := replicas[1].forget(ctx, w0, time.Now().Add(time.Minute)); err != nil {
 			t.Fatal(err)
 		}
 		if out, _ := replicas[0].Claim(ctx, findings(40, 6)); len(out) != 14 {
