@@ -13,52 +13,162 @@ import (
 
 func nowNano() int64 { return time.Now().UnixNano() }
 
-// Put stores fps in one transaction: all of them or, on error, none. A fingerprint
-// whose id is already stored (or repeated in fps) is a duplicate and left as it was.
-// sender says who proved the batch. (intake.Store)
+// putRequest is one Put waiting for the group commit.
+type putRequest struct {
+	fps    []wire.Fingerprint
+	bodies [][]byte
+	sender string
+	added  int
+	dups   int
+	err    error
+	done   chan struct{}
+}
+
+// Group commit bounds: a commit takes at most this many Puts or fingerprints.
+const (
+	groupMaxPuts         = 128
+	groupMaxFingerprints = 10000
+)
+
+// Put stores fps: all of them or, on error, none. A fingerprint whose id is already
+// stored (or repeated in fps) is a duplicate and left as it was. sender says who
+// proved the batch. (intake.Store)
+//
+// Puts that arrive while a commit is under way share the next transaction (group
+// commit): one fsync for many agents' batches instead of one each. The commit is
+// durable when Put returns.
 func (s *DB) Put(ctx context.Context, fps []wire.Fingerprint, sender string) (added, duplicates int, err error) {
-	bodies := make([][]byte, len(fps))
+	req := &putRequest{fps: fps, sender: sender, bodies: make([][]byte, len(fps)), done: make(chan struct{})}
 	for i, fp := range fps {
-		if bodies[i], err = json.Marshal(fp); err != nil {
+		if req.bodies[i], err = json.Marshal(fp); err != nil {
 			return 0, 0, fmt.Errorf("encode fingerprint %s: %w", fp.ID, err)
 		}
 	}
+	s.startCommitter()
+	if s.puts == nil {
+		return 0, 0, errClosed
+	}
+	select {
+	case s.puts <- req:
+	case <-ctx.Done():
+		return 0, 0, ctx.Err()
+	case <-s.closed:
+		return 0, 0, errClosed
+	}
+	// Once queued the request is committed or failed whatever ctx does: the caller
+	// waits for the answer, so that a stored batch is never reported as lost.
+	s.waiting.Add(1)
+	<-req.done
+	s.waiting.Add(-1)
+	return req.added, req.dups, req.err
+}
+
+var errClosed = errors.New("store is closed")
+
+func (s *DB) startCommitter() {
+	s.committerOnce.Do(func() {
+		s.puts = make(chan *putRequest, groupMaxPuts)
+		s.closed = make(chan struct{})
+		s.committerDone = make(chan struct{})
+		go s.commitLoop()
+	})
+}
+
+// commitLoop takes a Put, then every Put already waiting, and commits them together.
+func (s *DB) commitLoop() {
+	defer close(s.committerDone)
+	for {
+		var group []*putRequest
+		select {
+		case req := <-s.puts:
+			group = append(group, req)
+		case <-s.closed:
+			return
+		}
+		n := len(group[0].fps)
+	more:
+		for len(group) < groupMaxPuts && n < groupMaxFingerprints {
+			select {
+			case req := <-s.puts:
+				group = append(group, req)
+				n += len(req.fps)
+			default:
+				break more
+			}
+		}
+		s.commitGroup(group)
+	}
+}
+
+// commitGroup stores the group in one transaction. When that fails, each Put is tried
+// alone, so that one bad batch fails only its own sender.
+func (s *DB) commitGroup(group []*putRequest) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	defer func() {
+		for _, r := range group {
+			close(r.done)
+		}
+	}()
+	if err := s.insert(ctx, group); err == nil || len(group) == 1 {
+		if err != nil {
+			group[0].err = err
+		}
+		return
+	}
+	for _, r := range group {
+		r.added, r.dups = 0, 0
+		if err := s.insert(ctx, []*putRequest{r}); err != nil {
+			r.err = err
+		}
+	}
+}
+
+func (s *DB) insert(ctx context.Context, group []*putRequest) error {
 	defer s.lockWrites()()
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return 0, 0, fmt.Errorf("begin fingerprint transaction: %w", err)
+		return fmt.Errorf("begin fingerprint transaction: %w", err)
 	}
 	defer tx.Rollback() // a no-op after Commit
 	stmt, err := tx.PrepareContext(ctx, s.q(`INSERT INTO fingerprints
 		(id, access_key_id, instance_id, account_id, expiration, received, sender, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (id) DO NOTHING`))
 	if err != nil {
-		return 0, 0, fmt.Errorf("prepare fingerprint insert: %w", err)
+		return fmt.Errorf("prepare fingerprint insert: %w", err)
 	}
 	defer stmt.Close()
 	now := time.Now()
-	for i, fp := range fps {
-		// A fingerprint without an expiration is kept as long as instance role
-		// credentials last at most (12h), not purged at once.
-		exp := fp.Expiration
-		if exp.IsZero() {
-			exp = now.Add(12 * time.Hour)
-		}
-		res, err := stmt.ExecContext(ctx, fp.ID, fp.AccessKeyID, fp.Instance.ID, fp.Instance.AccountID, exp.Unix(), now.UnixNano(), sender, string(bodies[i]))
-		if err != nil {
-			return 0, 0, fmt.Errorf("insert fingerprint %s: %w", fp.ID, err)
-		}
-		if n, _ := res.RowsAffected(); n == 1 {
-			added++
-		} else {
-			duplicates++
+	for _, r := range group {
+		r.added, r.dups = 0, 0
+		for i, fp := range r.fps {
+			// A fingerprint without an expiration is kept as long as instance role
+			// credentials last at most (12h), not purged at once.
+			exp := fp.Expiration
+			if exp.IsZero() {
+				exp = now.Add(12 * time.Hour)
+			}
+			res, err := stmt.ExecContext(ctx, fp.ID, fp.AccessKeyID, fp.Instance.ID, fp.Instance.AccountID, exp.Unix(), now.UnixNano(), r.sender, string(r.bodies[i]))
+			if err != nil {
+				return fmt.Errorf("insert fingerprint %s: %w", fp.ID, err)
+			}
+			if n, _ := res.RowsAffected(); n == 1 {
+				r.added++
+			} else {
+				r.dups++
+			}
 		}
 	}
 	if err := tx.Commit(); err != nil {
-		return 0, 0, fmt.Errorf("commit fingerprints: %w", err)
+		return fmt.Errorf("commit fingerprints: %w", err)
 	}
-	return added, duplicates, nil
+	s.commits.Add(1)
+	return nil
 }
+
+// Commits is the number of fingerprint transactions committed: with group commit,
+// fewer than the Puts.
+func (s *DB) Commits() int64 { return s.commits.Load() }
 
 // Purge removes fingerprints that expired before t, and says how many. (intake.Store)
 func (s *DB) Purge(ctx context.Context, t time.Time) (int64, error) {

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
 	"github.com/rs/zerolog"
@@ -32,6 +33,15 @@ type DB struct {
 	// SQLite has one writer at a time; taking turns here is cheaper than retrying
 	// SQLITE_BUSY. PostgreSQL needs no such thing.
 	writeMu sync.Mutex
+
+	// The intake's group commit (see Put).
+	committerOnce sync.Once
+	puts          chan *putRequest
+	closed        chan struct{}
+	committerDone chan struct{}
+	closeOnce     sync.Once
+	commits       atomic.Int64
+	waiting       atomic.Int64 // Puts queued or in a commit
 }
 
 // Open connects to the database and applies the migrations it lacks. For SQLite, dsn
@@ -72,8 +82,18 @@ func Open(ctx context.Context, driver, dsn string, log zerolog.Logger) (*DB, err
 	return s, nil
 }
 
-// Close closes the database.
-func (s *DB) Close() error { return s.db.Close() }
+// Close stops the group commit (a Put under way finishes first) and closes the
+// database.
+func (s *DB) Close() error {
+	s.closeOnce.Do(func() {
+		s.committerOnce.Do(func() {}) // no committer starts after Close
+		if s.closed != nil {
+			close(s.closed)
+			<-s.committerDone
+		}
+	})
+	return s.db.Close()
+}
 
 // SQL is the database handle, for tests and tools that look inside.
 func (s *DB) SQL() *sql.DB { return s.db }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -230,5 +231,57 @@ func TestPostgresRestart(t *testing.T) {
 	}
 	if out, _ := db.Claim(ctx, findings(3, 2)); len(out) != 0 {
 		t.Fatalf("claimed twice across the restart: %d", len(out))
+	}
+}
+
+// Puts that wait while a commit is under way share the next transaction; a batch that
+// cannot be stored fails alone.
+func TestGroupCommit(t *testing.T) {
+	db := openT(t, SQLite, filepath.Join(t.TempDir(), "c.db"))
+	ctx := context.Background()
+	if _, err := db.SQL().Exec(`CREATE TRIGGER refuse_bad BEFORE INSERT ON fingerprints WHEN NEW.id = 'bad' BEGIN SELECT RAISE(ABORT, 'injected'); END`); err != nil {
+		t.Fatal(err)
+	}
+	// round holds the writer until every Put has been handed to the committer, so
+	// that they can only be committed in at most two groups.
+	round := func(ids ...string) (failed int) {
+		errs := make(chan error, len(ids))
+		db.writeMu.Lock()
+		for _, id := range ids {
+			go func() {
+				_, _, err := db.Put(ctx, []wire.Fingerprint{{ID: id, AccessKeyID: "ASIA" + id}}, "x")
+				errs <- err
+			}()
+		}
+		for db.waiting.Load() != int64(len(ids)) {
+			time.Sleep(time.Millisecond)
+		}
+		db.writeMu.Unlock()
+		for range ids {
+			if err := <-errs; err != nil {
+				if !strings.Contains(err.Error(), "injected") {
+					t.Fatal(err)
+				}
+				failed++
+			}
+		}
+		return failed
+	}
+	var ids []string
+	for i := range 20 {
+		ids = append(ids, fmt.Sprint("p", i))
+	}
+	if failed := round(ids...); failed != 0 || db.Commits() > 2 {
+		t.Fatalf("20 puts: %d failed, %d commits", failed, db.Commits())
+	}
+	ids[7] = "bad"
+	for i := range ids {
+		ids[i] = strings.Replace(ids[i], "p", "q", 1)
+	}
+	if failed := round(ids...); failed != 1 {
+		t.Fatalf("%d puts failed, want the bad one only", failed)
+	}
+	if n, _ := db.Len(ctx); n != 39 {
+		t.Fatalf("stored %d, want 39", n)
 	}
 }
