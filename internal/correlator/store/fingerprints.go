@@ -125,6 +125,9 @@ func (s *DB) commitGroup(group []*putRequest) {
 }
 
 func (s *DB) insert(ctx context.Context, group []*putRequest) error {
+	if s.driver == Postgres {
+		return s.insertArrays(ctx, group)
+	}
 	defer s.lockWrites()()
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -161,6 +164,63 @@ func (s *DB) insert(ctx context.Context, group []*putRequest) error {
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit fingerprints: %w", err)
+	}
+	s.commits.Add(1)
+	return nil
+}
+
+// insertArrays stores a group on PostgreSQL in one statement: the rows go as arrays
+// (unnest), so a group is one round trip however many fingerprints it holds. The ids
+// it returns are the rows added; the first occurrence of an id gets the credit, as if
+// the Puts had run one after another.
+func (s *DB) insertArrays(ctx context.Context, group []*putRequest) error {
+	var ids, keys, instances, accounts, senders, bodies []string
+	var exps, recvs []int64
+	now := time.Now()
+	for _, r := range group {
+		for i, fp := range r.fps {
+			exp := fp.Expiration
+			if exp.IsZero() {
+				exp = now.Add(12 * time.Hour)
+			}
+			ids = append(ids, fp.ID)
+			keys = append(keys, fp.AccessKeyID)
+			instances = append(instances, fp.Instance.ID)
+			accounts = append(accounts, fp.Instance.AccountID)
+			exps = append(exps, exp.Unix())
+			recvs = append(recvs, now.UnixNano())
+			senders = append(senders, r.sender)
+			bodies = append(bodies, string(r.bodies[i]))
+		}
+	}
+	rows, err := s.db.QueryContext(ctx, `INSERT INTO fingerprints (id, access_key_id, instance_id, account_id, expiration, received, sender, body)
+		SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[])
+		ON CONFLICT (id) DO NOTHING RETURNING id`, ids, keys, instances, accounts, exps, recvs, senders, bodies)
+	if err != nil {
+		return fmt.Errorf("insert fingerprints: %w", err)
+	}
+	defer rows.Close()
+	added := map[string]bool{}
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return fmt.Errorf("read inserted fingerprints: %w", err)
+		}
+		added[id] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("insert fingerprints: %w", err)
+	}
+	for _, r := range group {
+		r.added, r.dups = 0, 0
+		for _, fp := range r.fps {
+			if added[fp.ID] {
+				r.added++
+				delete(added, fp.ID)
+			} else {
+				r.dups++
+			}
+		}
 	}
 	s.commits.Add(1)
 	return nil
