@@ -20,6 +20,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/outputs/outputstest"
+	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue/sqstest"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch/trailwatchtest"
 	"github.com/imdsguard/imdsguard/internal/testing/ctcorpus"
 	"github.com/imdsguard/imdsguard/internal/testing/pgtest"
@@ -532,6 +533,9 @@ func TestServeReplicasPublishEachFindingOnce(t *testing.T) {
 	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
 	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
 	base, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	// Settled files: both replicas read the whole trail in their first cycle.
+	past := time.Now().Add(-time.Minute)
+	filepath.Walk(filepath.Join(dir, "cloudtrail"), func(p string, info os.FileInfo, err error) error { os.Chtimes(p, past, past); return nil })
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	type replica struct {
@@ -582,5 +586,103 @@ func TestServeReplicasPublishEachFindingOnce(t *testing.T) {
 	}
 	if n := len(eb.Entries()); n != 12 {
 		t.Errorf("%d events put, want 12", n)
+	}
+}
+
+// Two replicas share one queue and one PostgreSQL: each object is read once, each
+// finding printed once between them, and a poison message goes to the dead-letter
+// list with a log line instead of looping.
+func TestServeSQSReplicas(t *testing.T) {
+	dir := sharedCorpus(t)
+	dsn := postgresDSN(t)
+	fake := trailwatchtest.NewS3("trail")
+	queue := &sqstest.Queue{MaxReceiveCount: 2}
+	var keys []string
+	src := filepath.Join(dir, "cloudtrail", "AWSLogs")
+	filepath.Walk(src, func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			data, _ := os.ReadFile(p)
+			rel, _ := filepath.Rel(filepath.Join(dir, "cloudtrail"), p)
+			key := filepath.ToSlash(rel)
+			fake.Put(key, string(data))
+			keys = append(keys, key)
+		}
+		return nil
+	})
+	s3srv, sqsSrv := httptest.NewServer(fake), httptest.NewServer(queue)
+	defer s3srv.Close()
+	defer sqsSrv.Close()
+	for i, k := range keys {
+		ev := fmt.Sprintf(`{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"trail"},"object":{"key":%q,"size":%d}}}]}`,
+			strings.ReplaceAll(k, " ", "+"), 100)
+		if i%2 == 1 { // half arrive through SNS
+			ev = fmt.Sprintf(`{"Type":"Notification","Message":%q}`, ev)
+		}
+		queue.Send(ev)
+	}
+	queue.Send(`{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"trail"},"object":{"key":"AWSLogs/gone.json.gz","size":1}}}]}`)
+	t.Setenv("AWS_ACCESS_KEY_ID", trailwatchtest.AccessKeyID)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	base, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	type replica struct {
+		out, errb syncbuf.Buffer
+		done      chan int
+	}
+	rs := make([]*replica, 2)
+	for i := range rs {
+		cfg := filepath.Join(t.TempDir(), "c.yaml")
+		body := append(slices.Clone(base), []byte("serve:\n  s3:\n    endpoint: "+s3srv.URL+"\n    path_style: true\n"+
+			"  sqs:\n    queue_url: "+sqsSrv.URL+"/123456789012/trail\n    endpoint: "+sqsSrv.URL+"\n    visibility_timeout: 1s\n"+
+			"  poll_interval: 200ms\nstore:\n  driver: postgres\n  dsn: \""+dsn+"\"\n")...)
+		os.WriteFile(cfg, body, 0o600)
+		r := &replica{done: make(chan int, 1)}
+		rs[i] = r
+		go func() { r.done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &r.out, &r.errb) }()
+	}
+	deadline := time.After(30 * time.Second)
+	for queue.Len() > 0 || len(queue.Dead()) < 1 {
+		select {
+		case <-deadline:
+			t.Fatalf("queue: %d left, %d dead\nreplica 0:\n%s\nreplica 1:\n%s", queue.Len(), len(queue.Dead()), rs[0].errb.String(), rs[1].errb.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	cancel()
+	for i, r := range rs {
+		if code := <-r.done; code != 0 {
+			t.Fatalf("replica %d exit %d: %s", i, code, r.errb.String())
+		}
+	}
+	if queue.Deleted() != len(keys) {
+		t.Errorf("%d messages deleted, want %d", queue.Deleted(), len(keys))
+	}
+	for _, k := range keys {
+		if n := fake.Gets(k); n != 1 {
+			t.Errorf("%s read %d times", k, n)
+		}
+	}
+	seen := map[string]int{}
+	logs := ""
+	for _, r := range rs {
+		logs += r.errb.String()
+		for _, f := range decodeFindings(t, r.out.String()) {
+			seen[f.ID]++
+		}
+	}
+	if len(seen) == 0 {
+		t.Fatal("no findings")
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Errorf("finding %s printed %d times", id, n)
+		}
+	}
+	if !strings.Contains(logs, `"event":"poison_message"`) || !strings.Contains(logs, "gone.json.gz") {
+		t.Errorf("no poison log line:\n%s", logs)
 	}
 }

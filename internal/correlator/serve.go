@@ -14,12 +14,14 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
 	"github.com/imdsguard/imdsguard/internal/correlator/outputs"
+	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
 )
 
@@ -62,7 +64,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		cs = append(cs, in)
 	}
-	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" {
+	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" || e.cfg.Serve.SQS.QueueURL != "" {
 		det, err := newDetection(ctx, e, stdout, ledger(db))
 		if err != nil {
 			return err
@@ -100,6 +102,7 @@ type detection struct {
 	e         *env
 	det       *detector.Detector
 	followers []*trailwatch.Follower
+	queue     *trailqueue.Consumer
 	out       *outputs.Dispatcher
 	interval  time.Duration
 	latest    time.Time // latest event time seen
@@ -109,8 +112,8 @@ type detection struct {
 
 func newDetection(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledger) (*detection, error) {
 	cfg := e.cfg
-	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" {
-		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket or intake.listen in the config")
+	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" && cfg.Serve.SQS.QueueURL == "" {
+		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket, serve.sqs.queue_url or intake.listen in the config")
 	}
 	cp, err := trailwatch.LoadCheckpoint(cfg.Serve.Checkpoint)
 	if err != nil {
@@ -140,6 +143,24 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledge
 		}
 		listers = append(listers, &trailwatch.S3{Client: client, Bucket: b.Bucket, Prefix: b.Prefix})
 	}
+	if q := cfg.Serve.SQS; q.QueueURL != "" {
+		s3c, err := newS3Client(ctx, cfg.Serve.S3.Region, cfg.Serve.S3.Endpoint, cfg.Serve.S3.PathStyle)
+		if err != nil {
+			return nil, err
+		}
+		awsCfg, err := awsconfig.LoadDefaultConfig(ctx, awsconfig.WithRegion(q.Region))
+		if err != nil {
+			return nil, fmt.Errorf("load aws config: %w", err)
+		}
+		sqsc := sqs.NewFromConfig(awsCfg, func(o *sqs.Options) {
+			if q.Endpoint != "" {
+				o.BaseEndpoint = aws.String(q.Endpoint)
+			}
+		})
+		// The long poll is serve's wait between cycles.
+		d.queue = &trailqueue.Consumer{SQS: sqsc, S3: s3c, QueueURL: q.QueueURL, VisibilityTimeout: q.VisibilityTimeout,
+			Wait: min(cfg.Serve.PollInterval, 20*time.Second), MaxObjectBytes: maxObjectBytes, Read: d.read, Log: e.log}
+	}
 	for _, l := range listers {
 		d.followers = append(d.followers, &trailwatch.Follower{Lister: l, Checkpoint: cp, Read: d.read, Log: e.log})
 	}
@@ -163,6 +184,10 @@ func newS3Client(ctx context.Context, region, endpoint string, pathStyle bool) (
 func newHTTPClient(timeout time.Duration) *http.Client {
 	return &http.Client{Timeout: timeout}
 }
+
+// maxObjectBytes bounds a CloudTrail object read from a notification; CloudTrail
+// delivers files far smaller (a gzip file of at most a few MB).
+const maxObjectBytes = 512 << 20
 
 // Name implements component.
 func (d *detection) Name() string { return "detection" }
@@ -201,6 +226,12 @@ func (d *detection) Run(ctx context.Context) (err error) {
 		if err := d.cycle(ctx); err != nil {
 			return err
 		}
+		if d.queue != nil { // the queue's long poll was the wait
+			if ctx.Err() != nil {
+				return nil
+			}
+			continue
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -219,9 +250,33 @@ func (d *detection) cycle(ctx context.Context) error {
 			d.e.log.Error().Str("event", "poll_failed").Str("source", f.Lister.ID()).Err(err).Msg("polling log files failed; retrying next interval")
 		}
 	}
-	if read == 0 {
+	published := false
+	if d.queue != nil {
+		// The queue's messages are deleted only after publish has recorded their
+		// findings.
+		n, err := d.queue.Poll(ctx, func(ctx context.Context) error { published = true; return d.publish(ctx, read) })
+		read += n
+		if err != nil && ctx.Err() == nil {
+			d.e.log.Error().Str("event", "queue_poll_failed").Str("queue", d.queue.QueueURL).Err(err).Msg("receiving from the queue failed; retrying")
+			if !published && read > 0 {
+				return d.publish(ctx, read)
+			}
+			// Not a busy loop against a queue that is down.
+			select {
+			case <-ctx.Done():
+			case <-time.After(d.interval):
+			}
+		}
+	}
+	if read == 0 || published {
 		return nil
 	}
+	return d.publish(ctx, read)
+}
+
+// publish claims and queues the findings that are new or grew, then lets the detector
+// forget what is too old to change.
+func (d *detection) publish(ctx context.Context, files int) error {
 	changed, err := d.out.Publish(ctx, d.det.Findings(), time.Now())
 	if err != nil {
 		return err
@@ -233,7 +288,7 @@ func (d *detection) cycle(ctx context.Context) error {
 	if err := d.out.Forget(ctx, horizon.Add(-d.e.cfg.Window)); err != nil {
 		return err
 	}
-	d.e.log.Info().Str("event", "detect_cycle").Int("files", read).Int("changed_findings", len(changed)).Int64("records", d.stats.Records).
+	d.e.log.Info().Str("event", "detect_cycle").Int("files", files).Int("changed_findings", len(changed)).Int64("records", d.stats.Records).
 		Int64("malformed", d.stats.Malformed).Int("groups", d.det.Stats().Groups).Msg("detection cycle")
 	return nil
 }

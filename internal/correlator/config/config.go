@@ -132,9 +132,24 @@ type Serve struct {
 	// Directory is followed: files that appear in it (recursively) are read once.
 	Directory string `yaml:"directory"`
 	S3        S3     `yaml:"s3"`
+	// SQS, when QueueURL is set, is where S3 ObjectCreated notifications of the trail
+	// bucket come from (several replicas share the queue); objects are read with the
+	// S3 client that serve.s3's region, endpoint and path_style describe.
+	SQS SQS `yaml:"sqs"`
 	// Checkpoint records which files were read, so a restart neither skips nor repeats.
 	Checkpoint   string        `yaml:"checkpoint"`
 	PollInterval time.Duration `yaml:"poll_interval"`
+}
+
+// SQS is a queue of S3 notifications.
+type SQS struct {
+	QueueURL string `yaml:"queue_url"`
+	Region   string `yaml:"region"`
+	// Endpoint overrides the SQS endpoint (VPC endpoints, tests).
+	Endpoint string `yaml:"endpoint"`
+	// VisibilityTimeout is how long a received message is hidden from the other
+	// replicas: longer than reading its objects and recording their findings takes.
+	VisibilityTimeout time.Duration `yaml:"visibility_timeout"`
 }
 
 // S3 is a bucket and prefix of CloudTrail log files.
@@ -195,7 +210,8 @@ func Default() Config {
 			MetricsNamespace: "imdsguard", QueueSize: 256, ShutdownGrace: 10 * time.Second,
 			EventBridge: EventBridge{Source: "imdsguard", Region: "us-east-1", Retries: 5, Backoff: 500 * time.Millisecond},
 			SecurityHub: SecurityHub{Region: "us-east-1", Retries: 5, Backoff: 500 * time.Millisecond}},
-		Serve:  Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
+		Serve: Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"},
+			SQS: SQS{Region: "us-east-1", VisibilityTimeout: 5 * time.Minute}},
 		Intake: Intake{PurgeGrace: 24 * time.Hour},
 		Store:  Store{Driver: "sqlite"},
 		Log:    Log{Level: "info", Output: "stderr"},
@@ -321,8 +337,26 @@ func (c *Config) validate(root *yaml.Node) error {
 			return bad("serve.s3.endpoint", "must be an http(s) URL, got %q", e)
 		}
 	}
-	if c.Serve.S3.Bucket == "" && (c.Serve.S3.Prefix != "" || c.Serve.S3.Endpoint != "") {
+	if c.Serve.S3.Bucket == "" && c.Serve.SQS.QueueURL == "" && (c.Serve.S3.Prefix != "" || c.Serve.S3.Endpoint != "") {
 		return bad("serve.s3.bucket", "must be set when serve.s3 is used")
+	}
+	if q := c.Serve.SQS; q.QueueURL != "" {
+		if u, err := url.Parse(q.QueueURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("serve.sqs.queue_url", "must be the queue's https URL, got %q", q.QueueURL)
+		}
+		if c.Serve.S3.Bucket != "" {
+			return bad("serve.s3.bucket", "and serve.sqs are two ways to find new files: choose one")
+		}
+		if q.VisibilityTimeout < time.Second || q.VisibilityTimeout > 12*time.Hour {
+			return bad("serve.sqs.visibility_timeout", "must be between 1s and 12h, got %s", q.VisibilityTimeout)
+		}
+	} else if c.Serve.SQS.Endpoint != "" {
+		return bad("serve.sqs.queue_url", "must be set when serve.sqs is used")
+	}
+	if e := c.Serve.SQS.Endpoint; e != "" {
+		if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("serve.sqs.endpoint", "must be an http(s) URL, got %q", e)
+		}
 	}
 	if err := c.validateIntake(root); err != nil {
 		return err
