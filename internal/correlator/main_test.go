@@ -10,11 +10,14 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -31,6 +34,13 @@ import (
 var corpusDir string
 
 func TestMain(m *testing.M) {
+	// The test binary doubles as the correlator, for tests that must kill a replica.
+	if os.Getenv("IMDSGUARD_TEST_CORRELATOR") == "1" {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+		code := Run(ctx, "", os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+		stop()
+		os.Exit(code)
+	}
 	dir, err := os.MkdirTemp("", "corpus")
 	if err != nil {
 		panic(err)
@@ -38,6 +48,9 @@ func TestMain(m *testing.M) {
 	if err := ctcorpus.WriteDir(dir, 1, nil); err != nil {
 		panic(err)
 	}
+	// Settled files: serve's directory lister reads them all in its first cycle.
+	past := time.Now().Add(-time.Minute)
+	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error { os.Chtimes(p, past, past); return nil })
 	corpusDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -533,9 +546,6 @@ func TestServeReplicasPublishEachFindingOnce(t *testing.T) {
 	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
 	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
 	base, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
-	// Settled files: both replicas read the whole trail in their first cycle.
-	past := time.Now().Add(-time.Minute)
-	filepath.Walk(filepath.Join(dir, "cloudtrail"), func(p string, info os.FileInfo, err error) error { os.Chtimes(p, past, past); return nil })
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	type replica struct {
@@ -684,5 +694,124 @@ func TestServeSQSReplicas(t *testing.T) {
 	}
 	if !strings.Contains(logs, `"event":"poison_message"`) || !strings.Contains(logs, "gone.json.gz") {
 		t.Errorf("no poison log line:\n%s", logs)
+	}
+}
+
+// blockingS3 serves the S3 stand-in, but holds the n-th GetObject until the client goes
+// away, and tells when it holds one.
+type blockingS3 struct {
+	s3      *trailwatchtest.S3
+	mu      sync.Mutex
+	gets    int
+	blockAt int
+	holding chan struct{}
+}
+
+func (b *blockingS3) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if strings.Count(r.URL.Path, "/") > 1 { // a GetObject
+		b.mu.Lock()
+		b.gets++
+		hold := b.gets == b.blockAt
+		b.mu.Unlock()
+		if hold {
+			close(b.holding)
+			<-r.Context().Done()
+			return
+		}
+	}
+	b.s3.ServeHTTP(w, r)
+}
+
+// A replica SIGKILLed in the middle of an object has recorded nothing and deleted
+// nothing: after the visibility timeout another replica gets every message, reads every
+// object and prints every finding once.
+func TestServeSQSReplicaKilledMidObject(t *testing.T) {
+	dir := sharedCorpus(t)
+	fake := trailwatchtest.NewS3("trail")
+	queue := &sqstest.Queue{MaxReceiveCount: 5}
+	var keys []string
+	filepath.Walk(filepath.Join(dir, "cloudtrail", "AWSLogs"), func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			data, _ := os.ReadFile(p)
+			rel, _ := filepath.Rel(filepath.Join(dir, "cloudtrail"), p)
+			fake.Put(filepath.ToSlash(rel), string(data))
+			keys = append(keys, filepath.ToSlash(rel))
+			queue.Send(fmt.Sprintf(`{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"trail"},"object":{"key":%q}}}]}`, filepath.ToSlash(rel)))
+		}
+		return nil
+	})
+	if len(keys) < 3 {
+		t.Fatalf("corpus has %d objects", len(keys))
+	}
+	s3h := &blockingS3{s3: fake, blockAt: 3, holding: make(chan struct{})}
+	s3srv, sqsSrv := httptest.NewServer(s3h), httptest.NewServer(queue)
+	defer s3srv.Close()
+	defer sqsSrv.Close()
+	env := []string{"AWS_ACCESS_KEY_ID=" + trailwatchtest.AccessKeyID, "AWS_SECRET_ACCESS_KEY=secret", "AWS_EC2_METADATA_DISABLED=true",
+		"AWS_CONFIG_FILE=" + filepath.Join(t.TempDir(), "none"), "AWS_SHARED_CREDENTIALS_FILE=" + filepath.Join(t.TempDir(), "none")}
+	for _, kv := range env {
+		k, v, _ := strings.Cut(kv, "=")
+		t.Setenv(k, v)
+	}
+	base, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	cfg := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(cfg, append(slices.Clone(base), []byte("serve:\n  s3:\n    endpoint: "+s3srv.URL+"\n    path_style: true\n"+
+		"  sqs:\n    queue_url: "+sqsSrv.URL+"/123456789012/trail\n    endpoint: "+sqsSrv.URL+"\n    visibility_timeout: 1s\n"+
+		"  poll_interval: 200ms\n")...), 0o600)
+
+	// Replica 1, a process of its own, is killed while it holds its third object.
+	var out1, err1 syncbuf.Buffer
+	child := exec.Command(os.Args[0], "serve", "--config", cfg)
+	child.Env = append(os.Environ(), "IMDSGUARD_TEST_CORRELATOR=1")
+	child.Stdout, child.Stderr = &out1, &err1
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer child.Process.Kill()
+	select {
+	case <-s3h.holding:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("replica 1 never reached its third object:\n%s", err1.String())
+	}
+	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	child.Wait()
+	if queue.Deleted() != 0 || out1.String() != "" {
+		t.Fatalf("killed replica deleted %d messages, printed %q", queue.Deleted(), out1.String())
+	}
+
+	// Replica 2 gets the messages back after the visibility timeout.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out2, err2 syncbuf.Buffer
+	done := make(chan int, 1)
+	go func() { done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &out2, &err2) }()
+	deadline := time.After(30 * time.Second)
+	for queue.Len() > 0 {
+		select {
+		case <-deadline:
+			t.Fatalf("%d messages left:\n%s", queue.Len(), err2.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	cancel()
+	if code := <-done; code != 0 {
+		t.Fatalf("replica 2 exit %d: %s", code, err2.String())
+	}
+	if queue.Deleted() != len(keys) || len(queue.Dead()) != 0 {
+		t.Fatalf("deleted %d of %d, dead %d", queue.Deleted(), len(keys), len(queue.Dead()))
+	}
+	seen := map[string]int{}
+	for _, f := range decodeFindings(t, out2.String()) {
+		seen[f.ID]++
+	}
+	if len(seen) == 0 {
+		t.Fatal("no findings after the redelivery")
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Errorf("finding %s printed %d times", id, n)
+		}
 	}
 }
