@@ -815,3 +815,60 @@ func TestServeSQSReplicaKilledMidObject(t *testing.T) {
 		}
 	}
 }
+
+// A restarted serve keeps its windows and counts (in the database, with its checkpoint):
+// a record read after the restart adds to the finding counted before it, and nothing
+// already published goes out again.
+func TestServeRestartKeepsCounts(t *testing.T) {
+	dir := sharedCorpus(t)
+	work := t.TempDir()
+	watched := filepath.Join(work, "trail")
+	os.MkdirAll(watched, 0o755)
+	cfg := filepath.Join(work, "c.yaml")
+	body, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	body = append(body, []byte("serve:\n  directory: "+watched+"\n  checkpoint: "+filepath.Join(work, "cp.json")+"\n  poll_interval: 100ms\n"+
+		"store:\n  dsn: "+filepath.Join(work, "state.db")+"\n")...)
+	os.WriteFile(cfg, body, 0o600)
+	rec := func(at string) string {
+		return `{"eventVersion":"1.09","userIdentity":{"type":"AssumedRole","arn":"arn:aws:sts::111111111111:assumed-role/web/x","accountId":"111111111111","accessKeyId":"` +
+			ctcorpus.KeyA1 + `"},"eventTime":"` + at + `","eventSource":"s3.amazonaws.com","eventName":"ListBuckets","sourceIPAddress":"192.0.2.123"}`
+	}
+	past := time.Now().Add(-time.Minute)
+	put := func(name, at string) {
+		p := filepath.Join(watched, name)
+		os.WriteFile(p, []byte(`{"Records":[`+rec(at)+`]}`), 0o644)
+		os.Chtimes(p, past, past)
+	}
+	serve := func() string {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var out, errb syncbuf.Buffer
+		done := make(chan int, 1)
+		go func() { done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &out, &errb) }()
+		deadline := time.After(20 * time.Second)
+		for !strings.Contains(errb.String(), `"event":"detect_cycle"`) {
+			select {
+			case code := <-done:
+				t.Fatalf("serve exited %d: %s", code, errb.String())
+			case <-deadline:
+				t.Fatalf("no cycle: %s", errb.String())
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		cancel()
+		if code := <-done; code != 0 {
+			t.Fatalf("serve exit %d: %s", code, errb.String())
+		}
+		return out.String()
+	}
+	put("a.json", "2026-11-20T09:00:00Z")
+	first := decodeFindings(t, serve())
+	if len(first) != 1 || first[0].Count != 1 {
+		t.Fatalf("first run: %+v", first)
+	}
+	put("b.json", "2026-11-20T09:10:00Z")
+	second := decodeFindings(t, serve())
+	if len(second) != 1 || second[0].ID != first[0].ID || second[0].Count != 2 {
+		t.Fatalf("after restart: %+v", second)
+	}
+}

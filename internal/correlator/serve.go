@@ -21,6 +21,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
 	"github.com/imdsguard/imdsguard/internal/correlator/outputs"
+	"github.com/imdsguard/imdsguard/internal/correlator/store"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
 )
@@ -65,7 +66,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		cs = append(cs, in)
 	}
 	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" || e.cfg.Serve.SQS.QueueURL != "" {
-		det, err := newDetection(ctx, e, stdout, ledger(db))
+		det, err := newDetection(ctx, e, stdout, db)
 		if err != nil {
 			return err
 		}
@@ -103,14 +104,18 @@ type detection struct {
 	det       *detector.Detector
 	followers []*trailwatch.Follower
 	queue     *trailqueue.Consumer
-	out       *outputs.Dispatcher
-	interval  time.Duration
-	latest    time.Time // latest event time seen
-	rangesMod time.Time
-	stats     cloudtrail.Stats
+	// state, when set, keeps the detector's snapshot and the checkpoint in the
+	// database after every cycle, so that a restart goes on counting.
+	state      *store.DB
+	checkpoint *trailwatch.Checkpoint
+	out        *outputs.Dispatcher
+	interval   time.Duration
+	latest     time.Time // latest event time seen
+	rangesMod  time.Time
+	stats      cloudtrail.Stats
 }
 
-func newDetection(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledger) (*detection, error) {
+func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (*detection, error) {
 	cfg := e.cfg
 	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" && cfg.Serve.SQS.QueueURL == "" {
 		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket, serve.sqs.queue_url or intake.listen in the config")
@@ -122,7 +127,7 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledge
 	if cfg.Serve.Checkpoint == "" {
 		e.log.Warn().Str("event", "no_checkpoint").Msg("serve.checkpoint is not set: a restart reads every file again")
 	}
-	out, err := newDispatcher(ctx, e, stdout, l)
+	out, err := newDispatcher(ctx, e, stdout, ledger(db, cfg.Serve.SQS.QueueURL != ""))
 	if err != nil {
 		return nil, err
 	}
@@ -163,6 +168,12 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledge
 	}
 	for _, l := range listers {
 		d.followers = append(d.followers, &trailwatch.Follower{Lister: l, Checkpoint: cp, Read: d.read, Log: e.log})
+	}
+	if db != nil && d.queue == nil {
+		d.state, d.checkpoint = db, cp
+		if err := d.restore(ctx); err != nil {
+			return nil, err
+		}
 	}
 	return d, nil
 }
@@ -286,6 +297,9 @@ func (d *detection) publish(ctx context.Context, files int) error {
 	d.det.Forget(horizon)
 	// A finding whose window ended before the horizon cannot change again.
 	if err := d.out.Forget(ctx, horizon.Add(-d.e.cfg.Window)); err != nil {
+		return err
+	}
+	if err := d.save(ctx); err != nil {
 		return err
 	}
 	d.e.log.Info().Str("event", "detect_cycle").Int("files", files).Int("changed_findings", len(changed)).Int64("records", d.stats.Records).

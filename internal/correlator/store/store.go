@@ -154,6 +154,12 @@ var migrations = []string{
 		published_at BIGINT NOT NULL  -- unix nanoseconds
 	);
 	CREATE INDEX published_findings_window_start ON published_findings (window_start);`,
+	// 3: serve's state (the detector's snapshot and what it has read), by name.
+	`CREATE TABLE serve_state (
+		name     TEXT PRIMARY KEY,
+		body     TEXT NOT NULL,
+		saved_at BIGINT NOT NULL -- unix nanoseconds
+	);`,
 }
 
 // migrate applies the migrations the database lacks, all in one transaction. On

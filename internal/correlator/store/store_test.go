@@ -285,3 +285,21 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("stored %d, want 39", n)
 	}
 }
+
+func TestState(t *testing.T) {
+	engines(t, func(t *testing.T, open func() *DB) {
+		db := open()
+		ctx := context.Background()
+		if b, err := db.LoadState(ctx, "serve"); err != nil || b != nil {
+			t.Fatalf("%q %v", b, err)
+		}
+		for _, body := range []string{`{"a":1}`, `{"a":2}`} {
+			if err := db.SaveState(ctx, "serve", []byte(body)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if b, err := open().LoadState(ctx, "serve"); err != nil || string(b) != `{"a":2}` {
+			t.Fatalf("%q %v", b, err)
+		}
+	})
+}
