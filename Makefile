@@ -11,7 +11,7 @@ PRIV     := IMDSGUARD_PRIVILEGED=1
 # Commands the test bed runs, and the Debian packages that provide them.
 TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool \
 	setpriv:util-linux strace:strace systemd-analyze:systemd debootstrap:debootstrap \
-	rpm:rpm dpkg-deb:dpkg
+	rpm:rpm dpkg-deb:dpkg pg_ctlcluster:postgresql
 # Packages: every architecture and format, into $(DIST). See packaging/.
 DIST       ?= dist
 PKG_ARCHES ?= amd64 arm64
@@ -51,6 +51,7 @@ bench: root deps
 	$(GO) run ./tools/bench
 	$(GO) run ./tools/bench-correlator
 	$(GO) run ./tools/bench-intake
+	$(GO) run ./tools/bench-replicas
 
 # deb and rpm of the agent and of the correlator
 # for each of PKG_ARCHES, versioned by packaging/version.sh. Reproducible: static

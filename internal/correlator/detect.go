@@ -3,19 +3,22 @@ package correlator
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"os"
+	"strings"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/cloudwatch"
+	"github.com/aws/aws-sdk-go-v2/service/eventbridge"
+	"github.com/aws/aws-sdk-go-v2/service/securityhub"
+	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/cli"
 	"github.com/imdsguard/imdsguard/internal/correlator/config"
-	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/investigate"
 	"github.com/imdsguard/imdsguard/internal/correlator/outputs"
 )
@@ -49,12 +52,17 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	for _, n := range d.Dropped() {
 		dropped += n
 	}
-	out, err := newEmitter(ctx, e.cfg.Outputs, stdout, e)
+	out, err := newDispatcher(ctx, e, stdout, nil)
 	if err != nil {
 		return err
 	}
-	if err := out.emit(ctx, all, all); err != nil {
+	_, pubErr := out.Publish(ctx, all, time.Now())
+	// One run: wait for every output to finish (their retries are bounded), or a signal.
+	if err := errors.Join(pubErr, out.Close(ctx)); err != nil {
 		return err
+	}
+	if failed := outputFailures(out); failed != "" {
+		return fmt.Errorf("findings not delivered to %s", failed)
 	}
 	flagged := 0
 	for _, f := range all {
@@ -111,17 +119,29 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 	return readErr
 }
 
-// emitter sends findings to stdout (JSON lines) and the configured outputs.
-type emitter struct {
-	cfg     config.Outputs
-	stdout  io.Writer
-	webhook *outputs.Webhook
-	cw      *outputs.CloudWatch
-	e       *env
+// newDispatcher starts the configured outputs behind one dispatcher. Stdout always
+// receives the findings as JSON lines.
+// l nil is a ledger in memory.
+func newDispatcher(ctx context.Context, e *env, stdout io.Writer, l outputs.Ledger) (*outputs.Dispatcher, error) {
+	outs, err := newOutputs(ctx, e.cfg.Outputs, stdout, e.log)
+	if err != nil {
+		return nil, err
+	}
+	return outputs.NewDispatcher(outs, e.cfg.Outputs.QueueSize, l, e.log), nil
 }
 
-func newEmitter(ctx context.Context, cfg config.Outputs, stdout io.Writer, e *env) (*emitter, error) {
-	em := &emitter{cfg: cfg, stdout: stdout, e: e}
+func newOutputs(ctx context.Context, cfg config.Outputs, stdout io.Writer, log zerolog.Logger) ([]outputs.Output, error) {
+	outs := []outputs.Output{&outputs.JSONLines{W: stdout}}
+	if cfg.ASFFFile != "" {
+		outs = append(outs, &outputs.ASFFFile{Path: cfg.ASFFFile, ProductARN: cfg.ASFFProductARN})
+	}
+	if cfg.MetricsFile != "" {
+		outs = append(outs, &outputs.EMFFile{Path: cfg.MetricsFile, Namespace: cfg.MetricsNamespace})
+	}
+	if cfg.Webhook.URL != "" {
+		outs = append(outs, &outputs.Webhook{URL: cfg.Webhook.URL, Retries: cfg.Webhook.Retries, Backoff: cfg.Webhook.Backoff,
+			Client: newHTTPClient(cfg.Webhook.Timeout), Log: log})
+	}
 	if c := cfg.CloudWatch; c.Namespace != "" {
 		region := c.Region
 		if region == "" {
@@ -136,53 +156,50 @@ func newEmitter(ctx context.Context, cfg config.Outputs, stdout io.Writer, e *en
 				o.BaseEndpoint = aws.String(c.Endpoint)
 			}
 		})
-		em.cw = &outputs.CloudWatch{Client: client, Namespace: c.Namespace}
+		outs = append(outs, &outputs.CloudWatch{Client: client, Namespace: c.Namespace})
 	}
-	if cfg.Webhook.URL != "" {
-		em.webhook = &outputs.Webhook{URL: cfg.Webhook.URL, Retries: cfg.Webhook.Retries, Backoff: cfg.Webhook.Backoff,
-			Client: newHTTPClient(cfg.Webhook.Timeout), Log: e.log}
+	if c := cfg.EventBridge; c.EventBus != "" {
+		awsCfg, err := awsconfig.LoadDefaultConfig(ctx, awsconfig.WithRegion(c.Region))
+		if err != nil {
+			return nil, fmt.Errorf("load aws config: %w", err)
+		}
+		client := eventbridge.NewFromConfig(awsCfg, func(o *eventbridge.Options) {
+			if c.Endpoint != "" {
+				o.BaseEndpoint = aws.String(c.Endpoint)
+			}
+		})
+		outs = append(outs, &outputs.EventBridge{Client: client, Bus: c.EventBus, Source: c.Source,
+			Retry: outputs.Retry{Retries: c.Retries, Backoff: c.Backoff}, Log: log})
 	}
-	return em, nil
+	if c := cfg.SecurityHub; c.Enabled {
+		awsCfg, err := awsconfig.LoadDefaultConfig(ctx, awsconfig.WithRegion(c.Region))
+		if err != nil {
+			return nil, fmt.Errorf("load aws config: %w", err)
+		}
+		client := securityhub.NewFromConfig(awsCfg, func(o *securityhub.Options) {
+			if c.Endpoint != "" {
+				o.BaseEndpoint = aws.String(c.Endpoint)
+			}
+		})
+		outs = append(outs, &outputs.SecurityHub{Client: client, ProductARN: cfg.ASFFProductARN,
+			Retry: outputs.Retry{Retries: c.Retries, Backoff: c.Backoff}, Log: log})
+	}
+	return outs, nil
 }
 
-// emit prints changed (new or updated) findings, posts them to the webhook, counts them
-// in the metrics (EMF file, CloudWatch), and rewrites the ASFF file from all current
-// findings. A webhook that
-// stays down is logged, not fatal: the findings are on stdout and in the ASFF file.
-func (em *emitter) emit(ctx context.Context, changed, all []detector.Finding) error {
-	if err := outputs.WriteJSONLines(em.stdout, changed); err != nil {
-		return err
-	}
-	if em.webhook != nil {
-		for _, f := range changed {
-			if f.Suppressed {
-				continue
-			}
-			if err := em.webhook.Send(ctx, f); err != nil {
-				em.e.log.Error().Str("event", "webhook_gave_up").Str("finding_id", f.ID).Err(err).Msg("finding not delivered to the webhook")
-			}
+// outputFailures names the outputs that failed a batch, for detect's exit status; a
+// webhook, EventBridge or Security Hub that stays down is logged and not fatal: the
+// findings are on stdout.
+func outputFailures(d *outputs.Dispatcher) string {
+	var names []string
+	for _, st := range d.Stats() {
+		if st.Failed+st.Dropped+st.Abandoned == 0 {
+			continue
+		}
+		switch st.Name {
+		case "json_lines", "asff_file", "metrics_file":
+			names = append(names, st.Name)
 		}
 	}
-	now := time.Now()
-	if em.cfg.ASFFFile != "" {
-		if err := outputs.WriteASFFFile(em.cfg.ASFFFile, all, em.cfg.ASFFProductARN, now); err != nil {
-			return err
-		}
-	}
-	if em.cfg.MetricsFile != "" && len(changed) > 0 {
-		f, err := os.OpenFile(em.cfg.MetricsFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return fmt.Errorf("open metrics file: %w", err)
-		}
-		defer f.Close()
-		if err := outputs.WriteMetrics(f, changed, now); err != nil {
-			return err
-		}
-	}
-	if em.cw != nil && len(changed) > 0 {
-		if err := em.cw.Put(ctx, changed, now); err != nil {
-			em.e.log.Error().Str("event", "cloudwatch_failed").Err(err).Msg("finding metrics not put")
-		}
-	}
-	return nil
+	return strings.Join(names, ", ")
 }

@@ -3,37 +3,27 @@ package correlator
 import (
 	"crypto/x509"
 	"fmt"
-	"os"
-	"path/filepath"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/config"
 	"github.com/imdsguard/imdsguard/internal/correlator/iddoc"
 	"github.com/imdsguard/imdsguard/internal/correlator/intake"
 )
 
-// newIntake opens the fingerprint store, makes it the detector's, and returns the
-// intake server (a serve component) and a function that closes the store.
-func newIntake(e *env) (*intake.Server, func(), error) {
+// newIntake makes the fingerprint store the detector's and returns the intake server
+// (a serve component).
+func newIntake(e *env, st intake.Store) (*intake.Server, error) {
 	c := e.cfg.Intake
 	certs, err := intakeCertificates(c)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Dir(c.Database), 0o700); err != nil {
-		return nil, nil, fmt.Errorf("create fingerprint database directory: %w", err)
-	}
-	store, err := intake.OpenSQLite(c.Database, e.log)
-	if err != nil {
-		return nil, nil, err
-	}
-	h := intake.NewHandler(intake.Options{Store: store, AWSCertificates: certs, AllowedAccounts: c.AllowedAccounts, Log: e.log})
+	h := intake.NewHandler(intake.Options{Store: st, AWSCertificates: certs, AllowedAccounts: c.AllowedAccounts, Log: e.log})
 	srv, err := intake.NewServer(serverConfig(c), h, e.log)
 	if err != nil {
-		_ = store.Close()
-		return nil, nil, err
+		return nil, err
 	}
-	e.stored = store
-	return srv, func() { _ = store.Close() }, nil
+	e.stored = st
+	return srv, nil
 }
 
 func serverConfig(c config.Intake) intake.ServerConfig {

@@ -14,12 +14,16 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/cli"
 	"github.com/imdsguard/imdsguard/internal/correlator/cloudtrail"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/ipranges"
+	"github.com/imdsguard/imdsguard/internal/correlator/outputs"
+	"github.com/imdsguard/imdsguard/internal/correlator/store"
+	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
 )
 
@@ -46,18 +50,28 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer e.close()
+	db, err := openStore(ctx, e)
+	if err != nil {
+		return err
+	}
+	if db != nil {
+		defer func() {
+			if err := db.Close(); err != nil {
+				e.log.Error().Err(err).Str("event", "store_close_failed").Msg("closing the database")
+			}
+		}()
+	}
 	var cs []component
-	// The intake comes first: detection reads the store it opens.
+	// The intake comes first: detection reads the store it fills.
 	if e.cfg.Intake.Listen != "" {
-		in, closeIntake, err := newIntake(e)
+		in, err := newIntake(e, db)
 		if err != nil {
 			return err
 		}
-		defer closeIntake()
 		cs = append(cs, in)
 	}
-	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" {
-		det, err := newDetection(ctx, e, stdout)
+	if len(cs) == 0 || e.cfg.Serve.Directory != "" || e.cfg.Serve.S3.Bucket != "" || e.cfg.Serve.SQS.QueueURL != "" {
+		det, err := newDetection(ctx, e, stdout, db)
 		if err != nil {
 			return err
 		}
@@ -100,19 +114,23 @@ type detection struct {
 	e         *env
 	det       *detector.Detector
 	followers []*trailwatch.Follower
-	out       *emitter
-	interval  time.Duration
-	emitted   map[string]int64 // finding id → count last emitted
-	latest    time.Time        // latest event time seen
-	rangesMod time.Time
-	stats     cloudtrail.Stats
-	inventory *inventoryPoller // nil without inventory.ec2
+	queue     *trailqueue.Consumer
+	// state, when set, keeps the detector's snapshot and the checkpoint in the
+	// database after every cycle, so that a restart goes on counting.
+	state      *store.DB
+	checkpoint *trailwatch.Checkpoint
+	out        *outputs.Dispatcher
+	interval   time.Duration
+	latest     time.Time // latest event time seen
+	rangesMod  time.Time
+	stats      cloudtrail.Stats
+	inventory  *inventoryPoller // nil without inventory.ec2
 }
 
-func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, error) {
+func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (*detection, error) {
 	cfg := e.cfg
-	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" {
-		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket or intake.listen in the config")
+	if cfg.Serve.Directory == "" && cfg.Serve.S3.Bucket == "" && cfg.Serve.SQS.QueueURL == "" {
+		return nil, fmt.Errorf("serve needs serve.directory, serve.s3.bucket, serve.sqs.queue_url or intake.listen in the config")
 	}
 	cp, err := trailwatch.LoadCheckpoint(cfg.Serve.Checkpoint)
 	if err != nil {
@@ -121,11 +139,11 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, er
 	if cfg.Serve.Checkpoint == "" {
 		e.log.Warn().Str("event", "no_checkpoint").Msg("serve.checkpoint is not set: a restart reads every file again")
 	}
-	out, err := newEmitter(ctx, cfg.Outputs, stdout, e)
+	out, err := newDispatcher(ctx, e, stdout, ledger(db, cfg.Serve.SQS.QueueURL != ""))
 	if err != nil {
 		return nil, err
 	}
-	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval, emitted: map[string]int64{}}
+	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval}
 	if cfg.IPRanges != "" {
 		if info, err := os.Stat(cfg.IPRanges); err == nil {
 			d.rangesMod = info.ModTime()
@@ -142,8 +160,32 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer) (*detection, er
 		}
 		listers = append(listers, &trailwatch.S3{Client: client, Bucket: b.Bucket, Prefix: b.Prefix})
 	}
+	if q := cfg.Serve.SQS; q.QueueURL != "" {
+		s3c, err := newS3Client(ctx, cfg.Serve.S3.Region, cfg.Serve.S3.Endpoint, cfg.Serve.S3.PathStyle)
+		if err != nil {
+			return nil, err
+		}
+		awsCfg, err := awsconfig.LoadDefaultConfig(ctx, awsconfig.WithRegion(q.Region))
+		if err != nil {
+			return nil, fmt.Errorf("load aws config: %w", err)
+		}
+		sqsc := sqs.NewFromConfig(awsCfg, func(o *sqs.Options) {
+			if q.Endpoint != "" {
+				o.BaseEndpoint = aws.String(q.Endpoint)
+			}
+		})
+		// The long poll is serve's wait between cycles.
+		d.queue = &trailqueue.Consumer{SQS: sqsc, S3: s3c, QueueURL: q.QueueURL, VisibilityTimeout: q.VisibilityTimeout,
+			Wait: min(cfg.Serve.PollInterval, 20*time.Second), MaxObjectBytes: maxObjectBytes, Read: d.read, Log: e.log}
+	}
 	for _, l := range listers {
 		d.followers = append(d.followers, &trailwatch.Follower{Lister: l, Checkpoint: cp, Read: d.read, Log: e.log})
+	}
+	if db != nil && d.queue == nil {
+		d.state, d.checkpoint = db, cp
+		if err := d.restore(ctx); err != nil {
+			return nil, err
+		}
 	}
 	return d, nil
 }
@@ -166,6 +208,10 @@ func newHTTPClient(timeout time.Duration) *http.Client {
 	return &http.Client{Timeout: timeout}
 }
 
+// maxObjectBytes bounds a CloudTrail object read from a notification; CloudTrail
+// delivers files far smaller (a gzip file of at most a few MB).
+const maxObjectBytes = 512 << 20
+
 // Name implements component.
 func (d *detection) Name() string { return "detection" }
 
@@ -187,13 +233,27 @@ func (d *detection) read(name string, r io.Reader) error {
 	return nil
 }
 
-// Run implements component: poll, judge, emit, forget, every poll interval.
-func (d *detection) Run(ctx context.Context) error {
+// Run implements component: poll, judge, publish, forget, every poll interval. When
+// it stops, the outputs get serve's shutdown grace to deliver what is queued.
+func (d *detection) Run(ctx context.Context) (err error) {
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), d.e.cfg.Outputs.ShutdownGrace)
+		defer cancel()
+		if cerr := d.out.Close(cctx); cerr != nil {
+			d.e.log.Error().Str("event", "outputs_cut_short").Err(cerr).Msg("findings left undelivered at shutdown")
+		}
+	}()
 	t := time.NewTicker(d.interval)
 	defer t.Stop()
 	for {
 		if err := d.cycle(ctx); err != nil {
 			return err
+		}
+		if d.queue != nil { // the queue's long poll was the wait
+			if ctx.Err() != nil {
+				return nil
+			}
+			continue
 		}
 		select {
 		case <-ctx.Done():
@@ -214,29 +274,48 @@ func (d *detection) cycle(ctx context.Context) error {
 			d.e.log.Error().Str("event", "poll_failed").Str("source", f.Lister.ID()).Err(err).Msg("polling log files failed; retrying next interval")
 		}
 	}
-	if read == 0 {
-		return nil
-	}
-	all := d.det.Findings()
-	var changed []detector.Finding
-	for _, f := range all {
-		if d.emitted[f.ID] != f.Count {
-			changed = append(changed, f)
-			d.emitted[f.ID] = f.Count
+	published := false
+	if d.queue != nil {
+		// The queue's messages are deleted only after publish has recorded their
+		// findings.
+		n, err := d.queue.Poll(ctx, func(ctx context.Context) error { published = true; return d.publish(ctx, read) })
+		read += n
+		if err != nil && ctx.Err() == nil {
+			d.e.log.Error().Str("event", "queue_poll_failed").Str("queue", d.queue.QueueURL).Err(err).Msg("receiving from the queue failed; retrying")
+			if !published && read > 0 {
+				return d.publish(ctx, read)
+			}
+			// Not a busy loop against a queue that is down.
+			select {
+			case <-ctx.Done():
+			case <-time.After(d.interval):
+			}
 		}
 	}
-	if err := d.out.emit(ctx, changed, all); err != nil {
+	if read == 0 || published {
+		return nil
+	}
+	return d.publish(ctx, read)
+}
+
+// publish claims and queues the findings that are new or grew, then lets the detector
+// forget what is too old to change.
+func (d *detection) publish(ctx context.Context, files int) error {
+	changed, err := d.out.Publish(ctx, d.det.Findings(), time.Now())
+	if err != nil {
 		return err
 	}
 	// Keep two windows of history behind the newest record: late files still count.
 	horizon := d.latest.Add(-2 * d.e.cfg.Window)
 	d.det.Forget(horizon)
-	for _, f := range all {
-		if f.WindowStart.Add(d.e.cfg.Window).Before(horizon) {
-			delete(d.emitted, f.ID)
-		}
+	// A finding whose window ended before the horizon cannot change again.
+	if err := d.out.Forget(ctx, horizon.Add(-d.e.cfg.Window)); err != nil {
+		return err
 	}
-	d.e.log.Info().Str("event", "detect_cycle").Int("files", read).Int("changed_findings", len(changed)).Int64("records", d.stats.Records).
+	if err := d.save(ctx); err != nil {
+		return err
+	}
+	d.e.log.Info().Str("event", "detect_cycle").Int("files", files).Int("changed_findings", len(changed)).Int64("records", d.stats.Records).
 		Int64("malformed", d.stats.Malformed).Int("groups", d.det.Stats().Groups).Msg("detection cycle")
 	return nil
 }

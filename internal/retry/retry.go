@@ -5,6 +5,8 @@ package retry
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"math/rand/v2"
 	"time"
 )
@@ -46,4 +48,50 @@ func Sleep(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
+}
+
+// Policy retries one operation: Retries more tries after the first, waiting as Backoff
+// says between them (Min Backoff, doubling up to MaxBackoff, default a minute).
+type Policy struct {
+	Retries    int
+	Backoff    time.Duration
+	MaxBackoff time.Duration
+}
+
+type permanentError struct{ err error }
+
+func (e permanentError) Error() string { return e.err.Error() }
+func (e permanentError) Unwrap() error { return e.err }
+
+// Permanent marks an error another attempt cannot fix (a 4xx answer): Do stops at it.
+func Permanent(err error) error { return permanentError{err} }
+
+// Do calls try until it succeeds, fails permanently, the retries are spent or ctx ends,
+// and returns the last error. onFail, when set, is told each failed attempt (1-based).
+func (p Policy) Do(ctx context.Context, try func(ctx context.Context) error, onFail func(attempt int, err error)) error {
+	b := Backoff{Min: p.Backoff, Max: p.MaxBackoff}
+	if b.Max <= 0 {
+		b.Max = max(time.Minute, b.Min)
+	}
+	var last error
+	for attempt := 0; attempt <= p.Retries; attempt++ {
+		if attempt > 0 {
+			if err := Sleep(ctx, b.Next()); err != nil {
+				return fmt.Errorf("%w (last: %w)", err, last)
+			}
+		}
+		err := try(ctx)
+		if err == nil {
+			return nil
+		}
+		last = err
+		if onFail != nil {
+			onFail(attempt+1, err)
+		}
+		var perm permanentError
+		if errors.As(err, &perm) {
+			return perm.err
+		}
+	}
+	return last
 }

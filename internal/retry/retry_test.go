@@ -2,6 +2,7 @@ package retry
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 )
@@ -49,5 +50,33 @@ func TestSleepStopsOnCancel(t *testing.T) {
 	}
 	if err := Sleep(context.Background(), time.Millisecond); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestPolicyStopsAtPermanentAndCountsRetries(t *testing.T) {
+	p := Policy{Retries: 3, Backoff: time.Millisecond}
+	calls := 0
+	err := p.Do(context.Background(), func(context.Context) error { calls++; return errors.New("busy") }, nil)
+	if err == nil || calls != 4 {
+		t.Fatalf("transient: %d calls, %v; want 4 and the last error", calls, err)
+	}
+	calls = 0
+	var told []int
+	err = p.Do(context.Background(), func(context.Context) error {
+		calls++
+		return Permanent(errors.New("403 refused"))
+	}, func(attempt int, _ error) { told = append(told, attempt) })
+	if calls != 1 || err == nil || err.Error() != "403 refused" || len(told) != 1 {
+		t.Fatalf("permanent: %d calls, %v, told %v", calls, err, told)
+	}
+	calls = 0
+	if err := p.Do(context.Background(), func(context.Context) error {
+		calls++
+		if calls < 3 {
+			return errors.New("busy")
+		}
+		return nil
+	}, nil); err != nil || calls != 3 {
+		t.Fatalf("recovering: %d calls, %v", calls, err)
 	}
 }

@@ -1,7 +1,8 @@
 // Command bench-intake measures how many fingerprints per second the correlator's intake
-// accepts over loopback HTTPS (identity document verified, batch stored in SQLite with
-// synchronous=FULL), against a baseline handler that only decodes the same JSON over the
-// same TLS, in one run, for batches of 100 and of 1:
+// accepts over loopback HTTPS (identity document verified, batch stored with group
+// commit in SQLite with synchronous=FULL, then in a PostgreSQL started for the run),
+// against a baseline handler that only decodes the same JSON over the same TLS, in one
+// run, for batches of 100 and of 1:
 //
 //	go run ./tools/bench-intake [-senders 4] [-fingerprints 20000] [-single 2000] [-rounds 3]
 package main
@@ -17,6 +18,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -34,6 +36,8 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/correlator/iddoc"
 	"github.com/imdsguard/imdsguard/internal/correlator/intake"
+	"github.com/imdsguard/imdsguard/internal/correlator/store"
+	"github.com/imdsguard/imdsguard/internal/testing/pgtest"
 	"github.com/imdsguard/imdsguard/internal/wire"
 )
 
@@ -79,54 +83,100 @@ func run(senders, many, single, rounds int) error {
 	if err != nil {
 		return err
 	}
-	store, err := intake.OpenSQLite(filepath.Join(dir, "fingerprints.db"), zerolog.Nop())
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	h := intake.NewHandler(intake.Options{Store: store, AWSCertificates: []*x509.Certificate{signer.Cert}, AllowedAccounts: []string{account}, Log: zerolog.Nop()})
-	in, err := serve(h, tlsCfg)
-	if err != nil {
-		return err
-	}
-	defer in.close()
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, MaxIdleConnsPerHost: senders}, Timeout: time.Minute}
 	base, err := serve(http.HandlerFunc(decodeOnly), tlsCfg)
 	if err != nil {
 		return err
 	}
 	defer base.close()
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, MaxIdleConnsPerHost: senders}, Timeout: time.Minute}
-
-	fmt.Printf("intake: loopback HTTPS (TLS 1.3), %d senders, RSA-2048 signed identity document, SQLite (WAL, synchronous=FULL) in %s\n", senders, dir)
+	fmt.Printf("intake: loopback HTTPS (TLS 1.3), %d senders, RSA-2048 signed identity document\n", senders)
 	seq := 0
+	engines := []struct {
+		name, driver string
+		dsn          func() (string, func(), error)
+	}{
+		{"SQLite (WAL, synchronous=FULL)", store.SQLite, func() (string, func(), error) {
+			return filepath.Join(dir, "fingerprints.db"), func() {}, nil
+		}},
+		{"PostgreSQL (unix socket, fsync on)", store.Postgres, func() (string, func(), error) {
+			pg, err := pgtest.Start()
+			if err != nil {
+				return "", nil, err
+			}
+			dsn, err := pg.NewDatabase(context.Background())
+			if err != nil {
+				pg.Stop()
+				return "", nil, err
+			}
+			return dsn, func() { pg.Stop() }, nil
+		}},
+	}
+	for _, e := range engines {
+		dsn, stop, err := e.dsn()
+		if errors.Is(err, pgtest.ErrNoPostgres) {
+			fmt.Printf("%s: skipped: %v\n", e.name, err)
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		err = bench(e.name, e.driver, dsn, client, &base, signer, tlsCfg, doc, p7, many, single, rounds, &seq)
+		stop()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// bench measures the intake on one database engine against the decode-only baseline.
+func bench(name, driver, dsn string, client *http.Client, base *server, signer *iddoc.Signer, tlsCfg *tls.Config, doc, p7 string, many, single, rounds int, seq *int) error {
+	st, err := store.Open(context.Background(), driver, dsn, zerolog.Nop())
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	h := intake.NewHandler(intake.Options{Store: st, AWSCertificates: []*x509.Certificate{signer.Cert}, AllowedAccounts: []string{account}, Log: zerolog.Nop()})
+	in, err := serve(h, tlsCfg)
+	if err != nil {
+		return err
+	}
+	defer in.close()
+	fmt.Printf("%s:\n", name)
 	for _, c := range []struct{ total, size int }{{many, 100}, {single, 1}} {
 		var baseRates, inRates []float64
+		commits := st.Commits()
 		for r := 0; r < rounds; r++ {
-			bodies, err := makeBodies(doc, p7, c.total, c.size, &seq)
+			bodies, err := makeBodies(doc, p7, c.total, c.size, seq)
 			if err != nil {
 				return err
 			}
-			rate, err := send(client, base.url, bodies, c.size, senders)
+			rate, err := send(client, base.url, bodies, c.size, senders(client))
 			if err != nil {
 				return fmt.Errorf("baseline: %w", err)
 			}
 			baseRates = append(baseRates, rate)
-			if rate, err = send(client, in.url, bodies, c.size, senders); err != nil {
+			if rate, err = send(client, in.url, bodies, c.size, senders(client)); err != nil {
 				return fmt.Errorf("intake: %w", err)
 			}
 			inRates = append(inRates, rate)
 		}
 		b, i := median(baseRates), median(inRates)
-		fmt.Printf("batches of %3d: decode-only baseline %8.0f fingerprints/s; intake %8.0f fingerprints/s (%6.0f batches/s); ratio %.2f\n", c.size, b, i, i/float64(c.size), i/b)
+		perCommit := float64(c.total*rounds) / float64(max(1, st.Commits()-commits))
+		fmt.Printf("  batches of %3d: decode-only baseline %8.0f fingerprints/s; intake %8.0f fingerprints/s (%6.0f batches/s, %5.0f fingerprints per commit); ratio %.2f\n",
+			c.size, b, i, i/float64(c.size), perCommit, i/b)
 	}
-	n, err := store.Len(context.Background())
+	n, err := st.Len(context.Background())
 	if err != nil {
 		return err
 	}
 	counts := h.Counts()
-	fmt.Printf("stored %d fingerprints, %d accepted, %d duplicates, refused %v\n", n, counts.Accepted, counts.Duplicates, refusedTotal(counts))
+	fmt.Printf("  stored %d fingerprints, %d accepted, %d duplicates, refused %v\n", n, counts.Accepted, counts.Duplicates, refusedTotal(counts))
 	return nil
 }
+
+// senders is the number of concurrent senders the client was made for.
+func senders(c *http.Client) int { return c.Transport.(*http.Transport).MaxIdleConnsPerHost }
 
 func refusedTotal(c intake.Counts) int64 {
 	var n int64

@@ -141,9 +141,13 @@ func (f *Forwarder) sendBatch(ctx context.Context) (int, error) {
 	if err != nil || len(recs) == 0 {
 		return 0, err
 	}
-	doc, sig, err := f.identity.Document(ctx)
-	if err != nil {
-		return 0, fmt.Errorf("instance identity: %w", err)
+	// A sender with a client certificate proves itself with it: it may be no EC2
+	// instance at all, so IMDS is not asked for a document it may not have.
+	var doc, sig string
+	if f.cfg.ClientCert == "" {
+		if doc, sig, err = f.identity.Document(ctx); err != nil {
+			return 0, fmt.Errorf("instance identity: %w", err)
+		}
 	}
 	id := make([]byte, 8)
 	_, _ = rand.Read(id)

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -42,6 +43,7 @@ type Config struct {
 	Outputs   Outputs   `yaml:"outputs"`
 	Serve     Serve     `yaml:"serve"`
 	Intake    Intake    `yaml:"intake"`
+	Store     Store     `yaml:"store"`
 	Log       Log       `yaml:"log"`
 
 	Egress  []netip.Prefix `yaml:"-"`
@@ -88,8 +90,44 @@ type Outputs struct {
 	// MetricsFile, when set, is appended CloudWatch Embedded Metric Format lines: the
 	// number of findings by type and severity.
 	MetricsFile string `yaml:"metrics_file"`
+	// MetricsNamespace is the namespace of the metrics_file's EMF lines.
+	MetricsNamespace string `yaml:"metrics_namespace"`
 	// CloudWatch, when Namespace is set, receives the same counts with PutMetricData.
 	CloudWatch CloudWatch `yaml:"cloudwatch"`
+	// EventBridge, when EventBus is set, receives each finding as an event shaped like
+	// GuardDuty's.
+	EventBridge EventBridge `yaml:"eventbridge"`
+	// SecurityHub, when Enabled, receives each finding with BatchImportFindings (ASFF).
+	SecurityHub SecurityHub `yaml:"security_hub"`
+	// QueueSize is how many detection cycles' findings each output may have waiting;
+	// past that an output that is behind misses a cycle (logged and counted) rather
+	// than slowing detection.
+	QueueSize int `yaml:"queue_size"`
+	// ShutdownGrace is how long a stopping correlator waits for queued findings to be
+	// delivered.
+	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
+}
+
+// EventBridge says where finding events are put.
+type EventBridge struct {
+	// EventBus is the bus name or ARN; "default" is the account's default bus.
+	EventBus string `yaml:"event_bus"`
+	// Source is the events' source (AWS reserves "aws.*").
+	Source   string `yaml:"source"`
+	Region   string `yaml:"region"`
+	Endpoint string `yaml:"endpoint"`
+	Retries  int    `yaml:"retries"`
+	// Backoff is the first wait before retrying refused entries; it doubles each time.
+	Backoff time.Duration `yaml:"backoff"`
+}
+
+// SecurityHub says where findings are imported. Their ProductArn is asff_product_arn.
+type SecurityHub struct {
+	Enabled  bool          `yaml:"enabled"`
+	Region   string        `yaml:"region"`
+	Endpoint string        `yaml:"endpoint"`
+	Retries  int           `yaml:"retries"`
+	Backoff  time.Duration `yaml:"backoff"`
 }
 
 // CloudWatch says where finding metrics are put.
@@ -114,9 +152,24 @@ type Serve struct {
 	// Directory is followed: files that appear in it (recursively) are read once.
 	Directory string `yaml:"directory"`
 	S3        S3     `yaml:"s3"`
+	// SQS, when QueueURL is set, is where S3 ObjectCreated notifications of the trail
+	// bucket come from (several replicas share the queue); objects are read with the
+	// S3 client that serve.s3's region, endpoint and path_style describe.
+	SQS SQS `yaml:"sqs"`
 	// Checkpoint records which files were read, so a restart neither skips nor repeats.
 	Checkpoint   string        `yaml:"checkpoint"`
 	PollInterval time.Duration `yaml:"poll_interval"`
+}
+
+// SQS is a queue of S3 notifications.
+type SQS struct {
+	QueueURL string `yaml:"queue_url"`
+	Region   string `yaml:"region"`
+	// Endpoint overrides the SQS endpoint (VPC endpoints, tests).
+	Endpoint string `yaml:"endpoint"`
+	// VisibilityTimeout is how long a received message is hidden from the other
+	// replicas: longer than reading its objects and recording their findings takes.
+	VisibilityTimeout time.Duration `yaml:"visibility_timeout"`
 }
 
 // S3 is a bucket and prefix of CloudTrail log files.
@@ -153,6 +206,16 @@ type Intake struct {
 	PurgeGrace time.Duration `yaml:"purge_grace"`
 }
 
+// Store is the correlator's database: the intake's fingerprints and, on PostgreSQL,
+// the findings already published, shared by every replica.
+type Store struct {
+	// Driver is "sqlite" (embedded, one process) or "postgres" (replicas).
+	Driver string `yaml:"driver"`
+	// DSN is, for sqlite, the database file (default: intake.database); for postgres, a
+	// connection string ("postgres://user@host/db" or "host=… dbname=…").
+	DSN string `yaml:"dsn"`
+}
+
 // Log configures the correlator's diagnostics (zerolog JSON lines).
 type Log struct {
 	Level  string `yaml:"level"`
@@ -162,10 +225,15 @@ type Log struct {
 // Default returns the configuration used for every key a file leaves out.
 func Default() Config {
 	return Config{
-		Window:    time.Hour,
-		Outputs:   Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond}},
-		Serve:     Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"}},
+		Window: time.Hour,
+		Outputs: Outputs{Webhook: Webhook{Retries: 5, Timeout: 10 * time.Second, Backoff: 500 * time.Millisecond},
+			MetricsNamespace: "imdsguard", QueueSize: 256, ShutdownGrace: 10 * time.Second,
+			EventBridge: EventBridge{Source: "imdsguard", Region: "us-east-1", Retries: 5, Backoff: 500 * time.Millisecond},
+			SecurityHub: SecurityHub{Region: "us-east-1", Retries: 5, Backoff: 500 * time.Millisecond}},
+		Serve: Serve{PollInterval: 30 * time.Second, S3: S3{Region: "us-east-1"},
+			SQS: SQS{Region: "us-east-1", VisibilityTimeout: 5 * time.Minute}},
 		Intake:    Intake{PurgeGrace: 24 * time.Hour},
+		Store:     Store{Driver: "sqlite"},
 		Log:       Log{Level: "info", Output: "stderr"},
 		Inventory: Inventory{EC2: EC2Inventory{Interval: 15 * time.Minute}},
 	}
@@ -249,6 +317,9 @@ func (c *Config) Validate(root *yaml.Node) error {
 	if c.Outputs.CloudWatch.Namespace == "" && (c.Outputs.CloudWatch.Region != "" || c.Outputs.CloudWatch.Endpoint != "") {
 		return bad("outputs.cloudwatch.namespace", "must be set when outputs.cloudwatch is used")
 	}
+	if err := c.validateOutputs(root); err != nil {
+		return err
+	}
 	if w := c.Outputs.Webhook; w.URL != "" {
 		u, err := url.Parse(w.URL)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -279,11 +350,47 @@ func (c *Config) Validate(root *yaml.Node) error {
 			return bad("serve.s3.endpoint", "must be an http(s) URL, got %q", e)
 		}
 	}
-	if c.Serve.S3.Bucket == "" && (c.Serve.S3.Prefix != "" || c.Serve.S3.Endpoint != "") {
+	if c.Serve.S3.Bucket == "" && c.Serve.SQS.QueueURL == "" && (c.Serve.S3.Prefix != "" || c.Serve.S3.Endpoint != "") {
 		return bad("serve.s3.bucket", "must be set when serve.s3 is used")
+	}
+	if q := c.Serve.SQS; q.QueueURL != "" {
+		if u, err := url.Parse(q.QueueURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("serve.sqs.queue_url", "must be the queue's https URL, got %q", q.QueueURL)
+		}
+		if c.Serve.S3.Bucket != "" {
+			return bad("serve.s3.bucket", "and serve.sqs are two ways to find new files: choose one")
+		}
+		if q.VisibilityTimeout < time.Second || q.VisibilityTimeout > 12*time.Hour {
+			return bad("serve.sqs.visibility_timeout", "must be between 1s and 12h, got %s", q.VisibilityTimeout)
+		}
+	} else if c.Serve.SQS.Endpoint != "" {
+		return bad("serve.sqs.queue_url", "must be set when serve.sqs is used")
+	}
+	if e := c.Serve.SQS.Endpoint; e != "" {
+		if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("serve.sqs.endpoint", "must be an http(s) URL, got %q", e)
+		}
 	}
 	if err := c.validateIntake(root); err != nil {
 		return err
+	}
+	switch c.Store.Driver {
+	case "sqlite":
+		if c.Store.DSN != "" && !filepath.IsAbs(c.Store.DSN) {
+			return bad("store.dsn", "must be an absolute path for sqlite, got %q", c.Store.DSN)
+		}
+		if c.Store.DSN != "" && c.Intake.Database != "" && c.Store.DSN != c.Intake.Database {
+			return bad("store.dsn", "and intake.database name two SQLite files: set store.dsn only")
+		}
+	case "postgres":
+		if c.Store.DSN == "" {
+			return bad("store.dsn", "must be set for postgres")
+		}
+		if c.Intake.Database != "" {
+			return bad("intake.database", "is the SQLite file: leave it out with store.driver postgres")
+		}
+	default:
+		return bad("store.driver", "must be sqlite or postgres, got %q", c.Store.Driver)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
@@ -292,6 +399,51 @@ func (c *Config) Validate(root *yaml.Node) error {
 	}
 	if c.Log.Output != "stderr" && c.Log.Output != "stdout" && !filepath.IsAbs(c.Log.Output) {
 		return bad("log.output", `must be "stderr", "stdout" or an absolute file path, got %q`, c.Log.Output)
+	}
+	return nil
+}
+
+func (c *Config) validateOutputs(root *yaml.Node) error {
+	bad := func(key, format string, args ...any) error {
+		return yamlfile.Errorf(root, key, format, args...)
+	}
+	o := c.Outputs
+	if o.MetricsNamespace == "" || len(o.MetricsNamespace) > 255 {
+		return bad("outputs.metrics_namespace", "must be 1-255 characters, got %q", o.MetricsNamespace)
+	}
+	if o.QueueSize < 1 || o.QueueSize > 100000 {
+		return bad("outputs.queue_size", "must be 1-100000, got %d", o.QueueSize)
+	}
+	if o.ShutdownGrace < 0 {
+		return bad("outputs.shutdown_grace", "must not be negative, got %s", o.ShutdownGrace)
+	}
+	for key, e := range map[string]string{"outputs.eventbridge.endpoint": o.EventBridge.Endpoint, "outputs.security_hub.endpoint": o.SecurityHub.Endpoint} {
+		if e == "" {
+			continue
+		}
+		if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad(key, "must be an http(s) URL, got %q", e)
+		}
+	}
+	eb := o.EventBridge
+	if eb.EventBus == "" && eb.Endpoint != "" {
+		return bad("outputs.eventbridge.event_bus", "must be set when outputs.eventbridge is used (\"default\" for the default bus)")
+	}
+	if eb.Source == "" || strings.HasPrefix(eb.Source, "aws.") {
+		return bad("outputs.eventbridge.source", "must be set and not start with \"aws.\" (AWS reserves it), got %q", eb.Source)
+	}
+	for key, r := range map[string]int{"outputs.eventbridge.retries": eb.Retries, "outputs.security_hub.retries": o.SecurityHub.Retries} {
+		if r < 0 || r > 100 {
+			return bad(key, "must be 0-100, got %d", r)
+		}
+	}
+	for key, b := range map[string]time.Duration{"outputs.eventbridge.backoff": eb.Backoff, "outputs.security_hub.backoff": o.SecurityHub.Backoff} {
+		if b < 0 {
+			return bad(key, "must not be negative, got %s", b)
+		}
+	}
+	if !o.SecurityHub.Enabled && o.SecurityHub.Endpoint != "" {
+		return bad("outputs.security_hub.enabled", "must be true when outputs.security_hub is used")
 	}
 	return nil
 }
@@ -345,8 +497,8 @@ func (c *Config) validateIntake(root *yaml.Node) error {
 	if len(in.AWSCertificates) > 0 && len(in.AllowedAccounts) == 0 {
 		return bad("intake.allowed_accounts", "must list the accounts whose instances may send")
 	}
-	if in.Database == "" {
-		return bad("intake.database", "must be set when intake is used")
+	if in.Database == "" && c.Store.DSN == "" {
+		return bad("intake.database", "must be set when intake is used (or store.dsn)")
 	}
 	return nil
 }

@@ -205,14 +205,20 @@ func decode(body io.Reader, b *Batch) *refusal {
 	return refuse(http.StatusBadRequest, reasonMalformed, "decode batch: %v", err)
 }
 
-// authenticate ties the batch to a sender: a verified identity document, or, without
-// one, a client certificate the TLS layer verified against intake.client_ca.
+// authenticate ties the batch to a sender: a verified identity document, or a client
+// certificate the TLS layer verified against intake.client_ca when the batch has no
+// document or the intake checks none (no aws_certificates: an mTLS-only intake, where
+// a document could never verify).
 func (h *Handler) authenticate(r *http.Request, b *Batch) (string, *refusal) {
-	if b.Document == "" {
-		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
-			// mTLS senders are not EC2 instances: their fingerprints' instance is
+	var subject string
+	if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
+		subject = r.TLS.VerifiedChains[0][0].Subject.String()
+	}
+	if b.Document == "" || (len(h.opt.AWSCertificates) == 0 && subject != "") {
+		if subject != "" {
+			// mTLS senders need not be EC2 instances: their fingerprints' instance is
 			// theirs to state, and the certificate subject is recorded with them.
-			return "mtls:" + r.TLS.VerifiedChains[0][0].Subject.String(), nil
+			return "mtls:" + subject, nil
 		}
 		return "", refuse(http.StatusUnauthorized, reasonUnauthenticated, "no identity document and no verified client certificate")
 	}

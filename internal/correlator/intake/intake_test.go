@@ -184,7 +184,7 @@ func TestAcceptAndReplay(t *testing.T) {
 		t.Fatalf("counts: %+v", c)
 	}
 	var sender string
-	if err := b.store.db.QueryRow(`SELECT sender FROM fingerprints WHERE id = 'a1'`).Scan(&sender); err != nil || sender != "instance:"+account+"/"+instance {
+	if err := b.store.SQL().QueryRow(`SELECT sender FROM fingerprints WHERE id = 'a1'`).Scan(&sender); err != nil || sender != "instance:"+account+"/"+instance {
 		t.Fatalf("sender %q, %v", sender, err)
 	}
 }
@@ -330,7 +330,7 @@ func TestHealthzMetricsMethod(t *testing.T) {
 // must not stay behind, and the sender is told to send again.
 func TestAllOrNothing(t *testing.T) {
 	b := newBed(t)
-	if _, err := b.store.db.Exec(`CREATE TRIGGER fail_x2 BEFORE INSERT ON fingerprints WHEN NEW.id = 'x2' BEGIN SELECT RAISE(ABORT, 'injected'); END`); err != nil {
+	if _, err := b.store.SQL().Exec(`CREATE TRIGGER fail_x2 BEFORE INSERT ON fingerprints WHEN NEW.id = 'x2' BEGIN SELECT RAISE(ABORT, 'injected'); END`); err != nil {
 		t.Fatal(err)
 	}
 	status, out := b.postBatch(t, signedBatch(t, awsSigner(t), account, instance, fp("x1", instance, account), fp("x2", instance, account)))
@@ -520,7 +520,7 @@ func TestMTLS(t *testing.T) {
 		t.Fatalf("mTLS batch: %d %s", resp.StatusCode, data)
 	}
 	var sender string
-	if err := b.store.db.QueryRow(`SELECT sender FROM fingerprints WHERE id = 't1'`).Scan(&sender); err != nil || !strings.Contains(sender, "CN=build-host-7") {
+	if err := b.store.SQL().QueryRow(`SELECT sender FROM fingerprints WHERE id = 't1'`).Scan(&sender); err != nil || !strings.Contains(sender, "CN=build-host-7") {
 		t.Fatalf("sender %q, %v", sender, err)
 	}
 	// The same without a certificate: no proof at all.

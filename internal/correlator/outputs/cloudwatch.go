@@ -8,8 +8,6 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/cloudwatch"
 	"github.com/aws/aws-sdk-go-v2/service/cloudwatch/types"
-
-	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 )
 
 // CloudWatch puts the number of findings by type and severity as CloudWatch metrics
@@ -19,29 +17,22 @@ type CloudWatch struct {
 	Namespace string
 }
 
-// Put sends the counts of fs; nothing is sent for an empty fs.
-func (c *CloudWatch) Put(ctx context.Context, fs []detector.Finding, now time.Time) error {
-	type key struct{ typ, sev string }
-	counts := map[key][2]float64{}
-	var order []key
-	for _, f := range fs {
-		k := key{detector.ShortType(f.Type), f.Severity}
-		n, seen := counts[k]
-		if !seen {
-			order = append(order, k)
-		}
-		if f.Suppressed {
-			n[1]++
-		} else {
-			n[0]++
-		}
-		counts[k] = n
-	}
+// Name implements Output.
+func (c *CloudWatch) Name() string { return "cloudwatch" }
+
+// Deliver implements Output.
+func (c *CloudWatch) Deliver(ctx context.Context, b *Batch) error {
+	return c.Put(ctx, b.Counts, b.Time)
+}
+
+// Put sends counts; nothing is sent for no counts.
+func (c *CloudWatch) Put(ctx context.Context, counts []Count, now time.Time) error {
 	var data []types.MetricDatum
-	for _, k := range order {
-		dims := []types.Dimension{{Name: aws.String("Type"), Value: aws.String(k.typ)}, {Name: aws.String("Severity"), Value: aws.String(k.sev)}}
+	for _, k := range counts {
+		dims := []types.Dimension{{Name: aws.String("Type"), Value: aws.String(k.Type)}, {Name: aws.String("Severity"), Value: aws.String(k.Severity)}}
 		for i, name := range []string{"Findings", "SuppressedFindings"} {
-			data = append(data, types.MetricDatum{MetricName: aws.String(name), Dimensions: dims, Value: aws.Float64(counts[k][i]),
+			v := [2]int{k.Findings, k.Suppressed}[i]
+			data = append(data, types.MetricDatum{MetricName: aws.String(name), Dimensions: dims, Value: aws.Float64(float64(v)),
 				Unit: types.StandardUnitCount, Timestamp: aws.Time(now)})
 		}
 	}

@@ -53,7 +53,7 @@ func TestCloudWatchPutMetricData(t *testing.T) {
 	client := cloudwatch.New(cloudwatch.Options{Region: "us-east-1", BaseEndpoint: aws.String(srv.URL),
 		Credentials: credentials.NewStaticCredentialsProvider("AKIDTEST", "secret", "")})
 	cw := &CloudWatch{Client: client, Namespace: "imdsguard"}
-	if err := cw.Put(context.Background(), sample(), time.Now()); err != nil {
+	if err := cw.Put(context.Background(), CountFindings(sample()), time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	mu.Lock()

@@ -1,7 +1,9 @@
-// Package outputs delivers the detector's findings: JSON lines (the stable schema),
-// AWS Security Finding Format files for Security Hub, a webhook that POSTs each finding
-// with retries, and CloudWatch metrics of findings (PutMetricData, or Embedded Metric
-// Format lines).
+// Package outputs delivers the detector's findings, each destination behind the one
+// Output interface and fed by a Dispatcher off the detection path: JSON lines (the
+// stable schema), AWS Security Finding Format files, Security Hub (BatchImportFindings),
+// EventBridge events in GuardDuty's shape (PutEvents), a webhook, and counts of findings
+// as CloudWatch metrics (PutMetricData, or Embedded Metric Format lines). A new
+// destination is one file.
 package outputs
 
 import (
@@ -171,40 +173,23 @@ func WriteASFFFile(path string, fs []detector.Finding, productARN string, now ti
 	return atomicfile.Write(path, append(data, '\n'), 0o644)
 }
 
-// WriteMetrics appends CloudWatch Embedded Metric Format lines: the number of findings
-// by type and severity (namespace "imdsguard", metric "Findings", suppressed ones as
-// "SuppressedFindings"). The CloudWatch agent or a Lambda log group turns them into
-// metrics without an API call from the correlator.
-func WriteMetrics(w io.Writer, fs []detector.Finding, now time.Time) error {
-	type key struct{ typ, sev string }
-	counts := map[key][2]int{}
-	var order []key
-	for _, f := range fs {
-		k := key{detector.ShortType(f.Type), f.Severity}
-		c, seen := counts[k]
-		if !seen {
-			order = append(order, k)
-		}
-		if f.Suppressed {
-			c[1]++
-		} else {
-			c[0]++
-		}
-		counts[k] = c
-	}
+// WriteMetrics appends CloudWatch Embedded Metric Format lines, one per type and
+// severity: metrics "Findings" and "SuppressedFindings" in namespace. The CloudWatch
+// agent or a Lambda log group turns them into metrics without an API call from the
+// correlator.
+func WriteMetrics(w io.Writer, namespace string, counts []Count, now time.Time) error {
 	enc := json.NewEncoder(w)
-	for _, k := range order {
-		c := counts[k]
+	for _, c := range counts {
 		line := map[string]any{
 			"_aws": map[string]any{
 				"Timestamp": now.UnixMilli(),
 				"CloudWatchMetrics": []any{map[string]any{
-					"Namespace":  "imdsguard",
+					"Namespace":  namespace,
 					"Dimensions": [][]string{{"Type", "Severity"}},
 					"Metrics":    []any{map[string]string{"Name": "Findings", "Unit": "Count"}, map[string]string{"Name": "SuppressedFindings", "Unit": "Count"}},
 				}},
 			},
-			"Type": k.typ, "Severity": k.sev, "Findings": c[0], "SuppressedFindings": c[1],
+			"Type": c.Type, "Severity": c.Severity, "Findings": c.Findings, "SuppressedFindings": c.Suppressed,
 		}
 		if err := enc.Encode(line); err != nil {
 			return fmt.Errorf("write metric: %w", err)

@@ -106,10 +106,10 @@ func TestWebhookRetries(t *testing.T) {
 
 func TestMetrics(t *testing.T) {
 	var b bytes.Buffer
-	if err := WriteMetrics(&b, sample(), time.Unix(1700000000, 0)); err != nil {
+	if err := WriteMetrics(&b, "Security/imdsguard", CountFindings(sample()), time.Unix(1700000000, 0)); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(b.String(), `"Namespace":"imdsguard"`) || strings.Count(b.String(), "\n") != 2 {
+	if !strings.Contains(b.String(), `"Namespace":"Security/imdsguard"`) || strings.Count(b.String(), "\n") != 2 {
 		t.Fatal(b.String())
 	}
 }

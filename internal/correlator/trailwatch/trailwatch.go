@@ -37,6 +37,12 @@ type Lister interface {
 	Open(ctx context.Context, name string) (io.ReadCloser, error)
 }
 
+// sinceLister is a Lister that can list incrementally, given the names already read
+// (S3 does: see S3.ListSince).
+type sinceLister interface {
+	ListSince(ctx context.Context, done map[string]string) ([]Object, error)
+}
+
 // Skip reports names that are never CloudTrail log files: digest files, hidden and
 // partial files.
 func Skip(name string) bool {
@@ -186,7 +192,13 @@ type Follower struct {
 // Poll lists the source and reads the files not read yet, in name order (CloudTrail
 // names sort by time). It returns how many files it read.
 func (f *Follower) Poll(ctx context.Context) (int, error) {
-	objs, err := f.Lister.List(ctx)
+	var objs []Object
+	var err error
+	if sl, ok := f.Lister.(sinceLister); ok {
+		objs, err = sl.ListSince(ctx, f.Checkpoint.Done[f.Lister.ID()])
+	} else {
+		objs, err = f.Lister.List(ctx)
+	}
 	if err != nil {
 		return 0, err
 	}

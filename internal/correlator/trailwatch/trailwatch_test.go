@@ -2,6 +2,7 @@ package trailwatch
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http/httptest"
 	"os"
@@ -121,5 +122,48 @@ func TestDirFollowCheckpointed(t *testing.T) {
 	}
 	if got := poll(); len(got) != 0 {
 		t.Fatalf("repeated: %v", got)
+	}
+}
+
+// An organisation trail's bucket: one partition per account and region. After the
+// first poll, a poll lists only the last two days of each partition, and still finds a
+// file that sorts before another partition's newest key.
+func TestS3ListsIncrementally(t *testing.T) {
+	fake := trailwatchtest.NewS3("trail")
+	a := "AWSLogs/o-1/111111111111/CloudTrail/us-east-1/"
+	b := "AWSLogs/o-1/222222222222/CloudTrail/eu-west-1/"
+	for d := 1; d <= 20; d++ {
+		fake.Put(fmt.Sprintf("%s2026/11/%02d/a%02d.json.gz", a, d, d), "A")
+	}
+	fake.Put(b+"2026/11/20/b.json.gz", "B")
+	fake.Put("AWSLogs/o-1/111111111111/CloudTrail-Digest/us-east-1/2026/11/20/d.json.gz", "D")
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	c, err := LoadCheckpoint(filepath.Join(t.TempDir(), "cp.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lister := &S3{Client: newS3Client(srv.URL), Bucket: "trail", Prefix: "AWSLogs/"}
+	got := &collected{}
+	f := &Follower{Lister: lister, Checkpoint: c, Read: got.read, Log: zerolog.Nop()}
+	if n, err := f.Poll(context.Background()); err != nil || n != 21 {
+		t.Fatalf("first poll: %d %v", n, err)
+	}
+	objs, err := lister.ListSince(context.Background(), c.Done[lister.ID()])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// a19, a20 and b: the two newest days of a, the one day of b.
+	if len(objs) != 3 {
+		t.Fatalf("listed %d objects: %v", len(objs), objs)
+	}
+	fake.Put(a+"2026/11/20/a20-late.json.gz", "L")
+	fake.Put(a+"2026/11/21/a21.json.gz", "N")
+	got.files = nil
+	if n, err := f.Poll(context.Background()); err != nil || n != 2 {
+		t.Fatalf("second poll: %d %v %v", n, err, got.files)
+	}
+	if n := fake.Gets(a + "2026/11/01/a01.json.gz"); n != 1 {
+		t.Fatalf("old file fetched %d times", n)
 	}
 }

@@ -37,7 +37,7 @@ func (f *S3) Gets(key string) int {
 	return f.gets[key]
 }
 
-// Lists says how many ListObjectsV2 pages were served.
+// Lists says how many ListObjectsV2 pages were served (delimiter pages included).
 func (f *S3) Lists() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -70,6 +70,9 @@ type listResult struct {
 		Size         int    `xml:"Size"`
 		StorageClass string `xml:"StorageClass"`
 	} `xml:"Contents"`
+	CommonPrefixes []struct {
+		Prefix string `xml:"Prefix"`
+	} `xml:"CommonPrefixes"`
 }
 
 // ServeHTTP implements http.Handler.
@@ -96,17 +99,36 @@ func (f *S3) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if max == 0 {
 			max = 1000
 		}
+		// Keys after start-after and the continuation token; with a delimiter, the keys
+		// that have it past the prefix roll up into common prefixes.
+		prefix, delim := q.Get("prefix"), q.Get("delimiter")
+		after := q.Get("start-after")
+		if t := q.Get("continuation-token"); t > after {
+			after = t
+		}
 		var keys []string
+		common := map[string]bool{}
 		for k := range f.objects {
-			if strings.HasPrefix(k, q.Get("prefix")) && k > q.Get("continuation-token") {
-				keys = append(keys, k)
+			if !strings.HasPrefix(k, prefix) || k <= after {
+				continue
 			}
+			if i := strings.Index(k[len(prefix):], delim); delim != "" && i >= 0 {
+				common[k[:len(prefix)+i+len(delim)]] = true
+				continue
+			}
+			keys = append(keys, k)
 		}
 		sort.Strings(keys)
-		res := listResult{Xmlns: "http://s3.amazonaws.com/doc/2006-03-01/", Name: bucket, Prefix: q.Get("prefix"), MaxKeys: max}
+		res := listResult{Xmlns: "http://s3.amazonaws.com/doc/2006-03-01/", Name: bucket, Prefix: prefix, MaxKeys: max}
 		if len(keys) > max {
 			keys, res.IsTruncated, res.NextContinuationToken = keys[:max], true, keys[max-1]
 		}
+		for cp := range common {
+			res.CommonPrefixes = append(res.CommonPrefixes, struct {
+				Prefix string `xml:"Prefix"`
+			}{cp})
+		}
+		sort.Slice(res.CommonPrefixes, func(i, j int) bool { return res.CommonPrefixes[i].Prefix < res.CommonPrefixes[j].Prefix })
 		for _, k := range keys {
 			res.Contents = append(res.Contents, struct {
 				Key          string `xml:"Key"`
@@ -116,7 +138,7 @@ func (f *S3) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				StorageClass string `xml:"StorageClass"`
 			}{k, "2026-11-20T10:00:00.000Z", fmt.Sprintf("\"%x\"", len(f.objects[k])), len(f.objects[k]), "STANDARD"})
 		}
-		res.KeyCount = len(res.Contents)
+		res.KeyCount = len(res.Contents) + len(res.CommonPrefixes)
 		w.Header().Set("Content-Type", "application/xml")
 		io.WriteString(w, xml.Header)
 		xml.NewEncoder(w).Encode(res)

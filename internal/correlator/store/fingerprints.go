@@ -1,0 +1,298 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/imdsguard/imdsguard/internal/wire"
+)
+
+func nowNano() int64 { return time.Now().UnixNano() }
+
+// putRequest is one Put waiting for the group commit.
+type putRequest struct {
+	fps    []wire.Fingerprint
+	bodies [][]byte
+	sender string
+	added  int
+	dups   int
+	err    error
+	done   chan struct{}
+}
+
+// Group commit bounds: a commit takes at most this many Puts or fingerprints.
+const (
+	groupMaxPuts         = 128
+	groupMaxFingerprints = 10000
+)
+
+// Put stores fps: all of them or, on error, none. A fingerprint whose id is already
+// stored (or repeated in fps) is a duplicate and left as it was. sender says who
+// proved the batch. (intake.Store)
+//
+// Puts that arrive while a commit is under way share the next transaction (group
+// commit): one fsync for many agents' batches instead of one each. The commit is
+// durable when Put returns.
+func (s *DB) Put(ctx context.Context, fps []wire.Fingerprint, sender string) (added, duplicates int, err error) {
+	req := &putRequest{fps: fps, sender: sender, bodies: make([][]byte, len(fps)), done: make(chan struct{})}
+	for i, fp := range fps {
+		if req.bodies[i], err = json.Marshal(fp); err != nil {
+			return 0, 0, fmt.Errorf("encode fingerprint %s: %w", fp.ID, err)
+		}
+	}
+	s.startCommitter()
+	if s.puts == nil {
+		return 0, 0, errClosed
+	}
+	select {
+	case s.puts <- req:
+	case <-ctx.Done():
+		return 0, 0, ctx.Err()
+	case <-s.closed:
+		return 0, 0, errClosed
+	}
+	// Once queued the request is committed or failed whatever ctx does: the caller
+	// waits for the answer, so that a stored batch is never reported as lost.
+	s.waiting.Add(1)
+	<-req.done
+	s.waiting.Add(-1)
+	return req.added, req.dups, req.err
+}
+
+var errClosed = errors.New("store is closed")
+
+func (s *DB) startCommitter() {
+	s.committerOnce.Do(func() {
+		s.puts = make(chan *putRequest, groupMaxPuts)
+		s.closed = make(chan struct{})
+		s.committerDone = make(chan struct{})
+		go s.commitLoop()
+	})
+}
+
+// commitLoop takes a Put, then every Put already waiting, and commits them together.
+func (s *DB) commitLoop() {
+	defer close(s.committerDone)
+	for {
+		var group []*putRequest
+		select {
+		case req := <-s.puts:
+			group = append(group, req)
+		case <-s.closed:
+			return
+		}
+		n := len(group[0].fps)
+	more:
+		for len(group) < groupMaxPuts && n < groupMaxFingerprints {
+			select {
+			case req := <-s.puts:
+				group = append(group, req)
+				n += len(req.fps)
+			default:
+				break more
+			}
+		}
+		s.commitGroup(group)
+	}
+}
+
+// commitGroup stores the group in one transaction. When that fails, each Put is tried
+// alone, so that one bad batch fails only its own sender.
+func (s *DB) commitGroup(group []*putRequest) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	defer func() {
+		for _, r := range group {
+			close(r.done)
+		}
+	}()
+	if err := s.insert(ctx, group); err == nil || len(group) == 1 {
+		if err != nil {
+			group[0].err = err
+		}
+		return
+	}
+	for _, r := range group {
+		r.added, r.dups = 0, 0
+		if err := s.insert(ctx, []*putRequest{r}); err != nil {
+			r.err = err
+		}
+	}
+}
+
+func (s *DB) insert(ctx context.Context, group []*putRequest) error {
+	if s.driver == Postgres {
+		return s.insertArrays(ctx, group)
+	}
+	defer s.lockWrites()()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin fingerprint transaction: %w", err)
+	}
+	defer tx.Rollback() // a no-op after Commit
+	stmt, err := tx.PrepareContext(ctx, s.q(`INSERT INTO fingerprints
+		(id, access_key_id, instance_id, account_id, expiration, received, sender, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (id) DO NOTHING`))
+	if err != nil {
+		return fmt.Errorf("prepare fingerprint insert: %w", err)
+	}
+	defer stmt.Close()
+	now := time.Now()
+	for _, r := range group {
+		r.added, r.dups = 0, 0
+		for i, fp := range r.fps {
+			// A fingerprint without an expiration is kept as long as instance role
+			// credentials last at most (12h), not purged at once.
+			exp := fp.Expiration
+			if exp.IsZero() {
+				exp = now.Add(12 * time.Hour)
+			}
+			res, err := stmt.ExecContext(ctx, fp.ID, fp.AccessKeyID, fp.Instance.ID, fp.Instance.AccountID, exp.Unix(), now.UnixNano(), r.sender, string(r.bodies[i]))
+			if err != nil {
+				return fmt.Errorf("insert fingerprint %s: %w", fp.ID, err)
+			}
+			if n, _ := res.RowsAffected(); n == 1 {
+				r.added++
+			} else {
+				r.dups++
+			}
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit fingerprints: %w", err)
+	}
+	s.commits.Add(1)
+	return nil
+}
+
+// insertArrays stores a group on PostgreSQL in one statement: the rows go as arrays
+// (unnest), so a group is one round trip however many fingerprints it holds. The ids
+// it returns are the rows added; the first occurrence of an id gets the credit, as if
+// the Puts had run one after another.
+func (s *DB) insertArrays(ctx context.Context, group []*putRequest) error {
+	var ids, keys, instances, accounts, senders, bodies []string
+	var exps, recvs []int64
+	now := time.Now()
+	for _, r := range group {
+		for i, fp := range r.fps {
+			exp := fp.Expiration
+			if exp.IsZero() {
+				exp = now.Add(12 * time.Hour)
+			}
+			ids = append(ids, fp.ID)
+			keys = append(keys, fp.AccessKeyID)
+			instances = append(instances, fp.Instance.ID)
+			accounts = append(accounts, fp.Instance.AccountID)
+			exps = append(exps, exp.Unix())
+			recvs = append(recvs, now.UnixNano())
+			senders = append(senders, r.sender)
+			bodies = append(bodies, string(r.bodies[i]))
+		}
+	}
+	rows, err := s.db.QueryContext(ctx, `INSERT INTO fingerprints (id, access_key_id, instance_id, account_id, expiration, received, sender, body)
+		SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[])
+		ON CONFLICT (id) DO NOTHING RETURNING id`, ids, keys, instances, accounts, exps, recvs, senders, bodies)
+	if err != nil {
+		return fmt.Errorf("insert fingerprints: %w", err)
+	}
+	defer rows.Close()
+	added := map[string]bool{}
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return fmt.Errorf("read inserted fingerprints: %w", err)
+		}
+		added[id] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("insert fingerprints: %w", err)
+	}
+	for _, r := range group {
+		r.added, r.dups = 0, 0
+		for _, fp := range r.fps {
+			if added[fp.ID] {
+				r.added++
+				delete(added, fp.ID)
+			} else {
+				r.dups++
+			}
+		}
+	}
+	s.commits.Add(1)
+	return nil
+}
+
+// Commits is the number of fingerprint transactions committed: with group commit,
+// fewer than the Puts.
+func (s *DB) Commits() int64 { return s.commits.Load() }
+
+// Purge removes fingerprints that expired before t, and says how many. (intake.Store)
+func (s *DB) Purge(ctx context.Context, t time.Time) (int64, error) {
+	defer s.lockWrites()()
+	res, err := s.db.ExecContext(ctx, s.q(`DELETE FROM fingerprints WHERE expiration < ?`), t.Unix())
+	if err != nil {
+		return 0, fmt.Errorf("purge fingerprints: %w", err)
+	}
+	n, _ := res.RowsAffected()
+	return n, nil
+}
+
+// Len is the number of stored fingerprints.
+func (s *DB) Len(ctx context.Context) (int64, error) {
+	var n int64
+	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM fingerprints`).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count fingerprints: %w", err)
+	}
+	return n, nil
+}
+
+// ByAccessKey implements fpstore.Store. A database error is logged and gives none.
+func (s *DB) ByAccessKey(accessKeyID string) []wire.Fingerprint {
+	var out []wire.Fingerprint
+	err := s.scan(func(fp wire.Fingerprint) { out = append(out, fp) },
+		`SELECT body FROM fingerprints WHERE access_key_id = ? ORDER BY received, id`, accessKeyID)
+	if err != nil {
+		s.log.Error().Str("event", "fingerprint_read_failed").Str("access_key_id", accessKeyID).Err(err).Msg("reading fingerprints failed")
+	}
+	return out
+}
+
+// All implements fpstore.Store. A database error is logged and ends the walk.
+func (s *DB) All(fn func(wire.Fingerprint)) {
+	if err := s.scan(fn, `SELECT body FROM fingerprints ORDER BY received, id`); err != nil {
+		s.log.Error().Str("event", "fingerprint_read_failed").Err(err).Msg("reading fingerprints failed")
+	}
+}
+
+func (s *DB) scan(fn func(wire.Fingerprint), query string, args ...any) error {
+	rows, err := s.db.Query(s.q(query), args...)
+	if err != nil {
+		return fmt.Errorf("query fingerprints: %w", err)
+	}
+	defer rows.Close()
+	var fps []wire.Fingerprint
+	for rows.Next() {
+		var body string
+		if err := rows.Scan(&body); err != nil {
+			return fmt.Errorf("scan fingerprint: %w", err)
+		}
+		var fp wire.Fingerprint
+		if err := json.Unmarshal([]byte(body), &fp); err != nil {
+			return fmt.Errorf("decode stored fingerprint: %w", err)
+		}
+		fps = append(fps, fp)
+	}
+	if err := rows.Err(); err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("read fingerprints: %w", err)
+	}
+	// fn runs after the rows are closed: it may call the store again.
+	rows.Close()
+	for _, fp := range fps {
+		fn(fp)
+	}
+	return nil
+}
