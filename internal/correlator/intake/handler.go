@@ -18,6 +18,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/fpstore"
@@ -93,7 +95,7 @@ func NewHandler(opt Options) *Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = io.WriteString(w, "ok\n")
 	})
-	h.mux.HandleFunc("GET /metrics", h.metrics)
+	h.mux.Handle("GET /metrics", h.newMetricsHandler())
 	return h
 }
 
@@ -279,25 +281,24 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_, _ = w.Write(buf.Bytes())
 }
 
-// metrics writes the counters in Prometheus's text format.
-func (h *Handler) metrics(w http.ResponseWriter, _ *http.Request) {
-	c := h.Counts()
-	var b bytes.Buffer
-	counter := func(name, help string) {
-		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s counter\n", name, help, name)
+// newMetricsHandler exposes the counters with client_golang, from a registry of the
+// handler's own (never the global one: two intakes in one process must not collide).
+func (h *Handler) newMetricsHandler() http.Handler {
+	reg := prometheus.NewRegistry()
+	counter := func(name, help string, v func() int64, labels prometheus.Labels) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: labels},
+			func() float64 { return float64(v()) })
 	}
-	counter("imdsguard_intake_batches_accepted_total", "Batches stored (every fingerprint stored or already there).")
-	fmt.Fprintf(&b, "imdsguard_intake_batches_accepted_total %d\n", c.Batches)
-	counter("imdsguard_intake_fingerprints_accepted_total", "Fingerprints stored for the first time.")
-	fmt.Fprintf(&b, "imdsguard_intake_fingerprints_accepted_total %d\n", c.Accepted)
-	counter("imdsguard_intake_fingerprints_duplicate_total", "Fingerprints received again (already stored, by id).")
-	fmt.Fprintf(&b, "imdsguard_intake_fingerprints_duplicate_total %d\n", c.Duplicates)
-	counter("imdsguard_intake_batches_refused_total", "Batches refused, by reason; nothing of them was stored.")
+	reg.MustRegister(
+		counter("imdsguard_intake_batches_accepted_total", "Batches stored (every fingerprint stored or already there).", h.batches.Load, nil),
+		counter("imdsguard_intake_fingerprints_accepted_total", "Fingerprints stored for the first time.", h.accepted.Load, nil),
+		counter("imdsguard_intake_fingerprints_duplicate_total", "Fingerprints received again (already stored, by id).", h.duplicates.Load, nil),
+	)
 	for _, r := range reasons {
-		fmt.Fprintf(&b, "imdsguard_intake_batches_refused_total{reason=%q} %d\n", r, c.Refused[r])
+		reg.MustRegister(counter("imdsguard_intake_batches_refused_total", "Batches refused, by reason; nothing of them was stored.",
+			h.refused[r].Load, prometheus.Labels{"reason": r}))
 	}
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	_, _ = w.Write(b.Bytes())
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 }
 
 // compile-time check that the SQLite store is what the detector reads.
