@@ -21,6 +21,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
 	correlatorconfig "github.com/imdsguard/imdsguard/internal/correlator/config"
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
+	"github.com/imdsguard/imdsguard/internal/correlator/intake"
 	"github.com/imdsguard/imdsguard/internal/testing/doctable"
 	"github.com/imdsguard/imdsguard/internal/wire"
 )
@@ -282,4 +283,20 @@ func TestPackagesTable(t *testing.T) {
 	// test/e2e has only _test.go files: a package all the same.
 	pkgs = append(pkgs, "test/e2e")
 	doctable.Compare(t, "architecture.md", "packages", pkgs, "the Go packages under cmd/, internal/, test/ and tools/")
+}
+
+func TestIntakePrometheusFamiliesTable(t *testing.T) {
+	h := intake.NewHandler(intake.Options{Log: zerolog.Nop()})
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	seen := map[string]bool{}
+	for line := range strings.Lines(rec.Body.String()) {
+		if f := strings.Fields(line); len(f) >= 3 && f[0] == "#" && f[1] == "TYPE" {
+			seen[f[2]] = true
+		}
+	}
+	if len(seen) == 0 {
+		t.Fatalf("scrape returned no family:\n%s", rec.Body)
+	}
+	doctable.Compare(t, "intake-api.md", "intake-prometheus", sortedKeys(seen), "a scrape of internal/correlator/intake's /metrics")
 }
