@@ -23,25 +23,49 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/outputs"
 )
 
+// inputs are the flags detect and investigate share: where the configuration,
+// fingerprints and inventory come from.
+type inputs struct {
+	cfgPath, fpPath *string
+	invPaths        fileList
+}
+
+func addInputFlags(fl *flag.FlagSet) *inputs {
+	in := &inputs{
+		cfgPath: fl.String("config", "", "config file"),
+		fpPath:  fl.String("fingerprints", "", "JSON-lines file of host fingerprints"),
+	}
+	fl.Var(&in.invPaths, "inventory", "AWS CLI output of describe-network-interfaces, describe-addresses, describe-vpc-endpoints or lambda list-functions (repeatable)")
+	return in
+}
+
+// open loads what the flags name, with progress on stderr when it is a terminal. The
+// caller closes the env.
+func (in *inputs) open(stderr io.Writer) (*env, *progress, error) {
+	prog := newProgress(stderr)
+	e, err := load(*in.cfgPath, *in.fpPath, prog.logWriter(stderr))
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := e.addInventory(in.invPaths); err != nil {
+		e.close()
+		return nil, nil, err
+	}
+	return e, prog, nil
+}
+
 func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fl := flag.NewFlagSet("detect", flag.ContinueOnError)
 	fl.SetOutput(io.Discard)
-	cfgPath := fl.String("config", "", "config file")
-	fpPath := fl.String("fingerprints", "", "JSON-lines file of host fingerprints")
-	var invPaths fileList
-	fl.Var(&invPaths, "inventory", "AWS CLI output of describe-network-interfaces, describe-addresses, describe-vpc-endpoints or lambda list-functions (repeatable)")
+	in := addInputFlags(fl)
 	if err := fl.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
 	}
-	prog := newProgress(stderr)
-	e, err := load(*cfgPath, *fpPath, prog.logWriter(stderr))
+	e, prog, err := in.open(stderr)
 	if err != nil {
 		return err
 	}
 	defer e.close()
-	if err := e.addInventory(invPaths); err != nil {
-		return err
-	}
 	d := e.detector("")
 	start := time.Now()
 	prog.begin(fl.Args(), stderr)
@@ -78,10 +102,7 @@ func cmdDetect(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fl := flag.NewFlagSet("investigate", flag.ContinueOnError)
 	fl.SetOutput(io.Discard)
-	cfgPath := fl.String("config", "", "config file")
-	fpPath := fl.String("fingerprints", "", "JSON-lines file of host fingerprints")
-	var invPaths fileList
-	fl.Var(&invPaths, "inventory", "AWS CLI output of describe-network-interfaces, describe-addresses, describe-vpc-endpoints or lambda list-functions (repeatable)")
+	in := addInputFlags(fl)
 	key := fl.String("access-key", "", "access key id to investigate")
 	format := fl.String("format", "text", "text or json")
 	if err := fl.Parse(args); err != nil {
@@ -93,15 +114,11 @@ func cmdInvestigate(ctx context.Context, args []string, stdin io.Reader, stdout,
 	if *format != "text" && *format != "json" {
 		return fmt.Errorf("%w: --format must be text or json", cli.ErrUsage)
 	}
-	prog := newProgress(stderr)
-	e, err := load(*cfgPath, *fpPath, prog.logWriter(stderr))
+	e, prog, err := in.open(stderr)
 	if err != nil {
 		return err
 	}
 	defer e.close()
-	if err := e.addInventory(invPaths); err != nil {
-		return err
-	}
 	d := e.detector(*key)
 	prog.begin(fl.Args(), stderr)
 	_, _, readErr := readInputs(ctx, fl.Args(), stdin, e.log, prog, d.Observe)
