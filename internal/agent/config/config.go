@@ -120,9 +120,6 @@ func Default() Config {
 	}
 }
 
-// Error is a configuration problem tied to a key and, when known, a line.
-type Error = yamlfile.Error
-
 // Load reads and validates the file at path.
 func Load(path string) (Config, error) { return yamlfile.Load(path, Default()) }
 

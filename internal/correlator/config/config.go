@@ -239,9 +239,6 @@ func Default() Config {
 	}
 }
 
-// Error is a configuration problem tied to a key and, when known, a line.
-type Error = yamlfile.Error
-
 // Load reads and validates the file at path.
 func Load(path string) (Config, error) { return yamlfile.Load(path, Default()) }
 
@@ -259,7 +256,7 @@ func (c *Config) Validate(root *yaml.Node) error {
 	}
 	for i, a := range c.AffiliateAccounts {
 		if !IsAccountID(a) {
-			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "affiliate_accounts", i)), Key: fmt.Sprintf("affiliate_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+			return &yamlfile.Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "affiliate_accounts", i)), Key: fmt.Sprintf("affiliate_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
 		}
 	}
 	if c.Egress, err = prefixes(root, "egress_cidrs", c.EgressCIDRs); err != nil {
@@ -276,17 +273,17 @@ func (c *Config) Validate(root *yaml.Node) error {
 		key := fmt.Sprintf("suppress[%d]", i)
 		line := yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "suppress", i))
 		if len(r.Types)+len(r.Roles)+len(r.Accounts)+len(r.CIDRs) == 0 {
-			return &Error{Line: line, Key: key, Msg: "rule matches everything: give types, roles, accounts or cidrs"}
+			return &yamlfile.Error{Line: line, Key: key, Msg: "rule matches everything: give types, roles, accounts or cidrs"}
 		}
 		for _, a := range r.Accounts {
 			if !IsAccountID(a) {
-				return &Error{Line: line, Key: key + ".accounts", Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+				return &yamlfile.Error{Line: line, Key: key + ".accounts", Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
 			}
 		}
 		for _, s := range r.CIDRs {
 			p, err := ParsePrefix(s)
 			if err != nil {
-				return &Error{Line: line, Key: key + ".cidrs", Msg: err.Error()}
+				return &yamlfile.Error{Line: line, Key: key + ".cidrs", Msg: err.Error()}
 			}
 			r.Prefixes = append(r.Prefixes, p)
 		}
@@ -296,7 +293,7 @@ func (c *Config) Validate(root *yaml.Node) error {
 	}
 	for i, p := range c.Inventory.Files {
 		if !filepath.IsAbs(p) {
-			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "inventory.files", i)), Key: fmt.Sprintf("inventory.files[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
+			return &yamlfile.Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "inventory.files", i)), Key: fmt.Sprintf("inventory.files[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
 		}
 	}
 	if err := c.Inventory.EC2.validate(root); err != nil {
@@ -483,12 +480,12 @@ func (c *Config) validateIntake(root *yaml.Node) error {
 	}
 	for i, p := range in.AWSCertificates {
 		if !filepath.IsAbs(p) {
-			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.aws_certificates", i)), Key: fmt.Sprintf("intake.aws_certificates[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
+			return &yamlfile.Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.aws_certificates", i)), Key: fmt.Sprintf("intake.aws_certificates[%d]", i), Msg: fmt.Sprintf("must be an absolute path, got %q", p)}
 		}
 	}
 	for i, a := range in.AllowedAccounts {
 		if !IsAccountID(a) {
-			return &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.allowed_accounts", i)), Key: fmt.Sprintf("intake.allowed_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
+			return &yamlfile.Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", "intake.allowed_accounts", i)), Key: fmt.Sprintf("intake.allowed_accounts[%d]", i), Msg: fmt.Sprintf("not a 12-digit account id: %q", a)}
 		}
 	}
 	if len(in.AWSCertificates) == 0 && in.ClientCA == "" {
@@ -532,7 +529,7 @@ func prefixes(root *yaml.Node, key string, in []string) ([]netip.Prefix, error) 
 	for i, s := range in {
 		p, err := ParsePrefix(s)
 		if err != nil {
-			return nil, &Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", key, i)), Key: fmt.Sprintf("%s[%d]", key, i), Msg: err.Error()}
+			return nil, &yamlfile.Error{Line: yamlfile.LineOf(root, fmt.Sprintf("%s[%d]", key, i)), Key: fmt.Sprintf("%s[%d]", key, i), Msg: err.Error()}
 		}
 		out = append(out, p)
 	}
@@ -556,7 +553,7 @@ var (
 func (e *EC2Inventory) validate(root *yaml.Node) error {
 	item := func(list string, i int, format string, args ...any) error {
 		key := fmt.Sprintf("inventory.ec2.%s[%d]", list, i)
-		return &Error{Line: yamlfile.LineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
+		return &yamlfile.Error{Line: yamlfile.LineOf(root, key), Key: key, Msg: fmt.Sprintf(format, args...)}
 	}
 	for i, r := range e.Regions {
 		if !regionRE.MatchString(r) {
