@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imdsguard/imdsguard/internal/yamlfile"
 )
 
 func TestParseDefaults(t *testing.T) {
@@ -81,7 +83,7 @@ func TestLoadNamesFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := Load(p)
-	var ce *Error
+	var ce *yamlfile.Error
 	if !errors.As(err, &ce) || ce.File != p || ce.Line != 2 || ce.Key != "imds.port" {
 		t.Fatalf("Load error = %#v", err)
 	}
