@@ -9,7 +9,7 @@ import (
 )
 
 // snapshotVersion changes when the snapshot's shape does; Restore refuses another.
-const snapshotVersion = 1
+const snapshotVersion = 2
 
 // snapshot is what the detector learned and counted, in a form that outlives the
 // process: credentials, address claims, network interfaces, windows and counts.
@@ -21,6 +21,78 @@ type snapshot struct {
 	Attaches map[string][]snapClaim  `json:"attachments"`
 	Groups   []snapGroup             `json:"groups"`
 	Stats    Stats                   `json:"stats"`
+	// What the trail taught about where things are (the inventory is not kept: it is
+	// read again from its files and the EC2 API).
+	Placement snapPlacement `json:"placement"`
+}
+
+type snapPlacement struct {
+	Allocs    map[string]netip.Addr       `json:"allocations"`
+	Assocs    map[string]string           `json:"associations"`
+	EIPs      []snapEIP                   `json:"eip_events"`
+	Endpoints map[string]string           `json:"vpc_endpoints"`
+	Functions []snapFunction              `json:"functions"`
+	Sessions  map[string]snapSession      `json:"sessions"`
+	Drops     map[string]map[string]int64 `json:"drops"`
+}
+
+type snapEIP struct {
+	Allocation       string    `json:"allocation"`
+	Association      string    `json:"association"`
+	Claim            snapClaim `json:"claim"`
+	NetworkInterface string    `json:"network_interface"`
+}
+
+type snapFunction struct {
+	Account string `json:"account"`
+	Name    string `json:"name"`
+	Role    string `json:"role"`
+}
+
+type snapSession struct {
+	Account string `json:"account"`
+	Role    string `json:"role"`
+	Name    string `json:"name"`
+}
+
+func (p *placement) snapshot() snapPlacement {
+	s := snapPlacement{Allocs: p.allocs, Assocs: p.assocs, Endpoints: p.endpoints, Sessions: map[string]snapSession{}, Drops: p.drops}
+	for _, e := range p.eips {
+		s.EIPs = append(s.EIPs, snapEIP{Allocation: e.allocation, Association: e.association, Claim: toSnap(netip.Addr{}, e.claim), NetworkInterface: e.networkInterface})
+	}
+	for k, role := range p.functions {
+		s.Functions = append(s.Functions, snapFunction{Account: k.account, Name: k.name, Role: role})
+	}
+	for key, se := range p.sessions {
+		s.Sessions[key] = snapSession{Account: se.account, Role: se.role, Name: se.name}
+	}
+	return s
+}
+
+func (s snapPlacement) restore() placement {
+	p := newPlacement()
+	for k, v := range s.Allocs {
+		p.allocs[k] = v
+	}
+	for k, v := range s.Assocs {
+		p.assocs[k] = v
+	}
+	for _, e := range s.EIPs {
+		p.eips = append(p.eips, eipAssociation{allocation: e.Allocation, association: e.Association, claim: e.Claim.claim(), networkInterface: e.NetworkInterface})
+	}
+	for k, v := range s.Endpoints {
+		p.endpoints[k] = v
+	}
+	for _, f := range s.Functions {
+		p.functions[fnKey{account: f.Account, name: f.Name}] = f.Role
+	}
+	for k, se := range s.Sessions {
+		p.sessions[k] = session{account: se.Account, role: se.Role, name: se.Name}
+	}
+	for k, v := range s.Drops {
+		p.drops[k] = v
+	}
+	return p
 }
 
 type snapClaim struct {
@@ -58,7 +130,8 @@ func (s snapClaim) claim() claim {
 // Snapshot writes the detector's state (not its options) as JSON, for Restore in a
 // later process: a restarted serve keeps its windows, counts and learned keys.
 func (d *Detector) Snapshot(w io.Writer) error {
-	s := snapshot{Version: snapshotVersion, ENIs: d.enis, Attaches: map[string][]snapClaim{}, Stats: d.stats}
+	s := snapshot{Version: snapshotVersion, ENIs: d.enis, Attaches: map[string][]snapClaim{}, Stats: d.stats,
+		Placement: d.pl.snapshot()}
 	for _, c := range d.creds {
 		s.Creds = append(s.Creds, c)
 	}
@@ -123,5 +196,6 @@ func (d *Detector) Restore(r io.Reader) error {
 		enis = map[string][]netip.Addr{}
 	}
 	d.creds, d.claims, d.attaches, d.groups, d.enis, d.stats = creds, claims, attaches, groups, enis, s.Stats
+	d.pl = s.Placement.restore()
 	return nil
 }
