@@ -48,6 +48,7 @@ const (
 // Run guards until ctx is done. Errors are start-up failures or a broken reader. Each
 // value on hup reloads the configuration and reopens the output files.
 func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
+	setMemoryLimit(log)
 	a := &agent{cfg: opts.Config, opts: opts, log: log, recent: newRecent(4096),
 		requests: make(chan events.Record, opts.Config.Agent.QueueSize)}
 	defer a.close()
