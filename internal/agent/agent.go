@@ -48,13 +48,15 @@ const (
 // Run guards until ctx is done. Errors are start-up failures or a broken reader. Each
 // value on hup reloads the configuration and reopens the output files.
 func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
-	setMemoryLimit(log)
 	a := &agent{cfg: opts.Config, opts: opts, log: log, recent: newRecent(4096),
 		requests: make(chan events.Record, opts.Config.Agent.QueueSize)}
 	defer a.close()
 	if err := a.start(); err != nil {
 		return err
 	}
+	// After start: loading parsed the kernel's BTF, megabytes that are garbage once the
+	// programs are in; under the limit the collector would run dozens of times meanwhile.
+	setMemoryLimit(log)
 	a.startWorkers()
 	a.learnMeta(a.bg)
 	if err := a.forward(a.bg); err != nil {
