@@ -8,10 +8,14 @@ GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 # Privileged tests (BPF, namespaces, cgroups) run only when this is set; see
 # docs/install-and-operate.md.
 PRIV     := IMDSGUARD_PRIVILEGED=1
-# Commands the test bed runs, and the Debian packages that provide them.
+# Commands the test bed runs, and the Debian packages that provide them. An absolute path
+# is checked as a file: the real IMDS clients (test/e2e/real_clients_test.go) are Debian's,
+# whatever else PATH finds (a pyenv python3 has no boto3).
 TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool \
 	setpriv:util-linux strace:strace systemd-analyze:systemd debootstrap:debootstrap \
-	rpm:rpm dpkg-deb:dpkg pg_ctlcluster:postgresql
+	rpm:rpm dpkg-deb:dpkg /usr/bin/python3:python3 /usr/bin/aws:awscli \
+	/usr/lib/python3/dist-packages/boto3:python3-boto3 /usr/bin/cloud-init:cloud-init \
+	/usr/bin/node:nodejs /usr/bin/npm:npm pg_ctlcluster:postgresql
 # Packages: every architecture and format, into $(DIST). See packaging/.
 DIST       ?= dist
 PKG_ARCHES ?= amd64 arm64
@@ -82,7 +86,7 @@ root:
 
 deps:
 	@missing=""; for d in $(TEST_DEPS); do cmd=$${d%%:*}; pkg=$${d##*:}; \
-		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+		case $$cmd in /*) [ -e $$cmd ];; *) command -v $$cmd >/dev/null 2>&1;; esac || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -54,6 +54,9 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	if err := a.start(); err != nil {
 		return err
 	}
+	// After start: loading parsed the kernel's BTF, megabytes that are garbage once the
+	// programs are in; under the limit the collector would run dozens of times meanwhile.
+	setMemoryLimit(log)
 	a.startWorkers()
 	a.learnMeta(a.bg)
 	if err := a.forward(a.bg); err != nil {

@@ -29,6 +29,9 @@ type Placement struct {
 	// Netns runs the command in another network namespace (a container's, from
 	// AddContainerNetns) instead of the bed's.
 	Netns string
+	// Env, when not nil, is the command's whole environment instead of the test's: real
+	// SDK clients must not find credentials or proxies in the caller's environment.
+	Env []string
 }
 
 // Command returns a command that runs argv inside the bed's network namespace and, by
@@ -48,6 +51,7 @@ func (b *Bed) Command(ctx context.Context, p Placement, argv ...string) (*exec.C
 	args = append(args, argv...)
 	cmd := exec.CommandContext(ctx, "nsenter", args...)
 	cmd.Dir = "/"
+	cmd.Env = p.Env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if !p.OutsideCgroup {
 		dir := b.Cgroup

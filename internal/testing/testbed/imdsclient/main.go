@@ -2,6 +2,9 @@
 // feature/ec2/imds, the client every AWS SDK-based program on an instance uses.
 //
 //	imds-client sdk            token PUT, then instance id and role credentials (IMDSv2)
+//	imds-client creds-v2       the role's credentials through aws-sdk-go-v2's ec2rolecreds
+//	                           provider, as a program using the default chain gets them
+//	imds-client creds-v1       the same through aws-sdk-go (v1)'s ec2rolecreds provider
 //	imds-client connect-exit   connect to IMDS, send a request and exit without waiting
 //	imds-client connect-loop N tcp|udp
 //	                           N connect()+close() to a loopback listener of its own;
@@ -35,7 +38,14 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	// aws-sdk-go v1 is deprecated, but programs on instances still ship it: tested on purpose.
+	awsv1 "github.com/aws/aws-sdk-go/aws" //nolint:staticcheck // see above
+	"github.com/aws/aws-sdk-go/aws/credentials/ec2rolecreds"
+	"github.com/aws/aws-sdk-go/aws/ec2metadata" //nolint:staticcheck // see above
+	"github.com/aws/aws-sdk-go/aws/session"     //nolint:staticcheck // see above
+
 	"github.com/aws/aws-sdk-go-v2/aws"
+	ec2rolecredsv2 "github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 )
 
@@ -55,6 +65,10 @@ func run(args []string) error {
 	switch args[0] {
 	case "sdk":
 		return sdk(ctx)
+	case "creds-v2":
+		return credsV2(ctx)
+	case "creds-v1":
+		return credsV1()
 	case "connect-exit":
 		return connectExit(ctx)
 	case "connect-loop":
@@ -95,6 +109,34 @@ func sdk(ctx context.Context) error {
 	return json.NewEncoder(os.Stdout).Encode(map[string]any{
 		"pid": os.Getpid(), "instance_id": id, "role": role, "access_key_id": creds.AccessKeyId,
 	})
+}
+
+// credsV2 fetches credentials with the SDK's defaults (IMDSv2 with fallback, its own
+// retries and timeouts), so a test sees what a program on an instance sees.
+func credsV2(ctx context.Context) error {
+	creds, err := ec2rolecredsv2.New().Retrieve(ctx)
+	if err != nil {
+		return fmt.Errorf("retrieve credentials: %w", err)
+	}
+	return printKey(creds.AccessKeyID)
+}
+
+// credsV1 is credsV2 with aws-sdk-go v1, which many programs still ship.
+func credsV1() error {
+	sess, err := session.NewSession(&awsv1.Config{Region: awsv1.String("us-east-1")})
+	if err != nil {
+		return fmt.Errorf("new session: %w", err)
+	}
+	creds, err := ec2rolecreds.NewCredentialsWithClient(ec2metadata.New(sess)).Get()
+	if err != nil {
+		return fmt.Errorf("retrieve credentials: %w", err)
+	}
+	return printKey(creds.AccessKeyID)
+}
+
+// printKey prints the key id only: a test client must not spread secrets.
+func printKey(id string) error {
+	return json.NewEncoder(os.Stdout).Encode(map[string]any{"pid": os.Getpid(), "access_key_id": id})
 }
 
 func get(ctx context.Context, c *imds.Client, path string) (string, error) {
