@@ -2,6 +2,7 @@ package agent
 
 import (
 	"sync"
+	"time"
 
 	"github.com/imdsguard/imdsguard/internal/agent/broker"
 	"github.com/imdsguard/imdsguard/internal/agent/events"
@@ -31,6 +32,14 @@ func (a *agent) connectRecord(ev hook.Event) events.Record {
 // of the same socket when the agent has seen it, else from the broker's kernel record.
 func (a *agent) recordRequest(req broker.Request) {
 	rec, ok := a.recent.get(req.Conn.SocketCookie)
+	// The kernel sent the connect event long before this request was answered, but the
+	// ring-buffer reader may still be behind it; its record carries the exe path the
+	// kernel saw, which /proc no longer has once a short-lived client exited. This runs
+	// after the client has its answer: waiting costs the client nothing.
+	for wait := time.Millisecond; !ok && wait <= 64*time.Millisecond; wait *= 2 {
+		time.Sleep(wait)
+		rec, ok = a.recent.get(req.Conn.SocketCookie)
+	}
 	if !ok {
 		c := req.Conn
 		info := a.resolver.Resolve(procinfo.Process{PID: c.PID, StartBoottime: c.StartBoottime, UID: c.UID,

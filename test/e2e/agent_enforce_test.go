@@ -38,11 +38,29 @@ func eventsOf(t *testing.T, a *testbed.AgentProc, pid int) []testbed.Event {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []testbed.Event
-	for _, e := range events {
-		if e.PID == pid {
-			out = append(out, e)
+	of := func(events []testbed.Event) []testbed.Event {
+		var out []testbed.Event
+		for _, e := range events {
+			if e.PID == pid {
+				out = append(out, e)
+			}
 		}
+		return out
+	}
+	// A request line is written after the client has its answer, and can follow the
+	// connect line by a flush or two: wait until the pid's lines stop coming.
+	out := of(events)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(150 * time.Millisecond)
+		events, err := a.Events()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if now := of(events); len(now) > len(out) {
+			out = now
+			continue
+		}
+		break
 	}
 	return out
 }
