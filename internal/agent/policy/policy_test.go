@@ -101,7 +101,8 @@ func TestEqualSeesEveryKernelField(t *testing.T) {
 	}
 	for name, change := range map[string]func(*Policy){
 		"broker port": func(p *Policy) { p.Kernel.BrokerPort = 4258 },
-		"own mark":    func(p *Policy) { p.Kernel.OwnMark = 0x1d5 },
+		"agent tgid":  func(p *Policy) { p.Kernel.AgentTGID = 42 },
+		"broker ipv6": func(p *Policy) { p.Kernel.BrokerIPv6 = true },
 		"host netns":  func(p *Policy) { p.Kernel.HostNetns = 7 },
 		"enforce":     func(p *Policy) { p.Kernel.Enforce = true },
 		"rule uid":    func(p *Policy) { p.Kernel.Rules = []hook.KernelRule{{Allow: true, UIDs: []uint32{1}, HasUID: true}} },
