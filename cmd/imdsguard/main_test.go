@@ -14,6 +14,8 @@ func TestCLI(t *testing.T) {
 	bad := filepath.Join(dir, "bad.yaml")
 	os.WriteFile(good, []byte("imds:\n  port: 8080\n"), 0o600)
 	os.WriteFile(bad, []byte("imds:\n  port: 80\n  colour: blue\n"), 0o600)
+	v2 := filepath.Join(dir, "v2.yaml")
+	os.WriteFile(v2, []byte("rules:\n  - name: app\n    user: root\n    action: allow\n    imdsv2: required\n"), 0o600)
 	cases := []struct {
 		args        []string
 		code        int
@@ -24,6 +26,7 @@ func TestCLI(t *testing.T) {
 		{[]string{"frobnicate"}, 2, "", `unknown command "frobnicate"`},
 		{[]string{"check-config"}, 2, "", "exactly one file"},
 		{[]string{"check-config", good}, 0, "port: 8080", ""},
+		{[]string{"check-config", v2}, 0, "note: rules[0] (app): imdsv2: required is kept by the broker, so connections this rule allows that cannot be brokered are refused", ""},
 		{[]string{"check-config", bad}, 1, "", bad + ":3: imds.colour: unknown key"},
 		{[]string{"check-config", filepath.Join(dir, "none.yaml")}, 1, "", "no such file"},
 		{[]string{"run", "--config", bad}, 1, "", "imds.colour: unknown key"},
