@@ -7,9 +7,14 @@
  * allowlist (deny = EPERM, nothing leaves the host), and, when allowed from the host's
  * network namespace and the agent is alive, redirected to the agent's local broker.
  *
- * sockops maps the redirected socket's source port to its cookie, so the broker can find
- * the connect-time record of each connection it accepts. getpeername4/6 give the client
- * back the address it asked for.
+ * The agent's own IMDS sockets are recognised by their socket cookies, which only the
+ * agent writes into own_sockets (an unpinned map: only the agent holds its fd), checked
+ * with the agent's tgid and network namespace; nothing a client can set (a mark, a port)
+ * is trusted. They pass unjudged, with an event.
+ *
+ * sockops maps each connection to the broker, by its full 4-tuple and network namespace,
+ * to its cookie, so the broker finds the connect-time record of each connection it
+ * accepts and of no other. getpeername4/6 give the client back the address it asked for.
  */
 #include "types.h"
 #include "bpf/bpf_helpers.h"
@@ -37,6 +42,14 @@ enum verdict {
 enum flag {
 	FLAG_REDIRECTED = 1,
 	FLAG_V2_REQUIRED = 2,
+	FLAG_AGENT = 4,     /* one of the agent's own sockets (own_sockets) */
+	FLAG_NO_BROKER = 8, /* could not be brokered (other netns, UDP, no listener of ours) */
+};
+
+/* Bits of policy.broker_families: the families whose loopback listener is the agent's. */
+enum broker_family {
+	BROKER_IPV4 = 1,
+	BROKER_IPV6 = 2,
 };
 
 /* event.rule and redirect.rule when no rule matched (the default applied). */
@@ -63,13 +76,14 @@ struct policy {
 	__u64 v2_required; /* rules that require IMDSv2 */
 	__u64 host_netns;  /* netns cookie of the agent: only its namespace is redirected */
 	__u32 nrules;
-	__u32 own_mark;    /* SO_MARK of the broker's own sockets: never judged or redirected */
+	__u32 agent_tgid;  /* the agent's tgid: with own_sockets, names its own sockets */
 	__u16 broker_port; /* network byte order; 0 = no broker */
 	__u8 default_allow;
 	__u8 enforce;
 	__u8 fail_closed;
 	__u8 loaded;       /* 0 until the agent wrote a policy */
-	__u8 _pad[2];
+	__u8 broker_families; /* enum broker_family bits: listeners the agent holds */
+	__u8 _pad;
 };
 
 struct id_key {
@@ -215,20 +229,37 @@ struct {
 	PINNED;
 } redirects SEC(".maps");
 
-/* Client source port (and family) → socket cookie, for every connection to the broker
- * port made from the guarded cgroup. */
-struct port_key {
-	__u16 port; /* host byte order */
-	__u16 family;
+/* A connection to the broker as both ends see it: the client's address and port, the
+ * broker's address, and the network namespace. IPv4 addresses are IPv4-mapped
+ * (::ffff:a.b.c.d), as a dual-stack socket and Go's As16 both write them. */
+struct conn_key {
+	__u64 netns;
+	__u8 client[16];
+	__u8 server[16];
+	__u16 client_port; /* host byte order */
+	__u16 server_port; /* host byte order */
+	__u32 _pad;
 };
 
+/* Every connection to the broker port made from the guarded cgroup → its socket cookie. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
-	__type(key, struct port_key);
+	__type(key, struct conn_key);
 	__type(value, __u64);
 	PINNED;
-} broker_ports SEC(".maps");
+} broker_conns SEC(".maps");
+
+/* Cookies of the agent's own sockets to IMDS, written by the agent before it connects
+ * them. Never pinned: only the agent that created it holds an fd, so no other process
+ * (short of root with CAP_SYS_ADMIN, which can detach the guard anyway) can add to it.
+ * Cookies are never reused; LRU ages out those of closed sockets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} own_sockets SEC(".maps");
 
 /* Counters read by user space; they keep counting while the agent is gone. */
 enum stat {
@@ -254,7 +285,8 @@ struct {
 const struct event *unused_event __attribute__((unused));
 const struct policy *unused_policy __attribute__((unused));
 const struct redirect *unused_redirect __attribute__((unused));
-const struct port_key *unused_port_key __attribute__((unused));
+const struct conn_key *unused_conn_key __attribute__((unused));
+const enum broker_family *unused_broker_family __attribute__((unused));
 const enum verdict *unused_verdict __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
 const enum flag *unused_flag __attribute__((unused));
@@ -547,10 +579,14 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 	struct task_view t;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	if (p && p->own_mark && sk->mark == p->own_mark)
-		return JUDGE_PASS; /* the broker's own upstream socket */
-
 	read_task(&t);
+	/* The agent's own socket: its cookie registered by the agent, from the agent's
+	 * process, in the agent's namespace. Passed unjudged, never redirected, recorded. */
+	if (p && p->agent_tgid && bpf_map_lookup_elem(&own_sockets, &cookie) &&
+	    (t.pid_tgid >> 32) == p->agent_tgid && bpf_get_netns_cookie(ctx) == p->host_netns) {
+		record(ctx, cookie, &t, dst, VERDICT_ALLOW, RULE_NONE, FLAG_AGENT);
+		return JUDGE_PASS;
+	}
 	if (!p || !p->loaded) {
 		/* No policy loaded yet (first start): witness only. */
 		record(ctx, cookie, &t, dst, VERDICT_ALLOW, RULE_NONE, 0);
@@ -573,9 +609,23 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 	}
 	__u8 verdict = allow ? VERDICT_ALLOW : VERDICT_AUDIT_DENY;
 
-	/* Only TCP from the agent's own network namespace goes through the broker: a
-	 * container's loopback is not the host's. */
-	if (!p->broker_port || sk->type != SOCK_STREAM || bpf_get_netns_cookie(ctx) != p->host_netns) {
+	/* Only TCP from the agent's own network namespace goes through the broker (a
+	 * container's loopback is not the host's), and only to a family whose listener the
+	 * agent holds. A rule that requires IMDSv2 has no other way to be kept: a connection
+	 * it matches that cannot be brokered is refused. */
+	__u8 family = dst == DST_IPV6 ? BROKER_IPV6 : BROKER_IPV4;
+	if (!p->broker_port || sk->type != SOCK_STREAM || bpf_get_netns_cookie(ctx) != p->host_netns ||
+	    !(p->broker_families & family)) {
+		if (allow && (flags & FLAG_V2_REQUIRED)) {
+			flags |= FLAG_NO_BROKER;
+			if (p->enforce) {
+				count(STAT_DENIED);
+				record(ctx, cookie, &t, dst, VERDICT_DENY, rule, flags);
+				return JUDGE_DENY;
+			}
+			count(STAT_AUDIT_DENIED);
+			verdict = VERDICT_AUDIT_DENY;
+		}
 		record(ctx, cookie, &t, dst, verdict, rule, flags);
 		return JUDGE_PASS;
 	}
@@ -706,11 +756,31 @@ int imds_sockops(struct bpf_sock_ops *skops)
 	    (__u16)(skops->remote_port >> 16) != broker_port)
 		return 1;
 	/* Every connection to the broker port gets an entry, redirected or not, so a
-	 * stale entry can never vouch for a socket that was not redirected. */
-	/* Keyed by port alone: a dual-stack client socket (AF_INET6) reaching the broker's
-	 * IPv4 listener through ::ffff:127.0.0.1 is seen as IPv4 on the broker's side. */
-	struct port_key k = {.port = (__u16)skops->local_port, .family = 0};
+	 * stale entry can never vouch for a socket that was not redirected; and the entry
+	 * names the whole connection, so no other connection (another source address, the
+	 * same port) can claim it. */
+	struct conn_key k = {};
+	__u32 *client = (__u32 *)k.client, *server = (__u32 *)k.server;
+	k.netns = bpf_get_netns_cookie(skops);
+	k.client_port = (__u16)skops->local_port;
+	k.server_port = bpf_ntohs(broker_port);
+	/* Every field read up front by a volatile load of its own: clang would otherwise
+	 * share one load between the branches at two context offsets (a pointer picked by
+	 * the branch), which the verifier refuses. */
+#define CTX(f) (*(volatile __u32 *)&skops->f)
+	__u32 family = CTX(family), l4 = CTX(local_ip4), r4 = CTX(remote_ip4);
+	__u32 l6[4] = {CTX(local_ip6[0]), CTX(local_ip6[1]), CTX(local_ip6[2]), CTX(local_ip6[3])};
+	__u32 r6[4] = {CTX(remote_ip6[0]), CTX(remote_ip6[1]), CTX(remote_ip6[2]), CTX(remote_ip6[3])};
+#undef CTX
+	if (family == AF_INET) {
+		l6[0] = l6[1] = r6[0] = r6[1] = 0;
+		l6[2] = r6[2] = bpf_htonl(0x0000ffff);
+		l6[3] = l4;
+		r6[3] = r4;
+	}
+	__builtin_memcpy(client, l6, 16);
+	__builtin_memcpy(server, r6, 16);
 	__u64 cookie = bpf_get_socket_cookie(skops);
-	bpf_map_update_elem(&broker_ports, &k, &cookie, BPF_ANY);
+	bpf_map_update_elem(&broker_conns, &k, &cookie, BPF_ANY);
 	return 1;
 }

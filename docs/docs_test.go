@@ -103,7 +103,7 @@ func TestEventFieldsTable(t *testing.T) {
 	full := events.Record{Time: time.Now(), PID: 1, TID: 1, PPID: 1, UID: 1, GID: 1, User: "u", Comm: "c",
 		Exe: "/e", ExeTruncated: true, Cmdline: []string{"c"}, Cgroup: "/g", CgroupID: 1, Unit: "u.service",
 		ContainerID: "c", Netns: 1, SocketCookie: 1, Dst: "169.254.169.254:80", Verdict: "allow", Rule: "r",
-		Redirected: true, Missing: []string{"cmdline"}, Method: "GET", Path: "/", IMDSVersion: "v1", Status: 401,
+		Redirected: true, Agent: true, NoBroker: true, Missing: []string{"cmdline"}, Method: "GET", Path: "/", IMDSVersion: "v1", Status: 401,
 		Refused: "imdsv2_required", DurationMS: 1}
 	for _, kind := range []string{events.KindConnect, events.KindRequest, events.KindPreexisting} {
 		r := full

@@ -76,8 +76,28 @@ func cmdCheckConfig(args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "%s: ok\n---\n%s", args[0], cfg)
+	fmt.Fprintf(stdout, "%s: ok\n", args[0])
+	for _, n := range configNotes(cfg) {
+		fmt.Fprintf(stdout, "note: %s\n", n)
+	}
+	fmt.Fprintf(stdout, "---\n%s", cfg)
 	return nil
+}
+
+// configNotes says what a valid configuration does that its reader might not expect.
+func configNotes(cfg config.Config) []string {
+	var notes []string
+	for i, r := range cfg.Rules {
+		if !r.IMDSv2.Required() || !r.Action.Allows() {
+			continue
+		}
+		why := "from another network namespace (a container) or not over TCP"
+		if !cfg.Broker.Enabled {
+			why = "(broker.enabled is false: every one)"
+		}
+		notes = append(notes, fmt.Sprintf("rules[%d] (%s): imdsv2: required is kept by the broker, so connections this rule allows that cannot be brokered are refused (EPERM): those %s", i, r.Name, why))
+	}
+	return notes
 }
 
 // loadConfig reads --config, or the default file when it exists, or the defaults.

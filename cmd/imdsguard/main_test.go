@@ -24,6 +24,8 @@ func TestCLI(t *testing.T) {
 	scriptRule, binaryRule := filepath.Join(dir, "script.yaml"), filepath.Join(dir, "binary.yaml")
 	os.WriteFile(scriptRule, []byte(fmt.Sprintf(rule, script)), 0o600)
 	os.WriteFile(binaryRule, []byte(fmt.Sprintf(rule, binary)), 0o600)
+	v2 := filepath.Join(dir, "v2.yaml")
+	os.WriteFile(v2, []byte("rules:\n  - name: app\n    user: root\n    action: allow\n    imdsv2: required\n"), 0o600)
 	cases := []struct {
 		args        []string
 		code        int
@@ -34,6 +36,7 @@ func TestCLI(t *testing.T) {
 		{[]string{"frobnicate"}, 2, "", `unknown command "frobnicate"`},
 		{[]string{"check-config"}, 2, "", "exactly one file"},
 		{[]string{"check-config", good}, 0, "port: 8080", ""},
+		{[]string{"check-config", v2}, 0, "note: rules[0] (app): imdsv2: required is kept by the broker, so connections this rule allows that cannot be brokered are refused", ""},
 		{[]string{"check-config", bad}, 1, "", bad + ":3: imds.colour: unknown key"},
 		{[]string{"check-config", filepath.Join(dir, "none.yaml")}, 1, "", "no such file"},
 		{[]string{"check-config", scriptRule}, 1, "", scriptRule + ":3: rules[0].exe: " + script + " is a script (#!/usr/bin/python3): the kernel runs its interpreter"},

@@ -98,7 +98,7 @@ func (a *agent) start() error {
 			a.log.Error().Err(err).Str("event", "events_close_failed").Msg("closing events output")
 		}
 	})
-	if a.tel, err = startTelemetry(cfg, a.log, markedIMDSClient(cfg)); err != nil {
+	if a.tel, err = startTelemetry(cfg, a.log, markedIMDSClient(cfg, a.registerOwn)); err != nil {
 		return err
 	}
 	a.onClose(a.tel.Close)
@@ -115,6 +115,7 @@ func (a *agent) start() error {
 		return err
 	}
 	a.onClose(func() { _ = a.h.Close() })
+	a.own.Store(a.h)
 	// Loading parsed the kernel's BTF (megabytes) for CO-RE; hand that back now rather
 	// than carry it for the agent's lifetime.
 	debug.FreeOSMemory()
@@ -134,17 +135,21 @@ func (a *agent) start() error {
 	}
 	a.onClose(a.saveLedger)
 	a.tel.ledger.Store(a.ledger)
-	// Alive before the policy can redirect to us, broker listening before redirects.
-	if err := a.h.Beat(); err != nil {
-		return err
-	}
+	// Broker listening, then the policy naming the families whose listener we hold,
+	// then alive: the kernel never redirects to a listener that is not ours (an earlier
+	// agent's policy is only followed while somebody beats).
 	if cfg.Broker.Enabled {
-		a.broker = broker.New(brokerConfig(cfg), a.h, a.recordRequest, a.log)
+		bc := brokerConfig(cfg)
+		bc.Own = a.registerOwn
+		a.broker = broker.New(bc, a.h, a.recordRequest, a.log)
 		if err := a.broker.Listen(); err != nil {
 			return err
 		}
 	}
 	if err := a.applyPolicy(true); err != nil {
+		return err
+	}
+	if err := a.h.Beat(); err != nil {
 		return err
 	}
 	a.sd.status("attaching to " + dir)
@@ -254,6 +259,15 @@ func (a *agent) stop() error {
 
 func (a *agent) onClose(f func()) { a.closers = append(a.closers, f) }
 
+// registerOwn registers one of the agent's sockets to IMDS with the kernel before it
+// connects. Before the programs are loaded there is nothing to register with.
+func (a *agent) registerOwn(fd int) error {
+	if h := a.own.Load(); h != nil {
+		return h.RegisterOwnSocket(fd)
+	}
+	return nil
+}
+
 // close releases what start acquired, last first.
 func (a *agent) close() {
 	for i := len(a.closers) - 1; i >= 0; i-- {
@@ -280,6 +294,7 @@ type agent struct {
 	reqClosed  bool
 	cgroupRoot string
 	netns      uint64
+	own        atomic.Pointer[hook.Hook] // set once loaded: registers the agent's own sockets
 
 	mu     sync.Mutex
 	policy policyState

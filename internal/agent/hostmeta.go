@@ -16,10 +16,10 @@ import (
 )
 
 // markedIMDSClient carries the agent's own requests (to IMDS, and to AWS APIs) over
-// marked sockets: the kernel program neither judges nor redirects them, so the agent
-// never talks to its own broker.
-func markedIMDSClient(cfg config.Config) *http.Client {
-	dialer := broker.MarkedDialer(cfg.Broker.Mark, 5*time.Second)
+// sockets registered with own before they connect: the kernel program neither judges
+// nor redirects them, so the agent never talks to its own broker.
+func markedIMDSClient(cfg config.Config, own func(fd int) error) *http.Client {
+	dialer := broker.MarkedDialer(cfg.Broker.Mark, 5*time.Second, own)
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.DialContext = dialer.DialContext
 	return &http.Client{Timeout: 30 * time.Second, Transport: tr}

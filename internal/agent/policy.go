@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
 	"github.com/imdsguard/imdsguard/internal/agent/policy"
@@ -17,10 +18,11 @@ type policyState struct {
 // inode, a restarted unit a new cgroup.
 func (a *agent) applyPolicy(force bool) error {
 	p := policy.Resolve(a.cfg, a.cgroupRoot)
-	p.Kernel.OwnMark = uint32(a.cfg.Broker.Mark)
+	p.Kernel.AgentTGID = uint32(os.Getpid()) // the agent runs in the host's pid namespace
 	p.Kernel.HostNetns = a.netns
-	if a.cfg.Broker.Enabled {
+	if a.broker != nil {
 		p.Kernel.BrokerPort = uint16(a.cfg.Broker.Port)
+		p.Kernel.BrokerIPv4, p.Kernel.BrokerIPv6 = a.broker.Families()
 	}
 	a.mu.Lock()
 	unchanged := a.policy.loaded && policy.Equal(a.policy.current, p)

@@ -24,7 +24,7 @@ func (a *agent) connectRecord(ev hook.Event) events.Record {
 		Cmdline:      info.Cmdline, Cgroup: info.Cgroup, CgroupID: ev.CgroupID, Unit: info.Unit,
 		ContainerID: info.ContainerID, Netns: ev.NetnsCookie, SocketCookie: ev.SocketCookie,
 		Dst: ev.Dst.String(), Verdict: ev.Verdict.String(), Rule: a.ruleName(ev.Rule),
-		Redirected: ev.Redirected, Missing: info.Missing,
+		Redirected: ev.Redirected, Agent: ev.Agent, NoBroker: ev.NoBroker, Missing: info.Missing,
 	}
 }
 

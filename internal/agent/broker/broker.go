@@ -23,7 +23,9 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -36,8 +38,11 @@ import (
 
 // Config is the broker's part of the agent configuration.
 type Config struct {
-	Port            int
-	Mark            int // SO_MARK on upstream sockets: the kernel lets them through untouched
+	Port int
+	Mark int // SO_MARK on upstream sockets, for firewall rules; the kernel does not trust it
+	// Own registers an upstream socket, before it connects, as the agent's own (the
+	// kernel lets it through unjudged and unredirected); nil registers nothing.
+	Own             func(fd int) error
 	IMDS4, IMDS6    netip.Addr
 	IMDSPort        int
 	Enforce         bool // false: IMDSv1 where v2 is required is forwarded and counted
@@ -48,9 +53,10 @@ type Config struct {
 	UpstreamTimeout time.Duration
 }
 
-// Redirects finds the kernel's record of an accepted connection by its source port.
+// Redirects finds the kernel's record of an accepted connection by both its ends: the
+// client's address and port, and the broker's.
 type Redirects interface {
-	LookupRedirect(port uint16) (hook.Redirect, error)
+	LookupRedirect(client, server netip.AddrPort) (hook.Redirect, error)
 }
 
 // Version is how a request authenticates to IMDS.
@@ -102,6 +108,9 @@ type Broker struct {
 	// connection does not wait for its dial: taken by the next client connection and
 	// replaced off its path. Each client connection still has its own.
 	spare4, spare6 spare
+
+	ipv4 bool // Listen holds the 127.0.0.1 listener
+	ipv6 bool // and the [::1] one
 }
 
 type spare struct {
@@ -113,7 +122,7 @@ type spare struct {
 // after the client has its answer.
 func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logger) *Broker {
 	b := &Broker{cfg: cfg, redirects: redirects, record: record, log: log,
-		dialer: MarkedDialer(cfg.Mark, cfg.UpstreamTimeout), conns: map[*clientConn]struct{}{}}
+		dialer: MarkedDialer(cfg.Mark, cfg.UpstreamTimeout, cfg.Own), conns: map[*clientConn]struct{}{}}
 	b.enforce.Store(cfg.Enforce)
 	b.spare4.conns, b.spare6.conns = make(chan net.Conn, 1), make(chan net.Conn, 1)
 	// A request head must fit in the client reader's buffer; 64 kB bounds what one
@@ -125,47 +134,70 @@ func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logg
 	return b
 }
 
-// MarkedDialer dials sockets carrying mark (SO_MARK): the kernel program lets them go
-// straight to IMDS, unjudged and never redirected. The broker's upstream connections and
-// the agent's own IMDS requests use it. Mark 0 dials plain sockets.
-func MarkedDialer(mark int, timeout time.Duration) *net.Dialer {
+// MarkedDialer dials the agent's own sockets: each is registered with own before it
+// connects (the kernel program then lets it go straight to IMDS, unjudged and never
+// redirected) and carries mark (SO_MARK, for firewall rules; 0: none). The broker's
+// upstream connections and the agent's own IMDS requests use it.
+func MarkedDialer(mark int, timeout time.Duration, own func(fd int) error) *net.Dialer {
 	return &net.Dialer{
 		Timeout: timeout,
 		Control: func(network, address string, c syscall.RawConn) error {
-			if mark == 0 {
-				return nil
-			}
 			var serr error
 			if err := c.Control(func(fd uintptr) {
-				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, mark)
+				if mark != 0 {
+					if err := syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, mark); err != nil {
+						serr = fmt.Errorf("mark socket: %w", err)
+						return
+					}
+				}
+				if own != nil {
+					serr = own(int(fd))
+				}
 			}); err != nil {
 				return err
 			}
-			if serr != nil {
-				return fmt.Errorf("mark socket: %w", serr)
-			}
-			return nil
+			return serr
 		},
 	}
 }
 
 // Listen opens the broker's listeners on 127.0.0.1 and [::1] and serves them until
-// Shutdown. A host without IPv6 loopback gets the IPv4 listener only.
+// Shutdown. A family whose port another process holds (it bound it first), or that the
+// host lacks (no IPv6 loopback), is skipped: Families says which listeners are the
+// agent's, and the kernel redirects only those families. Any other failure, such as no
+// permission for a privileged port, is an error.
 func (b *Broker) Listen() error {
-	addrs := []string{net.JoinHostPort("127.0.0.1", strconv.Itoa(b.cfg.Port)), net.JoinHostPort("::1", strconv.Itoa(b.cfg.Port))}
-	for i, addr := range addrs {
+	if start, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start"); err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(start))); err == nil && b.cfg.Port >= n {
+			b.log.Warn().Str("event", "broker_port_unprivileged").Int("port", b.cfg.Port).Int("ip_unprivileged_port_start", n).
+				Msg("any user may bind the broker's port while the agent is down; its family is then not redirected")
+		}
+	}
+	for _, fam := range []struct {
+		host string
+		held *bool
+	}{{"127.0.0.1", &b.ipv4}, {"::1", &b.ipv6}} {
+		addr := net.JoinHostPort(fam.host, strconv.Itoa(b.cfg.Port))
 		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			if i > 0 {
-				b.log.Warn().Err(err).Str("event", "broker_listen_skipped").Str("addr", addr).Msg("no IPv6 loopback listener")
-				continue
-			}
+		switch {
+		case errors.Is(err, syscall.EADDRINUSE):
+			b.log.Error().Err(err).Str("event", "broker_port_taken").Str("addr", addr).
+				Msg("another process holds the broker's port: connections of this family are not redirected")
+			continue
+		case errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.EAFNOSUPPORT):
+			b.log.Warn().Err(err).Str("event", "broker_listen_skipped").Str("addr", addr).Msg("no loopback address of this family")
+			continue
+		case err != nil:
 			return fmt.Errorf("broker listen on %s: %w", addr, err)
 		}
+		*fam.held = true
 		b.Serve(ln)
 	}
 	return nil
 }
+
+// Families says which of the broker's loopback listeners Listen holds.
+func (b *Broker) Families() (ipv4, ipv6 bool) { return b.ipv4, b.ipv6 }
 
 // Serve serves one listener (tests use their own).
 func (b *Broker) Serve(ln net.Listener) {
@@ -310,19 +342,27 @@ type connInfo struct {
 	err error
 }
 
-// identify finds the kernel's record of the connection, once per connection.
+// identify finds the kernel's record of the connection, by both its ends (a client
+// that connects to the broker straight from another address must not get the record of
+// a redirected connection that shares its port), once per connection.
 func (b *Broker) identify(c net.Conn) connInfo {
-	var ap netip.AddrPort
-	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		ap = ta.AddrPort()
-	} else {
-		var err error
-		if ap, err = netip.ParseAddrPort(c.RemoteAddr().String()); err != nil {
-			return connInfo{err: fmt.Errorf("peer address %q: %w", c.RemoteAddr(), err)}
-		}
+	client, err := addrPort(c.RemoteAddr())
+	if err != nil {
+		return connInfo{err: fmt.Errorf("peer address %q: %w", c.RemoteAddr(), err)}
 	}
-	r, err := b.redirects.LookupRedirect(ap.Port())
+	server, err := addrPort(c.LocalAddr())
+	if err != nil {
+		return connInfo{err: fmt.Errorf("local address %q: %w", c.LocalAddr(), err)}
+	}
+	r, err := b.redirects.LookupRedirect(client, server)
 	return connInfo{r: r, err: err}
+}
+
+func addrPort(a net.Addr) (netip.AddrPort, error) {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort(), nil
+	}
+	return netip.ParseAddrPort(a.String())
 }
 
 func (cc *clientConn) serve() {

@@ -67,7 +67,7 @@ type fakeRedirects struct {
 	refuse bool
 }
 
-func (f *fakeRedirects) LookupRedirect(port uint16) (hook.Redirect, error) {
+func (f *fakeRedirects) LookupRedirect(client, server netip.AddrPort) (hook.Redirect, error) {
 	if f.refuse {
 		return hook.Redirect{}, hook.ErrNotRedirected
 	}

@@ -42,8 +42,12 @@ type Broker struct {
 	UpstreamTimeout time.Duration `yaml:"upstream_timeout"` // one request to IMDS
 }
 
+// DefaultBrokerPort is privileged (below 1024): no unprivileged process can bind it
+// first and receive the connections the kernel redirects (issue 11).
+const DefaultBrokerPort = 254
+
 func defaultBroker() Broker {
-	return Broker{Enabled: true, Port: 4258, Mark: 0x1d5, MaxHeaderBytes: 8 << 10, MaxBodyBytes: 4 << 10,
+	return Broker{Enabled: true, Port: DefaultBrokerPort, Mark: 0x1d5, MaxHeaderBytes: 8 << 10, MaxBodyBytes: 4 << 10,
 		ReadTimeout: 5 * time.Second, IdleTimeout: 60 * time.Second, UpstreamTimeout: 5 * time.Second}
 }
 

@@ -45,6 +45,8 @@ type Record struct {
 	Verdict      string
 	Rule         string // name of the matching allowlist rule, "" for the default action
 	Redirected   bool   // sent through the broker
+	Agent        bool   // one of the agent's own sockets, passed unjudged
+	NoBroker     bool   // could not be brokered (with a v2-required rule: refused for that)
 	Missing      []string
 
 	// Request fields (KindRequest).
@@ -154,6 +156,12 @@ func (w *Writer) Write(r Record) {
 		Str("verdict", r.Verdict).
 		Str("rule", r.Rule).
 		Bool("redirected", r.Redirected)
+	if r.Agent {
+		e = e.Bool("agent", true)
+	}
+	if r.NoBroker {
+		e = e.Bool("no_broker", true)
+	}
 	if kind == KindRequest {
 		e = e.Str("method", r.Method).Str("path", r.Path).Str("imds_version", r.IMDSVersion).
 			Int("status", r.Status).Float64("duration_ms", r.DurationMS)

@@ -39,6 +39,13 @@ type Event struct {
 	Rule       int
 	Redirected bool // sent to the broker
 	V2Required bool // the matching rule requires IMDSv2
+	// Agent says the socket was one of the agent's own (RegisterOwnSocket): passed
+	// unjudged.
+	Agent bool
+	// NoBroker says the connection could not be brokered (another network namespace,
+	// not TCP, or no listener of the agent's for its family); with V2Required it was
+	// refused for that.
+	NoBroker bool
 }
 
 // Verdict is what the kernel did with the connect().
@@ -100,6 +107,8 @@ func fromRaw(r *imdsguardEvent, c clock) Event {
 		Rule:          ruleIndex(r.Rule),
 		Redirected:    r.Flags&flagRedirected != 0,
 		V2Required:    r.Flags&flagV2Required != 0,
+		Agent:         r.Flags&flagAgent != 0,
+		NoBroker:      r.Flags&flagNoBroker != 0,
 	}
 	if r.ExeIno != 0 {
 		// Kernel dev_t is major<<20|minor; stat(2) uses the glibc encoding.

@@ -42,6 +42,9 @@ type Hook struct {
 	// queueDrops counts events read from the kernel but dropped because the consumer
 	// was behind (the reader never blocks on it).
 	queueDrops atomic.Uint64
+	// netns is the host network namespace cookie of the policy in force: the broker's
+	// connections are looked up in it.
+	netns atomic.Uint64
 }
 
 type attached struct {
@@ -70,6 +73,13 @@ func Load(t Target, pinDir string) (*Hook, error) {
 		h.pinDir = filepath.Join(pinDir, layoutVersion)
 		if err := os.MkdirAll(h.pinDir, 0o700); err != nil {
 			return nil, fmt.Errorf("create pin directory: %w", err)
+		}
+		// The pins are the policy and the heartbeat: only root may open them, even
+		// where the directory existed with a looser mode.
+		for _, d := range []string{filepath.Dir(h.pinDir), h.pinDir} {
+			if err := os.Chmod(d, 0o700); err != nil {
+				return nil, fmt.Errorf("restrict pin directory: %w", err)
+			}
 		}
 		opts.Maps.PinPath = h.pinDir
 	} else {
@@ -242,7 +252,7 @@ func (h *Hook) Unpin() error {
 func (m *imdsguardMaps) unpin() error {
 	var errs []error
 	for _, mp := range []*ebpf.Map{m.Policies, m.ActiveGen, m.Heartbeat, m.RuleUids, m.RuleGids, m.RuleExes,
-		m.RuleCgroups, m.Redirects, m.BrokerPorts, m.Stats} {
+		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats} {
 		if err := mp.Unpin(); err != nil {
 			errs = append(errs, err)
 		}

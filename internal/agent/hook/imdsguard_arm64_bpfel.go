@@ -13,10 +13,27 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type imdsguardBrokerFamily uint32
+
+const (
+	imdsguardBrokerFamilyBROKER_IPV4 imdsguardBrokerFamily = 1
+	imdsguardBrokerFamilyBROKER_IPV6 imdsguardBrokerFamily = 2
+)
+
 type imdsguardCgroupKey struct {
 	_   structs.HostLayout
 	Gen uint64
 	Id  uint64
+}
+
+type imdsguardConnKey struct {
+	_          structs.HostLayout
+	Netns      uint64
+	Client     [16]uint8
+	Server     [16]uint8
+	ClientPort uint16
+	ServerPort uint16
+	Pad        uint32
 }
 
 type imdsguardEvent struct {
@@ -58,6 +75,8 @@ type imdsguardFlag uint32
 const (
 	imdsguardFlagFLAG_REDIRECTED imdsguardFlag = 1
 	imdsguardFlagFLAG_V2REQUIRED imdsguardFlag = 2
+	imdsguardFlagFLAG_AGENT      imdsguardFlag = 4
+	imdsguardFlagFLAG_NO_BROKER  imdsguardFlag = 8
 )
 
 type imdsguardIdKey struct {
@@ -67,28 +86,23 @@ type imdsguardIdKey struct {
 }
 
 type imdsguardPolicy struct {
-	_            structs.HostLayout
-	HasUid       uint64
-	HasGid       uint64
-	HasExe       uint64
-	HasCgroup    uint64
-	Allow        uint64
-	V2Required   uint64
-	HostNetns    uint64
-	Nrules       uint32
-	OwnMark      uint32
-	BrokerPort   uint16
-	DefaultAllow uint8
-	Enforce      uint8
-	FailClosed   uint8
-	Loaded       uint8
-	Pad          [2]uint8
-}
-
-type imdsguardPortKey struct {
-	_      structs.HostLayout
-	Port   uint16
-	Family uint16
+	_              structs.HostLayout
+	HasUid         uint64
+	HasGid         uint64
+	HasExe         uint64
+	HasCgroup      uint64
+	Allow          uint64
+	V2Required     uint64
+	HostNetns      uint64
+	Nrules         uint32
+	AgentTgid      uint32
+	BrokerPort     uint16
+	DefaultAllow   uint8
+	Enforce        uint8
+	FailClosed     uint8
+	Loaded         uint8
+	BrokerFamilies uint8
+	Pad            uint8
 }
 
 type imdsguardRedirect struct {
@@ -144,34 +158,36 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	imdsguardMapActiveGen         = "active_gen"
-	imdsguardMapBrokerPorts       = "broker_ports"
-	imdsguardMapEvents            = "events"
-	imdsguardMapHeartbeat         = "heartbeat"
-	imdsguardMapPolicies          = "policies"
-	imdsguardMapRedirects         = "redirects"
-	imdsguardMapRuleCgroups       = "rule_cgroups"
-	imdsguardMapRuleExes          = "rule_exes"
-	imdsguardMapRuleGids          = "rule_gids"
-	imdsguardMapRuleUids          = "rule_uids"
-	imdsguardMapStats             = "stats"
-	imdsguardProgImdsConnect4     = "imds_connect4"
-	imdsguardProgImdsConnect6     = "imds_connect6"
-	imdsguardProgImdsGetpeername4 = "imds_getpeername4"
-	imdsguardProgImdsGetpeername6 = "imds_getpeername6"
-	imdsguardProgImdsSockops      = "imds_sockops"
-	imdsguardVarBrokerPort        = "broker_port"
-	imdsguardVarImdsIp4           = "imds_ip4"
-	imdsguardVarImdsIp6           = "imds_ip6"
-	imdsguardVarImdsPort          = "imds_port"
-	imdsguardVarUnusedEvent       = "unused_event"
-	imdsguardVarUnusedFlag        = "unused_flag"
-	imdsguardVarUnusedPolicy      = "unused_policy"
-	imdsguardVarUnusedPortKey     = "unused_port_key"
-	imdsguardVarUnusedRedirect    = "unused_redirect"
-	imdsguardVarUnusedRule        = "unused_rule"
-	imdsguardVarUnusedStat        = "unused_stat"
-	imdsguardVarUnusedVerdict     = "unused_verdict"
+	imdsguardMapActiveGen          = "active_gen"
+	imdsguardMapBrokerConns        = "broker_conns"
+	imdsguardMapEvents             = "events"
+	imdsguardMapHeartbeat          = "heartbeat"
+	imdsguardMapOwnSockets         = "own_sockets"
+	imdsguardMapPolicies           = "policies"
+	imdsguardMapRedirects          = "redirects"
+	imdsguardMapRuleCgroups        = "rule_cgroups"
+	imdsguardMapRuleExes           = "rule_exes"
+	imdsguardMapRuleGids           = "rule_gids"
+	imdsguardMapRuleUids           = "rule_uids"
+	imdsguardMapStats              = "stats"
+	imdsguardProgImdsConnect4      = "imds_connect4"
+	imdsguardProgImdsConnect6      = "imds_connect6"
+	imdsguardProgImdsGetpeername4  = "imds_getpeername4"
+	imdsguardProgImdsGetpeername6  = "imds_getpeername6"
+	imdsguardProgImdsSockops       = "imds_sockops"
+	imdsguardVarBrokerPort         = "broker_port"
+	imdsguardVarImdsIp4            = "imds_ip4"
+	imdsguardVarImdsIp6            = "imds_ip6"
+	imdsguardVarImdsPort           = "imds_port"
+	imdsguardVarUnusedBrokerFamily = "unused_broker_family"
+	imdsguardVarUnusedConnKey      = "unused_conn_key"
+	imdsguardVarUnusedEvent        = "unused_event"
+	imdsguardVarUnusedFlag         = "unused_flag"
+	imdsguardVarUnusedPolicy       = "unused_policy"
+	imdsguardVarUnusedRedirect     = "unused_redirect"
+	imdsguardVarUnusedRule         = "unused_rule"
+	imdsguardVarUnusedStat         = "unused_stat"
+	imdsguardVarUnusedVerdict      = "unused_verdict"
 )
 
 // loadImdsguard returns the embedded CollectionSpec for imdsguard.
@@ -228,9 +244,10 @@ type imdsguardProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardMapSpecs struct {
 	ActiveGen   *ebpf.MapSpec `ebpf:"active_gen"`
-	BrokerPorts *ebpf.MapSpec `ebpf:"broker_ports"`
+	BrokerConns *ebpf.MapSpec `ebpf:"broker_conns"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Heartbeat   *ebpf.MapSpec `ebpf:"heartbeat"`
+	OwnSockets  *ebpf.MapSpec `ebpf:"own_sockets"`
 	Policies    *ebpf.MapSpec `ebpf:"policies"`
 	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
 	RuleCgroups *ebpf.MapSpec `ebpf:"rule_cgroups"`
@@ -244,18 +261,19 @@ type imdsguardMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardVariableSpecs struct {
-	BrokerPort     *ebpf.VariableSpec `ebpf:"broker_port"`
-	ImdsIp4        *ebpf.VariableSpec `ebpf:"imds_ip4"`
-	ImdsIp6        *ebpf.VariableSpec `ebpf:"imds_ip6"`
-	ImdsPort       *ebpf.VariableSpec `ebpf:"imds_port"`
-	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedFlag     *ebpf.VariableSpec `ebpf:"unused_flag"`
-	UnusedPolicy   *ebpf.VariableSpec `ebpf:"unused_policy"`
-	UnusedPortKey  *ebpf.VariableSpec `ebpf:"unused_port_key"`
-	UnusedRedirect *ebpf.VariableSpec `ebpf:"unused_redirect"`
-	UnusedRule     *ebpf.VariableSpec `ebpf:"unused_rule"`
-	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
-	UnusedVerdict  *ebpf.VariableSpec `ebpf:"unused_verdict"`
+	BrokerPort         *ebpf.VariableSpec `ebpf:"broker_port"`
+	ImdsIp4            *ebpf.VariableSpec `ebpf:"imds_ip4"`
+	ImdsIp6            *ebpf.VariableSpec `ebpf:"imds_ip6"`
+	ImdsPort           *ebpf.VariableSpec `ebpf:"imds_port"`
+	UnusedBrokerFamily *ebpf.VariableSpec `ebpf:"unused_broker_family"`
+	UnusedConnKey      *ebpf.VariableSpec `ebpf:"unused_conn_key"`
+	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedFlag         *ebpf.VariableSpec `ebpf:"unused_flag"`
+	UnusedPolicy       *ebpf.VariableSpec `ebpf:"unused_policy"`
+	UnusedRedirect     *ebpf.VariableSpec `ebpf:"unused_redirect"`
+	UnusedRule         *ebpf.VariableSpec `ebpf:"unused_rule"`
+	UnusedStat         *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedVerdict      *ebpf.VariableSpec `ebpf:"unused_verdict"`
 }
 
 // imdsguardObjects contains all objects after they have been loaded into the kernel.
@@ -279,9 +297,10 @@ func (o *imdsguardObjects) Close() error {
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardMaps struct {
 	ActiveGen   *ebpf.Map `ebpf:"active_gen"`
-	BrokerPorts *ebpf.Map `ebpf:"broker_ports"`
+	BrokerConns *ebpf.Map `ebpf:"broker_conns"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Heartbeat   *ebpf.Map `ebpf:"heartbeat"`
+	OwnSockets  *ebpf.Map `ebpf:"own_sockets"`
 	Policies    *ebpf.Map `ebpf:"policies"`
 	Redirects   *ebpf.Map `ebpf:"redirects"`
 	RuleCgroups *ebpf.Map `ebpf:"rule_cgroups"`
@@ -294,9 +313,10 @@ type imdsguardMaps struct {
 func (m *imdsguardMaps) Close() error {
 	return _ImdsguardClose(
 		m.ActiveGen,
-		m.BrokerPorts,
+		m.BrokerConns,
 		m.Events,
 		m.Heartbeat,
+		m.OwnSockets,
 		m.Policies,
 		m.Redirects,
 		m.RuleCgroups,
@@ -311,18 +331,19 @@ func (m *imdsguardMaps) Close() error {
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardVariables struct {
-	BrokerPort     *ebpf.Variable `ebpf:"broker_port"`
-	ImdsIp4        *ebpf.Variable `ebpf:"imds_ip4"`
-	ImdsIp6        *ebpf.Variable `ebpf:"imds_ip6"`
-	ImdsPort       *ebpf.Variable `ebpf:"imds_port"`
-	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
-	UnusedFlag     *ebpf.Variable `ebpf:"unused_flag"`
-	UnusedPolicy   *ebpf.Variable `ebpf:"unused_policy"`
-	UnusedPortKey  *ebpf.Variable `ebpf:"unused_port_key"`
-	UnusedRedirect *ebpf.Variable `ebpf:"unused_redirect"`
-	UnusedRule     *ebpf.Variable `ebpf:"unused_rule"`
-	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
-	UnusedVerdict  *ebpf.Variable `ebpf:"unused_verdict"`
+	BrokerPort         *ebpf.Variable `ebpf:"broker_port"`
+	ImdsIp4            *ebpf.Variable `ebpf:"imds_ip4"`
+	ImdsIp6            *ebpf.Variable `ebpf:"imds_ip6"`
+	ImdsPort           *ebpf.Variable `ebpf:"imds_port"`
+	UnusedBrokerFamily *ebpf.Variable `ebpf:"unused_broker_family"`
+	UnusedConnKey      *ebpf.Variable `ebpf:"unused_conn_key"`
+	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
+	UnusedFlag         *ebpf.Variable `ebpf:"unused_flag"`
+	UnusedPolicy       *ebpf.Variable `ebpf:"unused_policy"`
+	UnusedRedirect     *ebpf.Variable `ebpf:"unused_redirect"`
+	UnusedRule         *ebpf.Variable `ebpf:"unused_rule"`
+	UnusedStat         *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedVerdict      *ebpf.Variable `ebpf:"unused_verdict"`
 }
 
 // imdsguardPrograms contains all programs after they have been loaded into the kernel.

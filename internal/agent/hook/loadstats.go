@@ -19,11 +19,15 @@ import (
 // other kernels' verifiers; a change to bpf/ that needs more raises them here, in the
 // same commit, and says why.
 var verifierBudget = map[string]int{
-	"connect4":     2650, // 2287 on 6.18
-	"connect6":     2750, // 2364
+	//
+	// Issue 11 raised connect4/6 (the agent's own sockets are named by cookie, tgid and
+	// namespace instead of a mark, and a v2-required connection that cannot be brokered
+	// is refused) and sockops (connections keyed by the 4-tuple and namespace).
+	"connect4":     3050, // 2638 on 6.18
+	"connect6":     3110, // 2703
 	"getpeername4": 30,   // 19
 	"getpeername6": 30,   // 21
-	"sockops":      40,   // 26
+	"sockops":      100,  // 87
 }
 
 // ProgramStats is what loading one program cost the kernel.

@@ -40,8 +40,14 @@ type KernelPolicy struct {
 	Enforce      bool   // false: audit, deny decisions are only recorded
 	FailClosed   bool   // agent gone: EPERM instead of straight to IMDS
 	BrokerPort   uint16 // 0: no broker, allowed connections go straight to IMDS
-	OwnMark      uint32 // SO_MARK of the broker's upstream sockets
-	HostNetns    uint64 // netns cookie whose connections may be redirected
+	// BrokerIPv4 and BrokerIPv6 say which loopback listeners the agent holds: a
+	// family whose port someone else took first is never redirected.
+	BrokerIPv4, BrokerIPv6 bool
+	// AgentTGID is the agent's process id in the host's pid namespace: with the
+	// socket cookies it registers (RegisterOwnSocket), it names the agent's own
+	// sockets, which pass unjudged.
+	AgentTGID uint32
+	HostNetns uint64 // netns cookie whose connections may be redirected
 }
 
 // SetPolicy writes p into the inactive generation of the policy maps, then flips the
@@ -60,7 +66,7 @@ func (h *Hook) SetPolicy(p KernelPolicy) error {
 		return err
 	}
 	kp := imdsguardPolicy{
-		Nrules: uint32(len(p.Rules)), OwnMark: p.OwnMark, HostNetns: p.HostNetns,
+		Nrules: uint32(len(p.Rules)), AgentTgid: p.AgentTGID, HostNetns: p.HostNetns,
 		BrokerPort:   p.BrokerPort>>8 | p.BrokerPort<<8, // network byte order in memory
 		DefaultAllow: b2u(p.DefaultAllow), Enforce: b2u(p.Enforce), FailClosed: b2u(p.FailClosed), Loaded: 1,
 	}
@@ -99,6 +105,12 @@ func (h *Hook) SetPolicy(p KernelPolicy) error {
 			cgroups[c] |= bit
 		}
 	}
+	if p.BrokerIPv4 {
+		kp.BrokerFamilies |= uint8(imdsguardBrokerFamilyBROKER_IPV4)
+	}
+	if p.BrokerIPv6 {
+		kp.BrokerFamilies |= uint8(imdsguardBrokerFamilyBROKER_IPV6)
+	}
 	for id, bits := range uids {
 		if err := h.objs.RuleUids.Put(imdsguardIdKey{Gen: gen, Id: id}, bits); err != nil {
 			return fmt.Errorf("write uid rule: %w", err)
@@ -125,6 +137,7 @@ func (h *Hook) SetPolicy(p KernelPolicy) error {
 	if err := h.objs.ActiveGen.Put(uint32(0), gen); err != nil {
 		return fmt.Errorf("activate policy: %w", err)
 	}
+	h.netns.Store(p.HostNetns)
 	return nil
 }
 

@@ -29,16 +29,23 @@ type Redirect struct {
 // redirected it: somebody dialled the broker port directly. The broker refuses those.
 var ErrNotRedirected = errors.New("connection was not redirected by the kernel")
 
-// LookupRedirect finds the record of the client socket whose source port the broker
-// sees on an accepted connection. The port entry is consumed: ports are reused.
-func (h *Hook) LookupRedirect(port uint16) (Redirect, error) {
-	k := imdsguardPortKey{Port: port}
+// LookupRedirect finds the record of the connection the broker accepted from client on
+// its address server, in the host's network namespace. The kernel keyed it by the whole
+// connection at connect time, so another connection from the same port (another
+// address, or outside the guarded cgroup) finds nothing. The entry is consumed: ports
+// are reused.
+func (h *Hook) LookupRedirect(client, server netip.AddrPort) (Redirect, error) {
+	k := imdsguardConnKey{
+		Netns:  h.netns.Load(),
+		Client: client.Addr().As16(), Server: server.Addr().As16(),
+		ClientPort: client.Port(), ServerPort: server.Port(),
+	}
 	var cookie uint64
-	if err := h.objs.BrokerPorts.LookupAndDelete(k, &cookie); err != nil {
+	if err := h.objs.BrokerConns.LookupAndDelete(k, &cookie); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return Redirect{}, ErrNotRedirected
 		}
-		return Redirect{}, fmt.Errorf("look up broker port %d: %w", port, err)
+		return Redirect{}, fmt.Errorf("look up broker connection from %s: %w", client, err)
 	}
 	var r imdsguardRedirect
 	if err := h.objs.Redirects.Lookup(cookie, &r); err != nil {
@@ -65,10 +72,28 @@ func (h *Hook) LookupRedirect(port uint16) (Redirect, error) {
 	}, nil
 }
 
+// RegisterOwnSocket tells the kernel that the socket fd, not yet connected, is the
+// agent's own: its connect() to IMDS passes unjudged and unredirected (with an event),
+// as long as the caller is the agent's process (KernelPolicy.AgentTGID) in the host's
+// network namespace. The socket is named by its cookie, which no other process can
+// give to a socket of its own; the map holding it is not pinned.
+func (h *Hook) RegisterOwnSocket(fd int) error {
+	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		return fmt.Errorf("read socket cookie: %w", err)
+	}
+	if err := h.objs.OwnSockets.Put(cookie, uint8(1)); err != nil {
+		return fmt.Errorf("register own socket: %w", err)
+	}
+	return nil
+}
+
 // The kernel's enum flag and enum rule, in the width of the fields that hold them.
 const (
 	flagRedirected = uint8(imdsguardFlagFLAG_REDIRECTED)
 	flagV2Required = uint8(imdsguardFlagFLAG_V2REQUIRED)
+	flagAgent      = uint8(imdsguardFlagFLAG_AGENT)
+	flagNoBroker   = uint8(imdsguardFlagFLAG_NO_BROKER)
 	ruleNone       = uint8(imdsguardRuleRULE_NONE)
 )
 

@@ -14,6 +14,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -111,13 +112,13 @@ func Resolve(cfg config.Config, cgroupRoot string) Policy {
 			}
 		case r.Unit != "":
 			kr.HasCgroup = true
-			kr.Cgroups = tree.match(func(name string) bool { return name == r.Unit })
+			kr.Cgroups = tree.match(func(rel string) bool { return isUnitCgroup(rel, r.Unit) })
 			if len(kr.Cgroups) == 0 {
 				miss("unit " + r.Unit + " has no cgroup (not running)")
 			}
 		case r.Container != "":
 			kr.HasCgroup = true
-			kr.Cgroups = tree.match(func(name string) bool { return strings.Contains(name, r.Container) })
+			kr.Cgroups = tree.match(func(rel string) bool { return strings.HasPrefix(runtimeContainerID(rel), r.Container) })
 			if len(kr.Cgroups) == 0 {
 				miss("container " + r.Container + " has no cgroup (not running)")
 			}
@@ -168,27 +169,81 @@ type cgroupDir struct {
 
 type cgroupTree []cgroupDir
 
+// walkCgroups lists the cgroups below root that the system owns. A directory owned by
+// another user than root's owner is a delegated subtree (a user's systemd manager, a
+// rootless container runtime): its owner can create any name in it, so neither it nor
+// anything below it is listed, and no unit or container rule can match it.
 func walkCgroups(root string) cgroupTree {
 	var out cgroupTree
+	var rootSt syscall.Stat_t
+	if err := syscall.Stat(root, &rootSt); err != nil {
+		return nil
+	}
 	_ = filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || !d.IsDir() {
 			return nil
 		}
-		if id, err := inode(path); err == nil {
-			out = append(out, cgroupDir{rel: strings.TrimPrefix(path, root), id: id})
+		var st syscall.Stat_t
+		if err := syscall.Stat(path, &st); err != nil {
+			return nil
 		}
+		if st.Uid != rootSt.Uid {
+			return filepath.SkipDir // delegated: not the system's
+		}
+		out = append(out, cgroupDir{rel: strings.TrimPrefix(path, root), id: st.Ino})
 		return nil
 	})
 	return out
 }
 
-// match returns the ids of the topmost cgroups whose name matches: descendants are
-// covered by the kernel's ancestor check.
-func (t cgroupTree) match(ok func(name string) bool) []uint64 {
+// isUnitCgroup says whether rel (below the cgroup root, leading "/") is the control
+// group systemd gives unit: the unit's name under a chain of slices only
+// (/system.slice/NAME, /system.slice/app.slice/NAME, /user.slice/user-1000.slice/NAME),
+// never a cgroup of that name anywhere else, such as inside another unit.
+func isUnitCgroup(rel, unit string) bool {
+	parts := strings.Split(strings.TrimPrefix(rel, "/"), "/")
+	if len(parts) < 2 || parts[len(parts)-1] != unit {
+		return false
+	}
+	for _, p := range parts[:len(parts)-1] {
+		if !strings.HasSuffix(p, ".slice") {
+			return false
+		}
+	}
+	return true
+}
+
+// runtimeCgroups are where container runtimes put a container's cgroup, each with the
+// container's full 64-hex id: Docker (systemd and cgroupfs drivers), podman (root),
+// Kubernetes runtimes (containerd, CRI-O, Docker; systemd and cgroupfs drivers), ECS.
+var runtimeCgroups = []*regexp.Regexp{
+	regexp.MustCompile(`^/system\.slice/docker-([0-9a-f]{64})\.scope$`),
+	regexp.MustCompile(`^/docker/([0-9a-f]{64})$`),
+	regexp.MustCompile(`^/machine\.slice/libpod-([0-9a-f]{64})\.scope$`),
+	regexp.MustCompile(`^/kubepods\.slice/(?:[a-z0-9_.-]+\.slice/)*(?:cri-containerd|crio|docker)-([0-9a-f]{64})\.scope$`),
+	regexp.MustCompile(`^/kubepods/(?:[a-z0-9_-]+/)*([0-9a-f]{64})$`),
+	regexp.MustCompile(`^/ecs/[0-9a-f]{32}/([0-9a-f]{64})$`),
+}
+
+// runtimeContainerID returns the full container id of the cgroup at rel when a
+// container runtime made it at its own place, "" otherwise: a cgroup that merely has a
+// container-like name (docker-0123456789abcdef.scope) names no container.
+func runtimeContainerID(rel string) string {
+	for _, re := range runtimeCgroups {
+		if m := re.FindStringSubmatch(rel); m != nil {
+			return m[1]
+		}
+	}
+	return ""
+}
+
+// match returns the ids of the topmost cgroups whose path (below the root) matches:
+// descendants are covered by the kernel's ancestor check.
+func (t cgroupTree) match(ok func(rel string) bool) []uint64 {
 	var ids []uint64
 	var tops []string
 	for _, d := range t {
-		if !ok(filepath.Base(d.rel)) {
+		if !ok(d.rel) {
 			continue
 		}
 		covered := false

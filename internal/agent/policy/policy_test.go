@@ -10,6 +10,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
+	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
 func parse(t *testing.T, yaml string) config.Config {
@@ -22,10 +23,13 @@ func parse(t *testing.T, yaml string) config.Config {
 }
 
 func TestResolve(t *testing.T) {
-	// A fake cgroup tree: units and a container scope.
+	// A fake cgroup tree: a unit and a container scope, and look-alikes of both that
+	// any user with a systemd user manager could create (issue 11).
 	root := t.TempDir()
 	id := strings.Repeat("ab", 32)
-	for _, d := range []string{"system.slice/app.service/sub", "system.slice/docker-" + id + ".scope", "user.slice/app.service"} {
+	for _, d := range []string{"system.slice/app.service/sub", "system.slice/docker-" + id + ".scope",
+		"user.slice/user-1000.slice/user@1000.service/app.slice/app.service",
+		"system.slice/other.service/docker-0123456789abcdef.scope"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -54,10 +58,13 @@ rules:
   - name: gone
     exe: /nonexistent/bin
     action: allow
+  - name: lookalike
+    container: 0123456789abcdef
+    action: allow
 `)
 	p := Resolve(cfg, root)
 	k := p.Kernel
-	if !k.Enforce || k.DefaultAllow || len(k.Rules) != 6 || p.RuleName(2) != "app" || p.RuleName(-1) != "" {
+	if !k.Enforce || k.DefaultAllow || len(k.Rules) != 7 || p.RuleName(2) != "app" || p.RuleName(-1) != "" {
 		t.Fatalf("policy %+v", p)
 	}
 	var st syscall.Stat_t
@@ -68,12 +75,18 @@ rules:
 	if r := k.Rules[1]; !r.HasUID || len(r.UIDs) != 1 || r.UIDs[0] != 0 {
 		t.Errorf("user rule %+v", r)
 	}
-	// Both app.service cgroups, not the sub-cgroup (the kernel checks ancestors).
-	if r := k.Rules[2]; !r.HasCgroup || len(r.Cgroups) != 2 {
-		t.Errorf("unit rule %+v", r)
+	// The unit's own cgroup under its slice only: not the sub-cgroup (the kernel checks
+	// ancestors), not a cgroup of the same name inside a user's manager.
+	unitID, _ := inode(filepath.Join(root, "system.slice/app.service"))
+	if r := k.Rules[2]; !r.HasCgroup || !slices.Equal(r.Cgroups, []uint64{unitID}) {
+		t.Errorf("unit rule %+v, want only /system.slice/app.service (%d)", r, unitID)
 	}
 	if r := k.Rules[3]; len(r.Cgroups) != 1 || r.Allow {
 		t.Errorf("container rule %+v", r)
+	}
+	// A cgroup named like a container scope, somewhere no runtime puts one, is none.
+	if r := k.Rules[6]; !r.HasCgroup || len(r.Cgroups) != 0 {
+		t.Errorf("look-alike container rule %+v, want no cgroup", r)
 	}
 	// Unresolvable criteria stay criteria: the rule can never match.
 	if r := k.Rules[4]; !r.HasUID || len(r.UIDs) != 0 {
@@ -82,13 +95,18 @@ rules:
 	if r := k.Rules[5]; !r.HasExe || len(r.Exes) != 0 {
 		t.Errorf("gone rule %+v", r)
 	}
-	if len(p.Unresolved) != 2 {
+	if len(p.Unresolved) != 3 {
 		t.Errorf("unresolved %v", p.Unresolved)
 	}
 	if !Equal(p, Resolve(cfg, root)) {
 		t.Error("same input resolved differently")
 	}
-	os.MkdirAll(filepath.Join(root, "system.slice/other/app.service"), 0o755)
+	os.MkdirAll(filepath.Join(root, "system.slice/other.service/app.service"), 0o755)
+	if !Equal(p, Resolve(cfg, root)) {
+		t.Error("a cgroup named like the unit inside another unit changed the policy")
+	}
+	// A unit's cgroup that appears (here under a slice of its own) changes the policy.
+	os.MkdirAll(filepath.Join(root, "system.slice/extra.slice/app.service"), 0o755)
 	if Equal(p, Resolve(cfg, root)) {
 		t.Error("a new unit cgroup did not change the policy")
 	}
@@ -101,7 +119,8 @@ func TestEqualSeesEveryKernelField(t *testing.T) {
 	}
 	for name, change := range map[string]func(*Policy){
 		"broker port": func(p *Policy) { p.Kernel.BrokerPort = 4258 },
-		"own mark":    func(p *Policy) { p.Kernel.OwnMark = 0x1d5 },
+		"agent tgid":  func(p *Policy) { p.Kernel.AgentTGID = 42 },
+		"broker ipv6": func(p *Policy) { p.Kernel.BrokerIPv6 = true },
 		"host netns":  func(p *Policy) { p.Kernel.HostNetns = 7 },
 		"enforce":     func(p *Policy) { p.Kernel.Enforce = true },
 		"rule uid":    func(p *Policy) { p.Kernel.Rules = []hook.KernelRule{{Allow: true, UIDs: []uint32{1}, HasUID: true}} },
@@ -113,5 +132,57 @@ func TestEqualSeesEveryKernelField(t *testing.T) {
 		if Equal(base, other) {
 			t.Errorf("%s: a changed policy compares equal", name)
 		}
+	}
+}
+
+func TestRuntimeContainerID(t *testing.T) {
+	id := strings.Repeat("0123456789abcdef", 4)
+	for rel, want := range map[string]string{
+		"/system.slice/docker-" + id + ".scope":  id,
+		"/docker/" + id:                          id,
+		"/machine.slice/libpod-" + id + ".scope": id,
+		"/ecs/" + id[:32] + "/" + id:             id,
+		"/kubepods/burstable/pod1234-ab/" + id:   id,
+		"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12_34.slice/cri-containerd-" + id + ".scope": id,
+		"/system.slice/docker-0123456789abcdef.scope":                                                                "", // not a full id
+		"/system.slice/app.service/docker-" + id + ".scope":                                                          "", // not where Docker puts it
+		"/user.slice/user-1000.slice/docker-" + id + ".scope":                                                        "",
+		"/system.slice/docker-" + id + ".scope/child":                                                                "",
+	} {
+		if got := runtimeContainerID(rel); got != want {
+			t.Errorf("runtimeContainerID(%q) = %q, want %q", rel, got, want)
+		}
+	}
+}
+
+// TestPrivilegedDelegatedSubtreeNeverMatches: a subtree a user owns (systemd's
+// Delegate=, a user manager) is the user's to name: a slice chain and a container scope
+// built inside it satisfy no system rule.
+func TestPrivilegedDelegatedSubtreeNeverMatches(t *testing.T) {
+	testbed.RequirePrivileged(t) // root: gives a directory to another user
+	root := t.TempDir()
+	id := strings.Repeat("cd", 32)
+	owned := filepath.Join(root, "user.slice/user-1000.slice")
+	for _, d := range []string{"user.slice/user-1000.slice/victim.service", "user.slice/user-1000.slice/system.slice/docker-" + id + ".scope"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(owned, 1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	cfg := parse(t, "rules:\n  - name: victim\n    unit: victim.service\n    action: allow\n  - name: box\n    container: "+id+"\n    action: allow\n")
+	p := Resolve(cfg, root)
+	for i, r := range p.Kernel.Rules {
+		if len(r.Cgroups) != 0 {
+			t.Errorf("rule %s matched cgroups %v inside a user-owned subtree", p.Names[i], r.Cgroups)
+		}
+	}
+	// The same names, owned by the system, do match: the test proves the ownership check.
+	if err := os.Chown(owned, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if p := Resolve(cfg, root); len(p.Kernel.Rules[0].Cgroups) != 1 {
+		t.Errorf("a system-owned unit cgroup did not match: %+v", p.Kernel.Rules[0])
 	}
 }

@@ -31,9 +31,10 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 )
 
-// MinKernel is the oldest kernel the agent runs on: BPF ring buffers and CAP_BPF came
-// in 5.8 (cgroup connect hooks and BTF are older).
-var MinKernel = [2]int{5, 8}
+// MinKernel is the oldest kernel the agent runs on: bpf_get_netns_cookie in sockops
+// (which keys the broker's connections, issue 11) came in 5.15, SO_NETNS_COOKIE in 5.14,
+// BPF ring buffers and CAP_BPF in 5.8.
+var MinKernel = [2]int{5, 15}
 
 // Status is how bad a finding is. Only Fail makes preflight (and the service) fail.
 type Status int

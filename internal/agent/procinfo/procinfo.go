@@ -122,7 +122,8 @@ func (r *Resolver) resolve(p Process) Info {
 			info.Exe = strings.TrimSuffix(exe, " (deleted)")
 		}
 		if raw, err := os.ReadFile(filepath.Join(dir, "cmdline")); err == nil && len(raw) > 0 {
-			info.Cmdline = strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
+			// Secrets out before anything can record them (redact.go).
+			info.Cmdline = RedactCmdline(strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00"))
 		}
 		if info.Cgroup == "" {
 			info.Cgroup = readCgroup(filepath.Join(dir, "cgroup"))

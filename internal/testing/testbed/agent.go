@@ -173,6 +173,8 @@ type Event struct {
 	Verdict      string    `json:"verdict"`
 	Rule         string    `json:"rule"`
 	Redirected   bool      `json:"redirected"`
+	Agent        bool      `json:"agent"`
+	NoBroker     bool      `json:"no_broker"`
 	Missing      []string  `json:"missing"`
 	// imds_request only
 	Method      string  `json:"method"`

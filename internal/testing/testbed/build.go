@@ -84,3 +84,9 @@ func randHex(n int) string {
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
 }
+
+// HostileBinary builds the bed's local attacker (the review's probes: a marked socket,
+// a port bound first, a connection from a chosen source).
+func HostileBinary() (string, error) {
+	return Build("github.com/imdsguard/imdsguard/internal/testing/testbed/hostile", "hostile")
+}
