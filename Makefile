@@ -12,7 +12,7 @@ PRIV     := IMDSGUARD_PRIVILEGED=1
 # is checked as a file: the real IMDS clients (test/e2e/real_clients_test.go) are Debian's,
 # whatever else PATH finds (a pyenv python3 has no boto3).
 TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool:bpftool \
-	setpriv:util-linux strace:strace systemd-analyze:systemd debootstrap:debootstrap \
+	setpriv:util-linux strace:strace systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
 	rpm:rpm dpkg-deb:dpkg /usr/bin/python3:python3 /usr/bin/aws:awscli \
 	/usr/lib/python3/dist-packages/boto3:python3-boto3 /usr/bin/cloud-init:cloud-init \
 	/usr/bin/node:nodejs /usr/bin/npm:npm pg_ctlcluster:postgresql

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -141,5 +142,25 @@ func TestUnitOrdering(t *testing.T) {
 		if strings.Contains(v, "--unpin-on-exit") {
 			t.Errorf("ExecStart unpins on exit: a restart would leave IMDS unguarded: %s", v)
 		}
+	}
+}
+
+// TestUnitBPFFSWritable: systemd's ProtectKernelTunables=yes mounts /sys/fs/bpf
+// read-only (it is in that option's own table; seen on systemd 252, Debian 12's) and ReadWritePaths=
+// cannot undo it, so the agent could not pin and would never start
+// (TestPrivilegedNspawnService shows it under a real systemd). The unit spells the
+// option's paths out instead, with bpffs writable.
+func TestUnitBPFFSWritable(t *testing.T) {
+	if got := unitValues(t, "ProtectKernelTunables"); len(got) > 0 && got[len(got)-1] != "no" {
+		t.Errorf("ProtectKernelTunables=%v: /sys/fs/bpf would be read-only whatever ReadWritePaths says", got)
+	}
+	ro := strings.Fields(strings.Join(unitValues(t, "ReadOnlyPaths"), " "))
+	for _, want := range []string{"/sys", "-/proc/sys", "-/proc/sysrq-trigger"} {
+		if !slices.Contains(ro, want) {
+			t.Errorf("ReadOnlyPaths=%v lacks %s (what ProtectKernelTunables= would protect)", ro, want)
+		}
+	}
+	if rw := unitValues(t, "ReadWritePaths"); !slices.Contains(rw, "-/sys/fs/bpf") {
+		t.Errorf("ReadWritePaths=%v: the agent must be able to pin under /sys/fs/bpf", rw)
 	}
 }
