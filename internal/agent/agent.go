@@ -104,7 +104,14 @@ func (a *agent) start() error {
 	a.onClose(a.tel.Close)
 	if cfg.PinPath != "" {
 		if err := hook.EnsureBPFFS(cfg.PinPath); err != nil {
-			return err
+			// Guard unpinned rather than not at all: without bpffs (and without
+			// CAP_SYS_ADMIN to mount one) the programs still judge every connection
+			// while the agent runs; only a restart's continuity is lost, which
+			// preflight's bpffs warning already told the operator.
+			a.log.Warn().Err(err).Str("event", "pins_unavailable").Str("pin_path", cfg.PinPath).
+				Msg("no bpf file system to pin on: guarding unpinned, a restart leaves a gap")
+			cfg.PinPath = ""
+			a.cfg.PinPath = ""
 		}
 	}
 	target := hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)}

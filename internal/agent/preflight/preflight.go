@@ -331,10 +331,10 @@ func (h Host) checkNetnsCookie() Result {
 // loadTrivialProgram loads `return 1` as a cgroup/connect4 program: the same type,
 // and so the same permission checks, as the agent's own.
 func loadTrivialProgram() error {
-	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return fmt.Errorf("remove memlock limit: %w", err)
-	}
+	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Its removal probes bpf()
+	// first, so without CAP_BPF (or under a seccomp filter) it fails too: then the
+	// program's own load below says what is really refused.
+	memlockErr := rlimit.RemoveMemlock()
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name:         "preflight",
 		Type:         ebpf.CGroupSockAddr,
@@ -343,6 +343,9 @@ func loadTrivialProgram() error {
 		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
 	})
 	if err != nil {
+		if memlockErr != nil {
+			return fmt.Errorf("load program: %w (and the memlock limit could not be raised: %v)", err, memlockErr)
+		}
 		return fmt.Errorf("load program: %w", err)
 	}
 	return prog.Close()
