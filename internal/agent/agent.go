@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/agent/broker"
@@ -128,6 +129,7 @@ func (a *agent) start() error {
 	if a.netns, err = hook.OwnNetnsCookie(); err != nil {
 		return err
 	}
+	a.h.SetHostNetns(a.netns)
 	if err := a.openFingerprints(); err != nil {
 		return err
 	}
@@ -147,9 +149,13 @@ func (a *agent) start() error {
 		bc := brokerConfig(cfg)
 		bc.Own = a.registerOwn
 		a.broker = broker.New(bc, a.h, a.recordRequest, a.log)
+		a.adoptListeners()
 		if err := a.broker.Listen(); err != nil {
 			return err
 		}
+		a.storeListeners()
+	} else {
+		a.adoptListeners() // closes any: no broker
 	}
 	if err := a.startHeartbeat(); err != nil {
 		return err
@@ -446,10 +452,45 @@ func (a *agent) shutdown() {
 		cancel()
 	}
 	if a.opts.UnpinOnExit || !a.h.Pinned() {
+		a.sd.forgetFiles(fdStoreName)
 		if err := a.h.Unpin(); err != nil {
 			a.log.Error().Err(err).Str("event", "detach_failed").Msg("detaching hooks")
 		}
 	}
+}
+
+// adoptListeners serves the broker listeners systemd kept for this unit (LISTEN_FDS,
+// from the file descriptor store of the agent before): connections made while no agent
+// ran wait in their backlog. Descriptors that are not the broker's are closed.
+func (a *agent) adoptListeners() {
+	lns, err := activation.Listeners()
+	if err != nil {
+		a.log.Warn().Err(err).Str("event", "listen_fds_failed").Msg("ignoring descriptors passed by systemd")
+		return
+	}
+	for _, ln := range lns {
+		if ln == nil {
+			continue
+		}
+		if a.broker == nil || !a.broker.Adopt(ln) {
+			_ = ln.Close()
+		}
+	}
+}
+
+// storeListeners hands the broker's listeners to systemd's file descriptor store, which
+// gives them to the next agent: a restart never closes the broker's port.
+func (a *agent) storeListeners() {
+	conns, err := a.broker.ListenerConns()
+	if err != nil {
+		a.log.Warn().Err(err).Str("event", "fdstore_failed").Msg("the broker's port closes across a restart")
+		return
+	}
+	var fds []int
+	for _, rc := range conns {
+		_ = rc.Control(func(fd uintptr) { fds = append(fds, int(fd)) })
+	}
+	a.sd.storeFDs(fdStoreName, fds) // the listeners are open: their numbers are valid
 }
 
 func (a *agent) isSwapped() bool {
