@@ -160,7 +160,14 @@ func (a *agent) start() error {
 	if err := a.startHeartbeat(); err != nil {
 		return err
 	}
-	a.onClose(a.stopHeartbeat)
+	a.onClose(func() {
+		a.stopHeartbeat()
+		// A start that failed before its programs were in: nobody will serve the
+		// broker's port, so the failure mode applies at once.
+		if !a.isSwapped() {
+			_ = a.h.StopBeating()
+		}
+	})
 	// The policy naming the families whose listener we hold, before any program of
 	// ours judges (the first attach never judges without it).
 	if err := a.applyPolicy(true); err != nil {
