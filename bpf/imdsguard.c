@@ -64,6 +64,13 @@ volatile const __u16 imds_port = 0;
 /* The broker's port, network byte order: lets sockops ignore other connections
  * without a map lookup. Fixed for the agent's life like the rest of the broker config. */
 volatile const __u16 broker_port = 0;
+/* 1: a denied connect() fails with ECONNREFUSED (bpf_set_retval, Linux 5.18+ for
+ * cgroup sock_addr hooks), the way a connection nobody listens for fails, instead of
+ * EPERM. The loader sets it when the kernel accepts the helper; at 0 the call is dead
+ * code the verifier never walks, so the same object loads on older kernels. */
+volatile const __u8 deny_refused = 0;
+
+#define ECONNREFUSED 111
 
 /* ---- policy: two generations, the active one flipped atomically ---- */
 
@@ -131,7 +138,10 @@ struct {
 	PINNED;
 } heartbeat SEC(".maps");
 
-#define HEARTBEAT_TIMEOUT_NS 1000000000ULL
+#define HEARTBEAT_TIMEOUT_NS 1000000000LL
+/* A clean stop writes a beat up to this far in the future (a grace period in which the
+ * kernel keeps redirecting for the next agent); anything further is not believed. */
+#define HEARTBEAT_MAX_AHEAD_NS 30000000000LL
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -630,7 +640,9 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 		return JUDGE_PASS;
 	}
 	__u64 *hb = bpf_map_lookup_elem(&heartbeat, &zero);
-	if (!hb || bpf_ktime_get_ns() - *hb > HEARTBEAT_TIMEOUT_NS) {
+	/* Signed: a beat in the future (the grace period of a clean stop) is alive. */
+	__s64 age = hb ? (__s64)(bpf_ktime_get_ns() - *hb) : 0;
+	if (!hb || age > HEARTBEAT_TIMEOUT_NS || age < -HEARTBEAT_MAX_AHEAD_NS) {
 		if (p->fail_closed) {
 			count(STAT_FAIL_CLOSED);
 			record(ctx, cookie, &t, dst, VERDICT_FAIL_CLOSED, rule, flags);
@@ -666,6 +678,15 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 	return JUDGE_REDIRECT | p->broker_port;
 }
 
+/* A refused connect(): 0, with ECONNREFUSED instead of the default EPERM where the
+ * kernel allows it. */
+static __always_inline int deny(void)
+{
+	if (deny_refused)
+		bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
 /* A connect() judge() let through: 1, after pointing a redirected one at the broker. */
 SEC("cgroup/connect4")
 int imds_connect4(struct bpf_sock_addr *ctx)
@@ -678,7 +699,7 @@ int imds_connect4(struct bpf_sock_addr *ctx)
 		ctx->user_port = j & 0xffff;
 		return 1;
 	}
-	return j == JUDGE_DENY ? 0 : 1;
+	return j == JUDGE_DENY ? deny() : 1;
 }
 
 SEC("cgroup/connect6")
@@ -710,7 +731,7 @@ int imds_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_port = j & 0xffff;
 		return 1;
 	}
-	return j == JUDGE_DENY ? 0 : 1;
+	return j == JUDGE_DENY ? deny() : 1;
 }
 
 /* The client asked for IMDS: getpeername() must say IMDS, not the broker. */

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/rs/zerolog"
 
 	"github.com/imdsguard/imdsguard/internal/agent/broker"
@@ -41,15 +42,20 @@ type Options struct {
 // Intervals of the agent's background work.
 const (
 	heartbeatEvery = 250 * time.Millisecond // the kernel's timeout is 1s
-	resolveEvery   = 2 * time.Second        // re-resolve exes, units, containers
-	flushEvery     = 20 * time.Millisecond  // longest an event line waits in the buffer
+	// stopGrace is how long after a clean stop (not an uninstall) the kernel keeps
+	// redirecting to the broker's port for the next agent before it applies the failure
+	// mode: a restart or an upgrade never lapses into it.
+	stopGrace    = 5 * time.Second
+	ownWait      = 10 * time.Second      // longest an own socket waits for the programs
+	resolveEvery = 2 * time.Second       // re-resolve exes, units, containers
+	flushEvery   = 20 * time.Millisecond // longest an event line waits in the buffer
 )
 
 // Run guards until ctx is done. Errors are start-up failures or a broken reader. Each
 // value on hup reloads the configuration and reopens the output files.
 func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
 	a := &agent{cfg: opts.Config, opts: opts, log: log, recent: newRecent(4096),
-		requests: make(chan events.Record, opts.Config.Agent.QueueSize), sd: newNotifier(log)}
+		requests: make(chan events.Record, opts.Config.Agent.QueueSize), sd: newNotifier(log), swapped: make(chan struct{})}
 	defer a.close()
 	if err := a.start(); err != nil {
 		return err
@@ -81,7 +87,7 @@ func (a *agent) start() error {
 		return fmt.Errorf("find cgroup v2: %w", err)
 	}
 	a.cgroupRoot = root
-	a.sd.status("loading kernel programs")
+	a.sd.status("opening kernel maps")
 	dir := cfg.Cgroup
 	if dir == "" {
 		dir = root
@@ -118,17 +124,19 @@ func (a *agent) start() error {
 	if cfg.Broker.Enabled {
 		target.BrokerPort = uint16(cfg.Broker.Port)
 	}
-	if a.h, err = hook.Load(target, cfg.PinPath); err != nil {
+	// Restart with no lapse (issue 16): the pinned programs of the agent before keep
+	// guarding while this one starts. Maps first (milliseconds), then the broker they
+	// redirect to and the heartbeat that keeps them redirecting, and only then the slow
+	// part, the verifier, whose programs are swapped in by link update. The kernel never
+	// judges a connection under the failure mode because this agent is loading.
+	if a.h, err = hook.Open(target, cfg.PinPath); err != nil {
 		return err
 	}
 	a.onClose(func() { _ = a.h.Close() })
-	a.own.Store(a.h)
-	// Loading parsed the kernel's BTF (megabytes) for CO-RE; hand that back now rather
-	// than carry it for the agent's lifetime.
-	debug.FreeOSMemory()
 	if a.netns, err = hook.OwnNetnsCookie(); err != nil {
 		return err
 	}
+	a.h.SetHostNetns(a.netns)
 	if err := a.openFingerprints(); err != nil {
 		return err
 	}
@@ -142,32 +150,58 @@ func (a *agent) start() error {
 	}
 	a.onClose(a.saveLedger)
 	a.tel.ledger.Store(a.ledger)
-	// Broker listening, then the policy naming the families whose listener we hold,
-	// then alive: the kernel never redirects to a listener that is not ours (an earlier
-	// agent's policy is only followed while somebody beats).
+	// Broker listening, then alive: the kernel never redirects to a listener that is
+	// not ours (an earlier agent's policy is only followed while somebody beats).
 	if cfg.Broker.Enabled {
 		bc := brokerConfig(cfg)
 		bc.Own = a.registerOwn
 		a.broker = broker.New(bc, a.h, a.recordRequest, a.log)
+		a.adoptListeners()
 		if err := a.broker.Listen(); err != nil {
 			return err
 		}
+		a.storeListeners()
+	} else {
+		a.adoptListeners() // closes any: no broker
 	}
+	if err := a.startHeartbeat(); err != nil {
+		return err
+	}
+	a.onClose(func() {
+		a.stopHeartbeat()
+		// A start that failed before its programs were in: nobody will serve the
+		// broker's port, so the failure mode applies at once.
+		if !a.isSwapped() {
+			_ = a.h.StopBeating()
+		}
+	})
+	// The policy naming the families whose listener we hold, before any program of
+	// ours judges (the first attach never judges without it).
 	if err := a.applyPolicy(true); err != nil {
 		return err
 	}
-	if err := a.h.Beat(); err != nil {
+	a.sd.status("loading kernel programs")
+	loadStart := time.Now()
+	if err := a.h.LoadPrograms(a.log); err != nil {
 		return err
 	}
+	loaded := time.Since(loadStart)
+	// Loading parsed the kernel's BTF (megabytes) for CO-RE; hand that back now rather
+	// than carry it for the agent's lifetime.
+	debug.FreeOSMemory()
 	a.sd.status("attaching to " + dir)
 	if err := a.h.Attach(dir); err != nil {
 		return err
 	}
+	// Our programs are in: they know this agent's own sockets.
+	a.own.Store(a.h)
+	close(a.swapped)
 	a.log.Info().Str("event", "agent_started").Str("cgroup", dir).
 		Str("imds_ipv4", cfg.IMDS.Addr4.String()).Str("imds_ipv6", cfg.IMDS.Addr6.String()).
 		Int("imds_port", cfg.IMDS.Port).Str("events_output", cfg.Events.Output).
 		Str("mode", string(cfg.Mode)).Str("failure_mode", string(cfg.FailureMode)).Str("default_action", string(cfg.DefaultAction)).
 		Int("rules", len(cfg.Rules)).Bool("broker", cfg.Broker.Enabled).Str("pin_path", cfg.PinPath).
+		Bool("deny_refused", a.h.DenyRefused()).Dur("programs_load", loaded).
 		Msg("hooks attached, guarding IMDS connections")
 	if cfg.Agent.ReadyFile != "" {
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {
@@ -206,8 +240,6 @@ func (a *agent) startWorkers() {
 func (a *agent) loop(ctx context.Context, hup <-chan struct{}, ctl *control) error {
 	statsTick := time.NewTicker(a.cfg.Agent.StatsInterval)
 	defer statsTick.Stop()
-	beat := time.NewTicker(heartbeatEvery)
-	defer beat.Stop()
 	resolve := time.NewTicker(resolveEvery)
 	defer resolve.Stop()
 	for {
@@ -217,12 +249,6 @@ func (a *agent) loop(ctx context.Context, hup <-chan struct{}, ctl *control) err
 		case err := <-a.readErr:
 			a.readErr <- err // stop() collects it
 			return fmt.Errorf("event reader stopped: %w", err)
-		case now := <-beat.C:
-			if err := a.h.Beat(); err != nil {
-				a.log.Error().Err(err).Str("event", "heartbeat_failed").Msg("kernel will apply the failure mode")
-			} else {
-				a.sd.alive(now)
-			}
 		case <-resolve.C:
 			if err := a.applyPolicy(false); err != nil {
 				a.log.Error().Err(err).Str("event", "policy_update_failed").Msg("keeping the previous policy")
@@ -267,12 +293,57 @@ func (a *agent) stop() error {
 func (a *agent) onClose(f func()) { a.closers = append(a.closers, f) }
 
 // registerOwn registers one of the agent's sockets to IMDS with the kernel before it
-// connects. Before the programs are loaded there is nothing to register with.
+// connects. Until this agent's programs are swapped in, the programs guarding are an
+// earlier agent's, which know only that agent's sockets: wait for the swap (tens of
+// milliseconds) rather than have this socket judged as a client's.
 func (a *agent) registerOwn(fd int) error {
-	if h := a.own.Load(); h != nil {
-		return h.RegisterOwnSocket(fd)
+	select {
+	case <-a.swapped:
+	case <-time.After(ownWait):
+		return errors.New("register own socket: the agent's programs are not loaded yet")
 	}
+	return a.own.Load().RegisterOwnSocket(fd)
+}
+
+// startHeartbeat beats once, then every heartbeatEvery on a goroutine of its own:
+// nothing the agent does (resolving the policy, a slow disk) delays a beat.
+func (a *agent) startHeartbeat() error {
+	if err := a.h.Beat(); err != nil {
+		return err
+	}
+	a.beatStop = make(chan struct{})
+	a.beatDone = make(chan struct{})
+	go func() {
+		defer close(a.beatDone)
+		t := time.NewTicker(heartbeatEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-a.beatStop:
+				return
+			case now := <-t.C:
+				if err := a.h.Beat(); err != nil {
+					a.log.Error().Err(err).Str("event", "heartbeat_failed").Msg("kernel will apply the failure mode")
+				} else {
+					a.sd.alive(now)
+				}
+			}
+		}
+	}()
 	return nil
+}
+
+// stopHeartbeat stops the beating goroutine and waits for it; a second call is a no-op.
+func (a *agent) stopHeartbeat() {
+	if a.beatStop == nil {
+		return
+	}
+	select {
+	case <-a.beatStop:
+	default:
+		close(a.beatStop)
+	}
+	<-a.beatDone
 }
 
 // close releases what start acquired, last first.
@@ -302,6 +373,9 @@ type agent struct {
 	cgroupRoot string
 	netns      uint64
 	own        atomic.Pointer[hook.Hook] // set once loaded: registers the agent's own sockets
+	swapped    chan struct{}             // closed once this agent's programs are attached
+	beatStop   chan struct{}
+	beatDone   chan struct{}
 
 	mu     sync.Mutex
 	policy policyState
@@ -367,12 +441,22 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 	_ = a.out.Flush()
 }
 
-// shutdown hands the host to the kernel's failure mode at once (no client waits on a
-// broker that is going away), stops the broker, then leaves the pinned programs
-// guarding or removes them.
+// shutdown stops the heartbeat and the broker, then leaves the pinned programs guarding
+// or removes them. A clean stop that leaves them pinned keeps the kernel redirecting for
+// stopGrace, for the next agent's broker, instead of applying the failure mode at once;
+// an uninstall, or a start that never swapped its programs in, applies it at once (no
+// client waits on a broker that is going away for good).
 func (a *agent) shutdown() {
-	if err := a.h.StopBeating(); err != nil {
+	a.stopHeartbeat()
+	if a.opts.UnpinOnExit || !a.h.Pinned() || !a.isSwapped() {
+		if err := a.h.StopBeating(); err != nil {
+			a.log.Error().Err(err).Str("event", "heartbeat_failed").Msg("stopping heartbeat")
+		}
+	} else if err := a.h.Linger(stopGrace); err != nil {
 		a.log.Error().Err(err).Str("event", "heartbeat_failed").Msg("stopping heartbeat")
+	} else {
+		a.log.Info().Str("event", "heartbeat_grace").Dur("grace", stopGrace).
+			Msg("the kernel keeps redirecting to the broker's port for the next agent, then applies the failure mode")
 	}
 	if a.broker != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -382,9 +466,53 @@ func (a *agent) shutdown() {
 		cancel()
 	}
 	if a.opts.UnpinOnExit || !a.h.Pinned() {
+		a.sd.forgetFiles(fdStoreName)
 		if err := a.h.Unpin(); err != nil {
 			a.log.Error().Err(err).Str("event", "detach_failed").Msg("detaching hooks")
 		}
+	}
+}
+
+// adoptListeners serves the broker listeners systemd kept for this unit (LISTEN_FDS,
+// from the file descriptor store of the agent before): connections made while no agent
+// ran wait in their backlog. Descriptors that are not the broker's are closed.
+func (a *agent) adoptListeners() {
+	lns, err := activation.Listeners()
+	if err != nil {
+		a.log.Warn().Err(err).Str("event", "listen_fds_failed").Msg("ignoring descriptors passed by systemd")
+		return
+	}
+	for _, ln := range lns {
+		if ln == nil {
+			continue
+		}
+		if a.broker == nil || !a.broker.Adopt(ln) {
+			_ = ln.Close()
+		}
+	}
+}
+
+// storeListeners hands the broker's listeners to systemd's file descriptor store, which
+// gives them to the next agent: a restart never closes the broker's port.
+func (a *agent) storeListeners() {
+	conns, err := a.broker.ListenerConns()
+	if err != nil {
+		a.log.Warn().Err(err).Str("event", "fdstore_failed").Msg("the broker's port closes across a restart")
+		return
+	}
+	var fds []int
+	for _, rc := range conns {
+		_ = rc.Control(func(fd uintptr) { fds = append(fds, int(fd)) })
+	}
+	a.sd.storeFDs(fdStoreName, fds) // the listeners are open: their numbers are valid
+}
+
+func (a *agent) isSwapped() bool {
+	select {
+	case <-a.swapped:
+		return true
+	default:
+		return false
 	}
 }
 

@@ -7,6 +7,8 @@
 //  2. IMDS connects per second the agent records with zero loss, and where loss begins.
 //     Goal: >= 50,000/s recorded.
 //  3. The agent's resident memory, idle and at its peak under that load. Goal <= 30 MB.
+//  5. Restarts (graceful and SIGKILL) while clients loop through the agent: no lapse
+//     into the failure mode; after SIGKILL, enforced again within 500 ms.
 package main
 
 import (
@@ -54,6 +56,13 @@ func run() error {
 		fmt.Println()
 		fmt.Println("== 2/3. events recorded by the agent binary (UDP connect() to IMDS, paced), agent memory")
 		if err := throughput(bed, client); err != nil {
+			return err
+		}
+	}
+	if os.Getenv("BENCH_ONLY") == "" || os.Getenv("BENCH_ONLY") == "restart" {
+		fmt.Println()
+		fmt.Println("== 5. restarts while clients loop through the agent (issue 16)")
+		if err := restarts(bed, 5); err != nil {
 			return err
 		}
 	}

@@ -177,6 +177,9 @@ func (b *Broker) Listen() error {
 		host string
 		held *bool
 	}{{"127.0.0.1", &b.ipv4}, {"::1", &b.ipv6}} {
+		if *fam.held {
+			continue // adopted from an earlier agent (Adopt)
+		}
 		addr := net.JoinHostPort(fam.host, strconv.Itoa(b.cfg.Port))
 		ln, err := net.Listen("tcp", addr)
 		switch {

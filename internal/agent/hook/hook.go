@@ -10,12 +10,15 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,6 +41,10 @@ type Hook struct {
 	links  []attached
 	reader *ringbuf.Reader
 	pinDir string // "" when not pinned
+	spec   *ebpf.CollectionSpec
+	maps   map[string]*ebpf.Map // the maps Open opened, by name, for LoadPrograms
+	// denyRefused: the programs loaded make a denied connect() fail with ECONNREFUSED.
+	denyRefused bool
 
 	// queueDrops counts events read from the kernel but dropped because the consumer
 	// was behind (the reader never blocks on it).
@@ -52,10 +59,25 @@ type attached struct {
 	l    link.Link
 }
 
-// Load loads the programs with the target baked in as constants. With pinDir set, maps
-// are pinned there (and reused when already pinned by an earlier agent), so policy,
-// heartbeat and counters survive a restart. pinDir must be on a bpf file system.
+// Load opens the maps and loads the programs: Open then LoadPrograms, quietly (see
+// DenyRefused for which errno a denial gives).
 func Load(t Target, pinDir string) (*Hook, error) {
+	h, err := Open(t, pinDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.LoadPrograms(zerolog.Nop()); err != nil {
+		_ = h.Close()
+		return nil, err
+	}
+	return h, nil
+}
+
+// Open creates the maps, or opens those an earlier agent pinned under pinDir, without
+// loading any program: in milliseconds, the agent can beat the heartbeat and serve the
+// broker the pinned programs of its predecessor redirect to, while LoadPrograms has the
+// new programs verified. pinDir must be on a bpf file system.
+func Open(t Target, pinDir string) (*Hook, error) {
 	if !t.IPv4.Is4() || !t.IPv6.Is6() || t.Port == 0 {
 		return nil, fmt.Errorf("load hooks: incomplete target %+v", t)
 	}
@@ -67,8 +89,8 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	if err != nil {
 		return nil, err
 	}
-	h := &Hook{}
-	opts := &ebpf.CollectionOptions{}
+	h := &Hook{spec: spec}
+	opts := ebpf.CollectionOptions{}
 	if pinDir != "" {
 		h.pinDir = filepath.Join(pinDir, layoutVersion)
 		if err := os.MkdirAll(h.pinDir, 0o700); err != nil {
@@ -87,16 +109,28 @@ func Load(t Target, pinDir string) (*Hook, error) {
 			m.Pinning = ebpf.PinNone
 		}
 	}
-	if err := spec.LoadAndAssign(&h.objs, opts); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("load BPF programs: verifier rejected them: %+v", ve)
-		}
+	mapsOnly := spec.Copy()
+	mapsOnly.Programs = nil
+	coll, err := ebpf.NewCollectionWithOptions(mapsOnly, opts)
+	if err != nil {
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("load BPF programs: pinned maps in %s have another layout (remove them with `imdsguard uninstall`): %w", h.pinDir, err)
+			return nil, fmt.Errorf("open BPF maps: pinned maps in %s have another layout (remove them with `imdsguard uninstall`): %w", h.pinDir, err)
 		}
-		return nil, fmt.Errorf("load BPF programs: %w", err)
+		return nil, fmt.Errorf("open BPF maps: %w", err)
 	}
+	// The programs get these maps (the read-only constants they make anew, see
+	// LoadPrograms).
+	h.maps = make(map[string]*ebpf.Map)
+	for name, m := range coll.Maps {
+		if !strings.HasPrefix(name, ".") {
+			h.maps[name] = m
+		}
+	}
+	if err := coll.Assign(&h.objs.imdsguardMaps); err != nil {
+		coll.Close()
+		return nil, fmt.Errorf("assign BPF maps: %w", err)
+	}
+	coll.Close() // what Assign did not take: the constants
 	rd, err := ringbuf.NewReader(h.objs.Events)
 	if err != nil {
 		_ = h.objs.Close()
@@ -104,6 +138,57 @@ func Load(t Target, pinDir string) (*Hook, error) {
 	}
 	h.reader = rd
 	return h, nil
+}
+
+// LoadPrograms loads and verifies the programs against the maps Open opened. Nothing is
+// attached: Attach swaps them in. Where the kernel refuses bpf_set_retval in these hooks
+// (before Linux 5.18), a denied connect() fails with EPERM instead of ECONNREFUSED, and
+// LoadPrograms says so in log.
+func (h *Hook) LoadPrograms(log zerolog.Logger) error {
+	err := h.loadPrograms(true)
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		log.Warn().Str("event", "deny_errno_eperm").Str("reason", firstLine(ve)).
+			Msg("the kernel refuses bpf_set_retval in cgroup connect hooks (Linux 5.18+): denied connections fail with EPERM instead of ECONNREFUSED")
+		err = h.loadPrograms(false)
+	}
+	if err == nil {
+		return nil
+	}
+	if errors.As(err, &ve) {
+		return fmt.Errorf("load BPF programs: verifier rejected them: %+v", ve)
+	}
+	return fmt.Errorf("load BPF programs: %w", err)
+}
+
+func (h *Hook) loadPrograms(refused bool) error {
+	spec := h.spec.Copy()
+	if err := spec.Variables[imdsguardVarDenyRefused].Set(boolByte(refused)); err != nil {
+		return fmt.Errorf("set %s: %w", imdsguardVarDenyRefused, err)
+	}
+	if err := spec.LoadAndAssign(&h.objs.imdsguardPrograms, &ebpf.CollectionOptions{MapReplacements: h.maps}); err != nil {
+		return err
+	}
+	h.denyRefused = refused
+	return nil
+}
+
+// DenyRefused reports whether a denied connect() fails with ECONNREFUSED (else EPERM).
+func (h *Hook) DenyRefused() bool { return h.denyRefused }
+
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func firstLine(err error) string {
+	s := err.Error()
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	return s
 }
 
 // targetSpec is the programs' spec with t baked in as constants.
@@ -351,10 +436,29 @@ func (h *Hook) Beat() error {
 	return nil
 }
 
-// StopBeating marks the agent as gone at once (a clean shutdown that leaves the pinned
-// programs guarding): the failure mode applies from the next connect().
+// HeartbeatTimeout is how long after the last beat the programs apply the failure mode.
+const HeartbeatTimeout = time.Second
+
+// StopBeating marks the agent as gone at once (an uninstall, or a start that failed
+// before its programs were in): the failure mode applies from the next connect().
 func (h *Hook) StopBeating() error {
 	return h.objs.Heartbeat.Put(uint32(0), uint64(0))
+}
+
+// Linger marks the agent alive for grace more (a clean stop that leaves the programs
+// pinned): the programs keep redirecting to the broker port, where the next agent
+// listens, instead of applying the failure mode at once. Only the programs of this
+// package's object understand a beat in the future: call it once Attach swapped them in.
+func (h *Hook) Linger(grace time.Duration) error {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return fmt.Errorf("read clock: %w", err)
+	}
+	at := ts.Nano() + int64(grace) - int64(HeartbeatTimeout)
+	if err := h.objs.Heartbeat.Put(uint32(0), uint64(at)); err != nil {
+		return fmt.Errorf("write heartbeat: %w", err)
+	}
+	return nil
 }
 
 // Run reads the ring buffer and sends decoded events to out until ctx is done or the

@@ -176,6 +176,7 @@ const (
 	imdsguardProgImdsGetpeername6  = "imds_getpeername6"
 	imdsguardProgImdsSockops       = "imds_sockops"
 	imdsguardVarBrokerPort         = "broker_port"
+	imdsguardVarDenyRefused        = "deny_refused"
 	imdsguardVarImdsIp4            = "imds_ip4"
 	imdsguardVarImdsIp6            = "imds_ip6"
 	imdsguardVarImdsPort           = "imds_port"
@@ -262,6 +263,7 @@ type imdsguardMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardVariableSpecs struct {
 	BrokerPort         *ebpf.VariableSpec `ebpf:"broker_port"`
+	DenyRefused        *ebpf.VariableSpec `ebpf:"deny_refused"`
 	ImdsIp4            *ebpf.VariableSpec `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.VariableSpec `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.VariableSpec `ebpf:"imds_port"`
@@ -332,6 +334,7 @@ func (m *imdsguardMaps) Close() error {
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardVariables struct {
 	BrokerPort         *ebpf.Variable `ebpf:"broker_port"`
+	DenyRefused        *ebpf.Variable `ebpf:"deny_refused"`
 	ImdsIp4            *ebpf.Variable `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.Variable `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.Variable `ebpf:"imds_port"`

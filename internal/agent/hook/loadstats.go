@@ -62,6 +62,11 @@ func LoadStats(t Target) ([]ProgramStats, error) {
 	for _, m := range spec.Maps {
 		m.Pinning = ebpf.PinNone
 	}
+	// The variant the agent loads where the kernel allows it: the figures and budgets
+	// are those of the larger one.
+	if err := spec.Variables[imdsguardVarDenyRefused].Set(uint8(1)); err != nil {
+		return nil, fmt.Errorf("set %s: %w", imdsguardVarDenyRefused, err)
+	}
 	// The maps first, once, so that each program's figure is its own.
 	mapsOnly := spec.Copy()
 	mapsOnly.Programs = nil

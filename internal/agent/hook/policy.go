@@ -186,3 +186,8 @@ func b2u(b bool) uint8 {
 	}
 	return 0
 }
+
+// SetHostNetns names the network namespace whose connections the broker looks up before
+// the first SetPolicy: a restarted agent's broker serves connections the pinned programs
+// redirected (under the policy of the agent before) from its first accept.
+func (h *Hook) SetHostNetns(cookie uint64) { h.netns.Store(cookie) }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -37,6 +38,12 @@ type AgentProc struct {
 // it (which must not repeat those top-level keys), starts the agent through nsenter
 // --net, and returns once the agent says its hooks are attached.
 func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
+	return b.StartAgentFiles(extraYAML, nil, args...)
+}
+
+// StartAgentFiles is StartAgent with files passed the way systemd passes its file
+// descriptor store to a service: from fd 3, named by LISTEN_FDS and LISTEN_PID.
+func (b *Bed) StartAgentFiles(extraYAML string, files []*os.File, args ...string) (*AgentProc, error) {
 	bin, err := Agent()
 	if err != nil {
 		return nil, err
@@ -53,6 +60,12 @@ func (b *Bed) StartAgent(extraYAML string, args ...string) (*AgentProc, error) {
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
 	a.Cmd = exec.Command("nsenter", append([]string{"--net=" + b.NetnsPath, bin, "run", "--config", a.ConfigPath}, args...)...)
+	if len(files) > 0 {
+		// LISTEN_PID must be the agent's pid: the shell's, which exec keeps (nsenter
+		// without --pid execs too).
+		a.Cmd = exec.Command("sh", append([]string{"-c", `export LISTEN_PID=$$ LISTEN_FDS=` + strconv.Itoa(len(files)) + `; exec "$@"`, "sh", "nsenter", "--net=" + b.NetnsPath, bin, "run", "--config", a.ConfigPath}, args...)...)
+		a.Cmd.ExtraFiles = files
+	}
 	a.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	// A pipe of our own rather than StderrPipe: Wait runs on its own thread here and
 	// must not close the pipe before every line is read.
