@@ -251,8 +251,8 @@ const (
 	kubePodUID       = "io.kubernetes.pod.uid"
 	kubeContainer    = "io.kubernetes.container.name"
 	// The ECS agent's Docker labels.
-	ecsTaskARN    = "com.amazonaws.ecs.task-arn"
-	ecsFamily     = "com.amazonaws.ecs.task-definition-family"
+	ecsTaskARN   = "com.amazonaws.ecs.task-arn"
+	ecsFamily    = "com.amazonaws.ecs.task-definition-family"
 	ecsContainer = "com.amazonaws.ecs.container-name"
 )
 
