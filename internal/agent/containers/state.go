@@ -54,7 +54,7 @@ const maxCached = 4096
 
 // missRetry is how long a container without state is not looked up again: a cgroup may
 // exist a moment before its runtime's state is written.
-const missRetry = 2 * time.Second
+const missRetry = time.Second
 
 // NewResolver reads the runtimes' state at src.
 func NewResolver(src Sources) *Resolver {
