@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	agentconfig "github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 	"github.com/imdsguard/imdsguard/internal/agent/events"
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
@@ -102,7 +103,10 @@ func TestEventFieldsTable(t *testing.T) {
 	}
 	full := events.Record{Time: time.Now(), PID: 1, TID: 1, PPID: 1, UID: 1, GID: 1, User: "u", Comm: "c",
 		Exe: "/e", ExeTruncated: true, Cmdline: []string{"c"}, Cgroup: "/g", CgroupID: 1, Unit: "u.service",
-		ContainerID: "c", Netns: 1, SocketCookie: 1, Dst: "169.254.169.254:80", Verdict: "allow", Rule: "r",
+		ContainerID: "c", Container: containers.Info{ID: "c", Runtime: "containerd", Name: "n",
+			Pod: containers.Pod{Namespace: "ns", Name: "p", UID: "u", Container: "c", ServiceAccount: "sa"},
+			ECS: containers.ECSTask{ARN: "arn", Family: "f", Container: "c"}},
+		Netns: 1, SocketCookie: 1, Dst: "169.254.169.254:80", Verdict: "allow", Rule: "r",
 		Redirected: true, Agent: true, NoBroker: true, Missing: []string{"cmdline"}, Method: "GET", Path: "/", IMDSVersion: "v1", Status: 401,
 		Refused: "imdsv2_required", DurationMS: 1}
 	for _, kind := range []string{events.KindConnect, events.KindRequest, events.KindPreexisting} {

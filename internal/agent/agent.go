@@ -22,6 +22,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/broker"
 	"github.com/imdsguard/imdsguard/internal/agent/cgroup"
 	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 	"github.com/imdsguard/imdsguard/internal/agent/events"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
@@ -95,7 +96,8 @@ func (a *agent) start() error {
 	if err := cgroup.Check(dir); err != nil {
 		return fmt.Errorf("guarded cgroup: %w", err)
 	}
-	a.resolver = procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192)
+	a.containers = containers.NewResolver(containers.DefaultSources())
+	a.resolver = procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192).WithContainers(a.containers)
 	if a.out, err = events.Open(cfg.Events.Output); err != nil {
 		return err
 	}
@@ -362,6 +364,7 @@ type agent struct {
 	out        *events.Writer
 	broker     *broker.Broker
 	resolver   *procinfo.Resolver
+	containers *containers.Resolver // runtimes' state: events and container rules
 	recent     *recent
 	requests   chan events.Record // the broker's request lines, written by writeLoop
 	fps        *fingerprints

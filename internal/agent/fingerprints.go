@@ -115,7 +115,14 @@ func (a *agent) recordCredential(req broker.Request, rec events.Record) {
 	if a.fps == nil || req.Body == nil {
 		return
 	}
-	proc := wire.Process{PID: int(rec.PID), Exe: rec.Exe, User: rec.User, Unit: rec.Unit, ContainerID: rec.ContainerID}
+	proc := wire.Process{PID: int(rec.PID), Exe: rec.Exe, User: rec.User, Unit: rec.Unit, ContainerID: rec.ContainerID,
+		ContainerRuntime: rec.Container.Runtime}
+	if p := rec.Container.Pod; p.Name != "" {
+		proc.Pod = &wire.Pod{Namespace: p.Namespace, Name: p.Name, UID: p.UID, Container: p.Container, ServiceAccount: p.ServiceAccount}
+	}
+	if t := rec.Container.ECS; t.ARN != "" {
+		proc.ECSTask = &wire.ECSTask{ARN: t.ARN, Family: t.Family, Container: t.Container}
+	}
 	fp, first, err := a.fps.capture.Observe(broker.CanonicalPath(req.Path), req.Body, proc, req.Conn.StartBoottime, string(req.Version))
 	if err != nil {
 		a.log.Warn().Err(err).Str("event", "fingerprint_failed").Str("path", req.Path).Msg("credential answer not understood")

@@ -17,7 +17,7 @@ type policyState struct {
 // it changed (or force). Resolution is repeated on a timer: an upgraded binary has a new
 // inode, a restarted unit a new cgroup.
 func (a *agent) applyPolicy(force bool) error {
-	p := policy.Resolve(a.cfg, a.cgroupRoot)
+	p := policy.Resolve(a.cfg, a.cgroupRoot, a.containers)
 	p.Kernel.AgentTGID = uint32(os.Getpid()) // the agent runs in the host's pid namespace
 	p.Kernel.HostNetns = a.netns
 	if a.broker != nil {

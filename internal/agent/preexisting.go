@@ -38,7 +38,7 @@ func (a *agent) reportPreexisting() {
 		info := a.resolver.Resolve(p)
 		a.out.Write(events.Record{Kind: events.KindPreexisting, Time: time.Now(), PID: uint32(c.PID), UID: c.UID,
 			User: info.User, Exe: info.Exe, Cmdline: info.Cmdline, Cgroup: info.Cgroup, Unit: info.Unit,
-			ContainerID: info.ContainerID, Dst: c.Dst.String(), Verdict: "unguarded", Missing: info.Missing})
+			ContainerID: info.ContainerID, Container: info.Container, Dst: c.Dst.String(), Verdict: "unguarded", Missing: info.Missing})
 	}
 	if n > 0 {
 		a.log.Warn().Str("event", "preexisting_connections").Int("count", n).

@@ -22,7 +22,7 @@ func (a *agent) connectRecord(ev hook.Event) events.Record {
 		User: info.User, Comm: ev.Comm, Exe: info.Exe,
 		ExeTruncated: ev.ExeTruncated && info.Exe == ev.ExePath,
 		Cmdline:      info.Cmdline, Cgroup: info.Cgroup, CgroupID: ev.CgroupID, Unit: info.Unit,
-		ContainerID: info.ContainerID, Netns: ev.NetnsCookie, SocketCookie: ev.SocketCookie,
+		ContainerID: info.ContainerID, Container: info.Container, Netns: ev.NetnsCookie, SocketCookie: ev.SocketCookie,
 		Dst: ev.Dst.String(), Verdict: ev.Verdict.String(), Rule: a.ruleName(ev.Rule),
 		Redirected: ev.Redirected, Agent: ev.Agent, NoBroker: ev.NoBroker, Missing: info.Missing,
 	}
@@ -46,7 +46,7 @@ func (a *agent) recordRequest(req broker.Request) {
 			CgroupID: c.CgroupID, ExeDev: c.ExeDev, ExeIno: c.ExeIno})
 		rec = events.Record{PID: c.PID, TID: c.TID, UID: c.UID, GID: c.GID, User: info.User, Exe: info.Exe,
 			Cmdline: info.Cmdline, Cgroup: info.Cgroup, CgroupID: c.CgroupID, Unit: info.Unit,
-			ContainerID: info.ContainerID, SocketCookie: c.SocketCookie, Dst: c.Dst.String(),
+			ContainerID: info.ContainerID, Container: info.Container, SocketCookie: c.SocketCookie, Dst: c.Dst.String(),
 			Verdict: c.Verdict.String(), Rule: a.ruleName(c.Rule), Redirected: true, Missing: info.Missing}
 	}
 	a.recordCredential(req, rec)

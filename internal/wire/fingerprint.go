@@ -44,4 +44,25 @@ type Process struct {
 	User        string `json:"user"`
 	Unit        string `json:"unit,omitempty"`
 	ContainerID string `json:"container_id,omitempty"`
+	// ContainerRuntime, Pod and ECSTask are present when the process ran in a container
+	// whose runtime's state names it (docker, containerd, cri-o, podman).
+	ContainerRuntime string   `json:"container_runtime,omitempty"`
+	Pod              *Pod     `json:"pod,omitempty"`
+	ECSTask          *ECSTask `json:"ecs_task,omitempty"`
+}
+
+// Pod is the Kubernetes pod of the container that fetched a credential.
+type Pod struct {
+	Namespace      string `json:"namespace"`
+	Name           string `json:"name"`
+	UID            string `json:"uid,omitempty"`
+	Container      string `json:"container,omitempty"` // its name in the pod spec
+	ServiceAccount string `json:"service_account,omitempty"`
+}
+
+// ECSTask is the ECS task of the container that fetched a credential.
+type ECSTask struct {
+	ARN       string `json:"arn"`
+	Family    string `json:"family,omitempty"`
+	Container string `json:"container,omitempty"` // its name in the task definition
 }

@@ -25,8 +25,15 @@ type Rule struct {
 	Unit      string `yaml:"unit"`
 	Cgroup    string `yaml:"cgroup"`
 	Container string `yaml:"container"`
-	Action    Action `yaml:"action"` // allow | deny
-	IMDSv2    IMDSv2 `yaml:"imdsv2"` // optional | required
+	// Matched against what the container runtimes' state says of the process's
+	// container (package containers): a Kubernetes pod's namespace, name and service
+	// account, an ECS task's family.
+	PodNamespace   string `yaml:"pod_namespace"`
+	Pod            string `yaml:"pod"`
+	ServiceAccount string `yaml:"service_account"`
+	ECSTaskFamily  string `yaml:"ecs_task_family"`
+	Action         Action `yaml:"action"` // allow | deny
+	IMDSv2         IMDSv2 `yaml:"imdsv2"` // optional | required
 }
 
 // Broker configures the local HTTP broker that allowed IMDS connections are redirected
@@ -55,6 +62,21 @@ func defaultBroker() Broker {
 const MaxRules = hook.MaxRules
 
 var containerIDPattern = regexp.MustCompile(`^[0-9a-f]{12,64}$`)
+
+var (
+	// Kubernetes' names: a namespace is a DNS label, pods and service accounts are DNS
+	// subdomains.
+	dnsLabel     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	dnsSubdomain = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$`)
+	// An ECS task definition family: up to 255 letters, digits, hyphens, underscores.
+	ecsFamily = regexp.MustCompile(`^[A-Za-z0-9_-]{1,255}$`)
+)
+
+// ContainerCriteria says whether r names containers (container, pod_namespace, pod,
+// service_account, ecs_task_family): such criteria resolve to container cgroups.
+func (r Rule) ContainerCriteria() bool {
+	return r.Container != "" || r.PodNamespace != "" || r.Pod != "" || r.ServiceAccount != "" || r.ECSTaskFamily != ""
+}
 
 func (c *Config) validatePolicy(root *yaml.Node) error {
 	bad := func(key, format string, args ...any) error {
@@ -125,12 +147,26 @@ func (c *Config) validatePolicy(root *yaml.Node) error {
 		if r.Container != "" && !containerIDPattern.MatchString(r.Container) {
 			return bad(key("container"), "must be a container id (12 to 64 lowercase hex digits), got %q", r.Container)
 		}
-		if r.User == "" && r.UID == nil && r.Group == "" && r.GID == nil && r.Exe == "" && r.Unit == "" &&
-			r.Cgroup == "" && r.Container == "" {
-			return bad(fmt.Sprintf("rules[%d]", i), "rule %q has no criteria (user, uid, group, gid, exe, unit, cgroup, container); use default_action for everything else", r.Name)
+		for _, f := range []struct {
+			key, value string
+			re         *regexp.Regexp
+			what       string
+		}{
+			{"pod_namespace", r.PodNamespace, dnsLabel, "a Kubernetes namespace (a DNS label)"},
+			{"pod", r.Pod, dnsSubdomain, "a Kubernetes pod name"},
+			{"service_account", r.ServiceAccount, dnsSubdomain, "a Kubernetes service account name"},
+			{"ecs_task_family", r.ECSTaskFamily, ecsFamily, "an ECS task definition family (letters, digits, - and _)"},
+		} {
+			if f.value != "" && !f.re.MatchString(f.value) {
+				return bad(key(f.key), "must be %s, got %q", f.what, f.value)
+			}
 		}
-		if nCgroup := btoi(r.Unit != "") + btoi(r.Cgroup != "") + btoi(r.Container != ""); nCgroup > 1 {
-			return bad(fmt.Sprintf("rules[%d]", i), "give at most one of unit, cgroup, container per rule")
+		if r.User == "" && r.UID == nil && r.Group == "" && r.GID == nil && r.Exe == "" && r.Unit == "" &&
+			r.Cgroup == "" && !r.ContainerCriteria() {
+			return bad(fmt.Sprintf("rules[%d]", i), "rule %q has no criteria (user, uid, group, gid, exe, unit, cgroup, container, pod_namespace, pod, service_account, ecs_task_family); use default_action for everything else", r.Name)
+		}
+		if nCgroup := btoi(r.Unit != "") + btoi(r.Cgroup != "") + btoi(r.ContainerCriteria()); nCgroup > 1 {
+			return bad(fmt.Sprintf("rules[%d]", i), "give at most one of unit, cgroup, or container criteria (container, pod_namespace, pod, service_account, ecs_task_family) per rule")
 		}
 	}
 	b := c.Broker

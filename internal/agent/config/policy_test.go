@@ -23,13 +23,27 @@ rules:
     uid: 1000
     unit: app.service
     action: allow
+  - name: payments-api
+    pod_namespace: payments
+    pod: api-0
+    service_account: api
+    container: 0123456789ab
+    action: allow
+    imdsv2: required
+  - name: billing
+    ecs_task_family: billing_v2
+    action: deny
 `))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Mode != "enforce" || cfg.DefaultAction != "deny" || len(cfg.Rules) != 3 ||
+	if cfg.Mode != "enforce" || cfg.DefaultAction != "deny" || len(cfg.Rules) != 5 ||
 		cfg.Rules[0].IMDSv2 != "required" || cfg.Rules[1].IMDSv2 != "optional" || *cfg.Rules[2].UID != 1000 {
 		t.Fatalf("parsed %+v", cfg)
+	}
+	if r := cfg.Rules[3]; r.PodNamespace != "payments" || r.Pod != "api-0" || r.ServiceAccount != "api" || !r.ContainerCriteria() ||
+		cfg.Rules[4].ECSTaskFamily != "billing_v2" {
+		t.Fatalf("container rules %+v", cfg.Rules[3:])
 	}
 	def, _ := Parse(nil)
 	if def.Mode != "audit" || def.DefaultAction != "allow" || def.FailureMode != "open" || !def.Broker.Enabled {
@@ -51,6 +65,11 @@ func TestParsePolicyErrors(t *testing.T) {
 		{"uid type", "rules:\n  - name: u\n    uid: root\n    action: allow\n", "3: rules[0].uid: cannot unmarshal"},
 		{"user and uid", "rules:\n  - name: u\n    user: root\n    uid: 0\n    action: allow\n", "4: rules[0].uid: give user or uid"},
 		{"container", "rules:\n  - name: c\n    container: xyz\n    action: allow\n", "3: rules[0].container"},
+		{"pod namespace", "rules:\n  - name: p\n    pod_namespace: Payments\n    action: allow\n", "3: rules[0].pod_namespace: must be a Kubernetes namespace"},
+		{"pod", "rules:\n  - name: p\n    pod: web/0\n    action: allow\n", "3: rules[0].pod"},
+		{"service account", "rules:\n  - name: p\n    service_account: \"a b\"\n    action: allow\n", "3: rules[0].service_account"},
+		{"ecs family", "rules:\n  - name: p\n    ecs_task_family: a.b\n    action: allow\n", "3: rules[0].ecs_task_family"},
+		{"unit and pod", "rules:\n  - name: p\n    unit: a.service\n    pod_namespace: x\n    action: allow\n", "2: rules[0]: give at most one of unit, cgroup, or container criteria"},
 		{"v2 on deny", "rules:\n  - name: c\n    exe: /bin/x\n    action: deny\n    imdsv2: required\n", "5: rules[0].imdsv2"},
 		{"broker port", "broker:\n  port: 0\n", "2: broker.port"},
 	}

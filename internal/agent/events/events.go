@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 )
 
 // Event kinds.
@@ -39,6 +41,7 @@ type Record struct {
 	CgroupID     uint64
 	Unit         string
 	ContainerID  string
+	Container    containers.Info // runtime, pod and task; written when known
 	Netns        uint64
 	SocketCookie uint64
 	Dst          string
@@ -149,8 +152,9 @@ func (w *Writer) Write(r Record) {
 		Str("cgroup", r.Cgroup).
 		Uint64("cgroup_id", r.CgroupID).
 		Str("unit", r.Unit).
-		Str("container_id", r.ContainerID).
-		Uint64("netns", r.Netns).
+		Str("container_id", r.ContainerID)
+	e = containerFields(e, r.Container)
+	e = e.Uint64("netns", r.Netns).
 		Uint64("socket_cookie", r.SocketCookie).
 		Str("dst", r.Dst).
 		Str("verdict", r.Verdict).
@@ -176,6 +180,28 @@ func (w *Writer) Write(r Record) {
 		e = e.Strs("missing", r.Missing)
 	}
 	e.Send()
+}
+
+// containerFields adds what the container's runtime knows, each field only when known:
+// most hosts' events come from no container.
+func containerFields(e *zerolog.Event, c containers.Info) *zerolog.Event {
+	for _, f := range []struct{ key, value string }{
+		{"container_runtime", c.Runtime},
+		{"container_name", c.Name},
+		{"pod_namespace", c.Pod.Namespace},
+		{"pod", c.Pod.Name},
+		{"pod_uid", c.Pod.UID},
+		{"pod_container", c.Pod.Container},
+		{"service_account", c.Pod.ServiceAccount},
+		{"ecs_task_arn", c.ECS.ARN},
+		{"ecs_task_family", c.ECS.Family},
+		{"ecs_container", c.ECS.Container},
+	} {
+		if f.value != "" {
+			e = e.Str(f.key, f.value)
+		}
+	}
+	return e
 }
 
 func nonNil(s []string) []string {

@@ -1,6 +1,7 @@
 // Package policy turns the allowlist in the configuration into what the kernel can
 // check: user and group names into ids, executable paths into device+inode, units,
-// cgroup paths and container ids into cgroup ids.
+// cgroup paths, container ids and what container runtimes know of their containers
+// (Kubernetes pod, namespace and service account, ECS task family) into cgroup ids.
 //
 // An executable is matched by the file, never by its name: a renamed copy is another
 // file and does not match, while `comm` tricks change nothing. Resolution is repeated
@@ -14,13 +15,13 @@ import (
 	"os/user"
 	"path/filepath"
 	"reflect"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 )
 
@@ -42,8 +43,9 @@ func (p *Policy) RuleName(i int) string {
 	return p.Names[i]
 }
 
-// Resolve resolves cfg's rules against this host. cgroupRoot is the cgroup2 mount.
-func Resolve(cfg config.Config, cgroupRoot string) Policy {
+// Resolve resolves cfg's rules against this host. cgroupRoot is the cgroup2 mount;
+// meta reads the container runtimes' state (nil: rules on pods and tasks match nothing).
+func Resolve(cfg config.Config, cgroupRoot string, meta *containers.Resolver) Policy {
 	p := Policy{Kernel: hook.KernelPolicy{
 		DefaultAllow: cfg.DefaultAction.Allows(),
 		Enforce:      cfg.Mode.Enforcing(),
@@ -52,12 +54,15 @@ func Resolve(cfg config.Config, cgroupRoot string) Policy {
 	var tree cgroupTree
 	needTree := false
 	for _, r := range cfg.Rules {
-		if r.Unit != "" || r.Container != "" {
+		if r.Unit != "" || r.ContainerCriteria() {
 			needTree = true
 		}
 	}
 	if needTree {
 		tree = walkCgroups(cgroupRoot)
+		if meta != nil {
+			meta.Forget(tree.containers()) // the cache follows the host's containers
+		}
 	}
 	for i, r := range cfg.Rules {
 		kr := hook.KernelRule{Allow: r.Action.Allows(), V2Required: r.IMDSv2.Required()}
@@ -116,11 +121,11 @@ func Resolve(cfg config.Config, cgroupRoot string) Policy {
 			if len(kr.Cgroups) == 0 {
 				miss("unit " + r.Unit + " has no cgroup (not running)")
 			}
-		case r.Container != "":
+		case r.ContainerCriteria():
 			kr.HasCgroup = true
-			kr.Cgroups = tree.match(func(rel string) bool { return strings.HasPrefix(runtimeContainerID(rel), r.Container) })
+			kr.Cgroups = tree.match(func(rel string) bool { return containerMatches(r, rel, meta) })
 			if len(kr.Cgroups) == 0 {
-				miss("container " + r.Container + " has no cgroup (not running)")
+				miss(containerCriteria(r) + " has no cgroup (no such container running)")
 			}
 		}
 		p.Kernel.Rules = append(p.Kernel.Rules, kr)
@@ -213,28 +218,58 @@ func isUnitCgroup(rel, unit string) bool {
 	return true
 }
 
-// runtimeCgroups are where container runtimes put a container's cgroup, each with the
-// container's full 64-hex id: Docker (systemd and cgroupfs drivers), podman (root),
-// Kubernetes runtimes (containerd, CRI-O, Docker; systemd and cgroupfs drivers), ECS.
-var runtimeCgroups = []*regexp.Regexp{
-	regexp.MustCompile(`^/system\.slice/docker-([0-9a-f]{64})\.scope$`),
-	regexp.MustCompile(`^/docker/([0-9a-f]{64})$`),
-	regexp.MustCompile(`^/machine\.slice/libpod-([0-9a-f]{64})\.scope$`),
-	regexp.MustCompile(`^/kubepods\.slice/(?:[a-z0-9_.-]+\.slice/)*(?:cri-containerd|crio|docker)-([0-9a-f]{64})\.scope$`),
-	regexp.MustCompile(`^/kubepods/(?:[a-z0-9_-]+/)*([0-9a-f]{64})$`),
-	regexp.MustCompile(`^/ecs/[0-9a-f]{32}/([0-9a-f]{64})$`),
-}
-
 // runtimeContainerID returns the full container id of the cgroup at rel when a
 // container runtime made it at its own place, "" otherwise: a cgroup that merely has a
 // container-like name (docker-0123456789abcdef.scope) names no container.
 func runtimeContainerID(rel string) string {
-	for _, re := range runtimeCgroups {
-		if m := re.FindStringSubmatch(rel); m != nil {
-			return m[1]
+	id, _ := containers.FromCgroup(rel)
+	return id
+}
+
+// containerMatches says whether the cgroup at rel is a container that satisfies all of
+// r's container criteria. Pods and tasks are known only from the runtimes' state: a
+// container whose state cannot be read matches no such criterion.
+func containerMatches(r config.Rule, rel string, meta *containers.Resolver) bool {
+	id, runtime := containers.FromCgroup(rel)
+	if id == "" || !strings.HasPrefix(id, r.Container) {
+		return false
+	}
+	if r.PodNamespace == "" && r.Pod == "" && r.ServiceAccount == "" && r.ECSTaskFamily == "" {
+		return true
+	}
+	if meta == nil {
+		return false
+	}
+	info, ok := meta.Lookup(id, runtime)
+	if !ok {
+		return false
+	}
+	want := func(criterion, value string) bool { return criterion == "" || criterion == value }
+	return want(r.PodNamespace, info.Pod.Namespace) && want(r.Pod, info.Pod.Name) &&
+		want(r.ServiceAccount, info.Pod.ServiceAccount) && want(r.ECSTaskFamily, info.ECS.Family)
+}
+
+// containerCriteria names r's container criteria, for the unresolved list.
+func containerCriteria(r config.Rule) string {
+	var parts []string
+	for _, c := range []struct{ key, value string }{{"container", r.Container}, {"pod_namespace", r.PodNamespace},
+		{"pod", r.Pod}, {"service_account", r.ServiceAccount}, {"ecs_task_family", r.ECSTaskFamily}} {
+		if c.value != "" {
+			parts = append(parts, c.key+" "+c.value)
 		}
 	}
-	return ""
+	return strings.Join(parts, ", ")
+}
+
+// containers returns the ids of the containers in the tree.
+func (t cgroupTree) containers() map[string]bool {
+	live := map[string]bool{}
+	for _, d := range t {
+		if id := runtimeContainerID(d.rel); id != "" {
+			live[id] = true
+		}
+	}
+	return live
 }
 
 // match returns the ids of the topmost cgroups whose path (below the root) matches:

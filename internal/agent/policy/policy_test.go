@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
@@ -62,7 +63,7 @@ rules:
     container: 0123456789abcdef
     action: allow
 `)
-	p := Resolve(cfg, root)
+	p := Resolve(cfg, root, nil)
 	k := p.Kernel
 	if !k.Enforce || k.DefaultAllow || len(k.Rules) != 7 || p.RuleName(2) != "app" || p.RuleName(-1) != "" {
 		t.Fatalf("policy %+v", p)
@@ -98,16 +99,16 @@ rules:
 	if len(p.Unresolved) != 3 {
 		t.Errorf("unresolved %v", p.Unresolved)
 	}
-	if !Equal(p, Resolve(cfg, root)) {
+	if !Equal(p, Resolve(cfg, root, nil)) {
 		t.Error("same input resolved differently")
 	}
 	os.MkdirAll(filepath.Join(root, "system.slice/other.service/app.service"), 0o755)
-	if !Equal(p, Resolve(cfg, root)) {
+	if !Equal(p, Resolve(cfg, root, nil)) {
 		t.Error("a cgroup named like the unit inside another unit changed the policy")
 	}
 	// A unit's cgroup that appears (here under a slice of its own) changes the policy.
 	os.MkdirAll(filepath.Join(root, "system.slice/extra.slice/app.service"), 0o755)
-	if Equal(p, Resolve(cfg, root)) {
+	if Equal(p, Resolve(cfg, root, nil)) {
 		t.Error("a new unit cgroup did not change the policy")
 	}
 }
@@ -172,7 +173,7 @@ func TestPrivilegedDelegatedSubtreeNeverMatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := parse(t, "rules:\n  - name: victim\n    unit: victim.service\n    action: allow\n  - name: box\n    container: "+id+"\n    action: allow\n")
-	p := Resolve(cfg, root)
+	p := Resolve(cfg, root, nil)
 	for i, r := range p.Kernel.Rules {
 		if len(r.Cgroups) != 0 {
 			t.Errorf("rule %s matched cgroups %v inside a user-owned subtree", p.Names[i], r.Cgroups)
@@ -182,7 +183,100 @@ func TestPrivilegedDelegatedSubtreeNeverMatches(t *testing.T) {
 	if err := os.Chown(owned, 0, 0); err != nil {
 		t.Fatal(err)
 	}
-	if p := Resolve(cfg, root); len(p.Kernel.Rules[0].Cgroups) != 1 {
+	if p := Resolve(cfg, root, nil); len(p.Kernel.Rules[0].Cgroups) != 1 {
 		t.Errorf("a system-owned unit cgroup did not match: %+v", p.Kernel.Rules[0])
+	}
+}
+
+// writeCRISpec writes the config.json containerd's CRI plugin keeps for a running
+// container of pod namespace/name.
+func writeCRISpec(t *testing.T, tasks, id, namespace, pod string) {
+	t.Helper()
+	dir := filepath.Join(tasks, "k8s.io", id)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	spec := `{"ociVersion":"1.0.2-dev","annotations":{"io.kubernetes.cri.container-type":"container",
+"io.kubernetes.cri.container-name":"app","io.kubernetes.cri.sandbox-name":"` + pod + `",
+"io.kubernetes.cri.sandbox-namespace":"` + namespace + `","io.kubernetes.cri.sandbox-uid":"u-` + pod + `"}}`
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(spec), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestResolvePodAndTaskRules(t *testing.T) {
+	root, tasks, docker := t.TempDir(), t.TempDir(), t.TempDir()
+	pay, shop, late, task := strings.Repeat("a1", 32), strings.Repeat("b2", 32), strings.Repeat("c3", 32), strings.Repeat("d4", 32)
+	scope := func(id string) string {
+		return "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-" + id + ".scope"
+	}
+	for _, d := range []string{scope(pay), scope(shop), scope(late), "system.slice/docker-" + task + ".scope",
+		// A cgroup made below a container is not another container.
+		scope(shop) + "/kubepods.slice/cri-containerd-" + late + ".scope"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeCRISpec(t, tasks, pay, "payments", "api-0")
+	writeCRISpec(t, tasks, shop, "shop", "web-0")
+	labels := `{"Name":"/ecs-billing-1-app","Config":{"Labels":{"com.amazonaws.ecs.task-arn":"arn:aws:ecs:us-east-1:012345678910:task/c/1",
+"com.amazonaws.ecs.task-definition-family":"billing","com.amazonaws.ecs.container-name":"app"}}}`
+	if err := os.MkdirAll(filepath.Join(docker, "containers", task), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(docker, "containers", task, "config.v2.json"), []byte(labels), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	meta := containers.NewResolver(containers.Sources{ContainerdTasks: tasks, DockerData: docker})
+	cfg := parse(t, `
+mode: enforce
+default_action: allow
+rules:
+  - name: payments
+    pod_namespace: payments
+    action: allow
+    imdsv2: required
+  - name: web
+    pod_namespace: shop
+    pod: web-0
+    action: deny
+  - name: billing
+    ecs_task_family: billing
+    action: deny
+  - name: nobody
+    pod_namespace: payments
+    pod: web-0
+    action: deny
+`)
+	p := Resolve(cfg, root, meta)
+	id := func(d string) uint64 {
+		ino, err := inode(filepath.Join(root, d))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ino
+	}
+	want := [][]uint64{{id(scope(pay))}, {id(scope(shop))}, {id("system.slice/docker-" + task + ".scope")}, nil}
+	for i, w := range want {
+		if r := p.Kernel.Rules[i]; !r.HasCgroup || !slices.Equal(r.Cgroups, w) {
+			t.Errorf("rule %s: cgroups %v, want %v", p.RuleName(i), r.Cgroups, w)
+		}
+	}
+	if len(p.Unresolved) != 1 || !strings.Contains(p.Unresolved[0], "pod_namespace payments, pod web-0") {
+		t.Errorf("unresolved %v", p.Unresolved)
+	}
+	// A pod that starts later is matched at the next resolution (the agent's timer).
+	writeCRISpec(t, tasks, late, "payments", "api-1")
+	p2 := Resolve(cfg, root, containers.NewResolver(containers.Sources{ContainerdTasks: tasks, DockerData: docker}))
+	if r := p2.Kernel.Rules[0]; !slices.Equal(r.Cgroups, []uint64{id(scope(pay)), id(scope(late))}) {
+		t.Errorf("after a new payments pod: %v", r.Cgroups)
+	}
+	if Equal(p, p2) {
+		t.Error("a new pod did not change the policy")
+	}
+	// Without the runtimes' state, pod rules match nothing; container ids still do.
+	p3 := Resolve(cfg, root, nil)
+	if r := p3.Kernel.Rules[0]; !r.HasCgroup || len(r.Cgroups) != 0 {
+		t.Errorf("no state: %v", r.Cgroups)
 	}
 }

@@ -1,6 +1,7 @@
 // Package procinfo enriches what the kernel recorded at connect time with what /proc
 // still knows: the full command line, the executable's path as the host sees it, the
-// user's name, the systemd unit and container of the cgroup.
+// user's name, the systemd unit and container of the cgroup, and what the container's
+// runtime knows of it (package containers).
 //
 // It never overrides the kernel: a pid is only read from /proc after proving that it
 // is still the same process (same start time and executable), so a reused pid cannot
@@ -18,6 +19,8 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 )
 
 // Process is what the kernel said about the process that connected.
@@ -39,6 +42,9 @@ type Info struct {
 	Cgroup      string // path below the cgroup2 root
 	Unit        string
 	ContainerID string
+	// Container is the container whose cgroup (made by its runtime at the runtime's
+	// place) holds the process, with what its runtime's state says; zero outside one.
+	Container containers.Info
 	// Missing names the fields that could not be learnt, e.g. "cmdline" when the
 	// process had already exited.
 	Missing []string
@@ -51,9 +57,10 @@ type CgroupPaths interface {
 
 // Resolver enriches processes, caching per process and per uid.
 type Resolver struct {
-	proc    string
-	cgroups CgroupPaths
-	maxSize int
+	proc       string
+	cgroups    CgroupPaths
+	containers *containers.Resolver
+	maxSize    int
 
 	mu    sync.Mutex
 	procs map[procKey]Info
@@ -74,6 +81,12 @@ func NewResolver(procRoot string, cgroups CgroupPaths, maxEntries int) *Resolver
 		proc: procRoot, cgroups: cgroups, maxSize: maxEntries,
 		procs: map[procKey]Info{}, users: map[uint32]string{},
 	}
+}
+
+// WithContainers makes the resolver name containers from their runtimes' state.
+func (r *Resolver) WithContainers(c *containers.Resolver) *Resolver {
+	r.containers = c
+	return r
 }
 
 // Resolve enriches p. It may block on /proc and on the user database, so it must not be
@@ -143,6 +156,16 @@ func (r *Resolver) resolve(p Process) Info {
 	}
 	info.Unit = UnitFromCgroup(info.Cgroup)
 	info.ContainerID = ContainerFromCgroup(info.Cgroup)
+	if id, runtime, _ := containers.ContainerOf(info.Cgroup); id != "" {
+		info.Container = containers.Info{ID: id, Runtime: runtime}
+		if r.containers != nil {
+			var found bool
+			if info.Container, found = r.containers.Lookup(id, runtime); !found {
+				// The runtime may not have written its state yet: not cached, asked again.
+				info.Missing = append(info.Missing, "container")
+			}
+		}
+	}
 	return info
 }
 

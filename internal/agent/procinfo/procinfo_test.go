@@ -8,6 +8,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 )
 
 func TestUnitAndContainer(t *testing.T) {
@@ -154,4 +156,32 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+func TestResolveNamesTheContainer(t *testing.T) {
+	id := strings.Repeat("0123456789abcdef", 4)
+	tasks := t.TempDir()
+	dir := filepath.Join(tasks, "k8s.io", id)
+	must(t, os.MkdirAll(dir, 0o755))
+	must(t, os.WriteFile(filepath.Join(dir, "config.json"), []byte(`{"ociVersion":"1.0.2-dev","annotations":{
+"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.container-name":"api",
+"io.kubernetes.cri.sandbox-name":"api-0","io.kubernetes.cri.sandbox-namespace":"payments",
+"io.kubernetes.cri.sandbox-uid":"u1"}}`), 0o600))
+	cg := "/kubepods.slice/kubepods-pod1.slice/cri-containerd-" + id + ".scope"
+	other := strings.Repeat("fedcba9876543210", 4)
+	r := NewResolver("/proc", fakePaths{7: cg + "/sub", 8: "/system.slice/docker-" + other + ".scope"}, 16).
+		WithContainers(containers.NewResolver(containers.Sources{ContainerdTasks: tasks}))
+	p := selfProcess(t)
+	p.StartBoottime++ // not this process: the kernel's cgroup id decides
+	info := r.Resolve(p)
+	want := containers.Info{ID: id, Runtime: containers.Containerd, Pod: containers.Pod{Namespace: "payments", Name: "api-0", UID: "u1", Container: "api"}}
+	if info.Container != want || info.ContainerID != id || contains(info.Missing, "container") {
+		t.Errorf("container %+v (id %q, missing %v), want %+v", info.Container, info.ContainerID, info.Missing, want)
+	}
+	// A container the runtimes have no state for: named by its cgroup, and said so.
+	p.CgroupID, p.StartBoottime = 8, p.StartBoottime+1 // another process
+	info = r.Resolve(p)
+	if info.Container != (containers.Info{ID: other, Runtime: containers.Docker}) || !contains(info.Missing, "container") {
+		t.Errorf("stateless container %+v, missing %v", info.Container, info.Missing)
+	}
 }

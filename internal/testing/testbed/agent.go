@@ -164,31 +164,42 @@ func (a *AgentProc) Stop() error {
 
 // Event is one line of the agent's events output, as docs/events.md documents it.
 type Event struct {
-	Time         time.Time `json:"time"`
-	Event        string    `json:"event"`
-	PID          int       `json:"pid"`
-	TID          int       `json:"tid"`
-	PPID         int       `json:"ppid"`
-	UID          int       `json:"uid"`
-	GID          int       `json:"gid"`
-	User         string    `json:"user"`
-	Comm         string    `json:"comm"`
-	Exe          string    `json:"exe"`
-	Cmdline      []string  `json:"cmdline"`
-	Cgroup       string    `json:"cgroup"`
-	CgroupID     uint64    `json:"cgroup_id"`
-	Unit         string    `json:"unit"`
-	ContainerID  string    `json:"container_id"`
-	Netns        uint64    `json:"netns"`
-	SocketCookie uint64    `json:"socket_cookie"`
-	ExeTruncated bool      `json:"exe_truncated"`
-	Dst          string    `json:"dst"`
-	Verdict      string    `json:"verdict"`
-	Rule         string    `json:"rule"`
-	Redirected   bool      `json:"redirected"`
-	Agent        bool      `json:"agent"`
-	NoBroker     bool      `json:"no_broker"`
-	Missing      []string  `json:"missing"`
+	Time        time.Time `json:"time"`
+	Event       string    `json:"event"`
+	PID         int       `json:"pid"`
+	TID         int       `json:"tid"`
+	PPID        int       `json:"ppid"`
+	UID         int       `json:"uid"`
+	GID         int       `json:"gid"`
+	User        string    `json:"user"`
+	Comm        string    `json:"comm"`
+	Exe         string    `json:"exe"`
+	Cmdline     []string  `json:"cmdline"`
+	Cgroup      string    `json:"cgroup"`
+	CgroupID    uint64    `json:"cgroup_id"`
+	Unit        string    `json:"unit"`
+	ContainerID string    `json:"container_id"`
+	// Present when the process ran in a container its runtime's state names.
+	ContainerRuntime string   `json:"container_runtime"`
+	ContainerName    string   `json:"container_name"`
+	PodNamespace     string   `json:"pod_namespace"`
+	Pod              string   `json:"pod"`
+	PodUID           string   `json:"pod_uid"`
+	PodContainer     string   `json:"pod_container"`
+	ServiceAccount   string   `json:"service_account"`
+	ECSTaskARN       string   `json:"ecs_task_arn"`
+	ECSTaskFamily    string   `json:"ecs_task_family"`
+	ECSContainer     string   `json:"ecs_container"`
+	Netns            uint64   `json:"netns"`
+	SocketCookie     uint64   `json:"socket_cookie"`
+	ExeTruncated     bool     `json:"exe_truncated"`
+	Dst              string   `json:"dst"`
+	Verdict          string   `json:"verdict"`
+	Rule             string   `json:"rule"`
+	Redirected       bool     `json:"redirected"`
+	Agent            bool     `json:"agent"`
+	NoBroker         bool     `json:"no_broker"`
+	Missing          []string `json:"missing"`
 	// imds_request only
 	Method      string  `json:"method"`
 	Path        string  `json:"path"`
