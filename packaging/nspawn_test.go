@@ -394,7 +394,20 @@ func TestPrivilegedNspawnService(t *testing.T) {
 		}
 		// The agent logs the attach before it sends READY=1; systemd logs "Started"
 		// when it receives it.
+		// In the container's pid namespace the agent's pid is not the kernel's: its own
+		// sockets (identity, the broker's upstream) must still be known as its own, not
+		// judged and redirected back to its broker (which loops and floods the journal).
+		time.Sleep(500 * time.Millisecond)
 		j := c.journal(t, bootStart)
+		looped := 0
+		for _, line := range strings.Split(j, "\n") {
+			if strings.Contains(line, `"comm":"imdsguard"`) && strings.Contains(line, `"redirected":true`) {
+				looped++
+			}
+		}
+		if looped > 0 {
+			t.Errorf("%d connections of the agent itself were judged as a client's and redirected to its own broker (its own sockets not recognised)", looped)
+		}
 		attachedAt, startedAt := strings.Index(j, "hooks attached, guarding IMDS connections"), strings.Index(j, "Started imdsguard.service")
 		if attachedAt < 0 || startedAt < 0 || attachedAt > startedAt {
 			t.Errorf("journal: want the agent's attach line before systemd's Started line:\n%s", j)
@@ -504,7 +517,13 @@ func TestPrivilegedNspawnService(t *testing.T) {
 		if st["ActiveState"] == "active" {
 			t.Errorf("unit active without CAP_BPF: %v", st)
 		}
+		// journald stores the preflight's stdout stream on its own schedule: the unit's
+		// failure can be in the journal before the lines that explain it.
 		j := c.journal(t, start)
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(j, "check(s) failed") && time.Now().Before(deadline); {
+			time.Sleep(200 * time.Millisecond)
+			j = c.journal(t, start)
+		}
 		for _, want := range []string{"FAIL  bpf permission", "fix: ", "CAP_BPF", "preflight: 1 check(s) failed"} {
 			if !strings.Contains(j, want) {
 				t.Errorf("journal after a failed preflight lacks %q:\n%s", want, j)

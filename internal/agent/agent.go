@@ -56,7 +56,8 @@ const (
 // value on hup reloads the configuration and reopens the output files.
 func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struct{}) error {
 	a := &agent{cfg: opts.Config, opts: opts, log: log, recent: newRecent(4096),
-		requests: make(chan events.Record, opts.Config.Agent.QueueSize), sd: newNotifier(log), swapped: make(chan struct{})}
+		requests: make(chan events.Record, opts.Config.Agent.QueueSize), sd: newNotifier(log), swapped: make(chan struct{}),
+		ownReady: make(chan struct{}), probeTGID: make(chan uint32, 1)}
 	defer a.close()
 	if err := a.start(); err != nil {
 		return err
@@ -65,6 +66,7 @@ func Run(ctx context.Context, opts Options, log zerolog.Logger, hup <-chan struc
 	// programs are in; under the limit the collector would run dozens of times meanwhile.
 	setMemoryLimit(log)
 	a.startWorkers()
+	a.learnKernelTGID()
 	a.learnMeta(a.bg)
 	if err := a.forward(a.bg); err != nil {
 		return err
@@ -300,7 +302,7 @@ func (a *agent) onClose(f func()) { a.closers = append(a.closers, f) }
 // milliseconds) rather than have this socket judged as a client's.
 func (a *agent) registerOwn(fd int) error {
 	select {
-	case <-a.swapped:
+	case <-a.ownReady:
 	case <-time.After(ownWait):
 		return errors.New("register own socket: the agent's programs are not loaded yet")
 	}
@@ -356,29 +358,33 @@ func (a *agent) close() {
 }
 
 type agent struct {
-	cfg        config.Config
-	opts       Options
-	log        zerolog.Logger
-	sd         *notifier // systemd: status, readiness, watchdog
-	h          *hook.Hook
-	out        *events.Writer
-	broker     *broker.Broker
-	resolver   *procinfo.Resolver
-	containers *containers.Resolver // runtimes' state: events and container rules
-	recent     *recent
-	requests   chan events.Record // the broker's request lines, written by writeLoop
-	fps        *fingerprints
-	tel        *telemetry
-	ledger     *tally.Ledger
-	reqDrops   atomic.Uint64
-	reqMu      sync.RWMutex
-	reqClosed  bool
-	cgroupRoot string
-	netns      uint64
-	own        atomic.Pointer[hook.Hook] // set once loaded: registers the agent's own sockets
-	swapped    chan struct{}             // closed once this agent's programs are attached
-	beatStop   chan struct{}
-	beatDone   chan struct{}
+	cfg         config.Config
+	opts        Options
+	log         zerolog.Logger
+	sd          *notifier // systemd: status, readiness, watchdog
+	h           *hook.Hook
+	out         *events.Writer
+	broker      *broker.Broker
+	resolver    *procinfo.Resolver
+	containers  *containers.Resolver // runtimes' state: events and container rules
+	recent      *recent
+	requests    chan events.Record // the broker's request lines, written by writeLoop
+	fps         *fingerprints
+	tel         *telemetry
+	ledger      *tally.Ledger
+	reqDrops    atomic.Uint64
+	reqMu       sync.RWMutex
+	reqClosed   bool
+	cgroupRoot  string
+	netns       uint64
+	own         atomic.Pointer[hook.Hook] // set once loaded: registers the agent's own sockets
+	swapped     chan struct{}             // closed once this agent's programs are attached
+	ownReady    chan struct{}             // closed once the kernel knows the agent's tgid (selfpid.go)
+	kernelTGID  atomic.Uint32             // the agent's tgid as the kernel sees it; 0: os.Getpid()
+	probeCookie atomic.Uint64             // the self probe's socket cookie while it runs
+	probeTGID   chan uint32
+	beatStop    chan struct{}
+	beatDone    chan struct{}
 
 	mu     sync.Mutex
 	policy policyState
@@ -416,6 +422,13 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 			if !ok {
 				queue = nil
 				continue
+			}
+			if c := a.probeCookie.Load(); c != 0 && ev.SocketCookie == c {
+				select {
+				case a.probeTGID <- ev.PID:
+				default:
+				}
+				continue // the agent's own probe, not a client's connection
 			}
 			rec := a.connectRecord(ev)
 			a.recent.put(ev.SocketCookie, rec)

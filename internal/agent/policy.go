@@ -2,7 +2,6 @@ package agent
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
 	"github.com/imdsguard/imdsguard/internal/agent/policy"
@@ -18,7 +17,7 @@ type policyState struct {
 // inode, a restarted unit a new cgroup.
 func (a *agent) applyPolicy(force bool) error {
 	p := policy.Resolve(a.cfg, a.cgroupRoot, a.containers)
-	p.Kernel.AgentTGID = uint32(os.Getpid()) // the agent runs in the host's pid namespace
+	p.Kernel.AgentTGID = a.agentTGID()
 	p.Kernel.HostNetns = a.netns
 	if a.broker != nil {
 		p.Kernel.BrokerPort = uint16(a.cfg.Broker.Port)
