@@ -111,3 +111,29 @@ func TestPrivilegedBrokerConnectionCaps(t *testing.T) {
 	probe.cmd.Process.Kill()
 	probe.wait()
 }
+
+// TestPrivilegedBrokerBogusToken: a process whose rule requires IMDSv2 sends a token the
+// emulator never issued. The broker forwards it (IMDS is the judge of its tokens), the
+// emulator answers 401 and the process gets nothing; the request's event says v2, 401.
+// The emulator checks tokens only when it requires them (IMDS checks every token it is
+// given): IMDSv2Only.
+func TestPrivilegedBrokerBogusToken(t *testing.T) {
+	bed := testbed.Start(t, testbed.Options{IMDSv2Only: true})
+	agent, err := bed.StartAgent("mode: enforce\ndefault_action: deny\nrules:\n  - name: root-v2\n    user: root\n    action: allow\n    imdsv2: required\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, r := curlExit(t, bed, testbed.Placement{}, "-H", "X-aws-ec2-metadata-token: AQAEAbogusbogusbogus==", credsURL)
+	if code != 22 || strings.Contains(r.Output, "AccessKeyId") {
+		t.Fatalf("bogus token: curl exit %d %q, want 22 (an HTTP error) and nothing", code, r.Output)
+	}
+	var ev testbed.Event
+	for _, e := range eventsOf(t, agent, r.PID) {
+		if e.Event == "imds_request" {
+			ev = e
+		}
+	}
+	if ev.IMDSVersion != "v2" || ev.Status != 401 || ev.Refused != "" {
+		t.Errorf("request event %+v, want v2 forwarded and IMDS's 401", ev)
+	}
+}
