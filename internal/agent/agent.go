@@ -538,6 +538,8 @@ func brokerConfig(cfg config.Config) broker.Config {
 		IMDSPort: cfg.IMDS.Port, Enforce: cfg.Mode.Enforcing(),
 		MaxHeaderBytes: cfg.Broker.MaxHeaderBytes, MaxBodyBytes: cfg.Broker.MaxBodyBytes,
 		ReadTimeout: cfg.Broker.ReadTimeout, IdleTimeout: cfg.Broker.IdleTimeout, UpstreamTimeout: cfg.Broker.UpstreamTimeout,
+		MaxConns: cfg.Broker.MaxConnections, MaxConnsPerUID: cfg.Broker.MaxConnectionsPerUID,
+		MaxConnsPerProcess: cfg.Broker.MaxConnectionsPerProcess,
 	}
 }
 

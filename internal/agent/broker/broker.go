@@ -51,7 +51,17 @@ type Config struct {
 	ReadTimeout     time.Duration
 	IdleTimeout     time.Duration
 	UpstreamTimeout time.Duration
+	// Caps on open client connections, idle keep-alive ones included (0: none). A
+	// connection over a cap is reset at once: every open connection holds a goroutine
+	// and a read buffer, and nothing else bounds how many one user opens.
+	MaxConns           int // all clients together
+	MaxConnsPerUID     int // one uid's processes; connections not redirected share one budget
+	MaxConnsPerProcess int // one process (tgid and start time)
 }
+
+// capLogInterval is how often a refused connection is logged per uid; those in between
+// are counted into the next line.
+const capLogInterval = time.Minute
 
 // Redirects finds the kernel's record of an accepted connection by both its ends: the
 // client's address and port, and the broker's.
@@ -100,6 +110,12 @@ type Broker struct {
 	listeners []net.Listener
 	conns     map[*clientConn]struct{}
 	wg        sync.WaitGroup
+	perUID    map[uint32]int    // open connections by uid (admit)
+	perProc   map[procKey]int   // and by process
+	capLog    map[uint32]capLog // last cap refusal logged, by uid
+
+	capRefused    atomic.Uint64 // connections reset over a cap
+	tokenRejected atomic.Uint64 // requests with a token IMDS answered 401
 
 	readers, upReaders sync.Pool // *bufio.Reader
 	bufs               sync.Pool // *[]byte
@@ -113,6 +129,33 @@ type Broker struct {
 	ipv6 bool // and the [::1] one
 }
 
+// procKey names a process for the per-process cap; the start time tells a reused pid
+// from its predecessor.
+type procKey struct {
+	pid   uint32
+	start uint64
+}
+
+type capLog struct {
+	at      time.Time
+	refused int // since at
+}
+
+// Stats are the broker's counters.
+type Stats struct {
+	Conns         int    // client connections open now
+	ConnsRefused  uint64 // client connections reset over a cap
+	TokenRejected uint64 // requests carrying a token that IMDS answered 401
+}
+
+// Stats returns the broker's counters.
+func (b *Broker) Stats() Stats {
+	b.mu.Lock()
+	n := len(b.conns)
+	b.mu.Unlock()
+	return Stats{Conns: n, ConnsRefused: b.capRefused.Load(), TokenRejected: b.tokenRejected.Load()}
+}
+
 type spare struct {
 	conns    chan net.Conn // capacity 1
 	dialling atomic.Bool
@@ -122,7 +165,8 @@ type spare struct {
 // after the client has its answer.
 func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logger) *Broker {
 	b := &Broker{cfg: cfg, redirects: redirects, record: record, log: log,
-		dialer: MarkedDialer(cfg.Mark, cfg.UpstreamTimeout, cfg.Own), conns: map[*clientConn]struct{}{}}
+		dialer: MarkedDialer(cfg.Mark, cfg.UpstreamTimeout, cfg.Own), conns: map[*clientConn]struct{}{},
+		perUID: map[uint32]int{}, perProc: map[procKey]int{}, capLog: map[uint32]capLog{}}
 	b.enforce.Store(cfg.Enforce)
 	b.spare4.conns, b.spare6.conns = make(chan net.Conn, 1), make(chan net.Conn, 1)
 	// A request head must fit in the client reader's buffer; 64 kB bounds what one
@@ -224,32 +268,112 @@ func (b *Broker) Serve(ln net.Listener) {
 				continue
 			}
 			delay = 0
-			cc := &clientConn{b: b, c: c}
-			if !b.track(cc) {
+			// Identified here, before the connection costs a goroutine or a buffer: a
+			// connection over a cap is reset at once (a map lookup each).
+			cc := &clientConn{b: b, c: c, info: b.identify(c)}
+			switch ok, reason := b.track(cc); {
+			case !ok && reason == "": // shutting down
 				c.Close()
 				return
+			case !ok:
+				resetConn(c)
+				b.refusedOverCap(cc.info, reason)
+				continue
 			}
 			go cc.serve()
 		}
 	}()
 }
 
-func (b *Broker) track(cc *clientConn) bool {
+// unidentifiedUID is the per-uid budget that connections the kernel did not redirect
+// share (they are answered 403, but hold a connection until then). No kernel record
+// carries it: the kernel reports no uid above 2^32-2.
+const unidentifiedUID = ^uint32(0)
+
+func connOwner(info connInfo) (uint32, procKey, bool) {
+	if info.err != nil {
+		return unidentifiedUID, procKey{}, false
+	}
+	return info.r.UID, procKey{pid: info.r.PID, start: info.r.StartBoottime}, true
+}
+
+// track admits a connection under the caps; reason names the cap it is over.
+func (b *Broker) track(cc *clientConn) (ok bool, reason string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closing.Load() {
-		return false
+		return false, ""
+	}
+	uid, proc, known := connOwner(cc.info)
+	switch c := b.cfg; {
+	case c.MaxConns > 0 && len(b.conns) >= c.MaxConns:
+		return false, "max_connections"
+	case c.MaxConnsPerUID > 0 && b.perUID[uid] >= c.MaxConnsPerUID:
+		return false, "max_connections_per_uid"
+	case known && c.MaxConnsPerProcess > 0 && b.perProc[proc] >= c.MaxConnsPerProcess:
+		return false, "max_connections_per_process"
 	}
 	b.conns[cc] = struct{}{}
+	b.perUID[uid]++
+	if known {
+		b.perProc[proc]++
+	}
 	b.wg.Add(1)
-	return true
+	return true, ""
 }
 
 func (b *Broker) untrack(cc *clientConn) {
+	uid, proc, known := connOwner(cc.info)
 	b.mu.Lock()
 	delete(b.conns, cc)
+	if b.perUID[uid]--; b.perUID[uid] <= 0 {
+		delete(b.perUID, uid)
+	}
+	if known {
+		if b.perProc[proc]--; b.perProc[proc] <= 0 {
+			delete(b.perProc, proc)
+		}
+	}
 	b.mu.Unlock()
 	b.wg.Done()
+}
+
+// refusedOverCap counts a connection reset over a cap and logs it once per uid per
+// capLogInterval, with the count of those not logged: a user opening thousands of
+// connections costs one log line a minute.
+func (b *Broker) refusedOverCap(info connInfo, reason string) {
+	b.capRefused.Add(1)
+	uid, proc, _ := connOwner(info)
+	now := time.Now()
+	b.mu.Lock()
+	l := b.capLog[uid]
+	l.refused++
+	logIt := now.Sub(l.at) >= capLogInterval
+	if logIt {
+		if len(b.capLog) >= 4096 { // bounded: drop the entries whose minute is over
+			for u, e := range b.capLog {
+				if now.Sub(e.at) >= capLogInterval {
+					delete(b.capLog, u)
+				}
+			}
+		}
+		b.capLog[uid] = capLog{at: now}
+	} else {
+		b.capLog[uid] = l
+	}
+	open := b.perUID[uid]
+	b.mu.Unlock()
+	if !logIt {
+		return
+	}
+	ev := b.log.Warn().Str("event", "broker_connection_cap").Str("cap", reason).Int("refused", l.refused).
+		Int("uid_connections", open)
+	if uid != unidentifiedUID {
+		ev = ev.Uint32("uid", uid).Uint32("pid", proc.pid)
+	} else {
+		ev = ev.Bool("redirected", false)
+	}
+	ev.Msg("client connection over the broker's cap reset; further ones of this uid counted for a minute")
 }
 
 // Shutdown stops accepting, closes idle connections, lets requests in flight finish
@@ -315,9 +439,11 @@ func (b *Broker) dropSpares() {
 // forwarding it (audit).
 func (b *Broker) SetEnforce(on bool) { b.enforce.Store(on) }
 
-// classify says how a request authenticates to IMDS.
+// classify says how a request authenticates to IMDS. It judges the method without
+// regard to case and the path in canonical form, so that no spelling of a token
+// request ("put", "/latest/api/token/") passes for IMDSv1 and escapes its checks.
 func classify(r *request) Version {
-	if r.method == "PUT" && IsTokenPath(r.path) {
+	if isPut(r.method) && IsTokenPath(r.path) {
 		return VersionToken
 	}
 	if r.token {
@@ -325,6 +451,8 @@ func classify(r *request) Version {
 	}
 	return VersionV1
 }
+
+func isPut(method string) bool { return strings.EqualFold(method, "PUT") }
 
 // clientConn is one redirected client connection and its own connection to IMDS.
 type clientConn struct {
@@ -389,7 +517,6 @@ func (cc *clientConn) serve() {
 			b.bufs.Put(bufp)
 		}
 	}()
-	cc.info = b.identify(cc.c)
 	first := true
 	for {
 		if !first {
@@ -446,8 +573,9 @@ func (cc *clientConn) exchange(r *request, start time.Time) bool {
 		return refuse(http.StatusForbidden, "not_redirected", "403 - Forbidden: connection not redirected by imdsguard\n")
 	case r.contentLength > b.cfg.MaxBodyBytes:
 		return refuse(http.StatusRequestEntityTooLarge, "body_too_large", "413 - Request Entity Too Large\n")
-	case rec.Version == VersionToken && r.forwardedFor:
-		// IMDS refuses token requests that went through a proxy; so do we.
+	case isPut(r.method) && r.forwardedFor:
+		// IMDS refuses token requests that went through a proxy; so do we, and any
+		// other PUT as well, whatever its spelling.
 		return refuse(http.StatusForbidden, "x_forwarded_for", "403 - Forbidden\n")
 	case rec.Version == VersionV1 && cc.info.r.V2Required && b.enforce.Load():
 		// What IMDS answers with HttpTokens=required: SDKs fetch a token and retry.
@@ -476,6 +604,11 @@ func (cc *clientConn) exchange(r *request, start time.Time) bool {
 			return false
 		}
 		res.close = true // cut short: the client sees its connection end, as with IMDS
+	}
+	if rec.Version == VersionV2 && res.status == http.StatusUnauthorized {
+		// A token IMDS did not issue (or that expired): IMDS refused it and is the
+		// only judge of its tokens; the request is recorded as IMDS answered it.
+		b.tokenRejected.Add(1)
 	}
 	if capture && !res.tooLarge && res.creds != nil {
 		rec.Body = res.creds

@@ -21,6 +21,9 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 )
 
+// bogusToken is a token the fake IMDS did not issue.
+const bogusToken = "AQAEAbogus=="
+
 // fakeIMDS answers like IMDS and remembers what it was sent.
 type fakeIMDS struct {
 	mu   sync.Mutex
@@ -32,6 +35,8 @@ func (f *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.seen = append(f.seen, r.Clone(context.Background()))
 	f.mu.Unlock()
 	switch {
+	case r.Header.Get("X-aws-ec2-metadata-token") == bogusToken: // as IMDS answers a token it did not issue
+		http.Error(w, "", http.StatusUnauthorized)
 	case r.URL.Path == "/latest/api/token":
 		io.WriteString(w, "TOKEN")
 	case r.URL.Path == "/latest/meta-data/redirect":

@@ -22,6 +22,13 @@ func FuzzRequest(f *testing.F) {
 		"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
 		"CONNECT 169.254.169.254:80 HTTP/1.1\r\n\r\n",
 		"\x00\x01\x02",
+		// Issue 11 item 9: token requests however spelt, PUTs with X-Forwarded-For, a
+		// bogus token.
+		"put /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n",
+		"PUT /latest/api/token/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+		"pUT //latest/./api/%74oken?x HTTP/1.1\r\nHost: x\r\nx-forwarded-for: 1.2.3.4\r\n\r\n",
+		"PUT /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\nContent-Length: 0\r\n\r\n",
+		"GET /latest/meta-data/iam/security-credentials/r HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: AQAEAbogus==\r\n\r\n",
 	} {
 		f.Add([]byte(seed))
 	}

@@ -47,6 +47,11 @@ type Broker struct {
 	ReadTimeout     time.Duration `yaml:"read_timeout"`     // a request's headers and body
 	IdleTimeout     time.Duration `yaml:"idle_timeout"`     // keep-alive connections
 	UpstreamTimeout time.Duration `yaml:"upstream_timeout"` // one request to IMDS
+	// Open client connections, idle keep-alive ones included: over a cap a new
+	// connection is reset at once, so that no user can grow the agent's memory.
+	MaxConnections           int `yaml:"max_connections"`             // all clients together
+	MaxConnectionsPerUID     int `yaml:"max_connections_per_uid"`     // one user's processes
+	MaxConnectionsPerProcess int `yaml:"max_connections_per_process"` // one process (tgid)
 }
 
 // DefaultBrokerPort is privileged (below 1024): no unprivileged process can bind it
@@ -55,7 +60,8 @@ const DefaultBrokerPort = 254
 
 func defaultBroker() Broker {
 	return Broker{Enabled: true, Port: DefaultBrokerPort, Mark: 0x1d5, MaxHeaderBytes: 8 << 10, MaxBodyBytes: 4 << 10,
-		ReadTimeout: 5 * time.Second, IdleTimeout: 60 * time.Second, UpstreamTimeout: 5 * time.Second}
+		ReadTimeout: 5 * time.Second, IdleTimeout: 60 * time.Second, UpstreamTimeout: 5 * time.Second,
+		MaxConnections: 1024, MaxConnectionsPerUID: 256, MaxConnectionsPerProcess: 64}
 }
 
 // MaxRules is the kernel's limit: one bit per rule.
@@ -185,6 +191,15 @@ func (c *Config) validatePolicy(root *yaml.Node) error {
 	for k, d := range map[string]time.Duration{"broker.read_timeout": b.ReadTimeout, "broker.idle_timeout": b.IdleTimeout, "broker.upstream_timeout": b.UpstreamTimeout} {
 		if d < 100*time.Millisecond || d > 10*time.Minute {
 			return bad(k, "must be 100ms-10m, got %s", d)
+		}
+	}
+	for _, c := range []struct {
+		key string
+		n   int
+	}{{"broker.max_connections", b.MaxConnections}, {"broker.max_connections_per_uid", b.MaxConnectionsPerUID},
+		{"broker.max_connections_per_process", b.MaxConnectionsPerProcess}} {
+		if c.n < 1 || c.n > 1<<20 {
+			return bad(c.key, "must be 1-1048576, got %d", c.n)
 		}
 	}
 	return nil
