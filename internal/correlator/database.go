@@ -71,6 +71,10 @@ func (d *detection) save(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("encode serve state: %w", err)
 	}
+	// A cycle's state is saved even when shutdown was asked for meanwhile: cutting the
+	// write would make a clean stop exit 1 and the next start redo the cycle.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
 	return d.state.SaveState(ctx, serveStateName, body)
 }
 

@@ -275,7 +275,9 @@ func compareRuns(t *testing.T, what string, base, got clientRun) {
 	if got.attempts > base.attempts || got.attempts < base.attempts/2 {
 		t.Errorf("%s: %d connection attempts, %d without the agent", what, got.attempts, base.attempts)
 	}
-	if got.dur > 2*base.dur+500*time.Millisecond {
+	// Only an added wait (a retry's backoff, a timeout: seconds) is what this catches; a
+	// loaded 2-core machine slows Python's start-up by a second on its own.
+	if got.dur > 3*base.dur+time.Second {
 		t.Errorf("%s: took %s, %s without the agent", what, got.dur, base.dur)
 	}
 }
