@@ -40,9 +40,12 @@ type Hook struct {
 	objs   imdsguardObjects
 	links  []attached
 	reader *ringbuf.Reader
-	pinDir string // "" when not pinned
-	spec   *ebpf.CollectionSpec
-	maps   map[string]*ebpf.Map // the maps Open opened, by name, for LoadPrograms
+	// refused reads the ring of refused and UDP connects (events_refused): a flood of
+	// them never takes the room of the events of connections that went through.
+	refused *ringbuf.Reader
+	pinDir  string // "" when not pinned
+	spec    *ebpf.CollectionSpec
+	maps    map[string]*ebpf.Map // the maps Open opened, by name, for LoadPrograms
 	// denyRefused: the programs loaded make a denied connect() fail with ECONNREFUSED.
 	denyRefused bool
 
@@ -137,6 +140,11 @@ func Open(t Target, pinDir string) (*Hook, error) {
 		return nil, fmt.Errorf("open ring buffer: %w", err)
 	}
 	h.reader = rd
+	if h.refused, err = ringbuf.NewReader(h.objs.EventsRefused); err != nil {
+		_ = rd.Close()
+		_ = h.objs.Close()
+		return nil, fmt.Errorf("open ring buffer: %w", err)
+	}
 	return h, nil
 }
 
@@ -375,6 +383,9 @@ func (h *Hook) Close() error {
 	if h.reader != nil {
 		err = errors.Join(err, h.reader.Close())
 	}
+	if h.refused != nil {
+		err = errors.Join(err, h.refused.Close())
+	}
 	return errors.Join(err, h.objs.Close())
 }
 
@@ -461,21 +472,40 @@ func (h *Hook) Linger(grace time.Duration) error {
 	return nil
 }
 
-// Run reads the ring buffer and sends decoded events to out until ctx is done or the
+// Run reads the ring buffers and sends decoded events to out until ctx is done or the
 // hook is closed. It never blocks on out: when out is full the event is counted in
-// Stats().QueueDrops and dropped, so the kernel's ring keeps draining.
+// Stats().QueueDrops and dropped, so the kernel's rings keep draining. Events of refused
+// and UDP connects may fill only half of out: the other half stays for the connections
+// that went through, whose events the broker's request lines are named from.
 //
-// When ctx is done, Run first delivers what is still in the ring, then returns: detach
+// When ctx is done, Run first delivers what is still in the rings, then returns: detach
 // before cancelling and no event is lost on shutdown.
 func (h *Hook) Run(ctx context.Context, out chan<- Event) error {
 	// Flush wakes a blocked read; the reader then returns what is pending, then
 	// ErrFlushed.
-	stop := context.AfterFunc(ctx, func() { _ = h.reader.Flush() })
+	stop := context.AfterFunc(ctx, func() {
+		_ = h.reader.Flush()
+		_ = h.refused.Flush()
+	})
 	defer stop()
 	clock := newClock()
+	refusedErr := make(chan error, 1)
+	go func() {
+		refusedErr <- h.read(h.refused, clock, out, max(cap(out)/2, 1))
+	}()
+	err := h.read(h.reader, clock, out, cap(out))
+	if err != nil {
+		// Wake the other reader: a broken ring ends the agent's reading.
+		_ = h.refused.Flush()
+	}
+	return errors.Join(err, <-refusedErr)
+}
+
+// read hands the events of one ring to out while out holds fewer than room.
+func (h *Hook) read(rd *ringbuf.Reader, clock clock, out chan<- Event, room int) error {
 	var rec ringbuf.Record
 	for {
-		if err := h.reader.ReadInto(&rec); err != nil {
+		if err := rd.ReadInto(&rec); err != nil {
 			if errors.Is(err, ringbuf.ErrClosed) || errors.Is(err, ringbuf.ErrFlushed) {
 				return nil
 			}
@@ -484,6 +514,10 @@ func (h *Hook) Run(ctx context.Context, out chan<- Event) error {
 		ev, err := decode(rec.RawSample, clock)
 		if err != nil {
 			return err
+		}
+		if room < cap(out) && len(out) >= room {
+			h.queueDrops.Add(1)
+			continue
 		}
 		select {
 		case out <- ev:

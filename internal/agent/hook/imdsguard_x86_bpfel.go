@@ -13,6 +13,31 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type imdsguardAgg struct {
+	_             structs.HostLayout
+	Count         uint64
+	FirstNs       uint64
+	LastNs        uint64
+	StartBoottime uint64
+	CgroupId      uint64
+	NetnsCookie   uint64
+	ExeIno        uint64
+	ExeDev        uint32
+	Uid           uint32
+	Gid           uint32
+	Family        uint16
+	Pad           uint16
+}
+
+type imdsguardAggKey struct {
+	_       structs.HostLayout
+	Tgid    uint32
+	Verdict uint8
+	Rule    uint8
+	Flags   uint8
+	Udp     uint8
+}
+
 type imdsguardBrokerFamily uint32
 
 const (
@@ -102,7 +127,7 @@ type imdsguardPolicy struct {
 	FailClosed     uint8
 	Loaded         uint8
 	BrokerFamilies uint8
-	Pad            uint8
+	EventsUdp      uint8
 }
 
 type imdsguardRedirect struct {
@@ -159,8 +184,10 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	imdsguardMapActiveGen          = "active_gen"
+	imdsguardMapAggregates         = "aggregates"
 	imdsguardMapBrokerConns        = "broker_conns"
 	imdsguardMapEvents             = "events"
+	imdsguardMapEventsRefused      = "events_refused"
 	imdsguardMapHeartbeat          = "heartbeat"
 	imdsguardMapOwnSockets         = "own_sockets"
 	imdsguardMapPolicies           = "policies"
@@ -180,6 +207,8 @@ const (
 	imdsguardVarImdsIp4            = "imds_ip4"
 	imdsguardVarImdsIp6            = "imds_ip6"
 	imdsguardVarImdsPort           = "imds_port"
+	imdsguardVarUnusedAgg          = "unused_agg"
+	imdsguardVarUnusedAggKey       = "unused_agg_key"
 	imdsguardVarUnusedBrokerFamily = "unused_broker_family"
 	imdsguardVarUnusedConnKey      = "unused_conn_key"
 	imdsguardVarUnusedEvent        = "unused_event"
@@ -244,18 +273,20 @@ type imdsguardProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardMapSpecs struct {
-	ActiveGen   *ebpf.MapSpec `ebpf:"active_gen"`
-	BrokerConns *ebpf.MapSpec `ebpf:"broker_conns"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	Heartbeat   *ebpf.MapSpec `ebpf:"heartbeat"`
-	OwnSockets  *ebpf.MapSpec `ebpf:"own_sockets"`
-	Policies    *ebpf.MapSpec `ebpf:"policies"`
-	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
-	RuleCgroups *ebpf.MapSpec `ebpf:"rule_cgroups"`
-	RuleExes    *ebpf.MapSpec `ebpf:"rule_exes"`
-	RuleGids    *ebpf.MapSpec `ebpf:"rule_gids"`
-	RuleUids    *ebpf.MapSpec `ebpf:"rule_uids"`
-	Stats       *ebpf.MapSpec `ebpf:"stats"`
+	ActiveGen     *ebpf.MapSpec `ebpf:"active_gen"`
+	Aggregates    *ebpf.MapSpec `ebpf:"aggregates"`
+	BrokerConns   *ebpf.MapSpec `ebpf:"broker_conns"`
+	Events        *ebpf.MapSpec `ebpf:"events"`
+	EventsRefused *ebpf.MapSpec `ebpf:"events_refused"`
+	Heartbeat     *ebpf.MapSpec `ebpf:"heartbeat"`
+	OwnSockets    *ebpf.MapSpec `ebpf:"own_sockets"`
+	Policies      *ebpf.MapSpec `ebpf:"policies"`
+	Redirects     *ebpf.MapSpec `ebpf:"redirects"`
+	RuleCgroups   *ebpf.MapSpec `ebpf:"rule_cgroups"`
+	RuleExes      *ebpf.MapSpec `ebpf:"rule_exes"`
+	RuleGids      *ebpf.MapSpec `ebpf:"rule_gids"`
+	RuleUids      *ebpf.MapSpec `ebpf:"rule_uids"`
+	Stats         *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // imdsguardVariableSpecs contains global variables before they are loaded into the kernel.
@@ -267,6 +298,8 @@ type imdsguardVariableSpecs struct {
 	ImdsIp4            *ebpf.VariableSpec `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.VariableSpec `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.VariableSpec `ebpf:"imds_port"`
+	UnusedAgg          *ebpf.VariableSpec `ebpf:"unused_agg"`
+	UnusedAggKey       *ebpf.VariableSpec `ebpf:"unused_agg_key"`
 	UnusedBrokerFamily *ebpf.VariableSpec `ebpf:"unused_broker_family"`
 	UnusedConnKey      *ebpf.VariableSpec `ebpf:"unused_conn_key"`
 	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
@@ -298,25 +331,29 @@ func (o *imdsguardObjects) Close() error {
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardMaps struct {
-	ActiveGen   *ebpf.Map `ebpf:"active_gen"`
-	BrokerConns *ebpf.Map `ebpf:"broker_conns"`
-	Events      *ebpf.Map `ebpf:"events"`
-	Heartbeat   *ebpf.Map `ebpf:"heartbeat"`
-	OwnSockets  *ebpf.Map `ebpf:"own_sockets"`
-	Policies    *ebpf.Map `ebpf:"policies"`
-	Redirects   *ebpf.Map `ebpf:"redirects"`
-	RuleCgroups *ebpf.Map `ebpf:"rule_cgroups"`
-	RuleExes    *ebpf.Map `ebpf:"rule_exes"`
-	RuleGids    *ebpf.Map `ebpf:"rule_gids"`
-	RuleUids    *ebpf.Map `ebpf:"rule_uids"`
-	Stats       *ebpf.Map `ebpf:"stats"`
+	ActiveGen     *ebpf.Map `ebpf:"active_gen"`
+	Aggregates    *ebpf.Map `ebpf:"aggregates"`
+	BrokerConns   *ebpf.Map `ebpf:"broker_conns"`
+	Events        *ebpf.Map `ebpf:"events"`
+	EventsRefused *ebpf.Map `ebpf:"events_refused"`
+	Heartbeat     *ebpf.Map `ebpf:"heartbeat"`
+	OwnSockets    *ebpf.Map `ebpf:"own_sockets"`
+	Policies      *ebpf.Map `ebpf:"policies"`
+	Redirects     *ebpf.Map `ebpf:"redirects"`
+	RuleCgroups   *ebpf.Map `ebpf:"rule_cgroups"`
+	RuleExes      *ebpf.Map `ebpf:"rule_exes"`
+	RuleGids      *ebpf.Map `ebpf:"rule_gids"`
+	RuleUids      *ebpf.Map `ebpf:"rule_uids"`
+	Stats         *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *imdsguardMaps) Close() error {
 	return _ImdsguardClose(
 		m.ActiveGen,
+		m.Aggregates,
 		m.BrokerConns,
 		m.Events,
+		m.EventsRefused,
 		m.Heartbeat,
 		m.OwnSockets,
 		m.Policies,
@@ -338,6 +375,8 @@ type imdsguardVariables struct {
 	ImdsIp4            *ebpf.Variable `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.Variable `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.Variable `ebpf:"imds_port"`
+	UnusedAgg          *ebpf.Variable `ebpf:"unused_agg"`
+	UnusedAggKey       *ebpf.Variable `ebpf:"unused_agg_key"`
 	UnusedBrokerFamily *ebpf.Variable `ebpf:"unused_broker_family"`
 	UnusedConnKey      *ebpf.Variable `ebpf:"unused_conn_key"`
 	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
