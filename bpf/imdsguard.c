@@ -69,6 +69,10 @@ volatile const __u16 broker_port = 0;
  * EPERM. The loader sets it when the kernel accepts the helper; at 0 the call is dead
  * code the verifier never walks, so the same object loads on older kernels. */
 volatile const __u8 deny_refused = 0;
+/* 1: judge the executable by the identity recorded at exec (exec_ids), where there is
+ * one. The loader sets it when the kernel lets connect programs read task storage; at 0
+ * that code is dead and never verified. */
+volatile const __u8 exec_identity = 0;
 
 #define ECONNREFUSED 111
 
@@ -316,6 +320,27 @@ struct {
 	__type(value, __u8);
 } own_sockets SEC(".maps");
 
+/* The executable each task was started from: device and inode of the file exec'd,
+ * written by the LSM program on bprm_committed_creds and copied to every new task at
+ * fork (task_alloc). Unlike mm->exe_file, which a process may repoint at any file it can
+ * open with prctl(PR_SET_MM_MAP) (in a user namespace, without privilege), nothing a
+ * process can call changes it but another exec. Tasks that have run no exec since the
+ * programs were attached, and were forked from such tasks, have no entry: connect falls
+ * back to mm->exe_file for them. Pinned, so that a restart keeps what was recorded. */
+struct exec_id {
+	__u64 ino;
+	__u32 dev; /* kernel encoding */
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct exec_id);
+	PINNED;
+} exec_ids SEC(".maps");
+
 /* Counters read by user space; they keep counting while the agent is gone. */
 enum stat {
 	STAT_RINGBUF_FULL = 0,
@@ -437,6 +462,14 @@ static __always_inline void read_task(struct task_view *t)
 	t->exe_ino = 0;
 	t->exe_dev = 0;
 	t->udp_events = 0;
+	if (exec_identity) {
+		struct exec_id *id = bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, 0);
+		if (id) {
+			t->exe_ino = id->ino;
+			t->exe_dev = id->dev;
+			return;
+		}
+	}
 	if (exe) {
 		t->exe_ino = BPF_CORE_READ(exe, f_inode, i_ino);
 		t->exe_dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
@@ -907,4 +940,36 @@ int imds_sockops(struct bpf_sock_ops *skops)
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&broker_conns, &k, &cookie, BPF_ANY);
 	return 1;
+}
+
+/* ---- the executable's identity, recorded at exec (BPF LSM) ---- */
+
+SEC("lsm/bprm_committed_creds")
+int imds_exec(unsigned long long *ctx)
+{
+	struct linux_binprm *bprm = (void *)ctx[0];
+	struct exec_id *id =
+		bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!id)
+		return 0;
+	struct file *f = BPF_CORE_READ(bprm, file);
+	id->ino = BPF_CORE_READ(f, f_inode, i_ino);
+	id->dev = BPF_CORE_READ(f, f_inode, i_sb, s_dev);
+	return 0;
+}
+
+/* A new task (process or thread) runs its parent's executable until it execs. */
+SEC("lsm/task_alloc")
+int imds_fork(unsigned long long *ctx)
+{
+	struct task_struct *task = (void *)ctx[0];
+	struct exec_id *parent = bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, 0);
+	if (!parent)
+		return 0;
+	struct exec_id *child = bpf_task_storage_get(&exec_ids, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (child) {
+		child->ino = parent->ino;
+		child->dev = parent->dev;
+	}
+	return 0;
 }

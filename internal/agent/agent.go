@@ -207,8 +207,18 @@ func (a *agent) start() error {
 		Int("imds_port", cfg.IMDS.Port).Str("events_output", cfg.Events.Output).
 		Str("mode", string(cfg.Mode)).Str("failure_mode", string(cfg.FailureMode)).Str("default_action", string(cfg.DefaultAction)).
 		Int("rules", len(cfg.Rules)).Bool("broker", cfg.Broker.Enabled).Str("pin_path", cfg.PinPath).
-		Bool("deny_refused", a.h.DenyRefused()).Dur("programs_load", loaded).
+		Bool("deny_refused", a.h.DenyRefused()).Bool("exec_identity", a.h.ExecIdentity()).Dur("programs_load", loaded).
 		Msg("hooks attached, guarding IMDS connections")
+	if err := a.h.ExecIdentityError(); err != nil {
+		a.log.Warn().Str("event", "exec_identity_unavailable").Err(err).
+			Msg("cannot record executables at exec (BPF LSM): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
+	} else if active, err := hook.BPFLSMActive(); !active {
+		ev := a.log.Warn().Str("event", "exec_identity_inactive")
+		if err != nil {
+			ev = ev.Err(err)
+		}
+		ev.Msg("bpf is not an active LSM (lsm= boot parameter): executables are not recorded at exec, exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
+	}
 	if cfg.Agent.ReadyFile != "" {
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {
 			return err

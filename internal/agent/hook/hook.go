@@ -48,6 +48,10 @@ type Hook struct {
 	maps    map[string]*ebpf.Map // the maps Open opened, by name, for LoadPrograms
 	// denyRefused: the programs loaded make a denied connect() fail with ECONNREFUSED.
 	denyRefused bool
+	// execIdentity: the programs loaded judge by the identity recorded at exec (BPF LSM
+	// programs loaded, and Attach attached them); execWhy says why not.
+	execIdentity bool
+	execWhy      error
 
 	// queueDrops counts events read from the kernel but dropped because the consumer
 	// was behind (the reader never blocks on it).
@@ -153,12 +157,22 @@ func Open(t Target, pinDir string) (*Hook, error) {
 // (before Linux 5.18), a denied connect() fails with EPERM instead of ECONNREFUSED, and
 // LoadPrograms says so in log.
 func (h *Hook) LoadPrograms(log zerolog.Logger) error {
-	err := h.loadPrograms(true)
+	err := h.loadPrograms(true, true)
+	if err != nil {
+		// Without BPF LSM (CONFIG_BPF_LSM, a kernel that refuses LSM programs) or task
+		// storage in connect programs: the executable is judged by mm->exe_file, which a
+		// process can repoint. ExecIdentityError says why, for the agent's log.
+		why := err
+		err = h.loadPrograms(true, false)
+		h.execWhy = why
+	}
 	var ve *ebpf.VerifierError
 	if errors.As(err, &ve) {
 		log.Warn().Str("event", "deny_errno_eperm").Str("reason", firstLine(ve)).
 			Msg("the kernel refuses bpf_set_retval in cgroup connect hooks (Linux 5.18+): denied connections fail with EPERM instead of ECONNREFUSED")
-		err = h.loadPrograms(false)
+		why := h.execWhy
+		err = h.loadPrograms(false, false)
+		h.execWhy = why
 	}
 	if err == nil {
 		return nil
@@ -169,16 +183,66 @@ func (h *Hook) LoadPrograms(log zerolog.Logger) error {
 	return fmt.Errorf("load BPF programs: %w", err)
 }
 
-func (h *Hook) loadPrograms(refused bool) error {
+func (h *Hook) loadPrograms(refused, execID bool) error {
 	spec := h.spec.Copy()
 	if err := spec.Variables[imdsguardVarDenyRefused].Set(boolByte(refused)); err != nil {
 		return fmt.Errorf("set %s: %w", imdsguardVarDenyRefused, err)
 	}
-	if err := spec.LoadAndAssign(&h.objs.imdsguardPrograms, &ebpf.CollectionOptions{MapReplacements: h.maps}); err != nil {
+	if err := spec.Variables[imdsguardVarExecIdentity].Set(boolByte(execID)); err != nil {
+		return fmt.Errorf("set %s: %w", imdsguardVarExecIdentity, err)
+	}
+	if !execID {
+		delete(spec.Programs, imdsguardProgImdsExec)
+		delete(spec.Programs, imdsguardProgImdsFork)
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: h.maps})
+	if err != nil {
 		return err
 	}
+	defer coll.Close()
+	p := &h.objs.imdsguardPrograms
+	for name, dst := range map[string]**ebpf.Program{
+		imdsguardProgImdsConnect4: &p.ImdsConnect4, imdsguardProgImdsConnect6: &p.ImdsConnect6,
+		imdsguardProgImdsGetpeername4: &p.ImdsGetpeername4, imdsguardProgImdsGetpeername6: &p.ImdsGetpeername6,
+		imdsguardProgImdsSockops: &p.ImdsSockops, imdsguardProgImdsExec: &p.ImdsExec, imdsguardProgImdsFork: &p.ImdsFork,
+	} {
+		*dst = coll.DetachProgram(name) // nil for a program not loaded
+	}
 	h.denyRefused = refused
+	h.execIdentity = execID
+	h.execWhy = nil
 	return nil
+}
+
+// ExecIdentity reports whether exe rules are judged by the executable recorded at exec
+// (BPF LSM programs loaded). Where the kernel's active LSMs leave out bpf, they load and
+// attach but never run, and every process falls back to mm->exe_file: see BPFLSMActive.
+func (h *Hook) ExecIdentity() bool { return h.execIdentity }
+
+// ExecIdentityError says why ExecIdentity is false (nil when it is true).
+func (h *Hook) ExecIdentityError() error {
+	if h.execIdentity {
+		return nil
+	}
+	if h.execWhy == nil {
+		return errors.New("programs not loaded")
+	}
+	return h.execWhy
+}
+
+// BPFLSMActive reports whether bpf is among the kernel's active LSMs (securityfs's lsm
+// list), and false with the reason when that cannot be read.
+func BPFLSMActive() (bool, error) {
+	data, err := os.ReadFile("/sys/kernel/security/lsm")
+	if err != nil {
+		return false, fmt.Errorf("read active LSMs: %w", err)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(data)), ",") {
+		if l == "bpf" {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // DenyRefused reports whether a denied connect() fails with ECONNREFUSED (else EPERM).
@@ -279,6 +343,43 @@ func (h *Hook) Attach(path string) error {
 		}
 		h.links = append(h.links, attached{p.name, l})
 	}
+	return h.attachLSM()
+}
+
+// attachLSM attaches the programs that record each task's executable at exec and fork.
+// A tracing link cannot be updated in place: the new one is attached (and pinned) before
+// an earlier agent's is removed, so no exec goes unrecorded in between.
+func (h *Hook) attachLSM() error {
+	for _, p := range []struct {
+		name string
+		prog *ebpf.Program
+	}{{"exec", h.objs.ImdsExec}, {"fork", h.objs.ImdsFork}} {
+		if p.prog == nil {
+			continue
+		}
+		l, err := link.AttachLSM(link.LSMOptions{Program: p.prog})
+		if err != nil {
+			// Not fatal: with nothing recorded, connect falls back to mm->exe_file
+			// for every process, as where BPF LSM is missing.
+			h.execIdentity = false
+			h.execWhy = fmt.Errorf("attach %s (BPF LSM): %w", p.name, err)
+			return nil
+		}
+		if h.pinDir != "" {
+			pin := filepath.Join(h.pinDir, "link_"+p.name)
+			if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+				_ = old.Unpin()
+				_ = old.Close()
+			} else {
+				_ = os.Remove(pin)
+			}
+			if err := l.Pin(pin); err != nil {
+				_ = l.Close()
+				return fmt.Errorf("pin %s: %w", p.name, err)
+			}
+		}
+		h.links = append(h.links, attached{p.name, l})
+	}
 	return nil
 }
 
@@ -345,7 +446,7 @@ func (h *Hook) Unpin() error {
 func (m *imdsguardMaps) unpin() error {
 	var errs []error
 	for _, mp := range []*ebpf.Map{m.Policies, m.ActiveGen, m.Heartbeat, m.RuleUids, m.RuleGids, m.RuleExes,
-		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats} {
+		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats, m.ExecIds} {
 		if err := mp.Unpin(); err != nil {
 			errs = append(errs, err)
 		}

@@ -95,6 +95,13 @@ type imdsguardExeKey struct {
 	Ino uint64
 }
 
+type imdsguardExecId struct {
+	_   structs.HostLayout
+	Ino uint64
+	Dev uint32
+	Pad uint32
+}
+
 type imdsguardFlag uint32
 
 const (
@@ -188,6 +195,7 @@ const (
 	imdsguardMapBrokerConns        = "broker_conns"
 	imdsguardMapEvents             = "events"
 	imdsguardMapEventsRefused      = "events_refused"
+	imdsguardMapExecIds            = "exec_ids"
 	imdsguardMapHeartbeat          = "heartbeat"
 	imdsguardMapOwnSockets         = "own_sockets"
 	imdsguardMapPolicies           = "policies"
@@ -199,11 +207,14 @@ const (
 	imdsguardMapStats              = "stats"
 	imdsguardProgImdsConnect4      = "imds_connect4"
 	imdsguardProgImdsConnect6      = "imds_connect6"
+	imdsguardProgImdsExec          = "imds_exec"
+	imdsguardProgImdsFork          = "imds_fork"
 	imdsguardProgImdsGetpeername4  = "imds_getpeername4"
 	imdsguardProgImdsGetpeername6  = "imds_getpeername6"
 	imdsguardProgImdsSockops       = "imds_sockops"
 	imdsguardVarBrokerPort         = "broker_port"
 	imdsguardVarDenyRefused        = "deny_refused"
+	imdsguardVarExecIdentity       = "exec_identity"
 	imdsguardVarImdsIp4            = "imds_ip4"
 	imdsguardVarImdsIp6            = "imds_ip6"
 	imdsguardVarImdsPort           = "imds_port"
@@ -264,6 +275,8 @@ type imdsguardSpecs struct {
 type imdsguardProgramSpecs struct {
 	ImdsConnect4     *ebpf.ProgramSpec `ebpf:"imds_connect4"`
 	ImdsConnect6     *ebpf.ProgramSpec `ebpf:"imds_connect6"`
+	ImdsExec         *ebpf.ProgramSpec `ebpf:"imds_exec"`
+	ImdsFork         *ebpf.ProgramSpec `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.ProgramSpec `ebpf:"imds_getpeername4"`
 	ImdsGetpeername6 *ebpf.ProgramSpec `ebpf:"imds_getpeername6"`
 	ImdsSockops      *ebpf.ProgramSpec `ebpf:"imds_sockops"`
@@ -278,6 +291,7 @@ type imdsguardMapSpecs struct {
 	BrokerConns   *ebpf.MapSpec `ebpf:"broker_conns"`
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	EventsRefused *ebpf.MapSpec `ebpf:"events_refused"`
+	ExecIds       *ebpf.MapSpec `ebpf:"exec_ids"`
 	Heartbeat     *ebpf.MapSpec `ebpf:"heartbeat"`
 	OwnSockets    *ebpf.MapSpec `ebpf:"own_sockets"`
 	Policies      *ebpf.MapSpec `ebpf:"policies"`
@@ -295,6 +309,7 @@ type imdsguardMapSpecs struct {
 type imdsguardVariableSpecs struct {
 	BrokerPort         *ebpf.VariableSpec `ebpf:"broker_port"`
 	DenyRefused        *ebpf.VariableSpec `ebpf:"deny_refused"`
+	ExecIdentity       *ebpf.VariableSpec `ebpf:"exec_identity"`
 	ImdsIp4            *ebpf.VariableSpec `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.VariableSpec `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.VariableSpec `ebpf:"imds_port"`
@@ -336,6 +351,7 @@ type imdsguardMaps struct {
 	BrokerConns   *ebpf.Map `ebpf:"broker_conns"`
 	Events        *ebpf.Map `ebpf:"events"`
 	EventsRefused *ebpf.Map `ebpf:"events_refused"`
+	ExecIds       *ebpf.Map `ebpf:"exec_ids"`
 	Heartbeat     *ebpf.Map `ebpf:"heartbeat"`
 	OwnSockets    *ebpf.Map `ebpf:"own_sockets"`
 	Policies      *ebpf.Map `ebpf:"policies"`
@@ -354,6 +370,7 @@ func (m *imdsguardMaps) Close() error {
 		m.BrokerConns,
 		m.Events,
 		m.EventsRefused,
+		m.ExecIds,
 		m.Heartbeat,
 		m.OwnSockets,
 		m.Policies,
@@ -372,6 +389,7 @@ func (m *imdsguardMaps) Close() error {
 type imdsguardVariables struct {
 	BrokerPort         *ebpf.Variable `ebpf:"broker_port"`
 	DenyRefused        *ebpf.Variable `ebpf:"deny_refused"`
+	ExecIdentity       *ebpf.Variable `ebpf:"exec_identity"`
 	ImdsIp4            *ebpf.Variable `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.Variable `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.Variable `ebpf:"imds_port"`
@@ -394,6 +412,8 @@ type imdsguardVariables struct {
 type imdsguardPrograms struct {
 	ImdsConnect4     *ebpf.Program `ebpf:"imds_connect4"`
 	ImdsConnect6     *ebpf.Program `ebpf:"imds_connect6"`
+	ImdsExec         *ebpf.Program `ebpf:"imds_exec"`
+	ImdsFork         *ebpf.Program `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.Program `ebpf:"imds_getpeername4"`
 	ImdsGetpeername6 *ebpf.Program `ebpf:"imds_getpeername6"`
 	ImdsSockops      *ebpf.Program `ebpf:"imds_sockops"`
@@ -403,6 +423,8 @@ func (p *imdsguardPrograms) Close() error {
 	return _ImdsguardClose(
 		p.ImdsConnect4,
 		p.ImdsConnect6,
+		p.ImdsExec,
+		p.ImdsFork,
 		p.ImdsGetpeername4,
 		p.ImdsGetpeername6,
 		p.ImdsSockops,

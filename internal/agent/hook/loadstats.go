@@ -66,8 +66,10 @@ func LoadStats(t Target) ([]ProgramStats, error) {
 	}
 	// The variant the agent loads where the kernel allows it: the figures and budgets
 	// are those of the larger one.
-	if err := spec.Variables[imdsguardVarDenyRefused].Set(uint8(1)); err != nil {
-		return nil, fmt.Errorf("set %s: %w", imdsguardVarDenyRefused, err)
+	for _, v := range []string{imdsguardVarDenyRefused, imdsguardVarExecIdentity} {
+		if err := spec.Variables[v].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("set %s: %w", v, err)
+		}
 	}
 	// The maps first, once, so that each program's figure is its own.
 	mapsOnly := spec.Copy()
