@@ -226,9 +226,10 @@ struct {
 } events_refused SEC(".maps");
 
 /* Refused and UDP connects, per process and outcome. The first of a kind writes its
- * event and creates the entry; the rest only count in it, until the agent takes the
- * entry (lookup-and-delete, every events flush) and writes one summary line with the
- * count. So a flood costs one event and one line per process per flush, however fast. */
+ * event and creates the entry; the rest only count in it. Each second the agent reads
+ * the counts and writes one summary line with what was counted since; it removes an
+ * entry that counted nothing for a second, so the next connect of that kind writes an
+ * event again. A flood costs one event, then one line per process per second. */
 struct agg_key {
 	__u32 tgid;
 	__u8 verdict;

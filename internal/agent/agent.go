@@ -51,7 +51,7 @@ const (
 	resolveEvery = 2 * time.Second       // re-resolve exes, units, containers
 	flushEvery   = 20 * time.Millisecond // longest an event line waits in the buffer
 	// summariseEvery is how often the kernel's counts of refused and UDP connects are
-	// taken and written as imds_connect_summary lines: at most one event and one
+	// read and written as imds_connect_summary lines: one event, then at most one
 	// summary per process and outcome each time, however fast it connects.
 	summariseEvery = time.Second
 )

@@ -32,45 +32,80 @@ type Aggregate struct {
 	First, Last time.Time
 }
 
-// TakeAggregates removes every per-process count from the kernel and returns those that
-// counted a connect without an event. The next connect of each kind writes an event
-// again: one event per process and kind per call, however many connects.
+// TakeAggregates returns, per process and kind, the connects the kernel counted
+// without an event since the last call. Entries stay in the kernel while they count (so
+// no increment races a delete); one that counted nothing since the last call is removed,
+// and the next connect of its kind writes an event again. Not safe for concurrent use.
 func (h *Hook) TakeAggregates() ([]Aggregate, error) {
+	type entry struct {
+		key imdsguardAggKey
+		val imdsguardAgg
+	}
 	var (
-		key  imdsguardAggKey
-		keys []imdsguardAggKey
+		key     imdsguardAggKey
+		val     imdsguardAgg
+		entries []entry
 	)
-	var val imdsguardAgg
 	it := h.objs.Aggregates.Iterate()
 	for it.Next(&key, &val) {
-		keys = append(keys, key)
+		entries = append(entries, entry{key, val})
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list aggregates: %w", err)
 	}
+	if h.aggSeen == nil {
+		h.aggSeen = map[imdsguardAggKey]aggSeen{}
+	}
 	clock := newClock()
 	var out []Aggregate
-	for _, k := range keys {
-		if err := h.objs.Aggregates.LookupAndDelete(k, &val); err != nil {
-			if errors.Is(err, ebpf.ErrKeyNotExist) {
-				continue // evicted meanwhile
+	live := make(map[imdsguardAggKey]bool, len(entries))
+	for _, e := range entries {
+		k, v := e.key, e.val
+		live[k] = true
+		seen, known := h.aggSeen[k]
+		if known && seen.start != v.FirstNs {
+			known, seen = false, aggSeen{} // another entry under the same key
+		}
+		if v.Count == seen.count {
+			if known {
+				// Idle for a whole call: the process stopped. Rarely, a connect
+				// counted between the read and the delete is lost.
+				if err := h.objs.Aggregates.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+					return out, fmt.Errorf("remove aggregate: %w", err)
+				}
+				delete(h.aggSeen, k)
+			} else {
+				h.aggSeen[k] = aggSeen{start: v.FirstNs, count: v.Count, last: v.LastNs}
 			}
-			return out, fmt.Errorf("take aggregate: %w", err)
+			continue
 		}
-		if val.Count == 0 {
-			continue // its one connect wrote its event
+		first := v.FirstNs
+		if known {
+			first = seen.last
 		}
+		h.aggSeen[k] = aggSeen{start: v.FirstNs, count: v.Count, last: v.LastNs}
 		a := Aggregate{
-			PID: k.Tgid, StartBoottime: val.StartBoottime, UID: val.Uid, GID: val.Gid,
-			CgroupID: val.CgroupId, NetnsCookie: val.NetnsCookie, ExeIno: val.ExeIno,
-			Family: val.Family, UDP: k.Udp != 0, Verdict: Verdict(k.Verdict), Rule: ruleIndex(k.Rule),
+			PID: k.Tgid, StartBoottime: v.StartBoottime, UID: v.Uid, GID: v.Gid,
+			CgroupID: v.CgroupId, NetnsCookie: v.NetnsCookie, ExeIno: v.ExeIno,
+			Family: v.Family, UDP: k.Udp != 0, Verdict: Verdict(k.Verdict), Rule: ruleIndex(k.Rule),
 			V2Required: k.Flags&flagV2Required != 0, NoBroker: k.Flags&flagNoBroker != 0,
-			Count: val.Count, First: clock.wall(val.FirstNs), Last: clock.wall(val.LastNs),
+			Count: v.Count - seen.count, First: clock.wall(first), Last: clock.wall(v.LastNs),
 		}
-		if val.ExeIno != 0 {
-			a.ExeDev = unix.Mkdev(val.ExeDev>>20, val.ExeDev&(1<<20-1))
+		if v.ExeIno != 0 {
+			a.ExeDev = unix.Mkdev(v.ExeDev>>20, v.ExeDev&(1<<20-1))
 		}
 		out = append(out, a)
 	}
+	for k := range h.aggSeen {
+		if !live[k] {
+			delete(h.aggSeen, k) // evicted by the kernel (LRU)
+		}
+	}
 	return out, nil
+}
+
+// aggSeen is what TakeAggregates last read of one kernel entry.
+type aggSeen struct {
+	start, last uint64 // the entry's first_ns (names it) and last_ns
+	count       uint64
 }

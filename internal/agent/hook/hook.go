@@ -56,6 +56,8 @@ type Hook struct {
 	// queueDrops counts events read from the kernel but dropped because the consumer
 	// was behind (the reader never blocks on it).
 	queueDrops atomic.Uint64
+	// aggSeen is what TakeAggregates last read of each kernel aggregate entry.
+	aggSeen map[imdsguardAggKey]aggSeen
 	// netns is the host network namespace cookie of the policy in force: the broker's
 	// connections are looked up in it.
 	netns atomic.Uint64
