@@ -69,6 +69,10 @@ volatile const __u16 broker_port = 0;
  * EPERM. The loader sets it when the kernel accepts the helper; at 0 the call is dead
  * code the verifier never walks, so the same object loads on older kernels. */
 volatile const __u8 deny_refused = 0;
+/* 1: judge the executable by the identity recorded at exec (exec_ids), where there is
+ * one. The loader sets it when the kernel lets connect programs read task storage; at 0
+ * that code is dead and never verified. */
+volatile const __u8 exec_identity = 0;
 
 #define ECONNREFUSED 111
 
@@ -90,7 +94,7 @@ struct policy {
 	__u8 fail_closed;
 	__u8 loaded;       /* 0 until the agent wrote a policy */
 	__u8 broker_families; /* enum broker_family bits: listeners the agent holds */
-	__u8 _pad;
+	__u8 events_udp;   /* 1: a UDP connect()'s first event is written; 0: only counted */
 };
 
 struct id_key {
@@ -203,12 +207,58 @@ struct event {
 	char exe_names[EXE_DEPTH][EXE_NAME_LEN];
 };
 
+/* Events of connections that went through (allowed, audit-denied, fail-open, the
+ * agent's own): the broker's request lines name their process from these, so no flood
+ * of refused connects may take their room. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	/* 1 MiB: ~1.2k events of headroom, plenty for a reader that hands events on without
 	 * blocking; the mapping counts twice in the agent's RSS, so size matters. */
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
+
+/* Events of refused connects (deny, fail-closed) and of UDP: their own ring, so that a
+ * flood of them fills this one and never events. Aggregation (below) keeps even a flood
+ * to one event per process per flush. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 << 10);
+} events_refused SEC(".maps");
+
+/* Refused and UDP connects, per process and outcome. The first of a kind writes its
+ * event and creates the entry; the rest only count in it. Each second the agent reads
+ * the counts and writes one summary line with what was counted since; it removes an
+ * entry that counted nothing for a second, so the next connect of that kind writes an
+ * event again. A flood costs one event, then one line per process per second. */
+struct agg_key {
+	__u32 tgid;
+	__u8 verdict;
+	__u8 rule;
+	__u8 flags;
+	__u8 udp;
+};
+
+struct agg {
+	__u64 count;          /* connects since the entry was made that wrote no event */
+	__u64 first_ns;       /* CLOCK_MONOTONIC of the first of them (or of the entry) */
+	__u64 last_ns;
+	__u64 start_boottime; /* of the process: with tgid, names it */
+	__u64 cgroup_id;
+	__u64 netns_cookie;
+	__u64 exe_ino;
+	__u32 exe_dev;
+	__u32 uid;
+	__u32 gid;
+	__u16 family;
+	__u16 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct agg_key);
+	__type(value, struct agg);
+} aggregates SEC(".maps");
 
 /* What the broker needs about a redirected connection, keyed by the client socket's
  * cookie. LRU: entries of closed sockets age out. */
@@ -271,6 +321,27 @@ struct {
 	__type(value, __u8);
 } own_sockets SEC(".maps");
 
+/* The executable each task was started from: device and inode of the file exec'd,
+ * written by the LSM program on bprm_committed_creds and copied to every new task at
+ * fork (task_alloc). Unlike mm->exe_file, which a process may repoint at any file it can
+ * open with prctl(PR_SET_MM_MAP) (in a user namespace, without privilege), nothing a
+ * process can call changes it but another exec. Tasks that have run no exec since the
+ * programs were attached, and were forked from such tasks, have no entry: connect falls
+ * back to mm->exe_file for them. Pinned, so that a restart keeps what was recorded. */
+struct exec_id {
+	__u64 ino;
+	__u32 dev; /* kernel encoding */
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct exec_id);
+	PINNED;
+} exec_ids SEC(".maps");
+
 /* Counters read by user space; they keep counting while the agent is gone. */
 enum stat {
 	STAT_RINGBUF_FULL = 0,
@@ -296,6 +367,8 @@ const struct event *unused_event __attribute__((unused));
 const struct policy *unused_policy __attribute__((unused));
 const struct redirect *unused_redirect __attribute__((unused));
 const struct conn_key *unused_conn_key __attribute__((unused));
+const struct agg_key *unused_agg_key __attribute__((unused));
+const struct agg *unused_agg __attribute__((unused));
 const enum broker_family *unused_broker_family __attribute__((unused));
 const enum verdict *unused_verdict __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
@@ -375,6 +448,7 @@ struct task_view {
 	__u64 exe_ino;
 	__u64 start_boottime;
 	__u32 exe_dev;
+	__u8 udp_events; /* the policy's events_udp */
 };
 
 static __always_inline void read_task(struct task_view *t)
@@ -388,6 +462,15 @@ static __always_inline void read_task(struct task_view *t)
 	t->start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
 	t->exe_ino = 0;
 	t->exe_dev = 0;
+	t->udp_events = 0;
+	if (exec_identity) {
+		struct exec_id *id = bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, 0);
+		if (id) {
+			t->exe_ino = id->ino;
+			t->exe_dev = id->dev;
+			return;
+		}
+	}
 	if (exe) {
 		t->exe_ino = BPF_CORE_READ(exe, f_inode, i_ino);
 		t->exe_dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
@@ -524,23 +607,75 @@ static __always_inline void fill_exe(struct event *e)
 
 /* What emit() records besides the task, packed into one argument (a global function
  * takes at most five). */
-static __always_inline __u64 meta(__u32 exe_dev, __u32 dst, __u8 verdict, __u8 rule, __u8 flags)
+static __always_inline __u64 meta(__u32 exe_dev, __u32 dst, __u8 verdict, __u8 rule, __u8 flags, __u8 udp_events)
 {
-	return (__u64)exe_dev << 32 | (__u64)(dst & 0xff) << 24 | (__u64)flags << 16 | (__u64)rule << 8 | verdict;
+	return (__u64)exe_dev << 32 | (__u64)(udp_events & 1) << 31 | (__u64)(dst & 3) << 24 | (__u64)flags << 16 |
+	       (__u64)rule << 8 | verdict;
+}
+
+/* Counts a refused or UDP connect() in aggregates. Returns 1 when that is all it gets
+ * (an entry for its kind exists, or a UDP connect without events.udp), 0 when it writes
+ * its own event. */
+static __always_inline int aggregated(struct bpf_sock_addr *ctx, __u64 cgroup_id, __u64 exe_ino, __u64 meta)
+{
+	__u8 verdict = meta & 0xff;
+	__u8 udp = ctx->type != SOCK_STREAM;
+	if (verdict != VERDICT_DENY && verdict != VERDICT_FAIL_CLOSED && !udp)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	struct agg_key k = {
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.verdict = verdict,
+		.rule = (meta >> 8) & 0xff,
+		.flags = (meta >> 16) & 0xff,
+		.udp = udp,
+	};
+	struct agg *a = bpf_map_lookup_elem(&aggregates, &k);
+	if (a) {
+		__sync_fetch_and_add(&a->count, 1);
+		a->last_ns = now;
+		return 1;
+	}
+	int quiet = udp && !((meta >> 31) & 1);
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	__u32 dst = (meta >> 24) & 3;
+	struct agg n = {
+		.count = quiet ? 1 : 0,
+		.first_ns = now,
+		.last_ns = now,
+		.start_boottime = BPF_CORE_READ(task, group_leader, start_boottime),
+		.cgroup_id = cgroup_id,
+		.netns_cookie = bpf_get_netns_cookie(ctx),
+		.exe_ino = exe_ino,
+		.exe_dev = meta >> 32,
+		.uid = (__u32)uid_gid,
+		.gid = uid_gid >> 32,
+		.family = dst_family(dst),
+	};
+	bpf_map_update_elem(&aggregates, &k, &n, BPF_NOEXIST);
+	return quiet;
 }
 
 /* Writes one event for the current task's connect() to dst. cgroup_id, exe_ino and the
  * exe_dev in meta are the task_view judge() decided with. Returns 0. */
 __noinline int emit(struct bpf_sock_addr *ctx, __u64 cookie, __u64 cgroup_id, __u64 exe_ino, __u64 meta)
 {
-	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (aggregated(ctx, cgroup_id, exe_ino, meta))
+		return 0;
+	__u8 verdict = meta & 0xff;
+	struct event *e;
+	if (verdict == VERDICT_DENY || verdict == VERDICT_FAIL_CLOSED || ctx->type != SOCK_STREAM)
+		e = bpf_ringbuf_reserve(&events_refused, sizeof(*e), 0);
+	else
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(STAT_RINGBUF_FULL);
 		return 0;
 	}
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u64 uid_gid = bpf_get_current_uid_gid();
-	__u32 dst = (meta >> 24) & 0xff;
+	__u32 dst = (meta >> 24) & 3;
 
 	e->ktime_ns = bpf_ktime_get_ns();
 	e->cgroup_id = cgroup_id;
@@ -574,7 +709,7 @@ __noinline int emit(struct bpf_sock_addr *ctx, __u64 cookie, __u64 cgroup_id, __
 static __always_inline void record(struct bpf_sock_addr *ctx, __u64 cookie, const struct task_view *t, __u32 dst,
 				   __u8 verdict, __u8 rule, __u8 flags)
 {
-	emit(ctx, cookie, t->cgroup_id, t->exe_ino, meta(t->exe_dev, dst, verdict, rule, flags));
+	emit(ctx, cookie, t->cgroup_id, t->exe_ino, meta(t->exe_dev, dst, verdict, rule, flags, t->udp_events));
 }
 
 /* Judges one IMDS connect() to dst. Returns an enum judgement; the caller rewrites the
@@ -590,6 +725,8 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	read_task(&t);
+	if (p)
+		t.udp_events = p->events_udp;
 	/* The agent's own socket: its cookie registered by the agent, from the agent's
 	 * process, in the agent's namespace. Passed unjudged, never redirected, recorded. */
 	if (p && p->agent_tgid && bpf_map_lookup_elem(&own_sockets, &cookie) &&
@@ -804,4 +941,36 @@ int imds_sockops(struct bpf_sock_ops *skops)
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&broker_conns, &k, &cookie, BPF_ANY);
 	return 1;
+}
+
+/* ---- the executable's identity, recorded at exec (BPF LSM) ---- */
+
+SEC("lsm/bprm_committed_creds")
+int imds_exec(unsigned long long *ctx)
+{
+	struct linux_binprm *bprm = (void *)ctx[0];
+	struct exec_id *id =
+		bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!id)
+		return 0;
+	struct file *f = BPF_CORE_READ(bprm, file);
+	id->ino = BPF_CORE_READ(f, f_inode, i_ino);
+	id->dev = BPF_CORE_READ(f, f_inode, i_sb, s_dev);
+	return 0;
+}
+
+/* A new task (process or thread) runs its parent's executable until it execs. */
+SEC("lsm/task_alloc")
+int imds_fork(unsigned long long *ctx)
+{
+	struct task_struct *task = (void *)ctx[0];
+	struct exec_id *parent = bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, 0);
+	if (!parent)
+		return 0;
+	struct exec_id *child = bpf_task_storage_get(&exec_ids, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (child) {
+		child->ino = parent->ino;
+		child->dev = parent->dev;
+	}
+	return 0;
 }

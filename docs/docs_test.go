@@ -109,7 +109,8 @@ func TestEventFieldsTable(t *testing.T) {
 		Netns: 1, SocketCookie: 1, Dst: "169.254.169.254:80", Verdict: "allow", Rule: "r",
 		Redirected: true, Agent: true, NoBroker: true, Missing: []string{"cmdline"}, Method: "GET", Path: "/", IMDSVersion: "v1", Status: 401,
 		Refused: "imdsv2_required", DurationMS: 1}
-	for _, kind := range []string{events.KindConnect, events.KindRequest, events.KindPreexisting} {
+	full.Count, full.First, full.UDP = 1, time.Now(), true
+	for _, kind := range []string{events.KindConnect, events.KindRequest, events.KindPreexisting, events.KindConnectSummary} {
 		r := full
 		r.Kind = kind
 		w.Write(r)

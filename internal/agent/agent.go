@@ -50,6 +50,10 @@ const (
 	ownWait      = 10 * time.Second      // longest an own socket waits for the programs
 	resolveEvery = 2 * time.Second       // re-resolve exes, units, containers
 	flushEvery   = 20 * time.Millisecond // longest an event line waits in the buffer
+	// summariseEvery is how often the kernel's counts of refused and UDP connects are
+	// read and written as imds_connect_summary lines: one event, then at most one
+	// summary per process and outcome each time, however fast it connects.
+	summariseEvery = time.Second
 )
 
 // Run guards until ctx is done. Errors are start-up failures or a broken reader. Each
@@ -205,8 +209,18 @@ func (a *agent) start() error {
 		Int("imds_port", cfg.IMDS.Port).Str("events_output", cfg.Events.Output).
 		Str("mode", string(cfg.Mode)).Str("failure_mode", string(cfg.FailureMode)).Str("default_action", string(cfg.DefaultAction)).
 		Int("rules", len(cfg.Rules)).Bool("broker", cfg.Broker.Enabled).Str("pin_path", cfg.PinPath).
-		Bool("deny_refused", a.h.DenyRefused()).Dur("programs_load", loaded).
+		Bool("deny_refused", a.h.DenyRefused()).Bool("exec_identity", a.h.ExecIdentity()).Dur("programs_load", loaded).
 		Msg("hooks attached, guarding IMDS connections")
+	if err := a.h.ExecIdentityError(); err != nil {
+		a.log.Warn().Str("event", "exec_identity_unavailable").Err(err).
+			Msg("cannot record executables at exec (BPF LSM): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
+	} else if active, err := hook.BPFLSMActive(); !active {
+		ev := a.log.Warn().Str("event", "exec_identity_inactive")
+		if err != nil {
+			ev = ev.Err(err)
+		}
+		ev.Msg("bpf is not an active LSM (lsm= boot parameter): executables are not recorded at exec, exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
+	}
 	if cfg.Agent.ReadyFile != "" {
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {
 			return err
@@ -415,9 +429,15 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 	// line keeps the writer off the CPU the broker's clients are waiting for.
 	flush := time.NewTicker(flushEvery)
 	defer flush.Stop()
+	summarise := time.NewTicker(summariseEvery)
+	defer summarise.Stop()
 	dirty := false
 	for queue != nil || requests != nil {
 		select {
+		case <-summarise.C:
+			if a.writeSummaries() {
+				dirty = true
+			}
 		case ev, ok := <-queue:
 			if !ok {
 				queue = nil
@@ -454,7 +474,26 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 			}
 		}
 	}
+	a.writeSummaries()
 	_ = a.out.Flush()
+}
+
+// writeSummaries writes a summary line for each process and outcome the kernel counted
+// connects of since the last call; reports whether it wrote any.
+func (a *agent) writeSummaries() bool {
+	aggs, err := a.h.TakeAggregates()
+	if err != nil {
+		a.log.Error().Err(err).Str("event", "summaries_failed").Msg("reading the kernel's connect counts")
+	}
+	for _, ag := range aggs {
+		rec := a.summaryRecord(ag)
+		a.out.Write(rec)
+		a.tel.observeSummary(rec)
+		if ag.Verdict == hook.VerdictDeny {
+			a.ledger.Observe(tally.Denied, tally.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}, rec.Time)
+		}
+	}
+	return len(aggs) > 0
 }
 
 // shutdown stops the heartbeat and the broker, then leaves the pinned programs guarding

@@ -1,8 +1,12 @@
 package agent
 
 import (
+	"net"
+	"strconv"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/imdsguard/imdsguard/internal/agent/broker"
 	"github.com/imdsguard/imdsguard/internal/agent/events"
@@ -25,6 +29,26 @@ func (a *agent) connectRecord(ev hook.Event) events.Record {
 		ContainerID: info.ContainerID, Container: info.Container, Netns: ev.NetnsCookie, SocketCookie: ev.SocketCookie,
 		Dst: ev.Dst.String(), Verdict: ev.Verdict.String(), Rule: a.ruleName(ev.Rule),
 		Redirected: ev.Redirected, Agent: ev.Agent, NoBroker: ev.NoBroker, Missing: info.Missing,
+	}
+}
+
+// summaryRecord is the imds_connect_summary line of one kernel aggregate.
+func (a *agent) summaryRecord(ag hook.Aggregate) events.Record {
+	info := a.resolver.Resolve(procinfo.Process{
+		PID: ag.PID, StartBoottime: ag.StartBoottime, UID: ag.UID, CgroupID: ag.CgroupID,
+		ExeDev: ag.ExeDev, ExeIno: ag.ExeIno,
+	})
+	host := a.cfg.IMDS.IPv4
+	if ag.Family == unix.AF_INET6 {
+		host = a.cfg.IMDS.IPv6
+	}
+	dst := net.JoinHostPort(host, strconv.Itoa(a.cfg.IMDS.Port))
+	return events.Record{
+		Kind: events.KindConnectSummary, Time: ag.Last, First: ag.First, Count: ag.Count, UDP: ag.UDP,
+		PID: ag.PID, UID: ag.UID, GID: ag.GID, User: info.User, Exe: info.Exe, Cmdline: info.Cmdline,
+		Cgroup: info.Cgroup, CgroupID: ag.CgroupID, Unit: info.Unit, ContainerID: info.ContainerID,
+		Container: info.Container, Netns: ag.NetnsCookie, Dst: dst, Verdict: ag.Verdict.String(),
+		Rule: a.ruleName(ag.Rule), NoBroker: ag.NoBroker, Missing: info.Missing,
 	}
 }
 

@@ -147,6 +147,21 @@ func (t *telemetry) observeProcess(kind metrics.Kind, exe, user string, uid uint
 	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: exe, User: user, Time: at})
 }
 
+// observeSummary counts the connects of one summary: in the per-process counts as
+// their events would have been, and as aggregated.
+func (t *telemetry) observeSummary(rec events.Record) {
+	kind := metrics.MetadataRequests
+	if rec.Verdict == hook.VerdictDeny.String() {
+		kind = metrics.MetadataDenied
+	}
+	user := rec.User
+	if user == "" {
+		user = strconv.FormatUint(uint64(rec.UID), 10)
+	}
+	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: rec.Exe, User: user, Time: rec.Time, Count: rec.Count})
+	t.Metrics.Observe(metrics.Observation{Kind: metrics.EventsAggregated, Count: rec.Count})
+}
+
 // observeDrops counts events lost in the kernel ring buffer or the agent's queue.
 func (t *telemetry) observeDrops(n uint64) {
 	if n > 0 {

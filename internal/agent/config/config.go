@@ -81,6 +81,11 @@ type IMDS struct {
 type Events struct {
 	// Output is "stdout" or a file path (appended to, created 0600).
 	Output string `yaml:"output"`
+	// UDP: a UDP connect() to IMDS writes an event (the first per process each second,
+	// the rest counted in a summary, as refused connects are). Off, UDP connects are
+	// only counted in summaries: nothing useful answers UDP on IMDS's port, and a UDP
+	// flood costs the sender nothing.
+	UDP bool `yaml:"udp"`
 }
 
 // Log configures the agent's own diagnostic log (not the events).

@@ -23,6 +23,9 @@ const (
 	KindRequest = "imds_request" // one per HTTP request the broker handled
 	// KindPreexisting is one per IMDS connection already open when the agent started.
 	KindPreexisting = "imds_preexisting"
+	// KindConnectSummary is one per process and outcome per second: the refused (and
+	// UDP) connects the kernel counted instead of writing an event for each.
+	KindConnectSummary = "imds_connect_summary"
 )
 
 // Record is one IMDS connection or request: the kernel's facts and their enrichment.
@@ -51,6 +54,11 @@ type Record struct {
 	Agent        bool   // one of the agent's own sockets, passed unjudged
 	NoBroker     bool   // could not be brokered (with a v2-required rule: refused for that)
 	Missing      []string
+
+	// Summary fields (KindConnectSummary).
+	Count uint64    // connects counted, none with an event of its own
+	First time.Time // the first of them; Time is the last
+	UDP   bool      // they were UDP connects
 
 	// Request fields (KindRequest).
 	Method      string
@@ -165,6 +173,12 @@ func (w *Writer) Write(r Record) {
 	}
 	if r.NoBroker {
 		e = e.Bool("no_broker", true)
+	}
+	if kind == KindConnectSummary {
+		e = e.Uint64("count", r.Count).Str("first", r.First.UTC().Format(time.RFC3339Nano))
+		if r.UDP {
+			e = e.Bool("udp", true)
+		}
 	}
 	if kind == KindRequest {
 		e = e.Str("method", r.Method).Str("path", r.Path).Str("imds_version", r.IMDSVersion).

@@ -40,15 +40,24 @@ type Hook struct {
 	objs   imdsguardObjects
 	links  []attached
 	reader *ringbuf.Reader
-	pinDir string // "" when not pinned
-	spec   *ebpf.CollectionSpec
-	maps   map[string]*ebpf.Map // the maps Open opened, by name, for LoadPrograms
+	// refused reads the ring of refused and UDP connects (events_refused): a flood of
+	// them never takes the room of the events of connections that went through.
+	refused *ringbuf.Reader
+	pinDir  string // "" when not pinned
+	spec    *ebpf.CollectionSpec
+	maps    map[string]*ebpf.Map // the maps Open opened, by name, for LoadPrograms
 	// denyRefused: the programs loaded make a denied connect() fail with ECONNREFUSED.
 	denyRefused bool
+	// execIdentity: the programs loaded judge by the identity recorded at exec (BPF LSM
+	// programs loaded, and Attach attached them); execWhy says why not.
+	execIdentity bool
+	execWhy      error
 
 	// queueDrops counts events read from the kernel but dropped because the consumer
 	// was behind (the reader never blocks on it).
 	queueDrops atomic.Uint64
+	// aggSeen is what TakeAggregates last read of each kernel aggregate entry.
+	aggSeen map[imdsguardAggKey]aggSeen
 	// netns is the host network namespace cookie of the policy in force: the broker's
 	// connections are looked up in it.
 	netns atomic.Uint64
@@ -137,6 +146,11 @@ func Open(t Target, pinDir string) (*Hook, error) {
 		return nil, fmt.Errorf("open ring buffer: %w", err)
 	}
 	h.reader = rd
+	if h.refused, err = ringbuf.NewReader(h.objs.EventsRefused); err != nil {
+		_ = rd.Close()
+		_ = h.objs.Close()
+		return nil, fmt.Errorf("open ring buffer: %w", err)
+	}
 	return h, nil
 }
 
@@ -145,12 +159,22 @@ func Open(t Target, pinDir string) (*Hook, error) {
 // (before Linux 5.18), a denied connect() fails with EPERM instead of ECONNREFUSED, and
 // LoadPrograms says so in log.
 func (h *Hook) LoadPrograms(log zerolog.Logger) error {
-	err := h.loadPrograms(true)
+	err := h.loadPrograms(true, true)
+	if err != nil {
+		// Without BPF LSM (CONFIG_BPF_LSM, a kernel that refuses LSM programs) or task
+		// storage in connect programs: the executable is judged by mm->exe_file, which a
+		// process can repoint. ExecIdentityError says why, for the agent's log.
+		why := err
+		err = h.loadPrograms(true, false)
+		h.execWhy = why
+	}
 	var ve *ebpf.VerifierError
 	if errors.As(err, &ve) {
 		log.Warn().Str("event", "deny_errno_eperm").Str("reason", firstLine(ve)).
 			Msg("the kernel refuses bpf_set_retval in cgroup connect hooks (Linux 5.18+): denied connections fail with EPERM instead of ECONNREFUSED")
-		err = h.loadPrograms(false)
+		why := h.execWhy
+		err = h.loadPrograms(false, false)
+		h.execWhy = why
 	}
 	if err == nil {
 		return nil
@@ -161,16 +185,66 @@ func (h *Hook) LoadPrograms(log zerolog.Logger) error {
 	return fmt.Errorf("load BPF programs: %w", err)
 }
 
-func (h *Hook) loadPrograms(refused bool) error {
+func (h *Hook) loadPrograms(refused, execID bool) error {
 	spec := h.spec.Copy()
 	if err := spec.Variables[imdsguardVarDenyRefused].Set(boolByte(refused)); err != nil {
 		return fmt.Errorf("set %s: %w", imdsguardVarDenyRefused, err)
 	}
-	if err := spec.LoadAndAssign(&h.objs.imdsguardPrograms, &ebpf.CollectionOptions{MapReplacements: h.maps}); err != nil {
+	if err := spec.Variables[imdsguardVarExecIdentity].Set(boolByte(execID)); err != nil {
+		return fmt.Errorf("set %s: %w", imdsguardVarExecIdentity, err)
+	}
+	if !execID {
+		delete(spec.Programs, imdsguardProgImdsExec)
+		delete(spec.Programs, imdsguardProgImdsFork)
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: h.maps})
+	if err != nil {
 		return err
 	}
+	defer coll.Close()
+	p := &h.objs.imdsguardPrograms
+	for name, dst := range map[string]**ebpf.Program{
+		imdsguardProgImdsConnect4: &p.ImdsConnect4, imdsguardProgImdsConnect6: &p.ImdsConnect6,
+		imdsguardProgImdsGetpeername4: &p.ImdsGetpeername4, imdsguardProgImdsGetpeername6: &p.ImdsGetpeername6,
+		imdsguardProgImdsSockops: &p.ImdsSockops, imdsguardProgImdsExec: &p.ImdsExec, imdsguardProgImdsFork: &p.ImdsFork,
+	} {
+		*dst = coll.DetachProgram(name) // nil for a program not loaded
+	}
 	h.denyRefused = refused
+	h.execIdentity = execID
+	h.execWhy = nil
 	return nil
+}
+
+// ExecIdentity reports whether exe rules are judged by the executable recorded at exec
+// (BPF LSM programs loaded). Where the kernel's active LSMs leave out bpf, they load and
+// attach but never run, and every process falls back to mm->exe_file: see BPFLSMActive.
+func (h *Hook) ExecIdentity() bool { return h.execIdentity }
+
+// ExecIdentityError says why ExecIdentity is false (nil when it is true).
+func (h *Hook) ExecIdentityError() error {
+	if h.execIdentity {
+		return nil
+	}
+	if h.execWhy == nil {
+		return errors.New("programs not loaded")
+	}
+	return h.execWhy
+}
+
+// BPFLSMActive reports whether bpf is among the kernel's active LSMs (securityfs's lsm
+// list), and false with the reason when that cannot be read.
+func BPFLSMActive() (bool, error) {
+	data, err := os.ReadFile("/sys/kernel/security/lsm")
+	if err != nil {
+		return false, fmt.Errorf("read active LSMs: %w", err)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(data)), ",") {
+		if l == "bpf" {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // DenyRefused reports whether a denied connect() fails with ECONNREFUSED (else EPERM).
@@ -271,6 +345,43 @@ func (h *Hook) Attach(path string) error {
 		}
 		h.links = append(h.links, attached{p.name, l})
 	}
+	return h.attachLSM()
+}
+
+// attachLSM attaches the programs that record each task's executable at exec and fork.
+// A tracing link cannot be updated in place: the new one is attached (and pinned) before
+// an earlier agent's is removed, so no exec goes unrecorded in between.
+func (h *Hook) attachLSM() error {
+	for _, p := range []struct {
+		name string
+		prog *ebpf.Program
+	}{{"exec", h.objs.ImdsExec}, {"fork", h.objs.ImdsFork}} {
+		if p.prog == nil {
+			continue
+		}
+		l, err := link.AttachLSM(link.LSMOptions{Program: p.prog})
+		if err != nil {
+			// Not fatal: with nothing recorded, connect falls back to mm->exe_file
+			// for every process, as where BPF LSM is missing.
+			h.execIdentity = false
+			h.execWhy = fmt.Errorf("attach %s (BPF LSM): %w", p.name, err)
+			return nil
+		}
+		if h.pinDir != "" {
+			pin := filepath.Join(h.pinDir, "link_"+p.name)
+			if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+				_ = old.Unpin()
+				_ = old.Close()
+			} else {
+				_ = os.Remove(pin)
+			}
+			if err := l.Pin(pin); err != nil {
+				_ = l.Close()
+				return fmt.Errorf("pin %s: %w", p.name, err)
+			}
+		}
+		h.links = append(h.links, attached{p.name, l})
+	}
 	return nil
 }
 
@@ -337,7 +448,7 @@ func (h *Hook) Unpin() error {
 func (m *imdsguardMaps) unpin() error {
 	var errs []error
 	for _, mp := range []*ebpf.Map{m.Policies, m.ActiveGen, m.Heartbeat, m.RuleUids, m.RuleGids, m.RuleExes,
-		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats} {
+		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats, m.ExecIds} {
 		if err := mp.Unpin(); err != nil {
 			errs = append(errs, err)
 		}
@@ -374,6 +485,9 @@ func (h *Hook) Close() error {
 	err := h.Detach()
 	if h.reader != nil {
 		err = errors.Join(err, h.reader.Close())
+	}
+	if h.refused != nil {
+		err = errors.Join(err, h.refused.Close())
 	}
 	return errors.Join(err, h.objs.Close())
 }
@@ -461,21 +575,40 @@ func (h *Hook) Linger(grace time.Duration) error {
 	return nil
 }
 
-// Run reads the ring buffer and sends decoded events to out until ctx is done or the
+// Run reads the ring buffers and sends decoded events to out until ctx is done or the
 // hook is closed. It never blocks on out: when out is full the event is counted in
-// Stats().QueueDrops and dropped, so the kernel's ring keeps draining.
+// Stats().QueueDrops and dropped, so the kernel's rings keep draining. Events of refused
+// and UDP connects may fill only half of out: the other half stays for the connections
+// that went through, whose events the broker's request lines are named from.
 //
-// When ctx is done, Run first delivers what is still in the ring, then returns: detach
+// When ctx is done, Run first delivers what is still in the rings, then returns: detach
 // before cancelling and no event is lost on shutdown.
 func (h *Hook) Run(ctx context.Context, out chan<- Event) error {
 	// Flush wakes a blocked read; the reader then returns what is pending, then
 	// ErrFlushed.
-	stop := context.AfterFunc(ctx, func() { _ = h.reader.Flush() })
+	stop := context.AfterFunc(ctx, func() {
+		_ = h.reader.Flush()
+		_ = h.refused.Flush()
+	})
 	defer stop()
 	clock := newClock()
+	refusedErr := make(chan error, 1)
+	go func() {
+		refusedErr <- h.read(h.refused, clock, out, max(cap(out)/2, 1))
+	}()
+	err := h.read(h.reader, clock, out, cap(out))
+	if err != nil {
+		// Wake the other reader: a broken ring ends the agent's reading.
+		_ = h.refused.Flush()
+	}
+	return errors.Join(err, <-refusedErr)
+}
+
+// read hands the events of one ring to out while out holds fewer than room.
+func (h *Hook) read(rd *ringbuf.Reader, clock clock, out chan<- Event, room int) error {
 	var rec ringbuf.Record
 	for {
-		if err := h.reader.ReadInto(&rec); err != nil {
+		if err := rd.ReadInto(&rec); err != nil {
 			if errors.Is(err, ringbuf.ErrClosed) || errors.Is(err, ringbuf.ErrFlushed) {
 				return nil
 			}
@@ -484,6 +617,10 @@ func (h *Hook) Run(ctx context.Context, out chan<- Event) error {
 		ev, err := decode(rec.RawSample, clock)
 		if err != nil {
 			return err
+		}
+		if room < cap(out) && len(out) >= room {
+			h.queueDrops.Add(1)
+			continue
 		}
 		select {
 		case out <- ev:

@@ -13,6 +13,31 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type imdsguardAgg struct {
+	_             structs.HostLayout
+	Count         uint64
+	FirstNs       uint64
+	LastNs        uint64
+	StartBoottime uint64
+	CgroupId      uint64
+	NetnsCookie   uint64
+	ExeIno        uint64
+	ExeDev        uint32
+	Uid           uint32
+	Gid           uint32
+	Family        uint16
+	Pad           uint16
+}
+
+type imdsguardAggKey struct {
+	_       structs.HostLayout
+	Tgid    uint32
+	Verdict uint8
+	Rule    uint8
+	Flags   uint8
+	Udp     uint8
+}
+
 type imdsguardBrokerFamily uint32
 
 const (
@@ -70,6 +95,13 @@ type imdsguardExeKey struct {
 	Ino uint64
 }
 
+type imdsguardExecId struct {
+	_   structs.HostLayout
+	Ino uint64
+	Dev uint32
+	Pad uint32
+}
+
 type imdsguardFlag uint32
 
 const (
@@ -102,7 +134,7 @@ type imdsguardPolicy struct {
 	FailClosed     uint8
 	Loaded         uint8
 	BrokerFamilies uint8
-	Pad            uint8
+	EventsUdp      uint8
 }
 
 type imdsguardRedirect struct {
@@ -159,8 +191,11 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	imdsguardMapActiveGen          = "active_gen"
+	imdsguardMapAggregates         = "aggregates"
 	imdsguardMapBrokerConns        = "broker_conns"
 	imdsguardMapEvents             = "events"
+	imdsguardMapEventsRefused      = "events_refused"
+	imdsguardMapExecIds            = "exec_ids"
 	imdsguardMapHeartbeat          = "heartbeat"
 	imdsguardMapOwnSockets         = "own_sockets"
 	imdsguardMapPolicies           = "policies"
@@ -172,14 +207,19 @@ const (
 	imdsguardMapStats              = "stats"
 	imdsguardProgImdsConnect4      = "imds_connect4"
 	imdsguardProgImdsConnect6      = "imds_connect6"
+	imdsguardProgImdsExec          = "imds_exec"
+	imdsguardProgImdsFork          = "imds_fork"
 	imdsguardProgImdsGetpeername4  = "imds_getpeername4"
 	imdsguardProgImdsGetpeername6  = "imds_getpeername6"
 	imdsguardProgImdsSockops       = "imds_sockops"
 	imdsguardVarBrokerPort         = "broker_port"
 	imdsguardVarDenyRefused        = "deny_refused"
+	imdsguardVarExecIdentity       = "exec_identity"
 	imdsguardVarImdsIp4            = "imds_ip4"
 	imdsguardVarImdsIp6            = "imds_ip6"
 	imdsguardVarImdsPort           = "imds_port"
+	imdsguardVarUnusedAgg          = "unused_agg"
+	imdsguardVarUnusedAggKey       = "unused_agg_key"
 	imdsguardVarUnusedBrokerFamily = "unused_broker_family"
 	imdsguardVarUnusedConnKey      = "unused_conn_key"
 	imdsguardVarUnusedEvent        = "unused_event"
@@ -235,6 +275,8 @@ type imdsguardSpecs struct {
 type imdsguardProgramSpecs struct {
 	ImdsConnect4     *ebpf.ProgramSpec `ebpf:"imds_connect4"`
 	ImdsConnect6     *ebpf.ProgramSpec `ebpf:"imds_connect6"`
+	ImdsExec         *ebpf.ProgramSpec `ebpf:"imds_exec"`
+	ImdsFork         *ebpf.ProgramSpec `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.ProgramSpec `ebpf:"imds_getpeername4"`
 	ImdsGetpeername6 *ebpf.ProgramSpec `ebpf:"imds_getpeername6"`
 	ImdsSockops      *ebpf.ProgramSpec `ebpf:"imds_sockops"`
@@ -244,18 +286,21 @@ type imdsguardProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardMapSpecs struct {
-	ActiveGen   *ebpf.MapSpec `ebpf:"active_gen"`
-	BrokerConns *ebpf.MapSpec `ebpf:"broker_conns"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	Heartbeat   *ebpf.MapSpec `ebpf:"heartbeat"`
-	OwnSockets  *ebpf.MapSpec `ebpf:"own_sockets"`
-	Policies    *ebpf.MapSpec `ebpf:"policies"`
-	Redirects   *ebpf.MapSpec `ebpf:"redirects"`
-	RuleCgroups *ebpf.MapSpec `ebpf:"rule_cgroups"`
-	RuleExes    *ebpf.MapSpec `ebpf:"rule_exes"`
-	RuleGids    *ebpf.MapSpec `ebpf:"rule_gids"`
-	RuleUids    *ebpf.MapSpec `ebpf:"rule_uids"`
-	Stats       *ebpf.MapSpec `ebpf:"stats"`
+	ActiveGen     *ebpf.MapSpec `ebpf:"active_gen"`
+	Aggregates    *ebpf.MapSpec `ebpf:"aggregates"`
+	BrokerConns   *ebpf.MapSpec `ebpf:"broker_conns"`
+	Events        *ebpf.MapSpec `ebpf:"events"`
+	EventsRefused *ebpf.MapSpec `ebpf:"events_refused"`
+	ExecIds       *ebpf.MapSpec `ebpf:"exec_ids"`
+	Heartbeat     *ebpf.MapSpec `ebpf:"heartbeat"`
+	OwnSockets    *ebpf.MapSpec `ebpf:"own_sockets"`
+	Policies      *ebpf.MapSpec `ebpf:"policies"`
+	Redirects     *ebpf.MapSpec `ebpf:"redirects"`
+	RuleCgroups   *ebpf.MapSpec `ebpf:"rule_cgroups"`
+	RuleExes      *ebpf.MapSpec `ebpf:"rule_exes"`
+	RuleGids      *ebpf.MapSpec `ebpf:"rule_gids"`
+	RuleUids      *ebpf.MapSpec `ebpf:"rule_uids"`
+	Stats         *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // imdsguardVariableSpecs contains global variables before they are loaded into the kernel.
@@ -264,9 +309,12 @@ type imdsguardMapSpecs struct {
 type imdsguardVariableSpecs struct {
 	BrokerPort         *ebpf.VariableSpec `ebpf:"broker_port"`
 	DenyRefused        *ebpf.VariableSpec `ebpf:"deny_refused"`
+	ExecIdentity       *ebpf.VariableSpec `ebpf:"exec_identity"`
 	ImdsIp4            *ebpf.VariableSpec `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.VariableSpec `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.VariableSpec `ebpf:"imds_port"`
+	UnusedAgg          *ebpf.VariableSpec `ebpf:"unused_agg"`
+	UnusedAggKey       *ebpf.VariableSpec `ebpf:"unused_agg_key"`
 	UnusedBrokerFamily *ebpf.VariableSpec `ebpf:"unused_broker_family"`
 	UnusedConnKey      *ebpf.VariableSpec `ebpf:"unused_conn_key"`
 	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
@@ -298,25 +346,31 @@ func (o *imdsguardObjects) Close() error {
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardMaps struct {
-	ActiveGen   *ebpf.Map `ebpf:"active_gen"`
-	BrokerConns *ebpf.Map `ebpf:"broker_conns"`
-	Events      *ebpf.Map `ebpf:"events"`
-	Heartbeat   *ebpf.Map `ebpf:"heartbeat"`
-	OwnSockets  *ebpf.Map `ebpf:"own_sockets"`
-	Policies    *ebpf.Map `ebpf:"policies"`
-	Redirects   *ebpf.Map `ebpf:"redirects"`
-	RuleCgroups *ebpf.Map `ebpf:"rule_cgroups"`
-	RuleExes    *ebpf.Map `ebpf:"rule_exes"`
-	RuleGids    *ebpf.Map `ebpf:"rule_gids"`
-	RuleUids    *ebpf.Map `ebpf:"rule_uids"`
-	Stats       *ebpf.Map `ebpf:"stats"`
+	ActiveGen     *ebpf.Map `ebpf:"active_gen"`
+	Aggregates    *ebpf.Map `ebpf:"aggregates"`
+	BrokerConns   *ebpf.Map `ebpf:"broker_conns"`
+	Events        *ebpf.Map `ebpf:"events"`
+	EventsRefused *ebpf.Map `ebpf:"events_refused"`
+	ExecIds       *ebpf.Map `ebpf:"exec_ids"`
+	Heartbeat     *ebpf.Map `ebpf:"heartbeat"`
+	OwnSockets    *ebpf.Map `ebpf:"own_sockets"`
+	Policies      *ebpf.Map `ebpf:"policies"`
+	Redirects     *ebpf.Map `ebpf:"redirects"`
+	RuleCgroups   *ebpf.Map `ebpf:"rule_cgroups"`
+	RuleExes      *ebpf.Map `ebpf:"rule_exes"`
+	RuleGids      *ebpf.Map `ebpf:"rule_gids"`
+	RuleUids      *ebpf.Map `ebpf:"rule_uids"`
+	Stats         *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *imdsguardMaps) Close() error {
 	return _ImdsguardClose(
 		m.ActiveGen,
+		m.Aggregates,
 		m.BrokerConns,
 		m.Events,
+		m.EventsRefused,
+		m.ExecIds,
 		m.Heartbeat,
 		m.OwnSockets,
 		m.Policies,
@@ -335,9 +389,12 @@ func (m *imdsguardMaps) Close() error {
 type imdsguardVariables struct {
 	BrokerPort         *ebpf.Variable `ebpf:"broker_port"`
 	DenyRefused        *ebpf.Variable `ebpf:"deny_refused"`
+	ExecIdentity       *ebpf.Variable `ebpf:"exec_identity"`
 	ImdsIp4            *ebpf.Variable `ebpf:"imds_ip4"`
 	ImdsIp6            *ebpf.Variable `ebpf:"imds_ip6"`
 	ImdsPort           *ebpf.Variable `ebpf:"imds_port"`
+	UnusedAgg          *ebpf.Variable `ebpf:"unused_agg"`
+	UnusedAggKey       *ebpf.Variable `ebpf:"unused_agg_key"`
 	UnusedBrokerFamily *ebpf.Variable `ebpf:"unused_broker_family"`
 	UnusedConnKey      *ebpf.Variable `ebpf:"unused_conn_key"`
 	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
@@ -355,6 +412,8 @@ type imdsguardVariables struct {
 type imdsguardPrograms struct {
 	ImdsConnect4     *ebpf.Program `ebpf:"imds_connect4"`
 	ImdsConnect6     *ebpf.Program `ebpf:"imds_connect6"`
+	ImdsExec         *ebpf.Program `ebpf:"imds_exec"`
+	ImdsFork         *ebpf.Program `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.Program `ebpf:"imds_getpeername4"`
 	ImdsGetpeername6 *ebpf.Program `ebpf:"imds_getpeername6"`
 	ImdsSockops      *ebpf.Program `ebpf:"imds_sockops"`
@@ -364,6 +423,8 @@ func (p *imdsguardPrograms) Close() error {
 	return _ImdsguardClose(
 		p.ImdsConnect4,
 		p.ImdsConnect6,
+		p.ImdsExec,
+		p.ImdsFork,
 		p.ImdsGetpeername4,
 		p.ImdsGetpeername6,
 		p.ImdsSockops,

@@ -48,6 +48,10 @@ type KernelPolicy struct {
 	// sockets, which pass unjudged.
 	AgentTGID uint32
 	HostNetns uint64 // netns cookie whose connections may be redirected
+	// EventsUDP: a UDP connect() to IMDS writes an event the first time per process
+	// and flush (as a refused one does); otherwise UDP connects are only counted in
+	// summaries (Aggregates).
+	EventsUDP bool
 }
 
 // SetPolicy writes p into the inactive generation of the policy maps, then flips the
@@ -69,6 +73,7 @@ func (h *Hook) SetPolicy(p KernelPolicy) error {
 		Nrules: uint32(len(p.Rules)), AgentTgid: p.AgentTGID, HostNetns: p.HostNetns,
 		BrokerPort:   p.BrokerPort>>8 | p.BrokerPort<<8, // network byte order in memory
 		DefaultAllow: b2u(p.DefaultAllow), Enforce: b2u(p.Enforce), FailClosed: b2u(p.FailClosed), Loaded: 1,
+		EventsUdp: b2u(p.EventsUDP),
 	}
 	uids, gids := map[uint32]uint64{}, map[uint32]uint64{}
 	exes, cgroups := map[ExeID]uint64{}, map[uint64]uint64{}

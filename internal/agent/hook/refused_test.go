@@ -28,7 +28,7 @@ func TestPrivilegedDenyErrno(t *testing.T) {
 			if tc.refused {
 				err = h.LoadPrograms(zerolog.Nop())
 			} else {
-				err = h.loadPrograms(false)
+				err = h.loadPrograms(false, false)
 			}
 			if err != nil {
 				t.Fatal(err)

@@ -37,6 +37,9 @@ const (
 
 	// EventsDropped counts kernel events lost (ring buffer or queue full).
 	EventsDropped
+	// EventsAggregated counts connects the kernel counted in a summary instead of
+	// writing an event of their own (refused and UDP connects after the first).
+	EventsAggregated
 	// BrokerErrors counts requests the broker could not forward.
 	BrokerErrors
 	// FailModeActivations counts switches to the configured failure mode.
@@ -48,7 +51,7 @@ const (
 var kindNames = [numKinds]string{
 	"MetadataRequests", "MetadataNoToken", "MetadataNoTokenRejected", "MetadataWithToken",
 	"MetadataTokenRequests", "MetadataDenied", "CredentialFetches",
-	"EventsDropped", "BrokerErrors", "FailModeActivations",
+	"EventsDropped", "EventsAggregated", "BrokerErrors", "FailModeActivations",
 }
 
 // String is the metric name.

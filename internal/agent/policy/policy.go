@@ -50,6 +50,7 @@ func Resolve(cfg config.Config, cgroupRoot string, meta *containers.Resolver) Po
 		DefaultAllow: cfg.DefaultAction.Allows(),
 		Enforce:      cfg.Mode.Enforcing(),
 		FailClosed:   cfg.FailureMode == config.FailClosed,
+		EventsUDP:    cfg.Events.UDP,
 	}}
 	var tree cgroupTree
 	needTree := false

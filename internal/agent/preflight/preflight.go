@@ -126,6 +126,7 @@ func Run(ctx context.Context, h Host, cfg config.Config) []Result {
 		h.checkCgroup(mountinfo, err, cfg.Cgroup),
 		checkBPFFS(mountinfo, err),
 		h.checkLockdown(),
+		h.checkBPFLSM(),
 		h.checkBPFLoad(),
 	}
 	// Probe what the agent needs rather than trust a version number: distributions
@@ -237,6 +238,25 @@ func (h Host) checkCgroup(mountinfo []byte, readErr error, guarded string) Resul
 		return r
 	}
 	r.Detail += "; guarding " + guarded
+	return r
+}
+
+// checkBPFLSM says whether exe rules can rely on the executable recorded at exec: only
+// where bpf is an active LSM do the agent's exec programs run.
+func (h Host) checkBPFLSM() Result {
+	r := Result{Check: "bpf lsm"}
+	data, err := os.ReadFile(h.path("/sys/kernel/security/lsm"))
+	if err == nil {
+		for _, l := range strings.Split(strings.TrimSpace(string(data)), ",") {
+			if l == "bpf" {
+				r.Detail = "bpf is an active LSM: exe rules match the file each process exec'd"
+				return r
+			}
+		}
+	}
+	r.Status = Warn
+	r.Detail = "bpf is not an active LSM (or securityfs is not mounted): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another program's file (prctl PR_SET_MM_MAP)"
+	r.Fix = "add bpf to the kernel's lsm= boot parameter (kernels built with CONFIG_BPF_LSM), e.g. lsm=lockdown,capability,landlock,yama,apparmor,bpf"
 	return r
 }
 

@@ -61,6 +61,7 @@ func TestHealthyHost(t *testing.T) {
 		"proc/self/mountinfo":          mountinfoV2,
 		"sys/kernel/btf/vmlinux":       "btf",
 		"sys/kernel/security/lockdown": "[none] integrity confidentiality\n",
+		"sys/kernel/security/lsm":      "lockdown,capability,landlock,bpf",
 	})
 	var out bytes.Buffer
 	if n := Write(&out, Run(context.Background(), h, config.Default())); n != 0 {
@@ -91,6 +92,7 @@ func TestBrokenHost(t *testing.T) {
 		"cgroup v2":      Warn, // the agent mounts its own cgroup2
 		"bpffs":          Warn,
 		"lockdown":       Fail,
+		"bpf lsm":        Warn, // exe rules fall back to mm->exe_file
 		"bpf permission": Fail,
 	} {
 		r, ok := results[check]

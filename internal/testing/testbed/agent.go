@@ -200,6 +200,10 @@ type Event struct {
 	Agent            bool     `json:"agent"`
 	NoBroker         bool     `json:"no_broker"`
 	Missing          []string `json:"missing"`
+	// imds_connect_summary only
+	Count uint64    `json:"count"`
+	First time.Time `json:"first"`
+	UDP   bool      `json:"udp"`
 	// imds_request only
 	Method      string  `json:"method"`
 	Path        string  `json:"path"`

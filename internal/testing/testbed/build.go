@@ -90,3 +90,28 @@ func randHex(n int) string {
 func HostileBinary() (string, error) {
 	return Build("github.com/imdsguard/imdsguard/internal/testing/testbed/hostile", "hostile")
 }
+
+// BorrowBinary compiles hostile/borrow/borrow.c, the exe-borrowing probe (a C program:
+// it remaps its own file, which a Go runtime's threads would race), with cc.
+func BorrowBinary() (string, error) {
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	const key = "hostile-borrow"
+	if p, ok := built[key]; ok {
+		return p, nil
+	}
+	dir, err := BinDir()
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create %s: %w", dir, err)
+	}
+	src := filepath.Join(filepath.Dir(dir), "internal", "testing", "testbed", "hostile", "borrow", "borrow.c")
+	out := filepath.Join(dir, key)
+	if msg, err := exec.Command("cc", "-O2", "-Wall", "-o", out, src).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build %s: %w: %s", src, err, msg)
+	}
+	built[key] = out
+	return out, nil
+}

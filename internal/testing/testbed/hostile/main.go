@@ -10,6 +10,9 @@
 //	hostile from SRC:PORT ADDR:PORT      bind SRC:PORT (SO_REUSEADDR), connect to ADDR:PORT,
 //	                                     print "connected", ask for the role's credentials,
 //	                                     print the answer
+//	hostile flood udp|tcp ADDR:PORT DUR  connect() to ADDR:PORT from new sockets as fast as
+//	                                     possible for DUR (IPv4); print "flooding", then
+//	                                     "attempts N refused M" (ECONNREFUSED or EPERM)
 //
 // Exit codes: 0 answered, 7 could not connect (as curl), 3 could not bind, 1 other.
 package main
@@ -20,6 +23,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"syscall"
@@ -59,6 +63,11 @@ func run(args []string) (int, error) {
 		})
 	case "squat":
 		return squat(args[1])
+	case "flood":
+		if len(args) != 4 {
+			return 1, fmt.Errorf("usage: hostile flood udp|tcp ADDR:PORT DURATION")
+		}
+		return flood(args[1], args[2], args[3])
 	case "from":
 		if len(args) != 3 {
 			return 1, fmt.Errorf("usage: hostile from SRC:PORT ADDR:PORT")
@@ -125,4 +134,44 @@ func squat(addr string) (int, error) {
 			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(Forged), Forged)
 		}()
 	}
+}
+
+// flood connects to addr from a new socket each time, as fast as it can for dur: the
+// review's 257,000 refused UDP connects in 2 s.
+func flood(proto, addr, dur string) (int, error) {
+	typ := syscall.SOCK_DGRAM
+	switch proto {
+	case "udp":
+	case "tcp":
+		typ = syscall.SOCK_STREAM
+	default:
+		return 1, fmt.Errorf("flood: protocol %q, want udp or tcp", proto)
+	}
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() {
+		return 1, fmt.Errorf("flood: address %q: want IPv4 ADDR:PORT", addr)
+	}
+	d, err := time.ParseDuration(dur)
+	if err != nil {
+		return 1, fmt.Errorf("flood: duration %q: %w", dur, err)
+	}
+	sa := &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	fmt.Println("flooding")
+	var attempts, refused int
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		for range 256 {
+			fd, err := syscall.Socket(syscall.AF_INET, typ|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, 0)
+			if err != nil {
+				return 1, fmt.Errorf("flood: socket: %w", err)
+			}
+			attempts++
+			err = syscall.Connect(fd, sa)
+			if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EPERM) {
+				refused++
+			}
+			syscall.Close(fd)
+		}
+	}
+	fmt.Printf("attempts %d refused %d\n", attempts, refused)
+	return 0, nil
 }
