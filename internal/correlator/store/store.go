@@ -13,10 +13,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
 	"github.com/rs/zerolog"
 	_ "modernc.org/sqlite" // registers the "sqlite" driver (pure Go)
+
+	"github.com/imdsguard/imdsguard/internal/retry"
 )
 
 // Drivers, as the config names them.
@@ -167,7 +170,19 @@ var migrations = []string{
 // applies a migration twice or sees half of one.
 func (s *DB) migrate(ctx context.Context) error {
 	defer s.lockWrites()()
-	tx, err := s.db.BeginTx(ctx, nil)
+	// Several processes opening a new SQLite file at once race to switch it to WAL, and
+	// SQLite answers that race with SQLITE_BUSY without waiting out busy_timeout: take
+	// turns a few times before calling it a failure.
+	var tx *sql.Tx
+	err := retry.Policy{Retries: 20, Backoff: 10 * time.Millisecond, MaxBackoff: 500 * time.Millisecond}.Do(ctx,
+		func(ctx context.Context) error {
+			var err error
+			tx, err = s.db.BeginTx(ctx, nil)
+			if err != nil && !strings.Contains(err.Error(), "SQLITE_BUSY") {
+				return retry.Permanent(err)
+			}
+			return err
+		}, nil)
 	if err != nil {
 		return fmt.Errorf("begin migrations: %w", err)
 	}
