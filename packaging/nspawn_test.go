@@ -164,6 +164,10 @@ func (c *container) shutdown(t *testing.T) {
 	if err := removeCgroupTree(c.cgroup); err != nil {
 		t.Errorf("remove the container's cgroup: %v", err)
 	}
+	// The container's systemd made its cgroups in the v1 name=systemd hierarchy too.
+	if err := testbed.RemoveCgroupEverywhere(c.name); err != nil {
+		t.Errorf("remove the container's v1 cgroups: %v", err)
+	}
 	// nspawn's directory for `machinectl bind`, which it may fail to remove.
 	_ = os.Remove(filepath.Join("/run/systemd/nspawn/propagate", c.name))
 }

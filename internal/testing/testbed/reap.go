@@ -1,6 +1,7 @@
 package testbed
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -41,6 +42,20 @@ func ReapStale() {
 			}
 		}
 	}
+	// Beds that ran a service manager leave cgroups in the v1 hierarchies too.
+	if hierarchies, err := os.ReadDir("/sys/fs/cgroup"); err == nil {
+		for _, h := range hierarchies {
+			entries, err := os.ReadDir(filepath.Join("/sys/fs/cgroup", h.Name()))
+			if err != nil {
+				continue
+			}
+			for _, e := range entries {
+				if e.IsDir() && dead(e.Name()) {
+					_ = removeCgroup(filepath.Join("/sys/fs/cgroup", h.Name(), e.Name()))
+				}
+			}
+		}
+	}
 	if entries, err := os.ReadDir(os.TempDir()); err == nil {
 		for _, e := range entries {
 			if e.IsDir() && dead(e.Name()) {
@@ -50,4 +65,21 @@ func ReapStale() {
 			}
 		}
 	}
+}
+
+// RemoveCgroupEverywhere removes the cgroup called name (and everything below it) from
+// every cgroup v1 hierarchy under /sys/fs/cgroup. On a hybrid host a service manager
+// started by a test (systemd in a container) makes its cgroups in the v1 name=systemd
+// hierarchy too, beside the v2 one the test made.
+func RemoveCgroupEverywhere(name string) error {
+	var errs []error
+	hierarchies, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, h := range hierarchies {
+		dir := filepath.Join("/sys/fs/cgroup", h.Name(), name)
+		if _, err := os.Stat(dir); err != nil {
+			continue
+		}
+		errs = append(errs, removeCgroup(dir))
+	}
+	return errors.Join(errs...)
 }
