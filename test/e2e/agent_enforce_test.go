@@ -219,7 +219,9 @@ rules:
 	code, tok := curlExit(t, bed, testbed.Placement{}, "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60",
 		"http://169.254.169.254/latest/api/token")
 	if code != 0 {
-		t.Fatalf("token PUT: exit %d", code)
+		// Seen once (curl 56, the broker reset the connection: its upstream failed);
+		// the agent's log says why.
+		t.Fatalf("token PUT: exit %d\n%s", code, agent.Log())
 	}
 	code, v2 := curlExit(t, bed, testbed.Placement{}, "-H", "X-aws-ec2-metadata-token: "+strings.TrimSpace(tok.Output), imdsURL)
 	if code != 0 || !strings.HasPrefix(v2.Output, "i-") {
