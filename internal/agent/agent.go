@@ -102,6 +102,7 @@ func (a *agent) start() error {
 	if err := cgroup.Check(dir); err != nil {
 		return fmt.Errorf("guarded cgroup: %w", err)
 	}
+	a.guardedDir = dir
 	a.containers = containers.NewResolver(containers.DefaultSources())
 	a.resolver = procinfo.NewResolver("/proc", cgroup.NewPaths(root), 8192).WithContainers(a.containers)
 	if a.out, err = events.Open(cfg.Events.Output); err != nil {
@@ -393,6 +394,7 @@ type agent struct {
 	netns       uint64
 	own         atomic.Pointer[hook.Hook] // set once loaded: registers the agent's own sockets
 	swapped     chan struct{}             // closed once this agent's programs are attached
+	guardedDir  string                    // the cgroup the programs attach to
 	ownReady    chan struct{}             // closed once the kernel knows the agent's tgid (selfpid.go)
 	kernelTGID  atomic.Uint32             // the agent's tgid as the kernel sees it; 0: os.Getpid()
 	probeCookie atomic.Uint64             // the self probe's socket cookie while it runs

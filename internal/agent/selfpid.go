@@ -4,6 +4,8 @@ import (
 	"errors"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -33,6 +35,11 @@ func (a *agent) agentTGID() uint32 {
 // sockets register (they must not be judged under a wrong tgid).
 func (a *agent) learnKernelTGID() {
 	defer close(a.ownReady)
+	// Only an agent inside the cgroup it guards has its own connects judged; outside it
+	// (tests, an unusual deployment) there is nothing to learn and nothing to wait for.
+	if !a.guardsItself() {
+		return
+	}
 	tgid, err := a.selfProbe()
 	switch {
 	case err != nil:
@@ -75,4 +82,25 @@ func (a *agent) selfProbe() (uint32, error) {
 	case <-time.After(selfProbeWait):
 		return 0, errors.New("the programs did not see the agent's probe (the agent is outside the cgroup it guards)")
 	}
+}
+
+// guardsItself reports whether the agent's own cgroup (cgroup v2, as /proc/self/cgroup
+// names it relative to the cgroup2 root) lies inside the guarded cgroup.
+func (a *agent) guardsItself() bool {
+	data, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return true // cannot tell: probe, at the cost of a short wait
+	}
+	own := ""
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			own = rest
+		}
+	}
+	rel, err := filepath.Rel(a.cgroupRoot, a.guardedDir)
+	if err != nil {
+		return true
+	}
+	guarded := strings.TrimSuffix("/"+strings.TrimPrefix(filepath.ToSlash(rel), "."), "/")
+	return guarded == "" || own == guarded || strings.HasPrefix(own, guarded+"/")
 }
