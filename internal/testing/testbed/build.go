@@ -36,9 +36,22 @@ func Build(pkg, name string) (string, error) {
 
 // build is Build with extra environment for the go command.
 func build(pkg, name string, env ...string) (string, error) {
+	return compileOnce(pkg, name, func(root, out string) *exec.Cmd {
+		cmd := exec.Command("go", "build", "-o", out, pkg)
+		cmd.Dir = root
+		if env != nil {
+			cmd.Env = append(os.Environ(), env...)
+		}
+		return cmd
+	})
+}
+
+// compileOnce runs the command cmd makes (root is the module's directory, out the
+// binary to write in BinDir) once per key and process, and returns out.
+func compileOnce(key, name string, cmd func(root, out string) *exec.Cmd) (string, error) {
 	buildMu.Lock()
 	defer buildMu.Unlock()
-	if p, ok := built[pkg]; ok {
+	if p, ok := built[key]; ok {
 		return p, nil
 	}
 	dir, err := BinDir()
@@ -49,15 +62,10 @@ func build(pkg, name string, env ...string) (string, error) {
 		return "", fmt.Errorf("create %s: %w", dir, err)
 	}
 	out := filepath.Join(dir, name)
-	cmd := exec.Command("go", "build", "-o", out, pkg)
-	cmd.Dir = filepath.Dir(dir)
-	if env != nil {
-		cmd.Env = append(os.Environ(), env...)
+	if msg, err := cmd(filepath.Dir(dir), out).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build %s: %w: %s", key, err, msg)
 	}
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build %s: %w: %s", pkg, err, msg)
-	}
-	built[pkg] = out
+	built[key] = out
 	return out, nil
 }
 
@@ -94,24 +102,8 @@ func HostileBinary() (string, error) {
 // BorrowBinary compiles hostile/borrow/borrow.c, the exe-borrowing probe (a C program:
 // it remaps its own file, which a Go runtime's threads would race), with cc.
 func BorrowBinary() (string, error) {
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	const key = "hostile-borrow"
-	if p, ok := built[key]; ok {
-		return p, nil
-	}
-	dir, err := BinDir()
-	if err != nil {
-		return "", err
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("create %s: %w", dir, err)
-	}
-	src := filepath.Join(filepath.Dir(dir), "internal", "testing", "testbed", "hostile", "borrow", "borrow.c")
-	out := filepath.Join(dir, key)
-	if msg, err := exec.Command("cc", "-O2", "-Wall", "-o", out, src).CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build %s: %w: %s", src, err, msg)
-	}
-	built[key] = out
-	return out, nil
+	return compileOnce("hostile-borrow", "hostile-borrow", func(root, out string) *exec.Cmd {
+		src := filepath.Join(root, "internal", "testing", "testbed", "hostile", "borrow", "borrow.c")
+		return exec.Command("cc", "-O2", "-Wall", "-o", out, src)
+	})
 }
