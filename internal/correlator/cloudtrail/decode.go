@@ -321,18 +321,26 @@ func (p *parser) array() {
 		if p.skip(); p.err != nil || !p.ws() {
 			return
 		}
-		switch p.b[p.i] {
-		case ',':
-			p.i++
-		case ']':
-			p.i++
-			p.depth--
-			return
-		default:
-			p.err = errSyntax
+		if !p.sep(']') {
 			return
 		}
 	}
+}
+
+// sep reads what follows a member or element: ',' (another follows: true) or end, the
+// container's closing byte (it is done: false); anything else is a syntax error.
+func (p *parser) sep(end byte) bool {
+	switch p.b[p.i] {
+	case ',':
+		p.i++
+		return true
+	case end:
+		p.i++
+		p.depth--
+	default:
+		p.err = errSyntax
+	}
+	return false
 }
 
 // object reads an object whose '{' is at i, calling member with each key (see str)
@@ -366,15 +374,7 @@ func (p *parser) object(member func(key []byte, slow bool)) {
 		if member(key, slow); p.err != nil || !p.ws() {
 			return
 		}
-		switch p.b[p.i] {
-		case ',':
-			p.i++
-		case '}':
-			p.i++
-			p.depth--
-			return
-		default:
-			p.err = errSyntax
+		if !p.sep('}') {
 			return
 		}
 	}
