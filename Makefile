@@ -15,7 +15,7 @@ TEST_DEPS := curl:curl ip:iproute2 nsenter:util-linux unshare:util-linux bpftool
 	setpriv:util-linux strace:strace systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
 	rpm:rpm dpkg-deb:dpkg /usr/bin/python3:python3 /usr/bin/aws:awscli \
 	/usr/lib/python3/dist-packages/boto3:python3-boto3 /usr/bin/cloud-init:cloud-init \
-	/usr/bin/node:nodejs /usr/bin/npm:npm pg_ctlcluster:postgresql runc:runc cc:gcc
+	/usr/bin/node:nodejs /usr/bin/npm:npm pg_ctlcluster:postgresql runc:runc cc:gcc nft:nftables
 # Packages: every architecture and format, into $(DIST). See packaging/.
 DIST       ?= dist
 PKG_ARCHES ?= amd64 arm64

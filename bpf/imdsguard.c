@@ -44,6 +44,8 @@ enum flag {
 	FLAG_V2_REQUIRED = 2,
 	FLAG_AGENT = 4,     /* one of the agent's own sockets (own_sockets) */
 	FLAG_NO_BROKER = 8, /* could not be brokered (other netns, UDP, no listener of ours) */
+	FLAG_EXE_BORROWED = 16, /* mm->exe_file is not the file the process exec'd */
+	FLAG_BACKSTOP = 32,     /* packets the egress backstop stopped (or, in audit, saw) */
 };
 
 /* Bits of policy.broker_families: the families whose loopback listener is the agent's. */
@@ -322,8 +324,9 @@ struct {
 } own_sockets SEC(".maps");
 
 /* The executable each task was started from: device and inode of the file exec'd,
- * written by the LSM program on bprm_committed_creds and copied to every new task at
- * fork (task_alloc). Unlike mm->exe_file, which a process may repoint at any file it can
+ * written at exec (tracepoint sched_process_exec) in the task that exec'd, which leads
+ * its thread group from then on, and copied to every new process at fork
+ * (sched_process_fork); a thread is judged by its group leader's. Unlike mm->exe_file, which a process may repoint at any file it can
  * open with prctl(PR_SET_MM_MAP) (in a user namespace, without privilege), nothing a
  * process can call changes it but another exec. Tasks that have run no exec since the
  * programs were attached, and were forked from such tasks, have no entry: connect falls
@@ -342,6 +345,26 @@ struct {
 	PINNED;
 } exec_ids SEC(".maps");
 
+/* Sockets whose packets may reach IMDS: those connect4/6 let through to it directly (the
+ * agent's own, allowed ones that are not brokered, audit and fail-open). Set only by the
+ * connect programs; a socket that never passed them (raw, packet, a connect that
+ * netfilter rewrote to IMDS) has no entry, or one with approved 0 and its owner, noted by
+ * the egress backstop at its first packet. Pinned: connections outlive a restart. */
+struct sk_verdict {
+	__u8 approved;
+	__u8 _pad[3];
+	__u32 tgid;          /* backstop: the process that sent the first packet */
+	__u64 start_boottime;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sk_verdict);
+	PINNED;
+} sk_verdicts SEC(".maps");
+
 /* Counters read by user space; they keep counting while the agent is gone. */
 enum stat {
 	STAT_RINGBUF_FULL = 0,
@@ -350,7 +373,9 @@ enum stat {
 	STAT_FAIL_OPEN = 3,
 	STAT_FAIL_CLOSED = 4,
 	STAT_REDIRECTED = 5,
-	STAT_MAX = 6,
+	STAT_BACKSTOP_DROPPED = 6, /* packets to IMDS from sockets no connect() approved */
+	STAT_BACKSTOP_AUDIT = 7,   /* the same in audit mode (or before a policy): let through */
+	STAT_MAX = 8,
 };
 
 struct {
@@ -449,6 +474,7 @@ struct task_view {
 	__u64 start_boottime;
 	__u32 exe_dev;
 	__u8 udp_events; /* the policy's events_udp */
+	__u8 flags;      /* FLAG_EXE_BORROWED or 0 */
 };
 
 static __always_inline void read_task(struct task_view *t)
@@ -463,18 +489,24 @@ static __always_inline void read_task(struct task_view *t)
 	t->exe_ino = 0;
 	t->exe_dev = 0;
 	t->udp_events = 0;
+	t->flags = 0;
+	__u64 ino = exe ? BPF_CORE_READ(exe, f_inode, i_ino) : 0;
+	__u32 dev = exe ? BPF_CORE_READ(exe, f_inode, i_sb, s_dev) : 0;
 	if (exec_identity) {
-		struct exec_id *id = bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, 0);
+		/* The thread group leader's record: exec leaves the exec'ing task leading its
+		 * group, and a thread made without fork's tracepoint (an io_uring worker, which
+		 * connects for an async connect) has none of its own. */
+		struct exec_id *id = bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf()->group_leader, 0, 0);
 		if (id) {
 			t->exe_ino = id->ino;
 			t->exe_dev = id->dev;
+			if (id->ino != ino || id->dev != dev)
+				t->flags = FLAG_EXE_BORROWED;
 			return;
 		}
 	}
-	if (exe) {
-		t->exe_ino = BPF_CORE_READ(exe, f_inode, i_ino);
-		t->exe_dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
-	}
+	t->exe_ino = ino;
+	t->exe_dev = dev;
 }
 
 static __always_inline __u64 lookup_bits(void *map, void *key)
@@ -709,7 +741,7 @@ __noinline int emit(struct bpf_sock_addr *ctx, __u64 cookie, __u64 cgroup_id, __
 static __always_inline void record(struct bpf_sock_addr *ctx, __u64 cookie, const struct task_view *t, __u32 dst,
 				   __u8 verdict, __u8 rule, __u8 flags)
 {
-	emit(ctx, cookie, t->cgroup_id, t->exe_ino, meta(t->exe_dev, dst, verdict, rule, flags, t->udp_events));
+	emit(ctx, cookie, t->cgroup_id, t->exe_ino, meta(t->exe_dev, dst, verdict, rule, flags | t->flags, t->udp_events));
 }
 
 /* Judges one IMDS connect() to dst. Returns an enum judgement; the caller rewrites the
@@ -824,6 +856,16 @@ static __always_inline int deny(void)
 	return 0;
 }
 
+/* A connect() judge() let through straight to IMDS: its packets pass the egress
+ * backstop. Returns 1. */
+static __always_inline int approve(struct bpf_sock_addr *ctx)
+{
+	struct sk_verdict *v = bpf_sk_storage_get(&sk_verdicts, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (v)
+		v->approved = 1;
+	return 1;
+}
+
 /* A connect() judge() let through: 1, after pointing a redirected one at the broker. */
 SEC("cgroup/connect4")
 int imds_connect4(struct bpf_sock_addr *ctx)
@@ -836,7 +878,7 @@ int imds_connect4(struct bpf_sock_addr *ctx)
 		ctx->user_port = j & 0xffff;
 		return 1;
 	}
-	return j == JUDGE_DENY ? deny() : 1;
+	return j == JUDGE_DENY ? deny() : approve(ctx);
 }
 
 SEC("cgroup/connect6")
@@ -868,7 +910,7 @@ int imds_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_port = j & 0xffff;
 		return 1;
 	}
-	return j == JUDGE_DENY ? deny() : 1;
+	return j == JUDGE_DENY ? deny() : approve(ctx);
 }
 
 /* The client asked for IMDS: getpeername() must say IMDS, not the broker. */
@@ -943,14 +985,108 @@ int imds_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/* ---- the executable's identity, recorded at exec (BPF LSM) ---- */
+/* ---- the last packets: cgroup_skb egress ----
+ *
+ * A packet to IMDS from a socket connect4/6 did not let through to it is dropped: a raw
+ * socket's (SOCK_RAW, IPPROTO_RAW with IP_HDRINCL: no connect hook runs), a UDP sendto()
+ * (sendmsg hooks are not attached), a connection netfilter rewrote to IMDS after its
+ * connect() was judged by the address asked for. Redirected connections go to loopback
+ * and never match. The verdict is the packet's destination as it leaves, after DNAT.
+ * Packet sockets (AF_PACKET) skip the IP stack and this hook: see docs/guarding.md. */
 
-SEC("lsm/bprm_committed_creds")
+/* A packet to IMDS. The slow path: policy, socket storage, the process's aggregate. */
+__noinline int backstop(struct __sk_buff *skb, __u32 family)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 1; /* request and time-wait sockets: the kernel's own TCP replies */
+	struct sk_verdict *v = bpf_sk_storage_get(&sk_verdicts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!v)
+		return 0;
+	if (v->approved)
+		return 1;
+	if (!v->tgid) {
+		/* The first packet is sent from the process's own call (sendmsg, connect). */
+		struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+		v->tgid = bpf_get_current_pid_tgid() >> 32;
+		v->start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
+	}
+	__u32 zero = 0;
+	__u32 *genp = bpf_map_lookup_elem(&active_gen, &zero);
+	__u32 gen = genp ? (*genp & 1) : 0;
+	struct policy *p = bpf_map_lookup_elem(&policies, &gen);
+	int drop = p && p->loaded && p->enforce;
+	count(drop ? STAT_BACKSTOP_DROPPED : STAT_BACKSTOP_AUDIT);
+
+	/* One summary per process per flush (no event of its own): the count starts at 1. */
+	__u64 now = bpf_ktime_get_ns();
+	struct agg_key k = {
+		.tgid = v->tgid,
+		.verdict = drop ? VERDICT_DENY : VERDICT_AUDIT_DENY,
+		.rule = RULE_NONE,
+		.flags = FLAG_BACKSTOP,
+	};
+	struct agg *a = bpf_map_lookup_elem(&aggregates, &k);
+	if (a) {
+		__sync_fetch_and_add(&a->count, 1);
+		a->last_ns = now;
+		return !drop;
+	}
+	struct agg n = {
+		.count = 1,
+		.first_ns = now,
+		.last_ns = now,
+		.start_boottime = v->start_boottime,
+		.cgroup_id = bpf_skb_cgroup_id(skb),
+		.uid = bpf_get_socket_uid(skb),
+		.family = family,
+	};
+	bpf_map_update_elem(&aggregates, &k, &n, BPF_NOEXIST);
+	return !drop;
+}
+
+SEC("cgroup_skb/egress")
+int imds_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u32 d[4];
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (data + 20 <= end)
+			d[0] = *(__u32 *)(data + 16);
+		else if (bpf_skb_load_bytes(skb, 16, d, 4))
+			return 1;
+		return d[0] != imds_ip4 ? 1 : backstop(skb, AF_INET) & 1;
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (data + 40 <= end)
+			__builtin_memcpy(d, data + 24, 16);
+		else if (bpf_skb_load_bytes(skb, 24, d, 16))
+			return 1;
+		if (d[3] != imds_ip6[3] || d[2] != imds_ip6[2] || d[1] != imds_ip6[1] || d[0] != imds_ip6[0])
+			return 1;
+		return backstop(skb, AF_INET6) & 1;
+	}
+	return 1;
+}
+
+/* ---- the executable's identity, recorded at exec (BTF tracepoints) ----
+ *
+ * Tracing programs, not BPF LSM: they need BTF (Linux 5.11+ for task storage in them)
+ * but no `bpf` among the active LSMs, and they load where lockdown refuses LSM
+ * programs. sched_process_exec fires once the new image is committed, in the task that
+ * exec'd (by then the leader of its thread group); sched_process_fork fires in the parent
+ * before the child first runs, so no child connects before it has its record. */
+
+/* ctx: struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm */
+SEC("tp_btf/sched_process_exec")
 int imds_exec(unsigned long long *ctx)
 {
-	struct linux_binprm *bprm = (void *)ctx[0];
-	struct exec_id *id =
-		bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct task_struct *p = (void *)ctx[0];
+	struct linux_binprm *bprm = (void *)ctx[2];
+	struct exec_id *id = bpf_task_storage_get(&exec_ids, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!id)
 		return 0;
 	struct file *f = BPF_CORE_READ(bprm, file);
@@ -959,18 +1095,23 @@ int imds_exec(unsigned long long *ctx)
 	return 0;
 }
 
-/* A new task (process or thread) runs its parent's executable until it execs. */
-SEC("lsm/task_alloc")
+/* A new process runs its parent's executable until it execs. */
+/* ctx: struct task_struct *parent, struct task_struct *child */
+SEC("tp_btf/sched_process_fork")
 int imds_fork(unsigned long long *ctx)
 {
-	struct task_struct *task = (void *)ctx[0];
-	struct exec_id *parent = bpf_task_storage_get(&exec_ids, bpf_get_current_task_btf(), 0, 0);
-	if (!parent)
+	struct task_struct *parent = (void *)ctx[0];
+	struct task_struct *child = (void *)ctx[1];
+	/* Threads are judged by their leader's record: only a new process needs one. */
+	if (child->group_leader != child)
 		return 0;
-	struct exec_id *child = bpf_task_storage_get(&exec_ids, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (child) {
-		child->ino = parent->ino;
-		child->dev = parent->dev;
+	struct exec_id *from = bpf_task_storage_get(&exec_ids, parent->group_leader, 0, 0);
+	if (!from)
+		return 0;
+	struct exec_id *to = bpf_task_storage_get(&exec_ids, child, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (to) {
+		to->ino = from->ino;
+		to->dev = from->dev;
 	}
 	return 0;
 }

@@ -214,13 +214,7 @@ func (a *agent) start() error {
 		Msg("hooks attached, guarding IMDS connections")
 	if err := a.h.ExecIdentityError(); err != nil {
 		a.log.Warn().Str("event", "exec_identity_unavailable").Err(err).
-			Msg("cannot record executables at exec (BPF LSM): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
-	} else if active, err := hook.BPFLSMActive(); !active {
-		ev := a.log.Warn().Str("event", "exec_identity_inactive")
-		if err != nil {
-			ev = ev.Err(err)
-		}
-		ev.Msg("bpf is not an active LSM (lsm= boot parameter): executables are not recorded at exec, exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
+			Msg("cannot record executables at exec (tp_btf sched_process_exec/fork with task storage): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
 	}
 	if cfg.Agent.ReadyFile != "" {
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {

@@ -28,7 +28,8 @@ func (a *agent) connectRecord(ev hook.Event) events.Record {
 		Cmdline:      info.Cmdline, Cgroup: info.Cgroup, CgroupID: ev.CgroupID, Unit: info.Unit,
 		ContainerID: info.ContainerID, Container: info.Container, Netns: ev.NetnsCookie, SocketCookie: ev.SocketCookie,
 		Dst: ev.Dst.String(), Verdict: ev.Verdict.String(), Rule: a.ruleName(ev.Rule),
-		Redirected: ev.Redirected, Agent: ev.Agent, NoBroker: ev.NoBroker, Missing: info.Missing,
+		Redirected: ev.Redirected, Agent: ev.Agent, NoBroker: ev.NoBroker, ExeBorrowed: ev.ExeBorrowed,
+		Missing: info.Missing,
 	}
 }
 
@@ -48,7 +49,8 @@ func (a *agent) summaryRecord(ag hook.Aggregate) events.Record {
 		PID: ag.PID, UID: ag.UID, GID: ag.GID, User: info.User, Exe: info.Exe, Cmdline: info.Cmdline,
 		Cgroup: info.Cgroup, CgroupID: ag.CgroupID, Unit: info.Unit, ContainerID: info.ContainerID,
 		Container: info.Container, Netns: ag.NetnsCookie, Dst: dst, Verdict: ag.Verdict.String(),
-		Rule: a.ruleName(ag.Rule), NoBroker: ag.NoBroker, Missing: info.Missing,
+		Rule: a.ruleName(ag.Rule), NoBroker: ag.NoBroker, ExeBorrowed: ag.ExeBorrowed, Backstop: ag.Backstop,
+		Missing: info.Missing,
 	}
 }
 

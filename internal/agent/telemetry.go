@@ -150,6 +150,13 @@ func (t *telemetry) observeProcess(kind metrics.Kind, exe, user string, uid uint
 // observeSummary counts the connects of one summary: in the per-process counts as
 // their events would have been, and as aggregated.
 func (t *telemetry) observeSummary(rec events.Record) {
+	if rec.Backstop {
+		// Packets, not connects: counted apart.
+		if rec.Verdict == hook.VerdictDeny.String() {
+			t.Metrics.Observe(metrics.Observation{Kind: metrics.BackstopDropped, Count: rec.Count})
+		}
+		return
+	}
 	kind := metrics.MetadataRequests
 	if rec.Verdict == hook.VerdictDeny.String() {
 		kind = metrics.MetadataDenied

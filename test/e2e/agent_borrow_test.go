@@ -16,7 +16,8 @@ import (
 // TestPrivilegedExeCannotBeBorrowed is issue 11's item 4: an unprivileged process in a
 // user namespace points its mm->exe_file at curl's file (prctl PR_SET_MM_MAP), so that
 // /proc/PID/exe says curl, and asks IMDS for credentials under `exe: curl`. The kernel
-// judges it by the file it exec'd (recorded by the BPF LSM program), and refuses it.
+// judges it by the file it exec'd (recorded by the sched_process_exec tracing program),
+// refuses it, and its event says the exe was borrowed.
 func TestPrivilegedExeCannotBeBorrowed(t *testing.T) {
 	bed := testbed.Start(t, testbed.Options{})
 	borrow, err := testbed.BorrowBinary()
@@ -39,7 +40,7 @@ func TestPrivilegedExeCannotBeBorrowed(t *testing.T) {
 	// documented weakness, and there is nothing to prove. Asked of the kernel directly,
 	// the way the agent loads its programs.
 	if err := execIdentityError(); err != nil {
-		t.Skipf("this kernel cannot record executables at exec (BPF LSM): %v", err)
+		t.Skipf("this kernel cannot record executables at exec (tp_btf, task storage): %v", err)
 	}
 	nobody := testbed.Placement{UID: testbed.NobodyUID, GID: testbed.NobodyUID}
 	// The rule lets curl through, whoever runs it.
@@ -54,8 +55,9 @@ func TestPrivilegedExeCannotBeBorrowed(t *testing.T) {
 	if code != 7 || strings.Contains(r.Output, "AccessKeyId") {
 		t.Errorf("borrowed curl identity: exit %d, output %q: want 7 (refused)", code, r.Output)
 	}
-	if e := eventsOf(t, agent, r.PID); e[0].Verdict != "deny" || e[0].Rule != "" {
-		t.Errorf("event %+v, want a deny by the default", e[0])
+	// The event names what /proc says (curl) and says it is borrowed.
+	if e := eventsOf(t, agent, r.PID); e[0].Verdict != "deny" || e[0].Rule != "" || !e[0].ExeBorrowed {
+		t.Errorf("event %+v, want a deny by the default, exe_borrowed", e[0])
 	}
 }
 

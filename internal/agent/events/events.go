@@ -53,7 +53,13 @@ type Record struct {
 	Redirected   bool   // sent through the broker
 	Agent        bool   // one of the agent's own sockets, passed unjudged
 	NoBroker     bool   // could not be brokered (with a v2-required rule: refused for that)
-	Missing      []string
+	// ExeBorrowed: the process's mm->exe_file (which Exe names) is not the file it
+	// exec'd; it repointed it (prctl PR_SET_MM_MAP). Rules judged the exec'd file.
+	ExeBorrowed bool
+	// Backstop (summaries): packets the egress program stopped, from a socket no
+	// connect() hook let through to IMDS (raw sockets, DNAT); Count counts packets.
+	Backstop bool
+	Missing  []string
 
 	// Summary fields (KindConnectSummary).
 	Count uint64    // connects counted, none with an event of its own
@@ -156,6 +162,9 @@ func (w *Writer) Write(r Record) {
 	if r.ExeTruncated {
 		e = e.Bool("exe_truncated", true)
 	}
+	if r.ExeBorrowed {
+		e = e.Bool("exe_borrowed", true)
+	}
 	e = e.Strs("cmdline", nonNil(r.Cmdline)).
 		Str("cgroup", r.Cgroup).
 		Uint64("cgroup_id", r.CgroupID).
@@ -178,6 +187,9 @@ func (w *Writer) Write(r Record) {
 		e = e.Uint64("count", r.Count).Str("first", r.First.UTC().Format(time.RFC3339Nano))
 		if r.UDP {
 			e = e.Bool("udp", true)
+		}
+		if r.Backstop {
+			e = e.Bool("backstop", true)
 		}
 	}
 	if kind == KindRequest {

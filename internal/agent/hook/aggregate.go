@@ -26,6 +26,11 @@ type Aggregate struct {
 	Rule          int // -1: the default applied
 	V2Required    bool
 	NoBroker      bool
+	// Backstop says these were packets the egress program saw from a socket no connect()
+	// hook let through to IMDS (raw sockets, DNAT): dropped (VerdictDeny) or, in audit
+	// mode, let through (VerdictAuditDeny). Count counts packets; no event precedes it.
+	Backstop    bool
+	ExeBorrowed bool
 	// Count is how many connects wrote no event; First and Last when the first and
 	// the last of the kind happened (First is the evented one's when it wrote one).
 	Count       uint64
@@ -89,6 +94,7 @@ func (h *Hook) TakeAggregates() ([]Aggregate, error) {
 			CgroupID: v.CgroupId, NetnsCookie: v.NetnsCookie, ExeIno: v.ExeIno,
 			Family: v.Family, UDP: k.Udp != 0, Verdict: Verdict(k.Verdict), Rule: ruleIndex(k.Rule),
 			V2Required: k.Flags&flagV2Required != 0, NoBroker: k.Flags&flagNoBroker != 0,
+			Backstop: k.Flags&flagBackstop != 0, ExeBorrowed: k.Flags&flagBorrowed != 0,
 			Count: v.Count - seen.count, First: clock.wall(first), Last: clock.wall(v.LastNs),
 		}
 		if v.ExeIno != 0 {

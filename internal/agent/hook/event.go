@@ -46,6 +46,10 @@ type Event struct {
 	// not TCP, or no listener of the agent's for its family); with V2Required it was
 	// refused for that.
 	NoBroker bool
+	// ExeBorrowed says the process's mm->exe_file (what /proc/PID/exe and ExePath name)
+	// is not the file it exec'd, which ExeDev and ExeIno are: it repointed it
+	// (prctl PR_SET_MM_MAP). Only where executables are recorded at exec.
+	ExeBorrowed bool
 }
 
 // Verdict is what the kernel did with the connect().
@@ -109,6 +113,7 @@ func fromRaw(r *imdsguardEvent, c clock) Event {
 		V2Required:    r.Flags&flagV2Required != 0,
 		Agent:         r.Flags&flagAgent != 0,
 		NoBroker:      r.Flags&flagNoBroker != 0,
+		ExeBorrowed:   r.Flags&flagBorrowed != 0,
 	}
 	if r.ExeIno != 0 {
 		// Kernel dev_t is major<<20|minor; stat(2) uses the glibc encoding.

@@ -48,8 +48,9 @@ type Hook struct {
 	maps    map[string]*ebpf.Map // the maps Open opened, by name, for LoadPrograms
 	// denyRefused: the programs loaded make a denied connect() fail with ECONNREFUSED.
 	denyRefused bool
-	// execIdentity: the programs loaded judge by the identity recorded at exec (BPF LSM
-	// programs loaded, and Attach attached them); execWhy says why not.
+	// execIdentity: the programs loaded judge by the identity recorded at exec (the
+	// exec and fork tracing programs loaded, and Attach attached them); execWhy says why
+	// not.
 	execIdentity bool
 	execWhy      error
 
@@ -161,9 +162,9 @@ func Open(t Target, pinDir string) (*Hook, error) {
 func (h *Hook) LoadPrograms(log zerolog.Logger) error {
 	err := h.loadPrograms(true, true)
 	if err != nil {
-		// Without BPF LSM (CONFIG_BPF_LSM, a kernel that refuses LSM programs) or task
-		// storage in connect programs: the executable is judged by mm->exe_file, which a
-		// process can repoint. ExecIdentityError says why, for the agent's log.
+		// Without BTF tracing programs (tp_btf), task storage in them (Linux 5.11) or in
+		// connect programs: the executable is judged by mm->exe_file, which a process
+		// can repoint. ExecIdentityError says why, for the agent's log.
 		why := err
 		err = h.loadPrograms(true, false)
 		h.execWhy = why
@@ -206,7 +207,8 @@ func (h *Hook) loadPrograms(refused, execID bool) error {
 	for name, dst := range map[string]**ebpf.Program{
 		imdsguardProgImdsConnect4: &p.ImdsConnect4, imdsguardProgImdsConnect6: &p.ImdsConnect6,
 		imdsguardProgImdsGetpeername4: &p.ImdsGetpeername4, imdsguardProgImdsGetpeername6: &p.ImdsGetpeername6,
-		imdsguardProgImdsSockops: &p.ImdsSockops, imdsguardProgImdsExec: &p.ImdsExec, imdsguardProgImdsFork: &p.ImdsFork,
+		imdsguardProgImdsSockops: &p.ImdsSockops, imdsguardProgImdsEgress: &p.ImdsEgress,
+		imdsguardProgImdsExec: &p.ImdsExec, imdsguardProgImdsFork: &p.ImdsFork,
 	} {
 		*dst = coll.DetachProgram(name) // nil for a program not loaded
 	}
@@ -217,8 +219,7 @@ func (h *Hook) loadPrograms(refused, execID bool) error {
 }
 
 // ExecIdentity reports whether exe rules are judged by the executable recorded at exec
-// (BPF LSM programs loaded). Where the kernel's active LSMs leave out bpf, they load and
-// attach but never run, and every process falls back to mm->exe_file: see BPFLSMActive.
+// (the exec and fork tracing programs loaded and attached).
 func (h *Hook) ExecIdentity() bool { return h.execIdentity }
 
 // ExecIdentityError says why ExecIdentity is false (nil when it is true).
@@ -230,21 +231,6 @@ func (h *Hook) ExecIdentityError() error {
 		return errors.New("programs not loaded")
 	}
 	return h.execWhy
-}
-
-// BPFLSMActive reports whether bpf is among the kernel's active LSMs (securityfs's lsm
-// list), and false with the reason when that cannot be read.
-func BPFLSMActive() (bool, error) {
-	data, err := os.ReadFile("/sys/kernel/security/lsm")
-	if err != nil {
-		return false, fmt.Errorf("read active LSMs: %w", err)
-	}
-	for _, l := range strings.Split(strings.TrimSpace(string(data)), ",") {
-		if l == "bpf" {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 // DenyRefused reports whether a denied connect() fails with ECONNREFUSED (else EPERM).
@@ -307,6 +293,7 @@ func (h *Hook) programs() []program {
 		{"getpeername4", h.objs.ImdsGetpeername4, ebpf.AttachCgroupInet4GetPeername},
 		{"getpeername6", h.objs.ImdsGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 		{"sockops", h.objs.ImdsSockops, ebpf.AttachCGroupSockOps},
+		{"egress", h.objs.ImdsEgress, ebpf.AttachCGroupInetEgress},
 	}
 }
 
@@ -345,13 +332,14 @@ func (h *Hook) Attach(path string) error {
 		}
 		h.links = append(h.links, attached{p.name, l})
 	}
-	return h.attachLSM()
+	return h.attachExecTracing()
 }
 
-// attachLSM attaches the programs that record each task's executable at exec and fork.
-// A tracing link cannot be updated in place: the new one is attached (and pinned) before
-// an earlier agent's is removed, so no exec goes unrecorded in between.
-func (h *Hook) attachLSM() error {
+// attachExecTracing attaches the programs that record each task's executable at exec
+// and fork (tracepoints sched_process_exec and sched_process_fork). A tracing link cannot
+// be updated in place: the new one is attached (and pinned) before an earlier agent's is
+// removed, so no exec goes unrecorded in between.
+func (h *Hook) attachExecTracing() error {
 	for _, p := range []struct {
 		name string
 		prog *ebpf.Program
@@ -359,12 +347,12 @@ func (h *Hook) attachLSM() error {
 		if p.prog == nil {
 			continue
 		}
-		l, err := link.AttachLSM(link.LSMOptions{Program: p.prog})
+		l, err := link.AttachTracing(link.TracingOptions{Program: p.prog})
 		if err != nil {
 			// Not fatal: with nothing recorded, connect falls back to mm->exe_file
-			// for every process, as where BPF LSM is missing.
+			// for every process, as where the programs do not load.
 			h.execIdentity = false
-			h.execWhy = fmt.Errorf("attach %s (BPF LSM): %w", p.name, err)
+			h.execWhy = fmt.Errorf("attach %s (tp_btf): %w", p.name, err)
 			return nil
 		}
 		if h.pinDir != "" {
@@ -448,7 +436,7 @@ func (h *Hook) Unpin() error {
 func (m *imdsguardMaps) unpin() error {
 	var errs []error
 	for _, mp := range []*ebpf.Map{m.Policies, m.ActiveGen, m.Heartbeat, m.RuleUids, m.RuleGids, m.RuleExes,
-		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats, m.ExecIds} {
+		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats, m.ExecIds, m.SkVerdicts} {
 		if err := mp.Unpin(); err != nil {
 			errs = append(errs, err)
 		}
@@ -501,6 +489,11 @@ type Stats struct {
 	FailOpen    uint64 // connect() let through straight to IMDS: agent gone
 	FailClosed  uint64 // connect() refused: agent gone, failure_mode closed
 	Redirected  uint64 // connect() sent to the broker
+	// BackstopDropped counts packets to IMDS from sockets no connect() hook let through
+	// to it (raw sockets, DNAT), dropped by the egress program; BackstopAudit the same
+	// let through (audit mode, or no policy loaded yet).
+	BackstopDropped uint64
+	BackstopAudit   uint64
 }
 
 // Stats reads the counters.
@@ -534,6 +527,8 @@ func (s *Stats) counters() []struct {
 		{imdsguardStatSTAT_FAIL_OPEN, &s.FailOpen},
 		{imdsguardStatSTAT_FAIL_CLOSED, &s.FailClosed},
 		{imdsguardStatSTAT_REDIRECTED, &s.Redirected},
+		{imdsguardStatSTAT_BACKSTOP_DROPPED, &s.BackstopDropped},
+		{imdsguardStatSTAT_BACKSTOP_AUDIT, &s.BackstopAudit},
 	}
 }
 

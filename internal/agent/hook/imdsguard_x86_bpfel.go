@@ -105,10 +105,12 @@ type imdsguardExecId struct {
 type imdsguardFlag uint32
 
 const (
-	imdsguardFlagFLAG_REDIRECTED imdsguardFlag = 1
-	imdsguardFlagFLAG_V2REQUIRED imdsguardFlag = 2
-	imdsguardFlagFLAG_AGENT      imdsguardFlag = 4
-	imdsguardFlagFLAG_NO_BROKER  imdsguardFlag = 8
+	imdsguardFlagFLAG_REDIRECTED   imdsguardFlag = 1
+	imdsguardFlagFLAG_V2REQUIRED   imdsguardFlag = 2
+	imdsguardFlagFLAG_AGENT        imdsguardFlag = 4
+	imdsguardFlagFLAG_NO_BROKER    imdsguardFlag = 8
+	imdsguardFlagFLAG_EXE_BORROWED imdsguardFlag = 16
+	imdsguardFlagFLAG_BACKSTOP     imdsguardFlag = 32
 )
 
 type imdsguardIdKey struct {
@@ -164,16 +166,26 @@ const (
 	imdsguardRuleRULE_NONE imdsguardRule = 255
 )
 
+type imdsguardSkVerdict struct {
+	_             structs.HostLayout
+	Approved      uint8
+	Pad           [3]uint8
+	Tgid          uint32
+	StartBoottime uint64
+}
+
 type imdsguardStat uint32
 
 const (
-	imdsguardStatSTAT_RINGBUF_FULL imdsguardStat = 0
-	imdsguardStatSTAT_DENIED       imdsguardStat = 1
-	imdsguardStatSTAT_AUDIT_DENIED imdsguardStat = 2
-	imdsguardStatSTAT_FAIL_OPEN    imdsguardStat = 3
-	imdsguardStatSTAT_FAIL_CLOSED  imdsguardStat = 4
-	imdsguardStatSTAT_REDIRECTED   imdsguardStat = 5
-	imdsguardStatSTAT_MAX          imdsguardStat = 6
+	imdsguardStatSTAT_RINGBUF_FULL     imdsguardStat = 0
+	imdsguardStatSTAT_DENIED           imdsguardStat = 1
+	imdsguardStatSTAT_AUDIT_DENIED     imdsguardStat = 2
+	imdsguardStatSTAT_FAIL_OPEN        imdsguardStat = 3
+	imdsguardStatSTAT_FAIL_CLOSED      imdsguardStat = 4
+	imdsguardStatSTAT_REDIRECTED       imdsguardStat = 5
+	imdsguardStatSTAT_BACKSTOP_DROPPED imdsguardStat = 6
+	imdsguardStatSTAT_BACKSTOP_AUDIT   imdsguardStat = 7
+	imdsguardStatSTAT_MAX              imdsguardStat = 8
 )
 
 type imdsguardVerdict uint32
@@ -204,9 +216,11 @@ const (
 	imdsguardMapRuleExes           = "rule_exes"
 	imdsguardMapRuleGids           = "rule_gids"
 	imdsguardMapRuleUids           = "rule_uids"
+	imdsguardMapSkVerdicts         = "sk_verdicts"
 	imdsguardMapStats              = "stats"
 	imdsguardProgImdsConnect4      = "imds_connect4"
 	imdsguardProgImdsConnect6      = "imds_connect6"
+	imdsguardProgImdsEgress        = "imds_egress"
 	imdsguardProgImdsExec          = "imds_exec"
 	imdsguardProgImdsFork          = "imds_fork"
 	imdsguardProgImdsGetpeername4  = "imds_getpeername4"
@@ -275,6 +289,7 @@ type imdsguardSpecs struct {
 type imdsguardProgramSpecs struct {
 	ImdsConnect4     *ebpf.ProgramSpec `ebpf:"imds_connect4"`
 	ImdsConnect6     *ebpf.ProgramSpec `ebpf:"imds_connect6"`
+	ImdsEgress       *ebpf.ProgramSpec `ebpf:"imds_egress"`
 	ImdsExec         *ebpf.ProgramSpec `ebpf:"imds_exec"`
 	ImdsFork         *ebpf.ProgramSpec `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.ProgramSpec `ebpf:"imds_getpeername4"`
@@ -300,6 +315,7 @@ type imdsguardMapSpecs struct {
 	RuleExes      *ebpf.MapSpec `ebpf:"rule_exes"`
 	RuleGids      *ebpf.MapSpec `ebpf:"rule_gids"`
 	RuleUids      *ebpf.MapSpec `ebpf:"rule_uids"`
+	SkVerdicts    *ebpf.MapSpec `ebpf:"sk_verdicts"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 }
 
@@ -360,6 +376,7 @@ type imdsguardMaps struct {
 	RuleExes      *ebpf.Map `ebpf:"rule_exes"`
 	RuleGids      *ebpf.Map `ebpf:"rule_gids"`
 	RuleUids      *ebpf.Map `ebpf:"rule_uids"`
+	SkVerdicts    *ebpf.Map `ebpf:"sk_verdicts"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 }
 
@@ -379,6 +396,7 @@ func (m *imdsguardMaps) Close() error {
 		m.RuleExes,
 		m.RuleGids,
 		m.RuleUids,
+		m.SkVerdicts,
 		m.Stats,
 	)
 }
@@ -412,6 +430,7 @@ type imdsguardVariables struct {
 type imdsguardPrograms struct {
 	ImdsConnect4     *ebpf.Program `ebpf:"imds_connect4"`
 	ImdsConnect6     *ebpf.Program `ebpf:"imds_connect6"`
+	ImdsEgress       *ebpf.Program `ebpf:"imds_egress"`
 	ImdsExec         *ebpf.Program `ebpf:"imds_exec"`
 	ImdsFork         *ebpf.Program `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.Program `ebpf:"imds_getpeername4"`
@@ -423,6 +442,7 @@ func (p *imdsguardPrograms) Close() error {
 	return _ImdsguardClose(
 		p.ImdsConnect4,
 		p.ImdsConnect6,
+		p.ImdsEgress,
 		p.ImdsExec,
 		p.ImdsFork,
 		p.ImdsGetpeername4,

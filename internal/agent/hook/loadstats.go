@@ -25,11 +25,14 @@ var verifierBudget = map[string]int{
 	// is refused) and sockops (connections keyed by the 4-tuple and namespace).
 	// Issue 11 item 8 raised them again: refused and UDP connects are counted per process
 	// in aggregates (one event per kind per flush) and written to a ring of their own.
-	"connect4":     3550, // 3203 on 6.18
-	"connect6":     3620, // 3272
+	"connect4":     3550, // 3229 on 6.18
+	"connect6":     3620, // 3296
 	"getpeername4": 30,   // 19
 	"getpeername6": 30,   // 21
 	"sockops":      100,  // 87
+	// Issue 11's last packets: the egress backstop (its fast path, a packet not to IMDS,
+	// is a few instructions; the verifier walks the slow path once, a global function).
+	"egress": 420, // 363
 }
 
 // ProgramStats is what loading one program cost the kernel.
@@ -117,6 +120,7 @@ var programSections = []struct{ name, section string }{
 	{"getpeername4", "imds_getpeername4"},
 	{"getpeername6", "imds_getpeername6"},
 	{"sockops", "imds_sockops"},
+	{"egress", "imds_egress"},
 }
 
 var (

@@ -94,6 +94,8 @@ const (
 	flagV2Required = uint8(imdsguardFlagFLAG_V2REQUIRED)
 	flagAgent      = uint8(imdsguardFlagFLAG_AGENT)
 	flagNoBroker   = uint8(imdsguardFlagFLAG_NO_BROKER)
+	flagBorrowed   = uint8(imdsguardFlagFLAG_EXE_BORROWED)
+	flagBackstop   = uint8(imdsguardFlagFLAG_BACKSTOP)
 	ruleNone       = uint8(imdsguardRuleRULE_NONE)
 )
 

@@ -44,6 +44,9 @@ const (
 	BrokerErrors
 	// FailModeActivations counts switches to the configured failure mode.
 	FailModeActivations
+	// BackstopDropped counts packets to IMDS the egress program dropped: from sockets
+	// no connect() hook let through to it (raw sockets, DNAT).
+	BackstopDropped
 
 	numKinds
 )
@@ -51,7 +54,7 @@ const (
 var kindNames = [numKinds]string{
 	"MetadataRequests", "MetadataNoToken", "MetadataNoTokenRejected", "MetadataWithToken",
 	"MetadataTokenRequests", "MetadataDenied", "CredentialFetches",
-	"EventsDropped", "EventsAggregated", "BrokerErrors", "FailModeActivations",
+	"EventsDropped", "EventsAggregated", "BrokerErrors", "FailModeActivations", "BackstopDropped",
 }
 
 // String is the metric name.

@@ -19,7 +19,7 @@ import (
 var promNames = [numKinds]string{
 	"metadata_requests", "metadata_no_token", "metadata_no_token_rejected", "metadata_with_token",
 	"metadata_token_requests", "metadata_denied", "credential_fetches",
-	"events_dropped", "events_aggregated", "broker_errors", "fail_mode_activations",
+	"events_dropped", "events_aggregated", "broker_errors", "fail_mode_activations", "backstop_packets_dropped",
 }
 
 // PromName is the Prometheus family name of k's per-instance counter.

@@ -75,8 +75,10 @@ type Host struct {
 	// LoadBPF loads and frees a trivial program of the type the agent uses.
 	LoadBPF func() error
 	// LoadPrograms loads imdsguard's own programs, unattached and unpinned, and frees
-	// them: the one true answer to "does this kernel's verifier take them?".
-	LoadPrograms func() error
+	// them: the one true answer to "does this kernel's verifier take them?". It returns
+	// why the programs that record executables at exec did not load (nil when they
+	// did) apart from a refusal of the whole set.
+	LoadPrograms func() (execErr, err error)
 	// NetnsCookie reads the agent's own network namespace cookie (SO_NETNS_COOKIE),
 	// which it needs to tell its namespace's connections from containers'.
 	NetnsCookie func() error
@@ -93,16 +95,16 @@ func Real(cfg config.Config) Host {
 		Root:          "/",
 		KernelRelease: unameRelease,
 		LoadBPF:       loadTrivialProgram,
-		LoadPrograms: func() error {
+		LoadPrograms: func() (error, error) {
 			// The addresses as written: preflight may run on a config not yet validated.
 			ip4, _ := netip.ParseAddr(cfg.IMDS.IPv4)
 			ip6, _ := netip.ParseAddr(cfg.IMDS.IPv6)
 			h, err := hook.Load(hook.Target{IPv4: ip4, IPv6: ip6, Port: uint16(cfg.IMDS.Port),
 				BrokerPort: uint16(cfg.Broker.Port)}, "")
 			if err != nil {
-				return err
+				return nil, err
 			}
-			return h.Close()
+			return h.ExecIdentityError(), h.Close()
 		},
 		NetnsCookie: func() error { _, err := hook.OwnNetnsCookie(); return err },
 		IMDS:        "http://" + net.JoinHostPort(cfg.IMDS.IPv4, strconv.Itoa(cfg.IMDS.Port)),
@@ -126,13 +128,12 @@ func Run(ctx context.Context, h Host, cfg config.Config) []Result {
 		h.checkCgroup(mountinfo, err, cfg.Cgroup),
 		checkBPFFS(mountinfo, err),
 		h.checkLockdown(),
-		h.checkBPFLSM(),
 		h.checkBPFLoad(),
 	}
 	// Probe what the agent needs rather than trust a version number: distributions
 	// backport features, and a new enough version can still lack one.
 	if results[len(results)-1].Status == OK && h.LoadPrograms != nil {
-		results = append(results, h.checkPrograms())
+		results = append(results, h.checkPrograms()...)
 	}
 	if h.NetnsCookie != nil {
 		results = append(results, h.checkNetnsCookie())
@@ -241,25 +242,6 @@ func (h Host) checkCgroup(mountinfo []byte, readErr error, guarded string) Resul
 	return r
 }
 
-// checkBPFLSM says whether exe rules can rely on the executable recorded at exec: only
-// where bpf is an active LSM do the agent's exec programs run.
-func (h Host) checkBPFLSM() Result {
-	r := Result{Check: "bpf lsm"}
-	data, err := os.ReadFile(h.path("/sys/kernel/security/lsm"))
-	if err == nil {
-		for _, l := range strings.Split(strings.TrimSpace(string(data)), ",") {
-			if l == "bpf" {
-				r.Detail = "bpf is an active LSM: exe rules match the file each process exec'd"
-				return r
-			}
-		}
-	}
-	r.Status = Warn
-	r.Detail = "bpf is not an active LSM (or securityfs is not mounted): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another program's file (prctl PR_SET_MM_MAP)"
-	r.Fix = "add bpf to the kernel's lsm= boot parameter (kernels built with CONFIG_BPF_LSM), e.g. lsm=lockdown,capability,landlock,yama,apparmor,bpf"
-	return r
-}
-
 func checkBPFFS(mountinfo []byte, readErr error) Result {
 	r := Result{Check: "bpffs"}
 	if readErr != nil {
@@ -323,17 +305,27 @@ func (h Host) checkBPFLoad() Result {
 	return r
 }
 
-func (h Host) checkPrograms() Result {
+// checkPrograms loads the agent's programs: whether the verifier takes them, and whether
+// the ones that record each executable at exec load too (else exe rules match
+// mm->exe_file, which a process can repoint).
+func (h Host) checkPrograms() []Result {
 	r := Result{Check: "bpf programs"}
 	start := time.Now()
-	if err := h.LoadPrograms(); err != nil {
+	execErr, err := h.LoadPrograms()
+	if err != nil {
 		r.Status = Fail
 		r.Detail = fmt.Sprintf("this kernel refused imdsguard's programs: %v", err)
 		r.Fix = "the programs need BTF, the BPF ring buffer and BPF-to-BPF global functions (Linux 5.14 or newer, or a distribution kernel with them backported); see docs/install-and-operate.md#kernels"
-		return r
+		return []Result{r}
 	}
 	r.Detail = fmt.Sprintf("the verifier took imdsguard's programs in %d ms", time.Since(start).Milliseconds())
-	return r
+	x := Result{Check: "exec identity", Detail: "exe rules match the file each process exec'd (tp_btf sched_process_exec/fork, task storage)"}
+	if execErr != nil {
+		x.Status = Warn
+		x.Detail = fmt.Sprintf("the programs that record executables at exec did not load (%v): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another program's file (prctl PR_SET_MM_MAP)", execErr)
+		x.Fix = "they need BTF tracing programs (tp_btf) and task storage in tracing and cgroup programs: Linux 5.14 or newer with CONFIG_DEBUG_INFO_BTF=y; see docs/install-and-operate.md#kernels"
+	}
+	return []Result{r, x}
 }
 
 func (h Host) checkNetnsCookie() Result {

@@ -92,7 +92,6 @@ func TestBrokenHost(t *testing.T) {
 		"cgroup v2":      Warn, // the agent mounts its own cgroup2
 		"bpffs":          Warn,
 		"lockdown":       Fail,
-		"bpf lsm":        Warn, // exe rules fall back to mm->exe_file
 		"bpf permission": Fail,
 	} {
 		r, ok := results[check]
@@ -234,15 +233,22 @@ func TestProbesDecide(t *testing.T) {
 		"sys/kernel/security/lockdown": "[none] integrity confidentiality\n",
 	}
 	h := fakeHost(t, files)
-	h.LoadPrograms = func() error { return nil }
+	h.LoadPrograms = func() (error, error) { return nil, nil }
 	h.NetnsCookie = func() error { return nil }
 	results := byCheck(Run(context.Background(), h, config.Default()))
-	if results["bpf programs"].Status != OK || results["netns cookie"].Status != OK {
-		t.Fatalf("probes on a good kernel: %+v %+v", results["bpf programs"], results["netns cookie"])
+	if results["bpf programs"].Status != OK || results["netns cookie"].Status != OK || results["exec identity"].Status != OK {
+		t.Fatalf("probes on a good kernel: %+v %+v %+v", results["bpf programs"], results["netns cookie"], results["exec identity"])
+	}
+
+	// The programs load but the exec recorders do not: exe rules are borrowable.
+	h.LoadPrograms = func() (error, error) { return errors.New("load program imds_exec: invalid argument"), nil }
+	results = byCheck(Run(context.Background(), h, config.Default()))
+	if r := results["exec identity"]; r.Status != Warn || r.Fix == "" || results["bpf programs"].Status != OK {
+		t.Errorf("exec identity without its programs: %+v", r)
 	}
 
 	// A 6.1 kernel (uname looks fine) that lacks what the programs need.
-	h.LoadPrograms = func() error { return errors.New("load program connect4: invalid argument") }
+	h.LoadPrograms = func() (error, error) { return nil, errors.New("load program connect4: invalid argument") }
 	h.NetnsCookie = func() error { return fmt.Errorf("read netns cookie: %w", unix.ENOPROTOOPT) }
 	results = byCheck(Run(context.Background(), h, config.Default()))
 	for _, check := range []string{"bpf programs", "netns cookie"} {
@@ -257,7 +263,7 @@ func TestProbesDecide(t *testing.T) {
 
 	// Without permission to load, the program probe is not attempted: one clear failure.
 	h.LoadBPF = func() error { return fmt.Errorf("load program: %w", unix.EPERM) }
-	h.LoadPrograms = func() error { t.Error("programs loaded without permission"); return nil }
+	h.LoadPrograms = func() (error, error) { t.Error("programs loaded without permission"); return nil, nil }
 	results = byCheck(Run(context.Background(), h, config.Default()))
 	if _, ok := results["bpf programs"]; ok {
 		t.Error("program probe ran after the permission check failed")
@@ -269,8 +275,10 @@ func TestProbesDecide(t *testing.T) {
 func TestPrivilegedRealProbes(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	h := Real(config.Default())
-	if r := h.checkPrograms(); r.Status != OK {
-		t.Errorf("bpf programs: %s", r.Detail)
+	for _, r := range h.checkPrograms() {
+		if r.Status != OK {
+			t.Errorf("%s: %s", r.Check, r.Detail)
+		}
 	}
 	if r := h.checkNetnsCookie(); r.Status != OK {
 		t.Errorf("netns cookie: %s", r.Detail)

@@ -199,11 +199,13 @@ type Event struct {
 	Redirected       bool     `json:"redirected"`
 	Agent            bool     `json:"agent"`
 	NoBroker         bool     `json:"no_broker"`
+	ExeBorrowed      bool     `json:"exe_borrowed"`
 	Missing          []string `json:"missing"`
 	// imds_connect_summary only
-	Count uint64    `json:"count"`
-	First time.Time `json:"first"`
-	UDP   bool      `json:"udp"`
+	Count    uint64    `json:"count"`
+	First    time.Time `json:"first"`
+	UDP      bool      `json:"udp"`
+	Backstop bool      `json:"backstop"`
 	// imds_request only
 	Method      string  `json:"method"`
 	Path        string  `json:"path"`

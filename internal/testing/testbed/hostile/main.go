@@ -13,6 +13,11 @@
 //	hostile flood udp|tcp ADDR:PORT DUR  connect() to ADDR:PORT from new sockets as fast as
 //	                                     possible for DUR (IPv4); print "flooding", then
 //	                                     "attempts N refused M" (ECONNREFUSED or EPERM)
+//	hostile rawsyn ADDR:PORT             send a hand-built TCP SYN to ADDR:PORT (IPv4) from
+//	                                     an IPPROTO_RAW socket (IP_HDRINCL: no connect hook
+//	                                     runs), from ADDR itself; print "answered" when a
+//	                                     SYN-ACK or RST comes back within 2 s (exit 0), else
+//	                                     "no answer" (exit 7). Needs CAP_NET_RAW.
 //
 // Exit codes: 0 answered, 7 could not connect (as curl), 3 could not bind, 1 other.
 package main
@@ -68,6 +73,8 @@ func run(args []string) (int, error) {
 			return 1, fmt.Errorf("usage: hostile flood udp|tcp ADDR:PORT DURATION")
 		}
 		return flood(args[1], args[2], args[3])
+	case "rawsyn":
+		return rawSYN(args[1])
 	case "from":
 		if len(args) != 3 {
 			return 1, fmt.Errorf("usage: hostile from SRC:PORT ADDR:PORT")
