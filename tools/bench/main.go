@@ -4,6 +4,8 @@
 //  1. connect()+close() to a loopback listener from inside the guarded cgroup, with the
 //     hooks attached vs not (TCP, and UDP whose connect is cheap enough to show the
 //     hook's own cost). Goal: ratio <= 1.03.
+//     And one UDP datagram sent to loopback from a connected socket, where the only hook
+//     that runs is the egress backstop's fast path (not to IMDS). Goal: ratio <= 1.03.
 //  2. IMDS connects per second the agent records with zero loss, and where loss begins.
 //     Goal: >= 50,000/s recorded.
 //  3. The agent's resident memory, idle and at its peak under that load. Goal <= 30 MB.
@@ -50,6 +52,9 @@ func run() error {
 			if err := connectOverhead(bed, client, proto); err != nil {
 				return err
 			}
+		}
+		if err := sendOverhead(bed, client); err != nil {
+			return err
 		}
 	}
 	if os.Getenv("BENCH_ONLY") == "" || os.Getenv("BENCH_ONLY") == "agent" {
@@ -125,21 +130,44 @@ func brokerOverhead(bed *testbed.Bed, client string) error {
 	return nil
 }
 
-// connectOverhead alternates detached and attached rounds so drift hits both alike,
-// and compares medians.
 func connectOverhead(bed *testbed.Bed, client, proto string) error {
-	h, err := hook.Load(hook.Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort}, "")
+	const rounds, perRound = 11, 20000
+	a, b, err := hookOverhead(bed, rounds, client, "connect-loop", strconv.Itoa(perRound), proto)
 	if err != nil {
 		return err
 	}
+	fmt.Printf("   %s connect+close: detached %.0f ns, attached %.0f ns CPU per connect, ratio %.3f (goal <= 1.03; median of %d rounds x %d)\n",
+		proto, a, b, b/a, rounds, perRound)
+	return nil
+}
+
+// sendOverhead is the egress backstop's cost on a packet that is not to IMDS: the only
+// hook a send() on a connected UDP socket runs.
+func sendOverhead(bed *testbed.Bed, client string) error {
+	const rounds, perRound = 11, 100000
+	a, b, err := hookOverhead(bed, rounds, client, "send-loop", strconv.Itoa(perRound))
+	if err != nil {
+		return err
+	}
+	fmt.Printf("   udp send (egress backstop): detached %.0f ns, attached %.0f ns CPU per packet, ratio %.3f (goal <= 1.03; median of %d rounds x %d)\n",
+		a, b, b/a, rounds, perRound)
+	return nil
+}
+
+// hookOverhead runs argv (which prints CPU ns per operation) in the guarded cgroup,
+// alternating detached and attached rounds so drift hits both alike, and returns the
+// medians.
+func hookOverhead(bed *testbed.Bed, rounds int, argv ...string) (detached, attached float64, err error) {
+	h, err := hook.Load(hook.Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort}, "")
+	if err != nil {
+		return 0, 0, err
+	}
 	defer h.Close()
-	const rounds, perRound = 11, 20000
 	var off, on []float64
 	measure := func() (float64, error) {
-		r := bed.RunCommand(context.Background(), "connect-loop", "", testbed.Placement{},
-			client, "connect-loop", strconv.Itoa(perRound), proto)
+		r := bed.RunCommand(context.Background(), argv[1], "", testbed.Placement{}, argv...)
 		if r.Err != nil {
-			return 0, r.Err
+			return 0, fmt.Errorf("%s: %w: %s", argv[1], r.Err, r.Output)
 		}
 		return strconv.ParseFloat(strings.TrimSpace(r.Output), 64)
 	}
@@ -151,27 +179,24 @@ func connectOverhead(bed *testbed.Bed, client, proto string) error {
 		for _, attached := range order {
 			if attached {
 				if err := h.Attach(bed.Cgroup); err != nil {
-					return err
+					return 0, 0, err
 				}
 			}
 			ns, err := measure()
 			if err != nil {
-				return err
+				return 0, 0, err
 			}
 			if attached {
 				on = append(on, ns)
 				if err := h.Detach(); err != nil {
-					return err
+					return 0, 0, err
 				}
 			} else {
 				off = append(off, ns)
 			}
 		}
 	}
-	a, b := median(off), median(on)
-	fmt.Printf("   %s connect+close: detached %.0f ns, attached %.0f ns CPU per connect, ratio %.3f (goal <= 1.03; median of %d rounds x %d)\n",
-		proto, a, b, b/a, rounds, perRound)
-	return nil
+	return median(off), median(on), nil
 }
 
 func median(v []float64) float64 {

@@ -9,6 +9,9 @@
 //	imds-client connect-loop N tcp|udp
 //	                           N connect()+close() to a loopback listener of its own;
 //	                           prints CPU nanoseconds per connect (benchmark baseline)
+//	imds-client send-loop N    N 64-byte UDP datagrams to a loopback socket of its own,
+//	                           from a connected socket (no connect hook per packet);
+//	                           prints CPU nanoseconds per send (the egress hook's cost)
 //	imds-client http-load N keepalive|new
 //	                           N sequential IMDSv2 GETs of instance-id; prints JSON with
 //	                           p50/p99 latency (µs) and requests per second
@@ -73,6 +76,8 @@ func run(args []string) error {
 		return connectExit(ctx)
 	case "connect-loop":
 		return connectLoop(args[1:])
+	case "send-loop":
+		return sendLoop(args[1:])
 	case "udp-flood":
 		return udpFlood(args[1:])
 	case "hold":
@@ -216,6 +221,50 @@ func connectLoop(args []string) error {
 	}
 	var after unix.Rusage
 	unix.Getrusage(unix.RUSAGE_SELF, &after)
+	cpu := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
+	fmt.Println(cpu.Nanoseconds() / int64(n))
+	return nil
+}
+
+func sendLoop(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("usage: send-loop N")
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n <= 0 {
+		return fmt.Errorf("bad count %q", args[0])
+	}
+	// Never read: once its buffer is full the kernel drops what arrives, after every
+	// hook on the way out has run.
+	rx, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer rx.Close()
+	conn, err := net.Dial("udp4", rx.LocalAddr().String())
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	raw, err := conn.(*net.UDPConn).SyscallConn()
+	if err != nil {
+		return err
+	}
+	payload := make([]byte, 64)
+	var before, after unix.Rusage
+	var sendErr error
+	unix.Getrusage(unix.RUSAGE_SELF, &before)
+	if err := raw.Control(func(fd uintptr) {
+		for i := 0; i < n && sendErr == nil; i++ {
+			_, sendErr = unix.Write(int(fd), payload)
+		}
+	}); err != nil {
+		return err
+	}
+	unix.Getrusage(unix.RUSAGE_SELF, &after)
+	if sendErr != nil {
+		return fmt.Errorf("send: %w", sendErr)
+	}
 	cpu := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
 	fmt.Println(cpu.Nanoseconds() / int64(n))
 	return nil
