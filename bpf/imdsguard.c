@@ -15,6 +15,10 @@
  * sockops maps each connection to the broker, by its full 4-tuple and network namespace,
  * to its cookie, so the broker finds the connect-time record of each connection it
  * accepts and of no other. getpeername4/6 give the client back the address it asked for.
+ *
+ * egress drops packets to IMDS from sockets connect4/6 did not let through to it (raw
+ * sockets, DNAT). exec and fork (BTF tracepoints) record the file each process exec'd,
+ * which exe rules judge instead of the mm->exe_file a process can repoint.
  */
 #include "types.h"
 #include "bpf/bpf_helpers.h"
