@@ -225,6 +225,9 @@ func (a *agent) start() error {
 	a.reportPreexisting()
 	// Only now: programs attached, policy in the kernel, broker listening.
 	a.sd.ready()
+	if n, err := dropStartupPages(); err != nil {
+		a.log.Debug().Err(err).Int("mappings", n).Msg("start-up pages of the binary kept")
+	}
 	return nil
 }
 

@@ -87,9 +87,10 @@ func brokerOverhead(bed *testbed.Bed, client string) error {
 		return err
 	}
 	defer agent.Stop()
+	const rounds, perRun = 5, 2000
 	type result struct{ P50, P99, RPS float64 }
 	run := func(p testbed.Placement, mode string) (result, error) {
-		r := bed.RunCommand(context.Background(), "http-load", "", p, client, "http-load", "2000", mode)
+		r := bed.RunCommand(context.Background(), "http-load", "", p, client, "http-load", strconv.Itoa(perRun), mode)
 		if r.Err != nil {
 			return result{}, r.Err
 		}
@@ -99,14 +100,38 @@ func brokerOverhead(bed *testbed.Bed, client string) error {
 		}
 		return result{m["p50_us"], m["p99_us"], m["rps"]}, nil
 	}
+	agentPID := agent.Cmd.Process.Pid
 	for _, mode := range []string{"keepalive", "new"} {
 		var direct, broker []result
-		for i := 0; i < 5; i++ {
-			d, err := run(testbed.Placement{OutsideCgroup: true}, mode)
+		// What the agent and the emulator spend per request on each path: the
+		// profile of the gap, printed with the ratios.
+		var agentD, agentB, emuD, emuB procCost
+		costed := func(p testbed.Placement, agentSum, emuSum *procCost) (result, error) {
+			a0, err := readCost(agentPID)
+			if err != nil {
+				return result{}, err
+			}
+			e0, err := readCost(bed.EmulatorPID)
+			if err != nil {
+				return result{}, err
+			}
+			r, err := run(p, mode)
+			if err != nil {
+				return r, err
+			}
+			a1, _ := readCost(agentPID)
+			e1, _ := readCost(bed.EmulatorPID)
+			da, de := a1.sub(a0), e1.sub(e0)
+			agentSum.cpu, agentSum.switches = agentSum.cpu+da.cpu, agentSum.switches+da.switches
+			emuSum.cpu, emuSum.switches = emuSum.cpu+de.cpu, emuSum.switches+de.switches
+			return r, nil
+		}
+		for i := 0; i < rounds; i++ {
+			d, err := costed(testbed.Placement{OutsideCgroup: true}, &agentD, &emuD)
 			if err != nil {
 				return err
 			}
-			b, err := run(testbed.Placement{}, mode)
+			b, err := costed(testbed.Placement{}, &agentB, &emuB)
 			if err != nil {
 				return err
 			}
@@ -126,6 +151,27 @@ func brokerOverhead(bed *testbed.Bed, client string) error {
 			mode, med(direct, p50), med(direct, p99), med(direct, rps), med(broker, p50), med(broker, p99), med(broker, rps))
 		fmt.Printf("   %-9s ratios: p50 %.2fx (goal <= 1.10), p99 %.2fx (goal <= 1.25), throughput %.2fx (goal >= 0.90)\n",
 			mode, med(broker, p50)/med(direct, p50), med(broker, p99)/med(direct, p99), med(broker, rps)/med(direct, rps))
+		n := rounds * perRun
+		fmt.Printf("   %-9s per request, direct: emulator %s; agent %s\n", mode, emuD.perRequest(n), agentD.perRequest(n))
+		fmt.Printf("   %-9s per request, broker: emulator %s; agent %s\n", mode, emuB.perRequest(n), agentB.perRequest(n))
+	}
+	if os.Getenv("BENCH_PERF") == "0" {
+		return nil
+	}
+	// Where the agent's samples fall under each load (perf, when installed):
+	// scheduler symbols on top mean wake-ups, not the broker's code, set the pace.
+	for _, mode := range []string{"keepalive", "new"} {
+		top, err := perfTop(context.Background(), agentPID, func() error {
+			_, err := run(testbed.Placement{}, mode)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if top != "" {
+			fmt.Printf("   agent profile under the %s load (perf record -g; symbols over 2 %%):\n", mode)
+			fmt.Println(top)
+		}
 	}
 	return nil
 }

@@ -120,9 +120,13 @@ type Broker struct {
 	readers, upReaders sync.Pool // *bufio.Reader
 	bufs               sync.Pool // *[]byte
 
-	// A connection to IMDS dialled ahead, per address family, so that a new client
-	// connection does not wait for its dial: taken by the next client connection and
-	// replaced off its path. Each client connection still has its own.
+	// Connections to IMDS ready for the next client connection, per address family:
+	// one dialled ahead, and those client connections left clean (their last answer
+	// whole, IMDS keeping the connection open), so that a new client connection neither
+	// waits for a dial nor pays for one (the dial's port search among TIME_WAIT sockets
+	// was the largest part of the agent's cost per new connection). Each client
+	// connection has one of its own while it lasts; HTTP to IMDS keeps no state per
+	// connection (a token is a header of each request).
 	spare4, spare6 spare
 
 	ipv4 bool // Listen holds the 127.0.0.1 listener
@@ -156,8 +160,11 @@ func (b *Broker) Stats() Stats {
 	return Stats{Conns: n, ConnsRefused: b.capRefused.Load(), TokenRejected: b.tokenRejected.Load()}
 }
 
+// spareConns bounds the idle IMDS connections kept per address family.
+const spareConns = 4
+
 type spare struct {
-	conns    chan net.Conn // capacity 1
+	conns    chan net.Conn // capacity spareConns
 	dialling atomic.Bool
 }
 
@@ -168,7 +175,7 @@ func New(cfg Config, redirects Redirects, record func(Request), log zerolog.Logg
 		dialer: MarkedDialer(cfg.Mark, cfg.UpstreamTimeout, cfg.Own), conns: map[*clientConn]struct{}{},
 		perUID: map[uint32]int{}, perProc: map[procKey]int{}, capLog: map[uint32]capLog{}}
 	b.enforce.Store(cfg.Enforce)
-	b.spare4.conns, b.spare6.conns = make(chan net.Conn, 1), make(chan net.Conn, 1)
+	b.spare4.conns, b.spare6.conns = make(chan net.Conn, spareConns), make(chan net.Conn, spareConns)
 	// A request head must fit in the client reader's buffer; 64 kB bounds what one
 	// idle connection holds even when max_header_bytes is larger.
 	size := min(max(cfg.MaxHeaderBytes+1024, 4096), 64<<10)
@@ -427,10 +434,12 @@ func (b *Broker) dropSpares() {
 		for s.dialling.Load() {
 			time.Sleep(time.Millisecond) // a dial in flight ends within UpstreamTimeout
 		}
-		select {
-		case c := <-s.conns:
-			c.Close()
-		default:
+		for len(s.conns) > 0 {
+			select {
+			case c := <-s.conns:
+				c.Close()
+			default:
+			}
 		}
 	}
 }
@@ -463,8 +472,9 @@ type clientConn struct {
 	br     *bufio.Reader
 	up     net.Conn
 	upbr   *bufio.Reader
-	served int  // exchanges over up
-	warm   bool // up was dialled ahead: IMDS may have closed it meanwhile
+	served int    // exchanges over up
+	warm   bool   // up was dialled ahead or left by another client: IMDS may have closed it meanwhile
+	sp     *spare // where up came from, and goes back to when left clean
 	info   connInfo
 }
 
@@ -504,9 +514,7 @@ func (cc *clientConn) serve() {
 	bufp := b.bufs.Get().(*[]byte)
 	defer func() {
 		cc.c.Close()
-		if cc.up != nil {
-			cc.up.Close()
-		}
+		cc.release()
 		cc.br.Reset(nil)
 		b.readers.Put(cc.br)
 		if cc.upbr != nil {
@@ -633,7 +641,7 @@ func (cc *clientConn) forward(r *request, capture bool) (response, error) {
 		res, err := cc.roundTrip(r, capture)
 		if err == nil {
 			cc.served++
-			if res.close {
+			if res.upClose {
 				cc.dropUpstream()
 			}
 			return res, nil
@@ -697,10 +705,10 @@ func (cc *clientConn) dial() error {
 			return &upstreamError{fmt.Errorf("dial IMDS: %w", err)}
 		}
 	}
-	if !b.closing.Load() && sp.dialling.CompareAndSwap(false, true) {
+	if len(sp.conns) == 0 && !b.closing.Load() && sp.dialling.CompareAndSwap(false, true) {
 		go b.dialAhead(sp, addr)
 	}
-	cc.up, cc.served = up, 0
+	cc.up, cc.served, cc.sp = up, 0, sp
 	if cc.upbr == nil {
 		cc.upbr = b.upReaders.Get().(*bufio.Reader)
 	}
@@ -719,6 +727,25 @@ func (b *Broker) dialAhead(sp *spare, addr netip.AddrPort) {
 	default:
 		up.Close()
 	}
+}
+
+// release hands the client connection's IMDS connection to the next client connection,
+// or closes it. up is non-nil only while clean: every failed exchange drops it, and an
+// answer IMDS framed with Connection: close drops it too. A byte IMDS sent beyond its
+// answer would be taken for the next client's answer, so such a connection is closed.
+func (cc *clientConn) release() {
+	if cc.up == nil {
+		return
+	}
+	if cc.served > 0 && cc.upbr.Buffered() == 0 && !cc.b.closing.Load() {
+		select {
+		case cc.sp.conns <- cc.up:
+			cc.up = nil
+			return
+		default:
+		}
+	}
+	cc.dropUpstream()
 }
 
 func (cc *clientConn) dropUpstream() {

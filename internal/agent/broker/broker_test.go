@@ -426,3 +426,58 @@ func TestUpstreamDownResetsClient(t *testing.T) {
 		t.Fatalf("recorded %+v", recs)
 	}
 }
+
+// A client connection that ends cleanly leaves its IMDS connection to the next one; one
+// that hangs up in the middle of an answer does not (the rest of that answer would be
+// read as the next client's).
+func TestUpstreamConnectionsPassedOnOnlyClean(t *testing.T) {
+	b := start(t, true, v4Redirect(false))
+	addr := strings.TrimPrefix(b.url, "http://")
+	get := func(path string) {
+		t.Helper()
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		// As an HTTP client without keep-alive asks: the client's connection ends,
+		// IMDS's need not.
+		fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n", path)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != "i-0123456789" {
+			t.Fatalf("%s: %d %q", path, resp.StatusCode, body)
+		}
+	}
+	for i := 0; i < 10; i++ {
+		get("/latest/meta-data/instance-id")
+		b.recorded(i + 1) // the connection is released once the request is recorded
+	}
+	// The first dial and the one dialled ahead, and one more when a client came before
+	// its predecessor let go of its own; each later client took a clean one (without
+	// passing them on: 10 or more).
+	if n := b.upstreamConns(); n > 3 {
+		t.Fatalf("10 sequential client connections used %d IMDS connections, want at most 3", n)
+	}
+
+	// Hang up while the large answer is still coming.
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(conn, "GET /latest/user-data HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+	buf := make([]byte, 1024)
+	if _, err := io.ReadFull(conn, buf); err != nil {
+		t.Fatal(err)
+	}
+	conn.(*net.TCPConn).SetLinger(0)
+	conn.Close()
+	b.recorded(11)
+	for i := 0; i < 6; i++ { // drain every spare: none may carry the cut answer's rest
+		get("/latest/meta-data/instance-id")
+	}
+}

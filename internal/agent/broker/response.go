@@ -31,7 +31,8 @@ func upErr(format string, args ...any) error {
 type response struct {
 	status   int
 	wrote    bool   // bytes reached (or were handed to) the client
-	close    bool   // the connections end after this exchange
+	close    bool   // the client's connection ends after this exchange
+	upClose  bool   // IMDS's connection ends after it (IMDS said so, or framed the body by its end)
 	creds    []byte // the body of a credential answer, when capture was asked
 	tooLarge bool   // the answer was too large to be a credential: not kept
 	started  bool   // a byte of the answer arrived from IMDS
@@ -126,6 +127,9 @@ func relay(client io.Writer, up *bufio.Reader, req *request, capture bool, out [
 		if !noBody && !chunked && length < 0 {
 			res.close = true // framed by the end of the connection
 		}
+		// An HTTP/1.0 request leaves IMDS's connection closing too; a client's own
+		// "Connection: close" does not (the field is not forwarded).
+		res.upClose = res.close || !req.http11
 		if req.close || res.close {
 			res.close = true
 			if !interim {

@@ -67,6 +67,9 @@ func (b *Bed) StartAgentFiles(extraYAML string, files []*os.File, args ...string
 		a.Cmd.ExtraFiles = files
 	}
 	a.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	// TESTBED_AGENT_ENV (NAME=value ...) reaches the agent only, not the clients: how a
+	// benchmark tries a runtime setting (GOMAXPROCS, GOGC) on the agent alone.
+	a.Cmd.Env = append(os.Environ(), strings.Fields(os.Getenv("TESTBED_AGENT_ENV"))...)
 	// A pipe of our own rather than StderrPipe: Wait runs on its own thread here and
 	// must not close the pipe before every line is read.
 	stderr, w, err := os.Pipe()
