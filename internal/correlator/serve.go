@@ -119,6 +119,11 @@ type detection struct {
 	// database after every cycle, so that a restart goes on counting.
 	state      *store.DB
 	checkpoint *trailwatch.Checkpoint
+	// shared, for replicas on a queue and PostgreSQL, shares the detector's state
+	// between them; delta then takes this cycle's records (see sharedState).
+	shared      *sharedState
+	delta       *detector.Detector
+	deltaLatest time.Time
 	out        *outputs.Dispatcher
 	interval   time.Duration
 	latest     time.Time // latest event time seen
@@ -181,6 +186,9 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (
 	for _, l := range listers {
 		d.followers = append(d.followers, &trailwatch.Follower{Lister: l, Checkpoint: cp, Read: d.read, Log: e.log})
 	}
+	if db != nil && d.queue != nil && db.Driver() == store.Postgres {
+		d.shared, d.delta = &sharedState{db: db, applied: -1}, e.detector("")
+	}
 	if db != nil && d.queue == nil {
 		d.state, d.checkpoint = db, cp
 		if err := d.restore(ctx); err != nil {
@@ -218,8 +226,10 @@ func (d *detection) Name() string { return "detection" }
 func (d *detection) read(name string, r io.Reader) error {
 	logged := 0
 	st := cloudtrail.Read(name, r, func(rec *cloudtrail.Record, _ cloudtrail.Pos) {
-		d.det.Observe(rec)
-		if rec.Time.After(d.latest) {
+		d.observer().Observe(rec)
+		if d.shared != nil {
+			d.deltaLatest = maxTime(d.deltaLatest, rec.Time)
+		} else if rec.Time.After(d.latest) {
 			d.latest = rec.Time
 		}
 	}, func(p cloudtrail.Problem) {
@@ -301,6 +311,9 @@ func (d *detection) cycle(ctx context.Context) error {
 // publish claims and queues the findings that are new or grew, then lets the detector
 // forget what is too old to change.
 func (d *detection) publish(ctx context.Context, files int) error {
+	if d.shared != nil {
+		return d.publishShared(ctx, files)
+	}
 	changed, err := d.out.Publish(ctx, d.det.Findings(), time.Now())
 	if err != nil {
 		return err
