@@ -124,12 +124,12 @@ type detection struct {
 	shared      *sharedState
 	delta       *detector.Detector
 	deltaLatest time.Time
-	out        *outputs.Dispatcher
-	interval   time.Duration
-	latest     time.Time // latest event time seen
-	rangesMod  time.Time
-	stats      cloudtrail.Stats
-	inventory  *inventoryPoller // nil without inventory.ec2
+	out         *outputs.Dispatcher
+	interval    time.Duration
+	latest      time.Time // latest event time seen
+	rangesMod   time.Time
+	stats       cloudtrail.Stats
+	inventory   *inventoryPoller // nil without inventory.ec2
 }
 
 func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (*detection, error) {
