@@ -25,6 +25,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/store"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
+	"github.com/imdsguard/imdsguard/internal/retry"
 )
 
 // component is one part of serve that runs until ctx ends: detection, and the
@@ -121,6 +122,8 @@ type detection struct {
 	checkpoint *trailwatch.Checkpoint
 	// shared, for replicas on a queue and PostgreSQL, shares the detector's state
 	// between them; delta then takes this cycle's records (see sharedState).
+	backoff     retry.Backoff // between failed cycles
+	unpublished bool          // the last publish failed: the next cycle publishes
 	shared      *sharedState
 	delta       *detector.Detector
 	deltaLatest time.Time
@@ -148,7 +151,8 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (
 	if err != nil {
 		return nil, err
 	}
-	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval}
+	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval,
+		backoff: retry.Backoff{Min: cfg.Serve.PollInterval, Max: 30 * time.Second}}
 	if cfg.IPRanges != "" {
 		if info, err := os.Stat(cfg.IPRanges); err == nil {
 			d.rangesMod = info.ModTime()
@@ -288,24 +292,52 @@ func (d *detection) cycle(ctx context.Context) error {
 	if d.queue != nil {
 		// The queue's messages are deleted only after publish has recorded their
 		// findings.
-		n, err := d.queue.Poll(ctx, func(ctx context.Context) error { published = true; return d.publish(ctx, read) })
+		var recordErr error
+		n, err := d.queue.Poll(ctx, func(ctx context.Context) error {
+			published = true
+			recordErr = d.publish(ctx, read)
+			return recordErr
+		})
 		read += n
 		if err != nil && ctx.Err() == nil {
-			d.e.log.Error().Str("event", "queue_poll_failed").Str("queue", d.queue.QueueURL).Err(err).Msg("receiving from the queue failed; retrying")
+			wait := d.backoff.Next()
+			if recordErr != nil {
+				// The database is down or restarting: nothing of this cycle counts,
+				// and its messages come back after the visibility timeout.
+				d.e.log.Error().Str("event", "record_failed").Str("queue", d.queue.QueueURL).Err(recordErr).Dur("retry_in", wait).
+					Msg("recording findings failed: the messages stay on the queue and are read again; retrying")
+			} else {
+				d.e.log.Error().Str("event", "queue_poll_failed").Str("queue", d.queue.QueueURL).Err(err).Dur("retry_in", wait).
+					Msg("receiving from the queue failed; retrying")
+			}
 			if !published && read > 0 {
 				return d.publish(ctx, read)
 			}
-			// Not a busy loop against a queue that is down.
-			select {
-			case <-ctx.Done():
-			case <-time.After(d.interval):
-			}
+			// Not a busy loop against a queue or a database that is down.
+			_ = retry.Sleep(ctx, wait)
+			return nil
 		}
+		d.backoff.Reset()
 	}
-	if read == 0 || published {
+	if (read == 0 && !d.unpublished) || published {
 		return nil
 	}
-	return d.publish(ctx, read)
+	// The files read stay in the detector (and the checkpoint in memory) when the
+	// database is down: their findings and state are recorded by a later cycle.
+	if err := d.publish(ctx, read); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		d.unpublished = true
+		wait := d.backoff.Next()
+		d.e.log.Error().Str("event", "record_failed").Err(err).Dur("retry_in", wait).
+			Msg("recording findings failed: kept in memory; retrying")
+		_ = retry.Sleep(ctx, wait)
+		return nil
+	}
+	d.unpublished = false
+	d.backoff.Reset()
+	return nil
 }
 
 // publish claims and queues the findings that are new or grew, then lets the detector

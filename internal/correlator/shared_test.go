@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -75,22 +76,26 @@ type queueReplicas struct {
 	done   []chan int
 }
 
-func startQueueReplicas(t *testing.T, n int, s3URL, sqsURL, dsn string) *queueReplicas {
+// visibility is serve.sqs.visibility_timeout; extra is YAML added to base, the
+// corpus's config when nil.
+func startQueueReplicas(t *testing.T, n int, s3URL, sqsURL, dsn, visibility, extra string, base []byte) *queueReplicas {
 	t.Helper()
 	t.Setenv("AWS_ACCESS_KEY_ID", trailwatchtest.AccessKeyID)
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
 	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
 	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
-	base, _ := os.ReadFile(filepath.Join(sharedCorpus(t), "config.yaml"))
+	if base == nil {
+		base, _ = os.ReadFile(filepath.Join(sharedCorpus(t), "config.yaml"))
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	qr := &queueReplicas{t: t, cancel: cancel}
 	t.Cleanup(func() { qr.stop() })
 	for range n {
 		cfg := filepath.Join(t.TempDir(), "c.yaml")
 		body := append(slices.Clone(base), []byte("serve:\n  s3:\n    endpoint: "+s3URL+"\n    path_style: true\n"+
-			"  sqs:\n    queue_url: "+sqsURL+"/123456789012/trail\n    endpoint: "+sqsURL+"\n    visibility_timeout: 30s\n"+
-			"  poll_interval: 200ms\nstore:\n  driver: postgres\n  dsn: \""+dsn+"\"\n")...)
+			"  sqs:\n    queue_url: "+sqsURL+"/123456789012/trail\n    endpoint: "+sqsURL+"\n    visibility_timeout: "+visibility+"\n"+
+			"  poll_interval: 200ms\nstore:\n  driver: postgres\n  dsn: \""+dsn+"\"\n"+extra)...)
 		os.WriteFile(cfg, body, 0o600)
 		out, errb, done := &syncbuf.Buffer{}, &syncbuf.Buffer{}, make(chan int, 1)
 		qr.outs, qr.errs, qr.done = append(qr.outs, out), append(qr.errs, errb), append(qr.done, done)
@@ -164,7 +169,7 @@ func TestServeSQSReplicasShareEvidence(t *testing.T) {
 	note := func(key string) string {
 		return fmt.Sprintf(`{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"trail"},"object":{"key":%q}}}]}`, key)
 	}
-	qr := startQueueReplicas(t, 2, s3srv.URL, sqsSrv.URL, dsn)
+	qr := startQueueReplicas(t, 2, s3srv.URL, sqsSrv.URL, dsn, "30s", "", nil)
 	// One replica takes the first object and is held reading it, so the second object
 	// can only go to the other.
 	queue.Send(note(learnKey))
@@ -193,5 +198,104 @@ func TestServeSQSReplicasShareEvidence(t *testing.T) {
 		if n != 1 || counts[id] != 3 {
 			t.Fatalf("finding %s printed %d times, count %d; want once, count 3", id, n, counts[id])
 		}
+	}
+}
+
+// PostgreSQL stops (pg_ctl -m fast) under two running replicas and starts again: they
+// keep going, say why they wait, lose no object (a message goes only once its findings
+// are recorded) and end with every finding of the corpus, each update printed once,
+// at the counts detect gives for the whole corpus.
+func TestServeSQSSurvivesPostgresRestart(t *testing.T) {
+	dir := sharedCorpus(t)
+	dsn := postgresDSN(t)
+	// A window of a day: serve forgets nothing of the corpus's day, however the
+	// objects are split between cycles, so its counts must be detect's.
+	base, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	day := regexp.MustCompile(`(?m)^window: .*$`).ReplaceAll(base, []byte("window: 24h"))
+	cfg := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(cfg, day, 0o600)
+	code, out, errs := runCmd(t, "", "detect", "--config", cfg, filepath.Join(dir, "cloudtrail", "AWSLogs"))
+	if code != 0 {
+		t.Fatalf("detect exit %d: %s", code, errs)
+	}
+	want := map[string]int64{}
+	for _, f := range decodeFindings(t, out) {
+		want[f.ID] = f.Count
+	}
+	fake := trailwatchtest.NewS3("trail")
+	var notes []string
+	filepath.Walk(filepath.Join(dir, "cloudtrail", "AWSLogs"), func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			data, _ := os.ReadFile(p)
+			rel, _ := filepath.Rel(filepath.Join(dir, "cloudtrail"), p)
+			fake.Put(filepath.ToSlash(rel), string(data))
+			notes = append(notes, fmt.Sprintf(`{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"trail"},"object":{"key":%q}}}]}`, filepath.ToSlash(rel)))
+		}
+		return nil
+	})
+	if len(notes) < 4 || len(want) == 0 {
+		t.Fatalf("corpus: %d objects, %d findings", len(notes), len(want))
+	}
+	queue := &sqstest.Queue{}
+	s3srv, sqsSrv := httptest.NewServer(fake), httptest.NewServer(queue)
+	defer s3srv.Close()
+	defer sqsSrv.Close()
+	qr := startQueueReplicas(t, 2, s3srv.URL, sqsSrv.URL, dsn, "1s", "", day)
+	// Both running (a database down at start is a start that fails, for systemd to retry).
+	waitFor(t, "both replicas started", 30*time.Second, func() bool {
+		return strings.Count(qr.logs(), `"event":"correlator_starting"`) == 2
+	}, qr.logs)
+	half := len(notes) / 2
+	for _, n := range notes[:half] {
+		queue.Send(n)
+	}
+	waitFor(t, "the first half recorded", 30*time.Second, func() bool { return queue.Deleted() == half }, qr.logs)
+	if err := pg.Halt(); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	defer func() {
+		if !resumed {
+			pg.Resume()
+		}
+	}()
+	for _, n := range notes[half:] {
+		queue.Send(n)
+	}
+	waitFor(t, "a replica to report the database down", 30*time.Second, func() bool {
+		return strings.Contains(qr.logs(), `"event":"record_failed"`)
+	}, qr.logs)
+	if queue.Deleted() != half {
+		t.Fatalf("%d messages deleted while the database was down", queue.Deleted()-half)
+	}
+	if err := pg.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	resumed = true
+	waitFor(t, "every message recorded after the restart", 60*time.Second, func() bool { return queue.Len() == 0 }, qr.logs)
+	qr.stop()
+	if queue.Deleted() != len(notes) {
+		t.Fatalf("%d messages deleted, want %d", queue.Deleted(), len(notes))
+	}
+	seen := map[string]int{}
+	got := map[string]int64{}
+	for _, o := range qr.outs {
+		for _, f := range decodeFindings(t, o.String()) {
+			seen[fmt.Sprintf("%s/%d", f.ID, f.Count)]++
+			got[f.ID] = max(got[f.ID], f.Count)
+		}
+	}
+	for k, n := range seen {
+		if n != 1 {
+			t.Errorf("update %s printed %d times", k, n)
+		}
+	}
+	for id, c := range want {
+		if got[id] != c {
+			t.Errorf("finding %s: last printed count %d, detect says %d", id, got[id], c)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("%d findings printed, detect gives %d", len(got), len(want))
 	}
 }
