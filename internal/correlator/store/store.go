@@ -36,6 +36,7 @@ type DB struct {
 	// SQLite has one writer at a time; taking turns here is cheaper than retrying
 	// SQLITE_BUSY. PostgreSQL needs no such thing.
 	writeMu sync.Mutex
+	inserts map[int]*sql.Stmt // SQLite's fingerprint inserts by rows (under writeMu)
 
 	// The intake's group commit (see Put).
 	committerOnce sync.Once
@@ -95,6 +96,9 @@ func (s *DB) Close() error {
 			<-s.committerDone
 		}
 	})
+	for _, st := range s.inserts {
+		_ = st.Close() // closing the database closes them anyway
+	}
 	return s.db.Close()
 }
 
