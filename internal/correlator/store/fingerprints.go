@@ -40,12 +40,23 @@ const (
 // commit): one fsync for many agents' batches instead of one each. The commit is
 // durable when Put returns.
 func (s *DB) Put(ctx context.Context, fps []wire.Fingerprint, sender string) (added, duplicates int, err error) {
-	req := &putRequest{fps: fps, sender: sender, bodies: make([][]byte, len(fps)), done: make(chan struct{})}
+	bodies := make([][]byte, len(fps))
 	for i, fp := range fps {
-		if req.bodies[i], err = json.Marshal(fp); err != nil {
+		if bodies[i], err = json.Marshal(fp); err != nil {
 			return 0, 0, fmt.Errorf("encode fingerprint %s: %w", fp.ID, err)
 		}
 	}
+	return s.PutRaw(ctx, fps, bodies, sender)
+}
+
+// PutRaw is Put with each fingerprint's JSON as its sender wrote it (bodies[i] is
+// fps[i]'s, and must decode to it): the intake keeps those bytes instead of encoding
+// the fingerprints again. (intake.RawStore)
+func (s *DB) PutRaw(ctx context.Context, fps []wire.Fingerprint, bodies [][]byte, sender string) (added, duplicates int, err error) {
+	if len(bodies) != len(fps) {
+		return 0, 0, fmt.Errorf("%d bodies for %d fingerprints", len(bodies), len(fps))
+	}
+	req := &putRequest{fps: fps, sender: sender, bodies: bodies, done: make(chan struct{})}
 	s.startCommitter()
 	if s.puts == nil {
 		return 0, 0, errClosed

@@ -372,3 +372,26 @@ func TestStateTurns(t *testing.T) {
 		}
 	})
 }
+
+// PutRaw keeps each fingerprint's JSON as its sender wrote it.
+func TestPutRawKeepsTheSendersBytes(t *testing.T) {
+	engines(t, func(t *testing.T, open func() *DB) {
+		db := open()
+		ctx := context.Background()
+		body := []byte(`{ "id": "r1",  "access_key_id": "ASIARAW" }`)
+		fps := []wire.Fingerprint{{ID: "r1", AccessKeyID: "ASIARAW"}}
+		if added, _, err := db.PutRaw(ctx, fps, [][]byte{body}, "x"); err != nil || added != 1 {
+			t.Fatalf("%d %v", added, err)
+		}
+		var got string
+		if err := db.SQL().QueryRow(`SELECT body FROM fingerprints WHERE id = 'r1'`).Scan(&got); err != nil || got != string(body) {
+			t.Fatalf("%q %v", got, err)
+		}
+		if fps := db.ByAccessKey("ASIARAW"); len(fps) != 1 || fps[0].ID != "r1" {
+			t.Fatalf("%+v", fps)
+		}
+		if _, _, err := db.PutRaw(ctx, fps, nil, "x"); err == nil {
+			t.Fatal("bodies missing: no error")
+		}
+	})
+}
