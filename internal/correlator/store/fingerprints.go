@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/imdsguard/imdsguard/internal/wire"
@@ -83,24 +82,9 @@ func (s *DB) startCommitter() {
 		s.puts = make(chan *putRequest, groupMaxPuts)
 		s.closed = make(chan struct{})
 		s.committerDone = make(chan struct{})
-		// SQLite has one writer at a time. PostgreSQL commits of several connections
-		// share a WAL flush, so a few commits in flight at once wait for one fsync
-		// together instead of one after another.
-		n := 1
-		if s.driver == Postgres {
-			n = pgCommitters
-		}
-		var wg sync.WaitGroup
-		for range n {
-			wg.Add(1)
-			go func() { defer wg.Done(); s.commitLoop() }()
-		}
-		go func() { wg.Wait(); close(s.committerDone) }()
+		go func() { defer close(s.committerDone); s.commitLoop() }()
 	})
 }
-
-// pgCommitters is the number of group commits in flight at once on PostgreSQL.
-const pgCommitters = 4
 
 // commitLoop takes a Put, then every Put already waiting, and commits them together.
 func (s *DB) commitLoop() {
