@@ -79,9 +79,20 @@ func (d *detection) save(ctx context.Context) error {
 }
 
 func (d *detection) restore(ctx context.Context) error {
+	// With a database the checkpoint lives there, saved with the detector's state; a
+	// checkpoint file is read once, when the database has no state yet (an upgrade),
+	// and no longer written.
+	d.checkpoint.InMemory()
 	body, err := d.state.LoadState(ctx, serveStateName)
-	if err != nil || body == nil {
+	if err != nil {
 		return err
+	}
+	if body == nil {
+		if n := len(d.checkpoint.Done); n > 0 && d.e.cfg.Serve.Checkpoint != "" {
+			d.e.log.Info().Str("event", "checkpoint_migrated").Str("file", d.e.cfg.Serve.Checkpoint).
+				Msg("checkpoint file read into the database; the file is no longer written")
+		}
+		return nil
 	}
 	var st serveState
 	if err := json.Unmarshal(body, &st); err != nil {

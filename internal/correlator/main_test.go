@@ -851,6 +851,12 @@ func TestServeRestartKeepsCounts(t *testing.T) {
 		}
 		return out.String()
 	}
+	// An old checkpoint file (before the database kept it) says old.json was read:
+	// the first start takes it over, so old.json is not read again.
+	put("old.json", "2026-11-20T08:50:00Z")
+	info, _ := os.Stat(filepath.Join(watched, "old.json"))
+	oldCP := fmt.Sprintf(`{"done":{"dir:%s":{"old.json":"%d-%d"}}}`, watched, info.Size(), info.ModTime().UnixNano())
+	os.WriteFile(filepath.Join(work, "cp.json"), []byte(oldCP), 0o600)
 	put("a.json", "2026-11-20T09:00:00Z")
 	first := decodeFindings(t, serve())
 	if len(first) != 1 || first[0].Count != 1 {
@@ -860,5 +866,9 @@ func TestServeRestartKeepsCounts(t *testing.T) {
 	second := decodeFindings(t, serve())
 	if len(second) != 1 || second[0].ID != first[0].ID || second[0].Count != 2 {
 		t.Fatalf("after restart: %+v", second)
+	}
+	// The database holds the checkpoint now: the file is left as it was.
+	if b, _ := os.ReadFile(filepath.Join(work, "cp.json")); string(b) != oldCP {
+		t.Fatalf("checkpoint file written: %s", b)
 	}
 }

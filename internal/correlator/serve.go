@@ -25,6 +25,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/correlator/store"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch"
+	"github.com/imdsguard/imdsguard/internal/retry"
 )
 
 // component is one part of serve that runs until ctx ends: detection, and the
@@ -119,12 +120,19 @@ type detection struct {
 	// database after every cycle, so that a restart goes on counting.
 	state      *store.DB
 	checkpoint *trailwatch.Checkpoint
-	out        *outputs.Dispatcher
-	interval   time.Duration
-	latest     time.Time // latest event time seen
-	rangesMod  time.Time
-	stats      cloudtrail.Stats
-	inventory  *inventoryPoller // nil without inventory.ec2
+	// shared, for replicas on a queue and PostgreSQL, shares the detector's state
+	// between them; delta then takes this cycle's records (see sharedState).
+	backoff     retry.Backoff // between failed cycles
+	unpublished bool          // the last publish failed: the next cycle publishes
+	shared      *sharedState
+	delta       *detector.Detector
+	deltaLatest time.Time
+	out         *outputs.Dispatcher
+	interval    time.Duration
+	latest      time.Time // latest event time seen
+	rangesMod   time.Time
+	stats       cloudtrail.Stats
+	inventory   *inventoryPoller // nil without inventory.ec2
 }
 
 func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (*detection, error) {
@@ -143,7 +151,8 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (
 	if err != nil {
 		return nil, err
 	}
-	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval}
+	d := &detection{e: e, det: e.detector(""), out: out, interval: cfg.Serve.PollInterval,
+		backoff: retry.Backoff{Min: cfg.Serve.PollInterval, Max: 30 * time.Second}}
 	if cfg.IPRanges != "" {
 		if info, err := os.Stat(cfg.IPRanges); err == nil {
 			d.rangesMod = info.ModTime()
@@ -180,6 +189,9 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (
 	}
 	for _, l := range listers {
 		d.followers = append(d.followers, &trailwatch.Follower{Lister: l, Checkpoint: cp, Read: d.read, Log: e.log})
+	}
+	if db != nil && d.queue != nil && db.Driver() == store.Postgres {
+		d.shared, d.delta = &sharedState{db: db, applied: -1}, e.detector("")
 	}
 	if db != nil && d.queue == nil {
 		d.state, d.checkpoint = db, cp
@@ -218,8 +230,10 @@ func (d *detection) Name() string { return "detection" }
 func (d *detection) read(name string, r io.Reader) error {
 	logged := 0
 	st := cloudtrail.Read(name, r, func(rec *cloudtrail.Record, _ cloudtrail.Pos) {
-		d.det.Observe(rec)
-		if rec.Time.After(d.latest) {
+		d.observer().Observe(rec)
+		if d.shared != nil {
+			d.deltaLatest = maxTime(d.deltaLatest, rec.Time)
+		} else if rec.Time.After(d.latest) {
 			d.latest = rec.Time
 		}
 	}, func(p cloudtrail.Problem) {
@@ -278,29 +292,60 @@ func (d *detection) cycle(ctx context.Context) error {
 	if d.queue != nil {
 		// The queue's messages are deleted only after publish has recorded their
 		// findings.
-		n, err := d.queue.Poll(ctx, func(ctx context.Context) error { published = true; return d.publish(ctx, read) })
+		var recordErr error
+		n, err := d.queue.Poll(ctx, func(ctx context.Context) error {
+			published = true
+			recordErr = d.publish(ctx, read)
+			return recordErr
+		})
 		read += n
 		if err != nil && ctx.Err() == nil {
-			d.e.log.Error().Str("event", "queue_poll_failed").Str("queue", d.queue.QueueURL).Err(err).Msg("receiving from the queue failed; retrying")
+			wait := d.backoff.Next()
+			if recordErr != nil {
+				// The database is down or restarting: nothing of this cycle counts,
+				// and its messages come back after the visibility timeout.
+				d.e.log.Error().Str("event", "record_failed").Str("queue", d.queue.QueueURL).Err(recordErr).Dur("retry_in", wait).
+					Msg("recording findings failed: the messages stay on the queue and are read again; retrying")
+			} else {
+				d.e.log.Error().Str("event", "queue_poll_failed").Str("queue", d.queue.QueueURL).Err(err).Dur("retry_in", wait).
+					Msg("receiving from the queue failed; retrying")
+			}
 			if !published && read > 0 {
 				return d.publish(ctx, read)
 			}
-			// Not a busy loop against a queue that is down.
-			select {
-			case <-ctx.Done():
-			case <-time.After(d.interval):
-			}
+			// Not a busy loop against a queue or a database that is down.
+			_ = retry.Sleep(ctx, wait)
+			return nil
 		}
+		d.backoff.Reset()
 	}
-	if read == 0 || published {
+	if (read == 0 && !d.unpublished) || published {
 		return nil
 	}
-	return d.publish(ctx, read)
+	// The files read stay in the detector (and the checkpoint in memory) when the
+	// database is down: their findings and state are recorded by a later cycle.
+	if err := d.publish(ctx, read); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		d.unpublished = true
+		wait := d.backoff.Next()
+		d.e.log.Error().Str("event", "record_failed").Err(err).Dur("retry_in", wait).
+			Msg("recording findings failed: kept in memory; retrying")
+		_ = retry.Sleep(ctx, wait)
+		return nil
+	}
+	d.unpublished = false
+	d.backoff.Reset()
+	return nil
 }
 
 // publish claims and queues the findings that are new or grew, then lets the detector
 // forget what is too old to change.
 func (d *detection) publish(ctx context.Context, files int) error {
+	if d.shared != nil {
+		return d.publishShared(ctx, files)
+	}
 	changed, err := d.out.Publish(ctx, d.det.Findings(), time.Now())
 	if err != nil {
 		return err

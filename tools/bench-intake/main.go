@@ -4,7 +4,7 @@
 // against a baseline handler that only decodes the same JSON over the same TLS, in one
 // run, for batches of 100 and of 1:
 //
-//	go run ./tools/bench-intake [-senders 4] [-fingerprints 20000] [-single 2000] [-rounds 3]
+//	go run ./tools/bench-intake [-senders 4] [-fingerprints 20000] [-single 2000] [-rounds 3] [-cpuprofile FILE]
 package main
 
 import (
@@ -28,6 +28,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"sort"
 	"sync"
 	"time"
@@ -51,9 +52,23 @@ func main() {
 	many := flag.Int("fingerprints", 20000, "fingerprints per round in batches of 100")
 	single := flag.Int("single", 2000, "fingerprints per round in batches of 1")
 	rounds := flag.Int("rounds", 3, "alternating rounds of baseline and intake; the median is reported")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	flag.Parse()
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench-intake: cpu profile: %v\n", err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		defer pprof.StopCPUProfile()
+	}
 	if err := run(*senders, *many, *single, *rounds); err != nil {
 		fmt.Fprintf(os.Stderr, "bench-intake: %v\n", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }

@@ -166,7 +166,8 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, b *Batch) (Resu
 	if r.ContentLength > MaxBodyBytes {
 		return Result{}, "", refuse(http.StatusRequestEntityTooLarge, reasonTooLarge, "body of %d bytes is larger than %d", r.ContentLength, MaxBodyBytes)
 	}
-	if ref := decode(http.MaxBytesReader(w, r.Body, MaxBodyBytes), b); ref != nil {
+	raws, ref := decode(http.MaxBytesReader(w, r.Body, MaxBodyBytes), b)
+	if ref != nil {
 		return Result{}, "", ref
 	}
 	if n := len(b.Fingerprints); n == 0 || n > MaxBatch {
@@ -181,30 +182,60 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, b *Batch) (Resu
 	if ref != nil {
 		return Result{}, sender, ref
 	}
-	added, dups, err := h.opt.Store.Put(r.Context(), b.Fingerprints, sender)
+	var added, dups int
+	var err error
+	if rp, ok := h.opt.Store.(RawStore); ok {
+		added, dups, err = rp.PutRaw(r.Context(), b.Fingerprints, raws, sender)
+	} else {
+		added, dups, err = h.opt.Store.Put(r.Context(), b.Fingerprints, sender)
+	}
 	if err != nil {
 		return Result{}, sender, refuse(http.StatusInternalServerError, reasonStore, "storing the batch failed; nothing was stored, send it again")
 	}
 	return Result{Accepted: added, Duplicates: dups}, sender, nil
 }
 
-func decode(body io.Reader, b *Batch) *refusal {
+// rawBatch is a Batch whose fingerprints are kept as sent, each decoded after: the
+// store keeps the bytes the agent sent instead of encoding them again (encoding cost
+// as much as decoding).
+type rawBatch struct {
+	Batch
+	Fingerprints []json.RawMessage `json:"fingerprints"` // shadows Batch.Fingerprints
+}
+
+// decode reads one batch strictly into b and returns each fingerprint's bytes.
+func decode(body io.Reader, b *Batch) ([][]byte, *refusal) {
+	var rb rawBatch
 	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
-	err := dec.Decode(b)
+	err := dec.Decode(&rb)
 	if err == nil {
 		// One JSON value and nothing after it but white space.
 		if _, err = dec.Token(); errors.Is(err, io.EOF) {
-			return nil
+			err = nil
 		} else if err == nil {
 			err = errors.New("data after the batch")
 		}
 	}
-	var tooLarge *http.MaxBytesError
-	if errors.As(err, &tooLarge) {
-		return refuse(http.StatusRequestEntityTooLarge, reasonTooLarge, "body is larger than %d bytes", MaxBodyBytes)
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return nil, refuse(http.StatusRequestEntityTooLarge, reasonTooLarge, "body is larger than %d bytes", MaxBodyBytes)
+		}
+		return nil, refuse(http.StatusBadRequest, reasonMalformed, "decode batch: %v", err)
 	}
-	return refuse(http.StatusBadRequest, reasonMalformed, "decode batch: %v", err)
+	*b = rb.Batch
+	b.Fingerprints = make([]wire.Fingerprint, len(rb.Fingerprints))
+	raws := make([][]byte, len(rb.Fingerprints))
+	for i, raw := range rb.Fingerprints {
+		fd := json.NewDecoder(bytes.NewReader(raw))
+		fd.DisallowUnknownFields()
+		if err := fd.Decode(&b.Fingerprints[i]); err != nil {
+			return nil, refuse(http.StatusBadRequest, reasonMalformed, "decode batch: fingerprints[%d]: %v", i, err)
+		}
+		raws[i] = raw
+	}
+	return raws, nil
 }
 
 // authenticate ties the batch to a sender: a verified identity document, or a client

@@ -26,6 +26,12 @@ type Store interface {
 	Close() error
 }
 
+// RawStore is a Store that also takes each fingerprint's JSON as the sender wrote it
+// (bodies[i] is fps[i]'s), to keep without encoding it again.
+type RawStore interface {
+	PutRaw(ctx context.Context, fps []wire.Fingerprint, bodies [][]byte, sender string) (added, duplicates int, err error)
+}
+
 // SQLite is the embedded default Store: the correlator's database (package store) on
 // SQLite. PostgreSQL, for several replicas, is the same type opened with store.Open.
 type SQLite = store.DB

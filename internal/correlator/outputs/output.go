@@ -197,6 +197,13 @@ func (d *Dispatcher) Publish(ctx context.Context, all []detector.Finding, now ti
 	if err != nil {
 		return nil, fmt.Errorf("claim findings: %w", err)
 	}
+	d.Queue(changed, all, now)
+	return changed, nil
+}
+
+// Queue hands findings already claimed (changed, out of all) to every output: for a
+// caller that claims them in a transaction of its own.
+func (d *Dispatcher) Queue(changed, all []detector.Finding, now time.Time) {
 	// A batch with no change still goes out: the ASFF file is rewritten from all.
 	b := &Batch{Changed: changed, All: all, Counts: CountFindings(changed), Time: now}
 	for _, q := range d.queues {
@@ -208,7 +215,6 @@ func (d *Dispatcher) Publish(ctx context.Context, all []detector.Finding, now ti
 				Msg("output is behind: batch dropped for it")
 		}
 	}
-	return changed, nil
 }
 
 // Forget passes to the ledger: see Ledger.Forget.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/imdsguard/imdsguard/internal/wire"
@@ -38,12 +39,23 @@ const (
 // commit): one fsync for many agents' batches instead of one each. The commit is
 // durable when Put returns.
 func (s *DB) Put(ctx context.Context, fps []wire.Fingerprint, sender string) (added, duplicates int, err error) {
-	req := &putRequest{fps: fps, sender: sender, bodies: make([][]byte, len(fps)), done: make(chan struct{})}
+	bodies := make([][]byte, len(fps))
 	for i, fp := range fps {
-		if req.bodies[i], err = json.Marshal(fp); err != nil {
+		if bodies[i], err = json.Marshal(fp); err != nil {
 			return 0, 0, fmt.Errorf("encode fingerprint %s: %w", fp.ID, err)
 		}
 	}
+	return s.PutRaw(ctx, fps, bodies, sender)
+}
+
+// PutRaw is Put with each fingerprint's JSON as its sender wrote it (bodies[i] is
+// fps[i]'s, and must decode to it): the intake keeps those bytes instead of encoding
+// the fingerprints again. (intake.RawStore)
+func (s *DB) PutRaw(ctx context.Context, fps []wire.Fingerprint, bodies [][]byte, sender string) (added, duplicates int, err error) {
+	if len(bodies) != len(fps) {
+		return 0, 0, fmt.Errorf("%d bodies for %d fingerprints", len(bodies), len(fps))
+	}
+	req := &putRequest{fps: fps, sender: sender, bodies: bodies, done: make(chan struct{})}
 	s.startCommitter()
 	if s.puts == nil {
 		return 0, 0, errClosed
@@ -70,13 +82,12 @@ func (s *DB) startCommitter() {
 		s.puts = make(chan *putRequest, groupMaxPuts)
 		s.closed = make(chan struct{})
 		s.committerDone = make(chan struct{})
-		go s.commitLoop()
+		go func() { defer close(s.committerDone); s.commitLoop() }()
 	})
 }
 
 // commitLoop takes a Put, then every Put already waiting, and commits them together.
 func (s *DB) commitLoop() {
-	defer close(s.committerDone)
 	for {
 		var group []*putRequest
 		select {
@@ -134,39 +145,132 @@ func (s *DB) insert(ctx context.Context, group []*putRequest) error {
 		return fmt.Errorf("begin fingerprint transaction: %w", err)
 	}
 	defer tx.Rollback() // a no-op after Commit
-	stmt, err := tx.PrepareContext(ctx, s.q(`INSERT INTO fingerprints
-		(id, access_key_id, instance_id, account_id, expiration, received, sender, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-		ON CONFLICT (id) DO NOTHING`))
-	if err != nil {
-		return fmt.Errorf("prepare fingerprint insert: %w", err)
+	// Rows go sqliteRowsPerInsert to a statement (one call into SQLite instead of
+	// one each); RETURNING names the rows added, as on PostgreSQL.
+	type row struct {
+		fp   *wire.Fingerprint
+		body []byte
+		r    *putRequest
 	}
-	defer stmt.Close()
-	now := time.Now()
+	var rows []row
 	for _, r := range group {
-		r.added, r.dups = 0, 0
-		for i, fp := range r.fps {
-			// A fingerprint without an expiration is kept as long as instance role
-			// credentials last at most (12h), not purged at once.
-			exp := fp.Expiration
-			if exp.IsZero() {
-				exp = now.Add(12 * time.Hour)
-			}
-			res, err := stmt.ExecContext(ctx, fp.ID, fp.AccessKeyID, fp.Instance.ID, fp.Instance.AccountID, exp.Unix(), now.UnixNano(), r.sender, string(r.bodies[i]))
-			if err != nil {
-				return fmt.Errorf("insert fingerprint %s: %w", fp.ID, err)
-			}
-			if n, _ := res.RowsAffected(); n == 1 {
-				r.added++
-			} else {
-				r.dups++
-			}
+		for i := range r.fps {
+			rows = append(rows, row{&r.fps[i], r.bodies[i], r})
+		}
+	}
+	now := time.Now()
+	added := map[string]bool{}
+	for start := 0; start < len(rows); start += sqliteRowsPerInsert {
+		chunk := rows[start:min(start+sqliteRowsPerInsert, len(rows))]
+		args := make([]any, 0, 8*len(chunk))
+		for _, rw := range chunk {
+			args = append(args, rw.fp.ID, rw.fp.AccessKeyID, rw.fp.Instance.ID, rw.fp.Instance.AccountID, expiration(rw.fp, now).Unix(),
+				now.UnixNano(), rw.r.sender, string(rw.body))
+		}
+		stmt, err := s.sqliteInsertStmt(ctx, len(chunk))
+		if err != nil {
+			return err
+		}
+		if err := collectIDs(ctx, stmtQuerier{tx.StmtContext(ctx, stmt)}, "", args, added); err != nil {
+			return err
 		}
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit fingerprints: %w", err)
 	}
+	credit(group, added)
 	s.commits.Add(1)
 	return nil
+}
+
+// sqliteRowsPerInsert: 8 parameters a row stay far below SQLite's 32766.
+const sqliteRowsPerInsert = 100
+
+// sqliteInsertStmt returns the prepared insert of n rows: SQLite's parse of a 100-row
+// statement costs as much as running it. The caller holds writeMu.
+func (s *DB) sqliteInsertStmt(ctx context.Context, n int) (*sql.Stmt, error) {
+	if st := s.inserts[n]; st != nil {
+		return st, nil
+	}
+	st, err := s.db.PrepareContext(ctx, sqliteInsert(n))
+	if err != nil {
+		return nil, fmt.Errorf("prepare fingerprint insert: %w", err)
+	}
+	if s.inserts == nil {
+		s.inserts = map[int]*sql.Stmt{}
+	}
+	s.inserts[n] = st
+	return st, nil
+}
+
+func sqliteInsert(n int) string {
+	var b strings.Builder
+	b.WriteString(`INSERT INTO fingerprints (id, access_key_id, instance_id, account_id, expiration, received, sender, body) VALUES `)
+	for i := range n {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString("(?, ?, ?, ?, ?, ?, ?, ?)")
+	}
+	b.WriteString(` ON CONFLICT (id) DO NOTHING RETURNING id`)
+	return b.String()
+}
+
+// expiration is when fp may be purged: a fingerprint without an expiration is kept as
+// long as instance role credentials last at most (12h), not purged at once.
+func expiration(fp *wire.Fingerprint, now time.Time) time.Time {
+	if fp.Expiration.IsZero() {
+		return now.Add(12 * time.Hour)
+	}
+	return fp.Expiration
+}
+
+// querier runs a query: a *sql.DB, or a prepared *sql.Stmt (stmtQuerier).
+type querier interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}
+
+// stmtQuerier is a prepared statement as a querier; the query text is its own.
+type stmtQuerier struct{ *sql.Stmt }
+
+func (q stmtQuerier) QueryContext(ctx context.Context, _ string, args ...any) (*sql.Rows, error) {
+	return q.Stmt.QueryContext(ctx, args...)
+}
+
+// collectIDs runs an INSERT … RETURNING id and adds the ids to added.
+func collectIDs(ctx context.Context, q querier, query string, args []any, added map[string]bool) error {
+	rows, err := q.QueryContext(ctx, query, args...)
+	if err != nil {
+		return fmt.Errorf("insert fingerprints: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return fmt.Errorf("read inserted fingerprints: %w", err)
+		}
+		added[id] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("insert fingerprints: %w", err)
+	}
+	return nil
+}
+
+// credit counts each Put's added and duplicate fingerprints from the ids added: the
+// first occurrence of an id gets the credit, as if the Puts had run one after another.
+func credit(group []*putRequest, added map[string]bool) {
+	for _, r := range group {
+		r.added, r.dups = 0, 0
+		for _, fp := range r.fps {
+			if added[fp.ID] {
+				r.added++
+				delete(added, fp.ID)
+			} else {
+				r.dups++
+			}
+		}
+	}
 }
 
 // insertArrays stores a group on PostgreSQL in one statement: the rows go as arrays
@@ -179,10 +283,7 @@ func (s *DB) insertArrays(ctx context.Context, group []*putRequest) error {
 	now := time.Now()
 	for _, r := range group {
 		for i, fp := range r.fps {
-			exp := fp.Expiration
-			if exp.IsZero() {
-				exp = now.Add(12 * time.Hour)
-			}
+			exp := expiration(&fp, now)
 			ids = append(ids, fp.ID)
 			keys = append(keys, fp.AccessKeyID)
 			instances = append(instances, fp.Instance.ID)
@@ -193,35 +294,14 @@ func (s *DB) insertArrays(ctx context.Context, group []*putRequest) error {
 			bodies = append(bodies, string(r.bodies[i]))
 		}
 	}
-	rows, err := s.db.QueryContext(ctx, `INSERT INTO fingerprints (id, access_key_id, instance_id, account_id, expiration, received, sender, body)
-		SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[])
-		ON CONFLICT (id) DO NOTHING RETURNING id`, ids, keys, instances, accounts, exps, recvs, senders, bodies)
-	if err != nil {
-		return fmt.Errorf("insert fingerprints: %w", err)
-	}
-	defer rows.Close()
 	added := map[string]bool{}
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			return fmt.Errorf("read inserted fingerprints: %w", err)
-		}
-		added[id] = true
+	err := collectIDs(ctx, s.db, `INSERT INTO fingerprints (id, access_key_id, instance_id, account_id, expiration, received, sender, body)
+		SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[])
+		ON CONFLICT (id) DO NOTHING RETURNING id`, []any{ids, keys, instances, accounts, exps, recvs, senders, bodies}, added)
+	if err != nil {
+		return err
 	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("insert fingerprints: %w", err)
-	}
-	for _, r := range group {
-		r.added, r.dups = 0, 0
-		for _, fp := range r.fps {
-			if added[fp.ID] {
-				r.added++
-				delete(added, fp.ID)
-			} else {
-				r.dups++
-			}
-		}
-	}
+	credit(group, added)
 	s.commits.Add(1)
 	return nil
 }

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"slices"
 	"strings"
@@ -20,16 +21,31 @@ func (s *DB) Claim(ctx context.Context, fs []detector.Finding) ([]detector.Findi
 	if len(fs) == 0 {
 		return nil, nil
 	}
-	// The same order in every replica: two claims that overlap wait for each other
-	// instead of deadlocking.
-	sorted := slices.Clone(fs)
-	slices.SortFunc(sorted, func(a, b detector.Finding) int { return strings.Compare(a.ID, b.ID) })
 	defer s.lockWrites()()
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, fmt.Errorf("begin claim: %w", err)
 	}
 	defer tx.Rollback()
+	out, err := s.claim(ctx, tx, fs)
+	if err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, fmt.Errorf("commit claim: %w", err)
+	}
+	return out, nil
+}
+
+// claim is Claim inside tx.
+func (s *DB) claim(ctx context.Context, tx *sql.Tx, fs []detector.Finding) ([]detector.Finding, error) {
+	if len(fs) == 0 {
+		return nil, nil
+	}
+	// The same order in every replica: two claims that overlap wait for each other
+	// instead of deadlocking.
+	sorted := slices.Clone(fs)
+	slices.SortFunc(sorted, func(a, b detector.Finding) int { return strings.Compare(a.ID, b.ID) })
 	stmt, err := tx.PrepareContext(ctx, s.q(`INSERT INTO published_findings (finding_id, count, window_start, published_at) VALUES (?, ?, ?, ?)
 		ON CONFLICT (finding_id) DO UPDATE SET count = excluded.count, published_at = excluded.published_at
 		WHERE published_findings.count < excluded.count`))
@@ -47,9 +63,6 @@ func (s *DB) Claim(ctx context.Context, fs []detector.Finding) ([]detector.Findi
 		if n, _ := res.RowsAffected(); n == 1 {
 			claimed[f.ID] = true
 		}
-	}
-	if err := tx.Commit(); err != nil {
-		return nil, fmt.Errorf("commit claim: %w", err)
 	}
 	var out []detector.Finding
 	for _, f := range fs {

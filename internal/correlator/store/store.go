@@ -1,7 +1,7 @@
 // Package store keeps the correlator's state in SQL, on the engine the operator runs:
 // embedded SQLite for one process (the default), PostgreSQL for several replicas that
-// share it. It holds the intake's fingerprints and the ledger of findings already
-// published; its schema is versioned and migrated at Open.
+// share it. It holds the intake's fingerprints, the ledger of findings already
+// published, serve's state and the detector state replicas share; its schema is versioned and migrated at Open.
 package store
 
 import (
@@ -36,6 +36,7 @@ type DB struct {
 	// SQLite has one writer at a time; taking turns here is cheaper than retrying
 	// SQLITE_BUSY. PostgreSQL needs no such thing.
 	writeMu sync.Mutex
+	inserts map[int]*sql.Stmt // SQLite's fingerprint inserts by rows (under writeMu)
 
 	// The intake's group commit (see Put).
 	committerOnce sync.Once
@@ -95,6 +96,9 @@ func (s *DB) Close() error {
 			<-s.committerDone
 		}
 	})
+	for _, st := range s.inserts {
+		_ = st.Close() // closing the database closes them anyway
+	}
 	return s.db.Close()
 }
 
@@ -160,6 +164,21 @@ var migrations = []string{
 	// 3: serve's state (the detector's snapshot and what it has read), by name.
 	`CREATE TABLE serve_state (
 		name     TEXT PRIMARY KEY,
+		body     TEXT NOT NULL,
+		saved_at BIGINT NOT NULL -- unix nanoseconds
+	);`,
+	// 4: the detector state that replicas on one queue share: a base (a whole
+	// snapshot, as of seq) and the deltas after it, each one replica's records of one
+	// cycle; see StateTurn.
+	`CREATE TABLE detector_base (
+		id       INTEGER PRIMARY KEY, -- always 1
+		seq      BIGINT NOT NULL,     -- the last delta the body includes
+		body     TEXT NOT NULL,       -- a detector snapshot, empty at first
+		saved_at BIGINT NOT NULL      -- unix nanoseconds
+	);
+	INSERT INTO detector_base (id, seq, body, saved_at) VALUES (1, 0, '', 0);
+	CREATE TABLE detector_deltas (
+		seq      BIGINT PRIMARY KEY,
 		body     TEXT NOT NULL,
 		saved_at BIGINT NOT NULL -- unix nanoseconds
 	);`,

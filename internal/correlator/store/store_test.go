@@ -303,3 +303,95 @@ func TestState(t *testing.T) {
 		}
 	})
 }
+
+// Replicas taking turns at the shared state number their deltas without gaps or
+// repeats; a compacted base replaces the deltas it includes; a turn rolled back leaves
+// neither its delta nor its claims.
+func TestStateTurns(t *testing.T) {
+	engines(t, func(t *testing.T, open func() *DB) {
+		ctx := context.Background()
+		replicas := []*DB{open(), open()}
+		var wg sync.WaitGroup
+		for i, db := range replicas {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := range 10 {
+					turn, err := db.TakeStateTurn(ctx)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if _, err := turn.Append(ctx, []byte(fmt.Sprintf("r%d-%d", i, j))); err != nil {
+						t.Error(err)
+					}
+					if err := turn.Commit(); err != nil {
+						t.Error(err)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		turn, err := replicas[0].TakeStateTurn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds, err := turn.DeltasAfter(ctx, 0)
+		if err != nil || len(ds) != 20 || ds[0].Seq != 1 || ds[19].Seq != 20 {
+			t.Fatalf("%d deltas %v", len(ds), err)
+		}
+		if err := turn.Compact(ctx, 15, []byte("base")); err != nil {
+			t.Fatal(err)
+		}
+		if err := turn.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		turn, _ = replicas[1].TakeStateTurn(ctx)
+		seq, body, err := turn.Base(ctx)
+		if err != nil || seq != 15 || string(body) != "base" {
+			t.Fatalf("base %d %q %v", seq, body, err)
+		}
+		if ds, _ := turn.DeltasAfter(ctx, 0); len(ds) != 5 {
+			t.Fatalf("%d deltas after compaction", len(ds))
+		}
+		if seq, err := turn.Append(ctx, []byte("x")); err != nil || seq != 21 {
+			t.Fatalf("seq %d %v", seq, err)
+		}
+		if out, err := turn.Claim(ctx, findings(2, 1)); err != nil || len(out) != 2 {
+			t.Fatalf("claim %d %v", len(out), err)
+		}
+		turn.Rollback()
+		turn.Rollback()
+		turn, _ = replicas[0].TakeStateTurn(ctx)
+		defer turn.Rollback()
+		if ds, _ := turn.DeltasAfter(ctx, 0); len(ds) != 5 {
+			t.Fatalf("rolled-back delta kept: %d", len(ds))
+		}
+		if out, err := turn.Claim(ctx, findings(2, 1)); err != nil || len(out) != 2 {
+			t.Fatalf("rolled-back claims kept: %d %v", len(out), err)
+		}
+	})
+}
+
+// PutRaw keeps each fingerprint's JSON as its sender wrote it.
+func TestPutRawKeepsTheSendersBytes(t *testing.T) {
+	engines(t, func(t *testing.T, open func() *DB) {
+		db := open()
+		ctx := context.Background()
+		body := []byte(`{ "id": "r1",  "access_key_id": "ASIARAW" }`)
+		fps := []wire.Fingerprint{{ID: "r1", AccessKeyID: "ASIARAW"}}
+		if added, _, err := db.PutRaw(ctx, fps, [][]byte{body}, "x"); err != nil || added != 1 {
+			t.Fatalf("%d %v", added, err)
+		}
+		var got string
+		if err := db.SQL().QueryRow(`SELECT body FROM fingerprints WHERE id = 'r1'`).Scan(&got); err != nil || got != string(body) {
+			t.Fatalf("%q %v", got, err)
+		}
+		if fps := db.ByAccessKey("ASIARAW"); len(fps) != 1 || fps[0].ID != "r1" {
+			t.Fatalf("%+v", fps)
+		}
+		if _, _, err := db.PutRaw(ctx, fps, nil, "x"); err == nil {
+			t.Fatal("bodies missing: no error")
+		}
+	})
+}

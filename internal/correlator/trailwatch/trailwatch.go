@@ -137,6 +137,10 @@ func LoadCheckpoint(path string) (*Checkpoint, error) {
 	return c, nil
 }
 
+// InMemory stops writing the file: the caller keeps the checkpoint elsewhere (serve's
+// database, with the detector's state).
+func (c *Checkpoint) InMemory() { c.path = "" }
+
 func (c *Checkpoint) done(source, name, tag string) bool {
 	t, ok := c.Done[source][name]
 	return ok && t == tag

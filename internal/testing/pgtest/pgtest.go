@@ -150,9 +150,19 @@ func (s *Server) NewDatabase(ctx context.Context) (string, error) {
 // Restart stops the server (fast shutdown: clients are cut off) and starts it again on
 // the same data, as a database failover or restart looks to its clients.
 func (s *Server) Restart() error {
-	if err := s.stopProcess(); err != nil {
+	if err := s.Halt(); err != nil {
 		return err
 	}
+	return s.Resume()
+}
+
+// Halt stops the server as "pg_ctl stop -m fast" does (clients are cut off), keeping
+// its data for Resume: a database outage as its clients see it.
+func (s *Server) Halt() error { return s.stopProcess() }
+
+// Resume starts a halted server again on the same data. It returns once the server
+// process runs; clients retry until it accepts connections.
+func (s *Server) Resume() error {
 	cred, err := runAs(s.dir)
 	if err != nil {
 		return err
