@@ -98,17 +98,19 @@ var (
 	ErrMoved         = errors.New("the process is no longer in the namespace the event named")
 	ErrBusy          = errors.New("the namespace is being served by another call")
 	ErrClosed        = errors.New("the namespace manager is closed")
+	ErrForeignUserns = errors.New("the namespace belongs to another user namespace (a rootless container, or an unprivileged user's)")
 	ErrNotPermitted  = errors.New("entering another network namespace is not permitted (CAP_SYS_ADMIN, and no RestrictNamespaces= on net)")
 	errThreadTainted = errors.New("could not return to the agent's own network namespace")
 )
 
 // Manager serves network namespaces.
 type Manager struct {
-	cfg    Config
-	broker Broker
-	pub    Publisher
-	log    zerolog.Logger
-	ownIno uint64
+	cfg       Config
+	broker    Broker
+	pub       Publisher
+	log       zerolog.Logger
+	ownIno    uint64 // the agent's network namespace
+	ownUserns uint64 // and user namespace
 
 	epfd, wakefd int
 	loopDone     chan struct{}
@@ -146,6 +148,10 @@ func New(cfg Config, b Broker, pub Publisher, log zerolog.Logger) (*Manager, err
 	if err != nil {
 		return nil, fmt.Errorf("own network namespace: %w", err)
 	}
+	userns, err := nsInode(filepath.Join(cfg.Proc, "self/ns/user"))
+	if err != nil {
+		return nil, fmt.Errorf("own user namespace: %w", err)
+	}
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll for namespace processes: %w", err)
@@ -160,7 +166,7 @@ func New(cfg Config, b Broker, pub Publisher, log zerolog.Logger) (*Manager, err
 		unix.Close(wakefd)
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
-	m := &Manager{cfg: cfg, broker: b, pub: pub, log: log, ownIno: ino, epfd: epfd, wakefd: wakefd,
+	m := &Manager{cfg: cfg, broker: b, pub: pub, log: log, ownIno: ino, ownUserns: userns, epfd: epfd, wakefd: wakefd,
 		loopDone: make(chan struct{}), sem: make(chan struct{}, 4),
 		byCookie: map[uint64]*endpoint{}, byIno: map[uint64]*endpoint{}, byPidfd: map[int]*endpoint{},
 		pending: map[uint64]bool{}, inflight: map[uint64]bool{}, failed: map[uint64]time.Time{}}
@@ -259,6 +265,8 @@ func (m *Manager) serve(pid int, startTicks, want uint64) (Endpoint, error) {
 			ev = m.log.Error().Err(err).Str("event", "netns_unavailable")
 		case errors.Is(err, ErrClosed), errors.Is(err, ErrBusy), errors.Is(err, ErrHostNetns), errors.Is(err, ErrTooMany):
 			return Endpoint{}, err
+		case errors.Is(err, ErrForeignUserns):
+			ev = m.log.Debug().Err(err).Str("event", "netns_foreign_userns").Int("pid", pid).Uint64("netns", want) // any user can make many
 		}
 		ev.Msg("network namespace not served: containers.fallback applies to its connections")
 		return Endpoint{}, err
@@ -305,6 +313,14 @@ func (m *Manager) open(pid int, startTicks, want uint64) (Endpoint, error) {
 	}
 	if st.Ino == m.ownIno {
 		return Endpoint{}, ErrHostNetns
+	}
+	// Only namespaces of root's runtimes: any user may create network namespaces of
+	// their own (unprivileged user namespaces), and would otherwise use up
+	// max_namespaces, leaving the containers it exists for unserved.
+	if owner, err := ownerUserns(nsfd); err != nil {
+		return Endpoint{}, err
+	} else if owner != m.ownUserns {
+		return Endpoint{}, ErrForeignUserns
 	}
 	m.mu.Lock()
 	switch {
@@ -492,6 +508,20 @@ func (m *Manager) Close() error {
 	}
 	unix.Close(m.wakefd)
 	return unix.Close(m.epfd)
+}
+
+// ownerUserns returns the inode of the user namespace that owns the namespace nsfd.
+func ownerUserns(nsfd int) (uint64, error) {
+	fd, err := unix.IoctlRetInt(nsfd, unix.NS_GET_USERNS)
+	if err != nil {
+		return 0, fmt.Errorf("owner of the network namespace: %w", err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, fmt.Errorf("owner of the network namespace: %w", err)
+	}
+	return st.Ino, nil
 }
 
 func nsInode(path string) (uint64, error) {

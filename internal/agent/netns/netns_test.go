@@ -419,7 +419,6 @@ func TestPrivilegedEnsure(t *testing.T) {
 	if _, err := e.m.Serve(p.pid(), ticks+1); !errors.Is(err, netns.ErrNotSame) {
 		t.Fatalf("serve with another start time: %v, want ErrNotSame", err)
 	}
-	e.m.Ensure(cookie+1, uint32(p.pid()), ticks*procinfo.NsPerTick) // not the process's namespace
 	e.m.Ensure(cookie, uint32(p.pid()), ticks*procinfo.NsPerTick)
 	timeout := time.After(10 * time.Second)
 	for {
@@ -433,6 +432,7 @@ func TestPrivilegedEnsure(t *testing.T) {
 			t.Fatal("Ensure did not serve the namespace within 10 s")
 		}
 	}
+	e.m.Ensure(cookie+1, uint32(p.pid()), ticks*procinfo.NsPerTick) // not the process's namespace
 	for deadline := time.Now().Add(5 * time.Second); e.m.Stats().Failed < 2; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("stats %+v, want the start-time and the wrong-cookie failures", e.m.Stats())
@@ -502,5 +502,30 @@ func TestPrivilegedCloseLeavesNoListener(t *testing.T) {
 	}
 	if _, err := e.m.Serve(os.Getpid(), 0); err == nil {
 		t.Fatal("a closed manager served")
+	}
+}
+
+// A namespace of another user namespace (what any user can make with `unshare -Urn`)
+// is not served: it would use up max_namespaces for the containers it exists for.
+func TestPrivilegedForeignUsernsNotServed(t *testing.T) {
+	e := start(t, 8)
+	cmd := exec.Command("sleep", "600")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWUSER | syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 65534, Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 65534, Size: 1}}}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start a process in a new user and network namespace: %v", err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	t.Cleanup(p.kill)
+	if out, err := exec.Command("nsenter", "-t", strconv.Itoa(p.pid()), "-n", "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up: %v: %s", err, out)
+	}
+	if _, err := e.m.Serve(p.pid(), 0); !errors.Is(err, netns.ErrForeignUserns) {
+		t.Fatalf("a user's own namespace: %v, want ErrForeignUserns", err)
+	}
+	if pub, _ := e.pub.Published(); len(pub) != 0 {
+		t.Fatalf("published %v", pub)
 	}
 }
