@@ -59,10 +59,28 @@ type env struct {
 	close sync.Once
 }
 
-func (e *env) requests() []broker.Request {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return append([]broker.Request(nil), e.reqs...)
+// requests waits for want requests to be recorded (the broker records each after its
+// answer), up to 5 s, and returns those recorded.
+func (e *env) requests(want int) []broker.Request {
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(2 * time.Millisecond) {
+		e.mu.Lock()
+		reqs := append([]broker.Request(nil), e.reqs...)
+		e.mu.Unlock()
+		if len(reqs) >= want || time.Now().After(deadline) {
+			return reqs
+		}
+	}
+}
+
+// waitRemoved waits until the manager has removed n endpoints in all (unpublished,
+// listeners closed), up to 10 s.
+func (e *env) waitRemoved(t *testing.T, n uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); e.m.Stats().Removed < n; time.Sleep(2 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("stats %+v: endpoint not removed 10 s after its namespace's last process exited", e.m.Stats())
+		}
+	}
 }
 
 // start is a manager over a real broker that forwards to a stand-in IMDS in the
@@ -264,7 +282,7 @@ func TestPrivilegedServeNetns(t *testing.T) {
 			t.Fatalf("GET through %s inside the namespace: %d %q %v", addr, st, body, err)
 		}
 	}
-	reqs := e.requests()
+	reqs := e.requests(2)
 	if len(reqs) != 2 {
 		t.Fatalf("broker recorded %d requests, want 2", len(reqs))
 	}
@@ -381,6 +399,7 @@ func TestPrivilegedRemovedWithLastProcess(t *testing.T) {
 	}
 	q.kill()
 	waitUnpublished(t, e.pub, ep.Cookie)
+	e.waitRemoved(t, 1)
 	if e.m.Served(ep.Cookie) {
 		t.Fatal("still served after unpublishing")
 	}
