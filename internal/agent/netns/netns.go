@@ -174,15 +174,26 @@ func New(cfg Config, b Broker, pub Publisher, log zerolog.Logger) (*Manager, err
 	return m, nil
 }
 
-// Ensure serves the namespace cookie, in which the process pid (started at
-// startBoottime, ns since boot, as the kernel records it; 0: unchecked) made a
-// connection, unless it is served, being served, or failed within RetryAfter. It
-// returns at once; the work runs on a goroutine of its own, one at a time per
-// namespace. The agent calls it for every connect event from another namespace.
-func (m *Manager) Ensure(cookie uint64, pid uint32, startBoottime uint64) {
-	if cookie == 0 || cookie == m.cfg.HostNetns || pid == 0 {
+// Origin is what a connect event says of where a connection came from.
+type Origin struct {
+	Cookie        uint64 // the connection's network namespace
+	PID           uint32 // the process (thread-group id)
+	StartBoottime uint64 // its start, ns since boot, as the kernel records it; 0: unchecked
+	// PPID is its parent at connect time, tried when the process is gone (a curl ends
+	// within milliseconds, its shell lives on): whichever process is entered, only a
+	// namespace whose cookie is Cookie is served.
+	PPID uint32
+}
+
+// Ensure serves the namespace o.Cookie, unless it is served, being served, or failed
+// within RetryAfter. It returns at once; the work runs on a goroutine of its own, one
+// at a time per namespace. The agent calls it for every connect event from another
+// namespace.
+func (m *Manager) Ensure(o Origin) {
+	if o.Cookie == 0 || o.Cookie == m.cfg.HostNetns || o.PID == 0 {
 		return
 	}
+	cookie := o.Cookie
 	now := time.Now()
 	m.mu.Lock()
 	if m.closed || m.disabled || m.byCookie[cookie] != nil || m.inflight[cookie] {
@@ -211,10 +222,14 @@ func (m *Manager) Ensure(cookie uint64, pid uint32, startBoottime uint64) {
 	m.inflight[cookie] = true
 	m.ensures.Add(1)
 	m.mu.Unlock()
+	cands := []candidate{{pid: int(o.PID), startTicks: o.StartBoottime / procinfo.NsPerTick}}
+	if o.PPID != 0 && o.PPID != o.PID {
+		cands = append(cands, candidate{pid: int(o.PPID)})
+	}
 	go func() {
 		defer m.ensures.Done()
 		m.sem <- struct{}{}
-		_, err := m.serve(int(pid), startBoottime/procinfo.NsPerTick, cookie)
+		_, err := m.serve(cands, cookie)
 		<-m.sem
 		m.mu.Lock()
 		delete(m.inflight, cookie)
@@ -246,38 +261,57 @@ func (m *Manager) markFailed(cookie uint64, now time.Time) {
 // time in clock ticks since boot (/proc/PID/stat's field 22): another process that
 // reuses the pid is refused.
 func (m *Manager) Serve(pid int, startTicks uint64) (Endpoint, error) {
-	return m.serve(pid, startTicks, 0)
+	return m.serve([]candidate{{pid: pid, startTicks: startTicks}}, 0)
 }
 
-func (m *Manager) serve(pid int, startTicks, want uint64) (Endpoint, error) {
-	ep, err := m.open(pid, startTicks, want)
-	if err != nil {
-		m.mu.Lock()
-		if !errors.Is(err, ErrClosed) && !errors.Is(err, ErrBusy) && !errors.Is(err, ErrTooMany) {
-			m.stats.Failed++
+// candidate is a process whose namespace may be the one to serve.
+type candidate struct {
+	pid        int
+	startTicks uint64 // 0: unchecked
+}
+
+// serve serves the namespace of the first candidate still there (and in the namespace
+// want, when not 0); it logs and counts the outcome once.
+func (m *Manager) serve(cands []candidate, want uint64) (Endpoint, error) {
+	var err error
+	var pid int
+	for _, c := range cands {
+		pid = c.pid
+		var ep Endpoint
+		if ep, err = m.open(c.pid, c.startTicks, want); err == nil {
+			return ep, nil
 		}
-		m.mu.Unlock()
-		ev := m.log.Warn().Err(err).Str("event", "netns_endpoint_failed").Int("pid", pid).Uint64("netns", want)
-		switch {
-		case errors.Is(err, ErrPortTaken):
-			ev = m.log.Error().Err(err).Str("event", "netns_port_taken").Int("pid", pid).Uint64("netns", want)
-		case errors.Is(err, ErrNotPermitted):
-			ev = m.log.Error().Err(err).Str("event", "netns_unavailable")
-		case errors.Is(err, ErrClosed), errors.Is(err, ErrBusy), errors.Is(err, ErrHostNetns), errors.Is(err, ErrTooMany):
-			return Endpoint{}, err
-		case errors.Is(err, ErrForeignUserns):
-			ev = m.log.Debug().Err(err).Str("event", "netns_foreign_userns").Int("pid", pid).Uint64("netns", want) // any user can make many
+		if !errors.Is(err, ErrNotSame) && !errors.Is(err, ErrMoved) {
+			break
 		}
-		ev.Msg("network namespace not served: containers.fallback applies to its connections")
-		return Endpoint{}, err
 	}
-	return ep, nil
+	m.mu.Lock()
+	if !errors.Is(err, ErrClosed) && !errors.Is(err, ErrBusy) && !errors.Is(err, ErrTooMany) {
+		m.stats.Failed++
+	}
+	m.mu.Unlock()
+	ev := m.log.Warn().Err(err).Str("event", "netns_endpoint_failed").Int("pid", pid).Uint64("netns", want)
+	switch {
+	case errors.Is(err, ErrPortTaken):
+		ev = m.log.Error().Err(err).Str("event", "netns_port_taken").Int("pid", pid).Uint64("netns", want)
+	case errors.Is(err, ErrNotPermitted):
+		ev = m.log.Error().Err(err).Str("event", "netns_unavailable")
+	case errors.Is(err, ErrClosed), errors.Is(err, ErrBusy), errors.Is(err, ErrHostNetns), errors.Is(err, ErrTooMany):
+		return Endpoint{}, err
+	case errors.Is(err, ErrForeignUserns):
+		ev = m.log.Debug().Err(err).Str("event", "netns_foreign_userns").Int("pid", pid).Uint64("netns", want) // any user can make many
+	}
+	ev.Msg("network namespace not served: containers.fallback applies to its connections")
+	return Endpoint{}, err
 }
 
 // open does Serve's work: the pidfd, the namespace, the listeners, the broker, the
 // publisher, in that order, undoing what it did on any failure.
 func (m *Manager) open(pid int, startTicks, want uint64) (Endpoint, error) {
 	pidfd, err := unix.PidfdOpen(pid, 0)
+	if errors.Is(err, unix.ESRCH) {
+		return Endpoint{}, fmt.Errorf("%w: pidfd of %d: %v", ErrNotSame, pid, err)
+	}
 	if err != nil {
 		return Endpoint{}, fmt.Errorf("pidfd of %d: %w", pid, err)
 	}

@@ -438,7 +438,7 @@ func TestPrivilegedEnsure(t *testing.T) {
 	if _, err := e.m.Serve(p.pid(), ticks+1); !errors.Is(err, netns.ErrNotSame) {
 		t.Fatalf("serve with another start time: %v, want ErrNotSame", err)
 	}
-	e.m.Ensure(cookie, uint32(p.pid()), ticks*procinfo.NsPerTick)
+	e.m.Ensure(netns.Origin{Cookie: cookie, PID: uint32(p.pid()), StartBoottime: ticks * procinfo.NsPerTick})
 	timeout := time.After(10 * time.Second)
 	for {
 		pub, changed := e.pub.Published()
@@ -451,7 +451,7 @@ func TestPrivilegedEnsure(t *testing.T) {
 			t.Fatal("Ensure did not serve the namespace within 10 s")
 		}
 	}
-	e.m.Ensure(cookie+1, uint32(p.pid()), ticks*procinfo.NsPerTick) // not the process's namespace
+	e.m.Ensure(netns.Origin{Cookie: cookie + 1, PID: uint32(p.pid()), StartBoottime: ticks * procinfo.NsPerTick}) // not the process's namespace
 	for deadline := time.Now().Add(5 * time.Second); e.m.Stats().Failed < 2; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("stats %+v, want the start-time and the wrong-cookie failures", e.m.Stats())
@@ -460,7 +460,7 @@ func TestPrivilegedEnsure(t *testing.T) {
 	if pub, _ := e.pub.Published(); len(pub) != 1 {
 		t.Fatalf("published %v, want only the event's namespace", pub)
 	}
-	e.m.Ensure(cookie+2, 0, 0) // no pid: nothing to enter
+	e.m.Ensure(netns.Origin{Cookie: cookie + 2}) // no pid: nothing to enter
 	if len(e.m.Endpoints()) != 1 {
 		t.Fatal("Ensure without a pid served something")
 	}
@@ -546,5 +546,33 @@ func TestPrivilegedForeignUsernsNotServed(t *testing.T) {
 	}
 	if pub, _ := e.pub.Published(); len(pub) != 0 {
 		t.Fatalf("published %v", pub)
+	}
+}
+
+// A client that is gone by the time its event is read (a curl ends in milliseconds)
+// has its namespace served through its parent, still there.
+func TestPrivilegedEnsureThroughParent(t *testing.T) {
+	e := start(t, 8)
+	parent := newNetnsProc(t, false)
+	cookie := cookieOf(t, holdNetns(t, parent))
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	e.m.Ensure(netns.Origin{Cookie: cookie, PID: uint32(gone.Process.Pid), StartBoottime: 1, PPID: uint32(parent.pid())})
+	timeout := time.After(10 * time.Second)
+	for {
+		pub, changed := e.pub.Published()
+		if _, ok := pub[cookie]; ok {
+			break
+		}
+		select {
+		case <-changed:
+		case <-timeout:
+			t.Fatalf("namespace not served through the parent; stats %+v", e.m.Stats())
+		}
+	}
+	if eps := e.m.Endpoints(); len(eps) != 1 || eps[0].PID != parent.pid() {
+		t.Fatalf("endpoints %+v, want the parent watched", eps)
 	}
 }
