@@ -312,6 +312,12 @@ func (m *Manager) open(pid int, startTicks, want uint64) (Endpoint, error) {
 	if errors.Is(err, unix.ESRCH) {
 		return Endpoint{}, fmt.Errorf("%w: pidfd of %d: %v", ErrNotSame, pid, err)
 	}
+	if errors.Is(err, unix.EPERM) { // a system call filter
+		m.mu.Lock()
+		m.disabled = true
+		m.mu.Unlock()
+		return Endpoint{}, fmt.Errorf("%w: pidfd_open: %v", ErrNotPermitted, err)
+	}
 	if err != nil {
 		return Endpoint{}, fmt.Errorf("pidfd of %d: %w", pid, err)
 	}

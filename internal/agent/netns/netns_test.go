@@ -85,7 +85,7 @@ func (e *env) waitRemoved(t *testing.T, n uint64) {
 
 // start is a manager over a real broker that forwards to a stand-in IMDS in the
 // test's own namespace.
-func start(t *testing.T, maxNamespaces int) *env {
+func start(t testing.TB, maxNamespaces int) *env {
 	t.Helper()
 	testbed.RequirePrivileged(t)
 	imds := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -106,7 +106,7 @@ func start(t *testing.T, maxNamespaces int) *env {
 		t.Fatal(err)
 	}
 	e.m, err = netns.New(netns.Config{Port: port, MaxNamespaces: maxNamespaces, HostNetns: host, RetryAfter: time.Hour},
-		e.b, e.pub, zerolog.New(zerolog.NewTestWriter(t)))
+		e.b, e.pub, testLog(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,15 @@ func start(t *testing.T, maxNamespaces int) *env {
 	return e
 }
 
-func (e *env) shutdown(t *testing.T) {
+// testLog logs to a test's output; benchmarks log nothing.
+func testLog(t testing.TB) zerolog.Logger {
+	if _, ok := t.(*testing.B); ok {
+		return zerolog.Nop()
+	}
+	return zerolog.New(zerolog.NewTestWriter(t))
+}
+
+func (e *env) shutdown(t testing.TB) {
 	e.close.Do(func() {
 		if err := e.m.Close(); err != nil {
 			t.Errorf("close manager: %v", err)
@@ -140,7 +148,7 @@ func (p *proc) kill() {
 }
 
 // newNetnsProc starts a process in a new network namespace, with lo up unless loDown.
-func newNetnsProc(t *testing.T, loDown bool) *proc {
+func newNetnsProc(t testing.TB, loDown bool) *proc {
 	t.Helper()
 	cmd := exec.Command("sleep", "600")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
