@@ -57,7 +57,7 @@ func enterAndListen(nsfd, port int) (ls nsListeners, err error) {
 	if err != nil {
 		return ls, fmt.Errorf("open own network namespace: %w", err)
 	}
-	defer unix.Close(self)
+	defer closeFD(self)
 	if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
 		if errors.Is(err, unix.EPERM) {
 			return ls, fmt.Errorf("%w: setns: %v", ErrNotPermitted, err)

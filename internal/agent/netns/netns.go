@@ -158,12 +158,12 @@ func New(cfg Config, b Broker, pub Publisher, log zerolog.Logger) (*Manager, err
 	}
 	wakefd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
-		unix.Close(epfd)
+		_ = unix.Close(epfd)
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakefd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wakefd)}); err != nil {
-		unix.Close(epfd)
-		unix.Close(wakefd)
+		_ = unix.Close(epfd)
+		_ = unix.Close(wakefd)
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
 	m := &Manager{cfg: cfg, broker: b, pub: pub, log: log, ownIno: ino, ownUserns: userns, epfd: epfd, wakefd: wakefd,
@@ -324,7 +324,7 @@ func (m *Manager) open(pid int, startTicks, want uint64) (Endpoint, error) {
 	keep := false
 	defer func() {
 		if !keep {
-			unix.Close(pidfd)
+			_ = unix.Close(pidfd)
 		}
 	}()
 	nsPath := filepath.Join(m.cfg.Proc, strconv.Itoa(pid), "ns/net")
@@ -332,7 +332,7 @@ func (m *Manager) open(pid int, startTicks, want uint64) (Endpoint, error) {
 	if err != nil {
 		return Endpoint{}, fmt.Errorf("open %s: %w", nsPath, err)
 	}
-	defer unix.Close(nsfd)
+	defer closeFD(nsfd)
 	var st unix.Stat_t
 	if err := unix.Fstat(nsfd, &st); err != nil {
 		return Endpoint{}, fmt.Errorf("stat %s: %w", nsPath, err)
@@ -478,7 +478,7 @@ func (m *Manager) remove(ep *endpoint, why string) {
 	}
 	m.closeListeners(ep)
 	_ = unix.EpollCtl(m.epfd, unix.EPOLL_CTL_DEL, ep.pidfd, nil)
-	unix.Close(ep.pidfd)
+	_ = unix.Close(ep.pidfd)
 	m.mu.Lock()
 	m.stats.Removed++
 	m.mu.Unlock()
@@ -546,7 +546,7 @@ func (m *Manager) Close() error {
 	for _, ep := range eps {
 		m.remove(ep, "shutdown")
 	}
-	unix.Close(m.wakefd)
+	_ = unix.Close(m.wakefd)
 	return unix.Close(m.epfd)
 }
 
@@ -556,7 +556,7 @@ func ownerUserns(nsfd int) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("owner of the network namespace: %w", err)
 	}
-	defer unix.Close(fd)
+	defer closeFD(fd)
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return 0, fmt.Errorf("owner of the network namespace: %w", err)
@@ -571,3 +571,7 @@ func nsInode(path string) (uint64, error) {
 	}
 	return st.Ino, nil
 }
+
+// closeFD closes a descriptor the manager only read from or polled: there is nothing
+// to do about a failed close.
+func closeFD(fd int) { _ = unix.Close(fd) }

@@ -58,7 +58,7 @@ func (m *Manager) exited(ep *endpoint) {
 	m.mu.Lock()
 	if m.byCookie[ep.Cookie] != ep || m.closed {
 		m.mu.Unlock()
-		unix.Close(pidfd)
+		_ = unix.Close(pidfd)
 		return
 	}
 	old := ep.pidfd
@@ -67,7 +67,7 @@ func (m *Manager) exited(ep *endpoint) {
 	m.byPidfd[pidfd] = ep
 	m.mu.Unlock()
 	_ = unix.EpollCtl(m.epfd, unix.EPOLL_CTL_DEL, old, nil)
-	unix.Close(old)
+	_ = unix.Close(old)
 	if err := unix.EpollCtl(m.epfd, unix.EPOLL_CTL_ADD, pidfd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(pidfd)}); err != nil {
 		m.log.Error().Err(err).Str("event", "netns_watch_failed").Uint64("netns", ep.Cookie).Msg("cannot watch the namespace's process: removing its endpoint")
 		m.remove(ep, "watch_failed")
@@ -115,7 +115,7 @@ func (m *Manager) findProcess(inode uint64, exclude int) (int, int, error) {
 			if err == nil && l == want && unix.PidfdSendSignal(pidfd, 0, nil, 0) == nil {
 				return pid, pidfd, nil
 			}
-			unix.Close(pidfd)
+			_ = unix.Close(pidfd)
 		}
 	}
 	return 0, -1, fmt.Errorf("no process of the namespace among the first %d entries of %s", maxScan, m.cfg.Proc)
