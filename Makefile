@@ -51,6 +51,8 @@ bench: root deps
 	$(GO) test -run '^$$' -bench Broker -benchtime 20000x ./internal/agent/broker
 	$(GO) test -run '^$$' -bench Append -benchtime 2000x ./internal/agent/spool
 	$(PRIV) $(GO) test -run '^$$' -bench Load -benchtime 5x ./internal/agent/hook
+	$(PRIV) $(GO) test -run '^$$' -bench NetnsEndpoint -benchtime 50x ./internal/agent/netns
+	$(PRIV) $(GO) test -run '^$$' -bench Netns100Served -benchtime 1x ./internal/agent/netns
 	$(GO) test -run '^$$' -bench 'DecodeRealShaped|ReadPublicTrail' -benchtime 5x ./internal/correlator/cloudtrail
 	$(GO) run ./tools/bench
 	$(GO) run ./tools/bench-correlator

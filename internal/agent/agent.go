@@ -25,6 +25,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/containers"
 	"github.com/imdsguard/imdsguard/internal/agent/events"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
+	"github.com/imdsguard/imdsguard/internal/agent/netns"
 	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
 	"github.com/imdsguard/imdsguard/internal/agent/tally"
 	"github.com/imdsguard/imdsguard/internal/atomicfile"
@@ -170,6 +171,11 @@ func (a *agent) start() error {
 			return err
 		}
 		a.storeListeners()
+		if cfg.Containers.MaxNamespaces > 0 {
+			if err := a.serveNamespaces(); err != nil {
+				return err
+			}
+		}
 	} else {
 		a.adoptListeners() // closes any: no broker
 	}
@@ -210,6 +216,7 @@ func (a *agent) start() error {
 		Int("imds_port", cfg.IMDS.Port).Str("events_output", cfg.Events.Output).
 		Str("mode", string(cfg.Mode)).Str("failure_mode", string(cfg.FailureMode)).Str("default_action", string(cfg.DefaultAction)).
 		Int("rules", len(cfg.Rules)).Bool("broker", cfg.Broker.Enabled).Str("pin_path", cfg.PinPath).
+		Bool("containers", a.namespaces != nil).Str("containers_fallback", string(cfg.Containers.Fallback)).
 		Bool("deny_refused", a.h.DenyRefused()).Bool("exec_identity", a.h.ExecIdentity()).Dur("programs_load", loaded).
 		Msg("hooks attached, guarding IMDS connections")
 	if err := a.h.ExecIdentityError(); err != nil {
@@ -271,6 +278,7 @@ func (a *agent) loop(ctx context.Context, hup <-chan struct{}, ctl *control) err
 			}
 		case <-statsTick.C:
 			a.stats.report()
+			a.reportNamespaces()
 			a.saveLedger()
 		case <-hup:
 			_ = a.reload() // it logs why it refused a file
@@ -377,6 +385,7 @@ type agent struct {
 	h           *hook.Hook
 	out         *events.Writer
 	broker      *broker.Broker
+	namespaces  *netns.Manager // the broker in containers' network namespaces; nil: none
 	resolver    *procinfo.Resolver
 	containers  *containers.Resolver // runtimes' state: events and container rules
 	recent      *recent
@@ -449,6 +458,7 @@ func (a *agent) writeLoop(queue <-chan hook.Event) {
 				}
 				continue // the agent's own probe, not a client's connection
 			}
+			a.ensureNamespace(ev)
 			rec := a.connectRecord(ev)
 			a.recent.put(ev.SocketCookie, rec)
 			a.out.Write(rec)
@@ -512,6 +522,9 @@ func (a *agent) shutdown() {
 		a.log.Info().Str("event", "heartbeat_grace").Dur("grace", stopGrace).
 			Msg("the kernel keeps redirecting to the broker's port for the next agent, then applies the failure mode")
 	}
+	// Containers' endpoints first: unpublished before their listeners close, so that
+	// the kernel applies containers.fallback rather than redirect to a closed port.
+	a.closeNamespaces()
 	if a.broker != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		if err := a.broker.Shutdown(ctx); err != nil {

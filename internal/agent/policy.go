@@ -91,6 +91,7 @@ func restartOnly(old, new config.Config) []string {
 	check("events", old.Events != new.Events)
 	check("pin_path", old.PinPath != new.PinPath)
 	check("broker", old.Broker != new.Broker)
+	check("containers", old.Containers != new.Containers)
 	check("control_socket", old.ControlSocket != new.ControlSocket)
 	check("log", old.Log != new.Log)
 	return keys

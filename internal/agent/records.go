@@ -72,7 +72,7 @@ func (a *agent) recordRequest(req broker.Request) {
 			CgroupID: c.CgroupID, ExeDev: c.ExeDev, ExeIno: c.ExeIno})
 		rec = events.Record{PID: c.PID, TID: c.TID, UID: c.UID, GID: c.GID, User: info.User, Exe: info.Exe,
 			Cmdline: info.Cmdline, Cgroup: info.Cgroup, CgroupID: c.CgroupID, Unit: info.Unit,
-			ContainerID: info.ContainerID, Container: info.Container, SocketCookie: c.SocketCookie, Dst: c.Dst.String(),
+			ContainerID: info.ContainerID, Container: info.Container, Netns: req.Netns, SocketCookie: c.SocketCookie, Dst: c.Dst.String(),
 			Verdict: c.Verdict.String(), Rule: a.ruleName(c.Rule), Redirected: true, Missing: info.Missing}
 	}
 	a.recordCredential(req, rec)

@@ -16,6 +16,7 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
+	"github.com/imdsguard/imdsguard/internal/agent/netns"
 	"github.com/imdsguard/imdsguard/internal/agent/status"
 	"github.com/imdsguard/imdsguard/internal/agent/tally"
 )
@@ -35,6 +36,17 @@ type telemetry struct {
 	// ledger is the usage tally, set once the agent opened it: the status socket
 	// serves it live to `imdsguard report`.
 	ledger atomic.Pointer[tally.Ledger]
+	// namespaces is the manager of containers' broker endpoints once started, for the
+	// status socket.
+	namespaces atomic.Pointer[netns.Manager]
+}
+
+// servedNamespaces lists the network namespaces served, for the status socket.
+func (t *telemetry) servedNamespaces() []netns.Endpoint {
+	if m := t.namespaces.Load(); m != nil {
+		return m.Endpoints()
+	}
+	return nil
 }
 
 // usage is the live usage tally for the status socket.
@@ -101,7 +113,8 @@ func startTelemetry(cfg config.Config, log zerolog.Logger, httpClient *http.Clie
 	if cfg.Status.Socket != "" {
 		// The status socket is a console convenience: without it the agent still
 		// guards, counts and publishes, so a failure here is a warning, not a stop.
-		s, err := status.Listen(cfg.Status.Socket, status.Source{Processes: t.Metrics.Processes, Identity: t.Identity.Get, Usage: t.usage}, log)
+		s, err := status.Listen(cfg.Status.Socket, status.Source{Processes: t.Metrics.Processes, Identity: t.Identity.Get, Usage: t.usage,
+			Namespaces: t.servedNamespaces}, log)
 		if err != nil {
 			log.Warn().Err(err).Str("event", "status_unavailable").Str("status_socket", cfg.Status.Socket).
 				Msg("`imdsguard status` will not work")

@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 )
@@ -69,6 +70,14 @@ type Redirects interface {
 	LookupRedirect(client, server netip.AddrPort) (hook.Redirect, error)
 }
 
+// NetnsRedirects finds the kernel's record of a connection accepted on a listener in
+// another network namespace (a container's, ServeNetns): the same look-up as Redirects,
+// keyed by that namespace's cookie instead of the agent's own. Redirects that do not
+// implement it vouch for no connection in another namespace: each is refused (403).
+type NetnsRedirects interface {
+	LookupRedirectIn(netns uint64, client, server netip.AddrPort) (hook.Redirect, error)
+}
+
 // Version is how a request authenticates to IMDS.
 type Version string
 
@@ -80,7 +89,10 @@ const (
 
 // Request is one request the broker handled, for events and metrics.
 type Request struct {
-	Conn    hook.Redirect
+	Conn hook.Redirect
+	// Netns is the cookie of the network namespace of the listener the connection came
+	// in on (the agent's own for the host's listeners; 0 when the kernel could not say).
+	Netns   uint64
 	Method  string
 	Path    string
 	Version Version
@@ -107,7 +119,7 @@ type Broker struct {
 	dialer    *net.Dialer
 
 	mu        sync.Mutex
-	listeners []net.Listener
+	listeners []*listener
 	conns     map[*clientConn]struct{}
 	wg        sync.WaitGroup
 	perUID    map[uint32]int    // open connections by uid (admit)
@@ -131,6 +143,16 @@ type Broker struct {
 
 	ipv4 bool // Listen holds the 127.0.0.1 listener
 	ipv6 bool // and the [::1] one
+}
+
+// listener is one listening socket the broker accepts on, with its own accept loop.
+type listener struct {
+	ln    net.Listener
+	netns uint64 // its network namespace's cookie (SO_NETNS_COOKIE); 0 unknown
+	// guest: a network namespace other than the agent's (ServeNetns); its connections'
+	// records are looked up by netns.
+	guest bool
+	done  chan struct{} // closed once its accept loop returned
 }
 
 // procKey names a process for the per-process cap; the start time tells a reused pid
@@ -253,43 +275,111 @@ func (b *Broker) Listen() error {
 // Families says which of the broker's loopback listeners Listen holds.
 func (b *Broker) Families() (ipv4, ipv6 bool) { return b.ipv4, b.ipv6 }
 
-// Serve serves one listener (tests use their own).
+// Serve serves one listener of the agent's own network namespace (tests use their own).
 func (b *Broker) Serve(ln net.Listener) {
+	l := &listener{ln: ln, netns: listenerNetns(ln), done: make(chan struct{})}
 	b.mu.Lock()
-	b.listeners = append(b.listeners, ln)
-	b.mu.Unlock()
+	b.listeners = append(b.listeners, l)
 	b.wg.Add(1)
-	go func() {
-		defer b.wg.Done()
-		var delay time.Duration
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				if b.closing.Load() || errors.Is(err, net.ErrClosed) {
-					return
-				}
-				// Out of file descriptors and the like: back off as net/http does.
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				b.log.Warn().Err(err).Str("event", "broker_accept_failed").Msg("broker accept")
-				time.Sleep(delay)
-				continue
-			}
-			delay = 0
-			// Identified here, before the connection costs a goroutine or a buffer: a
-			// connection over a cap is reset at once (a map lookup each).
-			cc := &clientConn{b: b, c: c, info: b.identify(c)}
-			switch ok, reason := b.track(cc); {
-			case !ok && reason == "": // shutting down
-				c.Close()
-				return
-			case !ok:
-				resetConn(c)
-				b.refusedOverCap(cc.info, reason)
-				continue
-			}
-			go cc.serve()
+	b.mu.Unlock()
+	go b.accept(l)
+}
+
+// ServeNetns serves a listener created in another network namespace (a container's),
+// whose cookie is netns: its connections are looked up in that namespace
+// (NetnsRedirects) and their requests carry it; the caps are shared with every other
+// listener, and upstream connections are dialled from the agent's own namespace as for
+// the host's. CloseListener stops serving it. An error means the broker is shutting
+// down; the caller still owns ln.
+func (b *Broker) ServeNetns(ln net.Listener, netns uint64) error {
+	l := &listener{ln: ln, netns: netns, guest: true, done: make(chan struct{})}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing.Load() {
+		return errors.New("broker is shutting down")
+	}
+	b.listeners = append(b.listeners, l)
+	b.wg.Add(1)
+	go b.accept(l)
+	return nil
+}
+
+// CloseListener closes a listener given to ServeNetns (or Serve) and waits until its
+// accept loop has returned: afterwards the broker holds no reference to it.
+// Connections already accepted on it are served to their end.
+func (b *Broker) CloseListener(ln net.Listener) error {
+	b.mu.Lock()
+	var l *listener
+	for i, x := range b.listeners {
+		if x.ln == ln {
+			l = x
+			b.listeners = append(b.listeners[:i], b.listeners[i+1:]...)
+			break
 		}
-	}()
+	}
+	b.mu.Unlock()
+	if l == nil {
+		return errors.New("close listener: not the broker's")
+	}
+	err := ln.Close()
+	<-l.done
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("close listener: %w", err)
+	}
+	return nil
+}
+
+// listenerNetns reads the cookie of the network namespace a listener belongs to (Linux
+// 5.14+); 0 when it cannot.
+func listenerNetns(ln net.Listener) uint64 {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return 0
+	}
+	rc, err := tl.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var cookie uint64
+	_ = rc.Control(func(fd uintptr) {
+		cookie, _ = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	})
+	return cookie
+}
+
+// accept is a listener's accept loop.
+func (b *Broker) accept(l *listener) {
+	defer b.wg.Done()
+	defer close(l.done)
+	ln := l.ln
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if b.closing.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors and the like: back off as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			b.log.Warn().Err(err).Str("event", "broker_accept_failed").Msg("broker accept")
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		// Identified here, before the connection costs a goroutine or a buffer: a
+		// connection over a cap is reset at once (a map lookup each).
+		cc := &clientConn{b: b, c: c, info: b.identify(c, l)}
+		switch ok, reason := b.track(cc); {
+		case !ok && reason == "": // shutting down
+			c.Close()
+			return
+		case !ok:
+			resetConn(c)
+			b.refusedOverCap(cc.info, reason)
+			continue
+		}
+		go cc.serve()
+	}
 }
 
 // unidentifiedUID is the per-uid budget that connections the kernel did not redirect
@@ -389,8 +479,8 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 	b.closing.Store(true)
 	b.mu.Lock()
 	var errs []error
-	for _, ln := range b.listeners {
-		if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+	for _, l := range b.listeners {
+		if err := l.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 			errs = append(errs, err)
 		}
 	}
@@ -479,24 +569,33 @@ type clientConn struct {
 }
 
 type connInfo struct {
-	r   hook.Redirect
-	err error
+	r     hook.Redirect
+	netns uint64 // the listener's network namespace
+	err   error
 }
 
 // identify finds the kernel's record of the connection, by both its ends (a client
 // that connects to the broker straight from another address must not get the record of
 // a redirected connection that shares its port), once per connection.
-func (b *Broker) identify(c net.Conn) connInfo {
+func (b *Broker) identify(c net.Conn, l *listener) connInfo {
 	client, err := addrPort(c.RemoteAddr())
 	if err != nil {
-		return connInfo{err: fmt.Errorf("peer address %q: %w", c.RemoteAddr(), err)}
+		return connInfo{netns: l.netns, err: fmt.Errorf("peer address %q: %w", c.RemoteAddr(), err)}
 	}
 	server, err := addrPort(c.LocalAddr())
 	if err != nil {
-		return connInfo{err: fmt.Errorf("local address %q: %w", c.LocalAddr(), err)}
+		return connInfo{netns: l.netns, err: fmt.Errorf("local address %q: %w", c.LocalAddr(), err)}
 	}
-	r, err := b.redirects.LookupRedirect(client, server)
-	return connInfo{r: r, err: err}
+	if !l.guest {
+		r, err := b.redirects.LookupRedirect(client, server)
+		return connInfo{r: r, netns: l.netns, err: err}
+	}
+	nr, ok := b.redirects.(NetnsRedirects)
+	if !ok {
+		return connInfo{netns: l.netns, err: hook.ErrNotRedirected}
+	}
+	r, err := nr.LookupRedirectIn(l.netns, client, server)
+	return connInfo{r: r, netns: l.netns, err: err}
 }
 
 func addrPort(a net.Addr) (netip.AddrPort, error) {
@@ -563,7 +662,7 @@ func (cc *clientConn) serve() {
 // It reports whether the connection may carry another request.
 func (cc *clientConn) exchange(r *request, start time.Time) bool {
 	b := cc.b
-	rec := Request{Conn: cc.info.r, Method: r.method, Path: r.path, Version: classify(r), Started: start}
+	rec := Request{Conn: cc.info.r, Netns: cc.info.netns, Method: r.method, Path: r.path, Version: classify(r), Started: start}
 	finish := func(status int, refused string) {
 		rec.Status, rec.Refused, rec.Duration = status, refused, time.Since(start)
 		if b.record != nil {

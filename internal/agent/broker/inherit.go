@@ -29,7 +29,7 @@ func (b *Broker) Adopt(ln net.Listener) bool {
 	return true
 }
 
-// ListenerConns give the broker's listening sockets, for systemd's file descriptor
+// ListenerConns give the broker's listening sockets of the agent's own network namespace, for systemd's file descriptor
 // store: held there, a listener outlives the agent, and a client that connects while the
 // next agent starts waits in its backlog instead of being refused. (Not os.File: its Fd
 // would put the shared socket in blocking mode, and Shutdown could not stop Accept.)
@@ -37,9 +37,9 @@ func (b *Broker) ListenerConns() ([]syscall.RawConn, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	var conns []syscall.RawConn
-	for _, ln := range b.listeners {
-		tl, ok := ln.(*net.TCPListener)
-		if !ok {
+	for _, l := range b.listeners {
+		tl, ok := l.ln.(*net.TCPListener)
+		if !ok || l.guest { // containers' listeners are served anew by the next agent
 			continue
 		}
 		rc, err := tl.SyscallConn()

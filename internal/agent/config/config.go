@@ -46,6 +46,8 @@ type Config struct {
 	// Metrics and Status are defined in metrics.go.
 	Metrics Metrics `yaml:"metrics"`
 	Status  Status  `yaml:"status"`
+	// Containers is defined in containers.go.
+	Containers Containers `yaml:"containers"`
 }
 
 // Fingerprints configures credential issuance records: which process fetched which
@@ -122,6 +124,7 @@ func Default() Config {
 		Fingerprints:  Fingerprints{Output: "/var/lib/imdsguard/fingerprints.jsonl", SpoolMaxBytes: 64 << 20},
 		Metrics:       defaultMetrics(),
 		Status:        defaultStatus(),
+		Containers:    defaultContainers(),
 	}
 }
 
@@ -193,6 +196,9 @@ func (c *Config) Validate(root *yaml.Node) error {
 		return bad("control_socket", "must be an absolute path, got %q", c.ControlSocket)
 	}
 	if err := c.validatePolicy(root); err != nil {
+		return err
+	}
+	if err := validateContainers(&c.Containers, root); err != nil {
 		return err
 	}
 	return validateMetrics(&c.Metrics, &c.Status, c.Events.Output, root)

@@ -112,6 +112,10 @@ type Series struct {
 type Snapshot struct {
 	Start, End time.Time
 	Totals     Counts
+	// Netns is the state of the broker's endpoints in containers' network namespaces at
+	// the interval's end: the agent's own health, published to Prometheus only (it
+	// would cost CloudWatch metrics on every host, containers or not).
+	Netns NetnsStats
 	// ByExecutable and ByUser hold at most the cap, plus Other when something was
 	// folded into it, ranked with the most IMDSv1 use first.
 	ByExecutable []Series
@@ -143,6 +147,7 @@ type Aggregator struct {
 	mu     sync.Mutex
 	start  time.Time
 	totals Counts
+	netns  NetnsStats
 	byExe  map[string]*Counts
 	byUser map[string]*Counts
 	procs  map[procKey]*ProcessStats
@@ -269,10 +274,25 @@ func (a *Aggregator) evictOldest() {
 	delete(a.procs, oldest)
 }
 
+// NetnsStats are the counts of internal/agent/netns: namespaces served now, and
+// endpoints added, removed and failed (refusals over max_namespaces included) since the
+// agent started.
+type NetnsStats struct {
+	Served                 int
+	Added, Removed, Failed uint64
+}
+
+// SetNetns records the network namespace endpoints' counts, for the next snapshot.
+func (a *Aggregator) SetNetns(n NetnsStats) {
+	a.mu.Lock()
+	a.netns = n
+	a.mu.Unlock()
+}
+
 // Flush closes the current interval at now and returns it, capped.
 func (a *Aggregator) Flush(now time.Time) Snapshot {
 	a.mu.Lock()
-	s := Snapshot{Start: a.start, End: now, Totals: a.totals}
+	s := Snapshot{Start: a.start, End: now, Totals: a.totals, Netns: a.netns}
 	byExe, byUser := a.byExe, a.byUser
 	a.reset(now)
 	a.mu.Unlock()

@@ -36,6 +36,10 @@ type Prometheus struct {
 	byExe  [numKinds]*prometheus.CounterVec
 	byUser [numKinds]*prometheus.CounterVec
 	info   *prometheus.GaugeVec
+	// The netns endpoints' gauge and counters, and the cumulative counts last added.
+	netnsServed                           prometheus.Gauge
+	netnsAdded, netnsRemoved, netnsFailed prometheus.Counter
+	netnsLast                             NetnsStats
 
 	mu         sync.Mutex
 	labelLimit int
@@ -71,6 +75,15 @@ func NewPrometheus(labelLimit int, log zerolog.Logger) *Prometheus {
 		Help: "The EC2 instance the agent runs on (1 once learnt from IMDS).",
 	}, []string{"instance_id", "account_id", "region", "availability_zone", "instance_type", "image_id"})
 	p.reg.MustRegister(p.info)
+	p.netnsServed = prometheus.NewGauge(prometheus.GaugeOpts{Name: "imdsguard_netns_served",
+		Help: "Network namespaces (containers) served a broker endpoint, at the last interval's end."})
+	p.netnsAdded = prometheus.NewCounter(prometheus.CounterOpts{Name: "imdsguard_netns_endpoints_added_total",
+		Help: "Broker endpoints made in containers' network namespaces."})
+	p.netnsRemoved = prometheus.NewCounter(prometheus.CounterOpts{Name: "imdsguard_netns_endpoints_removed_total",
+		Help: "Broker endpoints closed in containers' network namespaces (last process exited, or shutdown)."})
+	p.netnsFailed = prometheus.NewCounter(prometheus.CounterOpts{Name: "imdsguard_netns_endpoints_failed_total",
+		Help: "Network namespaces that could not be served (port taken, lo down, over max_namespaces)."})
+	p.reg.MustRegister(p.netnsServed, p.netnsAdded, p.netnsRemoved, p.netnsFailed)
 	return p
 }
 
@@ -115,6 +128,18 @@ func (p *Prometheus) Publish(_ context.Context, s Snapshot, id hostid.Identity, 
 	for k := Kind(0); k < numKinds; k++ {
 		p.total[k].Add(float64(s.Totals[k]))
 	}
+	p.netnsServed.Set(float64(s.Netns.Served))
+	// Cumulative counts: the counters advance by what is new since the last publish.
+	for _, c := range []struct {
+		ctr       prometheus.Counter
+		now, last uint64
+	}{{p.netnsAdded, s.Netns.Added, p.netnsLast.Added}, {p.netnsRemoved, s.Netns.Removed, p.netnsLast.Removed},
+		{p.netnsFailed, s.Netns.Failed, p.netnsLast.Failed}} {
+		if c.now > c.last {
+			c.ctr.Add(float64(c.now - c.last))
+		}
+	}
+	p.netnsLast = s.Netns
 	p.add(p.byExe, p.exeLabels, s.ByExecutable)
 	p.add(p.byUser, p.userLabels, s.ByUser)
 	return nil

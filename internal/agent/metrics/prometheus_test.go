@@ -69,3 +69,31 @@ func TestPrometheusScrape(t *testing.T) {
 		t.Fatalf("instance info %v", info)
 	}
 }
+
+// The netns endpoints' counts arrive cumulative each interval; the counters advance by
+// what is new, the gauge is the last value.
+func TestPrometheusNetnsEndpoints(t *testing.T) {
+	p := NewPrometheus(3, zerolog.Nop())
+	srv := httptest.NewServer(p.Handler())
+	defer srv.Close()
+	a := NewAggregator(20, 100)
+	for _, n := range []NetnsStats{{Served: 3, Added: 4, Removed: 1, Failed: 2}, {Served: 1, Added: 5, Removed: 4, Failed: 2}} {
+		a.SetNetns(n)
+		if err := p.Publish(context.Background(), a.Flush(time.Now()), hostid.Identity{}, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fams, err := metricstest.Scrape(srv.Client(), srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]float64{"imdsguard_netns_endpoints_added_total": 5,
+		"imdsguard_netns_endpoints_removed_total": 4, "imdsguard_netns_endpoints_failed_total": 2} {
+		if v, ok := metricstest.Counter(fams, name, "", ""); !ok || v != want {
+			t.Errorf("%s = %v (%v), want %v", name, v, ok, want)
+		}
+	}
+	if v, ok := metricstest.Gauge(fams, "imdsguard_netns_served"); !ok || v != 1 {
+		t.Errorf("imdsguard_netns_served = %v (%v), want 1", v, ok)
+	}
+}

@@ -12,7 +12,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -22,6 +24,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
+	"github.com/imdsguard/imdsguard/internal/agent/netns"
 )
 
 // Report is what the agent answers: one JSON document per connection.
@@ -32,6 +35,8 @@ type Report struct {
 	// Usage is the agent's live usage tally (internal/agent/tally's Snapshot form), for
 	// `imdsguard report`: what the saved ledger will say at the next save.
 	Usage json.RawMessage `json:"usage,omitempty"`
+	// Namespaces are the network namespaces (containers) served a broker endpoint.
+	Namespaces []netns.Endpoint `json:"namespaces,omitempty"`
 }
 
 // Source produces the report's contents.
@@ -39,6 +44,8 @@ type Source struct {
 	Processes func() []metrics.ProcessStats
 	Identity  func() (hostid.Identity, bool) // may be nil
 	Usage     func() ([]byte, error)         // may be nil
+	// Namespaces lists the network namespaces served; nil when containers are not.
+	Namespaces func() []netns.Endpoint
 }
 
 // Server answers status requests on a unix socket.
@@ -116,6 +123,10 @@ func (s *Server) answer(c *net.UnixConn) {
 			s.log.Warn().Err(err).Str("event", "status_usage_failed").Msg("usage tally left out of status")
 		}
 	}
+	if s.src.Namespaces != nil {
+		r.Namespaces = s.src.Namespaces()
+		slices.SortFunc(r.Namespaces, func(a, b netns.Endpoint) int { return a.Since.Compare(b.Since) })
+	}
 	if s.src.Identity != nil {
 		if id, ok := s.src.Identity(); ok {
 			r.Identity = &id
@@ -184,14 +195,36 @@ func WriteTable(w io.Writer, r Report) error {
 		fmt.Fprintf(w, "instance %s (%s, account %s)\n\n", r.Identity.InstanceID, r.Identity.Region, r.Identity.AccountID)
 	}
 	if len(r.Processes) == 0 {
-		_, err := fmt.Fprintln(w, "no IMDS use seen since the agent started")
-		return err
+		if _, err := fmt.Fprintln(w, "no IMDS use seen since the agent started"); err != nil {
+			return err
+		}
+	} else {
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "EXE\tUSER\tREQUESTS\tV1\tV1-REJECTED\tV2\tTOKENS\tDENIED\tCREDS\tLAST SEEN")
+		for _, p := range r.Processes {
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", p.Exe, p.User, p.Requests, p.V1, p.V1Refused,
+				p.V2, p.Tokens, p.Denied, p.Creds, ago(r.Time, p.LastSeen))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
 	}
+	if len(r.Namespaces) == 0 {
+		return nil
+	}
+	// The broker's endpoints in containers' network namespaces.
+	fmt.Fprintf(w, "\n%d network namespaces served\n", len(r.Namespaces))
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "EXE\tUSER\tREQUESTS\tV1\tV1-REJECTED\tV2\tTOKENS\tDENIED\tCREDS\tLAST SEEN")
-	for _, p := range r.Processes {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", p.Exe, p.User, p.Requests, p.V1, p.V1Refused,
-			p.V2, p.Tokens, p.Denied, p.Creds, ago(r.Time, p.LastSeen))
+	fmt.Fprintln(tw, "NETNS COOKIE\tINODE\tPID\tFAMILIES\tSINCE")
+	for _, n := range r.Namespaces {
+		fams := ""
+		if n.Families.IPv4 {
+			fams = "ipv4"
+		}
+		if n.Families.IPv6 {
+			fams = strings.TrimPrefix(fams+",ipv6", ",")
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\n", n.Cookie, n.Inode, n.PID, fams, ago(r.Time, n.Since))
 	}
 	return tw.Flush()
 }

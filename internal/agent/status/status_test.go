@@ -13,6 +13,7 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
+	"github.com/imdsguard/imdsguard/internal/agent/netns"
 	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
@@ -97,5 +98,23 @@ func TestEmptyTable(t *testing.T) {
 	var buf bytes.Buffer
 	if err := WriteTable(&buf, Report{Time: time.Now()}); err != nil || !strings.Contains(buf.String(), "no IMDS use") {
 		t.Errorf("%q %v", buf.String(), err)
+	}
+}
+
+func TestNamespacesTable(t *testing.T) {
+	now := time.Now()
+	var buf bytes.Buffer
+	r := Report{Time: now, Namespaces: []netns.Endpoint{
+		{Cookie: 4099, Inode: 4026532177, PID: 812, Since: now.Add(-90 * time.Second), Families: netns.Families{IPv4: true, IPv6: true}},
+		{Cookie: 4100, Inode: 4026532246, PID: 900, Since: now.Add(-5 * time.Second), Families: netns.Families{IPv6: true}},
+	}}
+	if err := WriteTable(&buf, r); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	for _, want := range []string{"no IMDS use", "2 network namespaces served", "NETNS COOKIE", "4099", "4026532177", "812", "ipv4,ipv6", "1m ago", "4100", "ipv6", "5s ago"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
 	}
 }

@@ -43,3 +43,12 @@ func Counter(fams map[string]*dto.MetricFamily, family, label, value string) (fl
 	}
 	return 0, false
 }
+
+// Gauge returns the value of an unlabelled gauge family.
+func Gauge(fams map[string]*dto.MetricFamily, family string) (float64, bool) {
+	f, ok := fams[family]
+	if !ok || len(f.GetMetric()) != 1 || f.GetMetric()[0].GetGauge() == nil {
+		return 0, false
+	}
+	return f.GetMetric()[0].GetGauge().GetValue(), true
+}
