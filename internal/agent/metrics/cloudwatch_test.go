@@ -88,7 +88,7 @@ func TestCloudWatchPutMetricDataOnTheWire(t *testing.T) {
 			t.Errorf("%s = %v (present %v), want %v", k, v, ok, want)
 		}
 	}
-	if len(sums) != 11+2+1+2+1 {
+	if len(sums) != 14+2+1+2+1 {
 		t.Errorf("%d distinct metrics: %v", len(sums), sums)
 	}
 	for _, d := range cw.Datums() {
@@ -163,9 +163,9 @@ func TestCloudWatchBackoffAndBoundedMemory(t *testing.T) {
 	}
 	elapsed := time.Since(start)
 	pending, dropped := c.Pending()
-	// 30 intervals of 13 data points each (11 per instance, 1 per executable, 1 per
-	// user): 390 queued, 40 kept.
-	if pending != 40 || dropped != 390-40 {
+	// 30 intervals of 16 data points each (14 per instance, 1 per executable, 1 per
+	// user): 480 queued, 40 kept.
+	if pending != 40 || dropped != 480-40 {
 		t.Errorf("pending %d, dropped %d", pending, dropped)
 	}
 	// With backoff 20→40→80ms, a few hundred ms of outage is a handful of attempts.
