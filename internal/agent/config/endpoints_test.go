@@ -58,6 +58,7 @@ func TestEndpointsErrorsNameKeyAndLine(t *testing.T) {
 		{"loopback", "endpoints:\n  - kind: imds\n  - kind: ecs\n    addresses: [127.0.0.1]\n", "endpoints[1].addresses[0]: not a unicast"},
 		{"port", "endpoints:\n  - kind: imds\n  - kind: ecs\n    port: 70000\n", "4: endpoints[1].port: must be 1-65535"},
 		{"shared address", "endpoints:\n  - kind: imds\n  - kind: ecs\n    addresses: [169.254.169.254]\n", "endpoints[1].addresses[0]: 169.254.169.254:80 is already endpoints[0]'s"},
+		{"shared with imds listed later", "endpoints:\n  - kind: ecs\n    addresses: [169.254.169.254]\n  - kind: imds\n", "endpoints[1].addresses[0]: 169.254.169.254:80 is already endpoints[0]'s"},
 		{"unknown key", "endpoints:\n  - kind: imds\n    adress: x\n", "3: endpoints[0].adress: unknown key"},
 	}
 	for _, tc := range cases {

@@ -205,6 +205,8 @@ type Event struct {
 	First time.Time `json:"first"`
 	UDP   bool      `json:"udp"`
 	// imds_request only
+	Endpoint    string  `json:"endpoint"`
+	ForeignTask string  `json:"foreign_task_arn"`
 	Method      string  `json:"method"`
 	Path        string  `json:"path"`
 	IMDSVersion string  `json:"imds_version"`
