@@ -107,7 +107,7 @@ func TestEventFieldsTable(t *testing.T) {
 			Pod: containers.Pod{Namespace: "ns", Name: "p", UID: "u", Container: "c", ServiceAccount: "sa"},
 			ECS: containers.ECSTask{ARN: "arn", Family: "f", Container: "c"}},
 		Netns: 1, SocketCookie: 1, Dst: "169.254.169.254:80", Verdict: "allow", Rule: "r",
-		Redirected: true, Agent: true, NoBroker: true, ExeBorrowed: true, Backstop: true, Missing: []string{"cmdline"}, Method: "GET", Path: "/", IMDSVersion: "v1", Status: 401,
+		Redirected: true, Agent: true, NoBroker: true, ExeBorrowed: true, Backstop: true, Missing: []string{"cmdline"}, Endpoint: "ecs", ForeignTask: "arn", Method: "GET", Path: "/", IMDSVersion: "v1", Status: 401,
 		Refused: "imdsv2_required", DurationMS: 1}
 	full.Count, full.First, full.UDP = 1, time.Now(), true
 	for _, kind := range []string{events.KindConnect, events.KindRequest, events.KindPreexisting, events.KindConnectSummary} {

@@ -165,6 +165,7 @@ func (a *agent) start() error {
 	if cfg.Broker.Enabled {
 		bc := brokerConfig(cfg)
 		bc.Own = a.registerOwn
+		bc.CredentialsOwner = a.credentialsOwner
 		a.broker = broker.New(bc, a.h, a.recordRequest, a.log)
 		a.adoptListeners()
 		if err := a.broker.Listen(); err != nil {
@@ -591,6 +592,7 @@ func brokerConfig(cfg config.Config) broker.Config {
 		ReadTimeout: cfg.Broker.ReadTimeout, IdleTimeout: cfg.Broker.IdleTimeout, UpstreamTimeout: cfg.Broker.UpstreamTimeout,
 		MaxConns: cfg.Broker.MaxConnections, MaxConnsPerUID: cfg.Broker.MaxConnectionsPerUID,
 		MaxConnsPerProcess: cfg.Broker.MaxConnectionsPerProcess,
+		Endpoints:          brokerEndpoints(cfg.Endpoints),
 	}
 }
 

@@ -123,7 +123,11 @@ func (a *agent) recordCredential(req broker.Request, rec events.Record) {
 	if t := rec.Container.ECS; t.ARN != "" {
 		proc.ECSTask = &wire.ECSTask{ARN: t.ARN, Family: t.Family, Container: t.Container}
 	}
-	fp, first, err := a.fps.capture.Observe(broker.CanonicalPath(req.Path), req.Body, proc, req.Conn.StartBoottime, string(req.Version))
+	endpoint := string(req.Endpoint)
+	if endpoint == "" {
+		endpoint = string(broker.EndpointIMDS)
+	}
+	fp, first, err := a.fps.capture.ObserveEndpoint(endpoint, broker.CanonicalPath(req.Path), req.Body, proc, req.Conn.StartBoottime, string(req.Version))
 	if err != nil {
 		a.log.Warn().Err(err).Str("event", "fingerprint_failed").Str("path", req.Path).Msg("credential answer not understood")
 		return
@@ -157,7 +161,7 @@ func (a *agent) recordCredential(req broker.Request, rec events.Record) {
 		return
 	}
 	a.log.Info().Str("event", "credential_fetched").Str("access_key_id", fp.AccessKeyID).Str("role", fp.Role).
-		Uint32("pid", rec.PID).Str("exe", rec.Exe).Str("imds_version", fp.IMDSVersion).Msg("fingerprint recorded")
+		Uint32("pid", rec.PID).Str("exe", rec.Exe).Str("imds_version", fp.IMDSVersion).Str("endpoint", endpoint).Msg("fingerprint recorded")
 }
 
 func (f *fingerprints) Close() error {

@@ -79,6 +79,7 @@ func (a *agent) recordRequest(req broker.Request) {
 	a.observeRequest(req, rec)
 	rec.Kind = events.KindRequest
 	rec.Time = req.Started
+	rec.Endpoint, rec.ForeignTask = string(req.Endpoint), req.ForeignTask
 	rec.Method, rec.Path, rec.IMDSVersion = req.Method, req.Path, string(req.Version)
 	rec.Status, rec.Refused, rec.WouldRefuse = req.Status, req.Refused, req.WouldRefuse
 	rec.DurationMS = float64(req.Duration.Microseconds()) / 1000
@@ -135,6 +136,13 @@ func (r *recent) get(cookie uint64) (events.Record, bool) {
 func (a *agent) observeRequest(req broker.Request, rec events.Record) {
 	var kind metrics.Kind
 	who := tally.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}
+	if req.ForeignTask != "" {
+		a.tel.observeProcess(metrics.ForeignTaskCredentials, rec.Exe, rec.User, rec.UID, req.Started)
+	}
+	if req.Endpoint != "" && req.Endpoint != broker.EndpointIMDS {
+		a.observeEndpointRequest(req, rec)
+		return
+	}
 	switch {
 	case req.Refused == "imdsv2_required":
 		kind = metrics.MetadataNoTokenRejected
@@ -161,5 +169,21 @@ func (a *agent) observeRequest(req broker.Request, rec events.Record) {
 	if req.Body != nil {
 		a.tel.observeProcess(metrics.CredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
 		a.ledger.Observe(tally.Credential, who, req.Started)
+	}
+}
+
+// observeEndpointRequest counts a request to the ECS or Pod Identity endpoint: as a
+// request (MetadataRequests counts connects, not these), a broker error, or a credential
+// fetch of its endpoint. They carry no IMDS version, so none of the MetadataNoToken
+// family counts them.
+func (a *agent) observeEndpointRequest(req broker.Request, rec events.Record) {
+	switch {
+	case req.Refused == "upstream_error":
+		a.tel.Metrics.Observe(metrics.Observation{Kind: metrics.BrokerErrors, Count: 1})
+	case req.Body == nil:
+	case req.Endpoint == broker.EndpointECS:
+		a.tel.observeProcess(metrics.TaskCredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
+	case req.Endpoint == broker.EndpointPodIdentity:
+		a.tel.observeProcess(metrics.PodCredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
 	}
 }

@@ -27,6 +27,13 @@ type Fingerprint struct {
 	IMDSVersion string `json:"imds_version"`
 	// TokenHMAC is HMAC-SHA256 (hex) of the session token under a per-host secret.
 	TokenHMAC string `json:"token_hmac,omitempty"`
+	// Endpoint is where the credential came from: "" or "imds" (IMDS, the instance's
+	// role), "ecs" (an ECS task's role), "pod_identity" (an EKS pod's role). Agents
+	// before it send none: IMDS.
+	Endpoint string `json:"endpoint,omitempty"`
+	// RoleARN is the role's ARN when the endpoint names it (ECS does; IMDS and Pod
+	// Identity do not).
+	RoleARN string `json:"role_arn,omitempty"`
 }
 
 // Instance is the EC2 identity the credential was issued to.

@@ -12,6 +12,9 @@
 // It is no open proxy: it serves only connections the kernel redirected, talks only to
 // IMDS, follows no redirects, adds no X-Forwarded-For, refuses a token PUT that carries
 // one (as IMDS itself does), caps header and body sizes and times out slow clients.
+//
+// It serves the ECS task credential endpoint and the EKS Pod Identity agent the same way
+// (endpoints.go): the kernel's record says which endpoint the client connected to.
 package broker
 
 import (
@@ -43,15 +46,21 @@ type Config struct {
 	Mark int // SO_MARK on upstream sockets, for firewall rules; the kernel does not trust it
 	// Own registers an upstream socket, before it connects, as the agent's own (the
 	// kernel lets it through unjudged and unredirected); nil registers nothing.
-	Own             func(fd int) error
-	IMDS4, IMDS6    netip.Addr
-	IMDSPort        int
-	Enforce         bool // false: IMDSv1 where v2 is required is forwarded and counted
-	MaxHeaderBytes  int
-	MaxBodyBytes    int64
-	ReadTimeout     time.Duration
-	IdleTimeout     time.Duration
-	UpstreamTimeout time.Duration
+	Own          func(fd int) error
+	IMDS4, IMDS6 netip.Addr
+	IMDSPort     int
+	// Endpoints are the other guarded credential endpoints (ECS, Pod Identity): a
+	// connection whose kernel record names one of their addresses is forwarded there.
+	Endpoints []Endpoint
+	// CredentialsOwner, when set, tells an ECS credential request for another task's id
+	// (refused with 403 in enforce mode, marked in audit mode).
+	CredentialsOwner CredentialsOwner
+	Enforce          bool // false: IMDSv1 where v2 is required is forwarded and counted
+	MaxHeaderBytes   int
+	MaxBodyBytes     int64
+	ReadTimeout      time.Duration
+	IdleTimeout      time.Duration
+	UpstreamTimeout  time.Duration
 	// Caps on open client connections, idle keep-alive ones included (0: none). A
 	// connection over a cap is reset at once: every open connection holds a goroutine
 	// and a read buffer, and nothing else bounds how many one user opens.
@@ -92,12 +101,19 @@ type Request struct {
 	Conn hook.Redirect
 	// Netns is the cookie of the network namespace of the listener the connection came
 	// in on (the agent's own for the host's listeners; 0 when the kernel could not say).
-	Netns   uint64
-	Method  string
-	Path    string
+	Netns    uint64
+	Endpoint EndpointKind
+	Method   string
+	// Path is the path as the client sent it; for ECS, in canonical form with the
+	// credentials id replaced (it is a bearer secret). Never the query.
+	Path string
+	// Version is how an IMDS request authenticates; "" for the other endpoints.
 	Version Version
-	Status  int
-	Refused string // why the broker answered itself, "" when IMDS answered
+	// ForeignTask is the ECS task that the credentials id of this request was handed to,
+	// when that is not the requesting process's task.
+	ForeignTask string
+	Status      int
+	Refused     string // why the broker answered itself, "" when IMDS answered
 	// WouldRefuse is why enforce mode would have refused a request that audit mode
 	// forwarded (imdsv2_required), "" otherwise.
 	WouldRefuse string
@@ -572,6 +588,10 @@ type connInfo struct {
 	r     hook.Redirect
 	netns uint64 // the listener's network namespace
 	err   error
+	// kind is the endpoint the client connected to; upstream its address, for the
+	// endpoints other than IMDS.
+	kind     EndpointKind
+	upstream netip.AddrPort
 }
 
 // identify finds the kernel's record of the connection, by both its ends (a client
@@ -586,16 +606,21 @@ func (b *Broker) identify(c net.Conn, l *listener) connInfo {
 	if err != nil {
 		return connInfo{netns: l.netns, err: fmt.Errorf("local address %q: %w", c.LocalAddr(), err)}
 	}
+	var info connInfo
 	if !l.guest {
 		r, err := b.redirects.LookupRedirect(client, server)
-		return connInfo{r: r, netns: l.netns, err: err}
+		info = connInfo{r: r, netns: l.netns, err: err}
+	} else if nr, ok := b.redirects.(NetnsRedirects); ok {
+		r, err := nr.LookupRedirectIn(l.netns, client, server)
+		info = connInfo{r: r, netns: l.netns, err: err}
+	} else {
+		info = connInfo{netns: l.netns, err: hook.ErrNotRedirected}
 	}
-	nr, ok := b.redirects.(NetnsRedirects)
-	if !ok {
-		return connInfo{netns: l.netns, err: hook.ErrNotRedirected}
+	info.kind = EndpointIMDS
+	if info.err == nil {
+		info.kind, info.upstream, _ = b.endpointOf(info.r.Dst)
 	}
-	r, err := nr.LookupRedirectIn(l.netns, client, server)
-	return connInfo{r: r, netns: l.netns, err: err}
+	return info
 }
 
 func addrPort(a net.Addr) (netip.AddrPort, error) {
@@ -662,7 +687,21 @@ func (cc *clientConn) serve() {
 // It reports whether the connection may carry another request.
 func (cc *clientConn) exchange(r *request, start time.Time) bool {
 	b := cc.b
-	rec := Request{Conn: cc.info.r, Netns: cc.info.netns, Method: r.method, Path: r.path, Version: classify(r), Started: start}
+	kind := cc.info.kind
+	rec := Request{Conn: cc.info.r, Netns: cc.info.netns, Endpoint: kind, Method: r.method, Path: redactedPath(kind, r.path), Started: start}
+	imds := kind == EndpointIMDS
+	if imds {
+		rec.Version = classify(r)
+	}
+	var credID string
+	if kind == EndpointECS && r.method == "GET" {
+		credID = ecsCredentialsID(r.path, r.query)
+	}
+	if credID != "" && b.cfg.CredentialsOwner != nil {
+		if task, foreign := b.cfg.CredentialsOwner(cc.info.r, credID); foreign {
+			rec.ForeignTask = task
+		}
+	}
 	finish := func(status int, refused string) {
 		rec.Status, rec.Refused, rec.Duration = status, refused, time.Since(start)
 		if b.record != nil {
@@ -670,7 +709,12 @@ func (cc *clientConn) exchange(r *request, start time.Time) bool {
 		}
 	}
 	refuse := func(status int, reason, body string) bool {
-		answerError(cc.c, &httpError{status: status, body: body})
+		he := &httpError{status: status, body: body}
+		if !imds {
+			// The ECS and Pod Identity agents answer errors in JSON.
+			he.body, he.contentType = fmt.Sprintf(`{"code":"AccessDenied","message":%q}`, strings.TrimSpace(body)), "application/json"
+		}
+		answerError(cc.c, he)
 		finish(status, reason)
 		return false
 	}
@@ -680,7 +724,7 @@ func (cc *clientConn) exchange(r *request, start time.Time) bool {
 		return refuse(http.StatusForbidden, "not_redirected", "403 - Forbidden: connection not redirected by imdsguard\n")
 	case r.contentLength > b.cfg.MaxBodyBytes:
 		return refuse(http.StatusRequestEntityTooLarge, "body_too_large", "413 - Request Entity Too Large\n")
-	case isPut(r.method) && r.forwardedFor:
+	case imds && isPut(r.method) && r.forwardedFor:
 		// IMDS refuses token requests that went through a proxy; so do we, and any
 		// other PUT as well, whatever its spelling.
 		return refuse(http.StatusForbidden, "x_forwarded_for", "403 - Forbidden\n")
@@ -689,14 +733,28 @@ func (cc *clientConn) exchange(r *request, start time.Time) bool {
 		return refuse(http.StatusUnauthorized, "imdsv2_required", "401 - Unauthorized\n")
 	case rec.Version == VersionV1 && cc.info.r.V2Required:
 		rec.WouldRefuse = "imdsv2_required" // audit: forwarded, marked for the operator
+	case rec.ForeignTask != "" && b.enforce.Load():
+		// The id is a bearer secret of another task: whoever holds it is not that task.
+		return refuse(http.StatusForbidden, RefusedForeignTask, "403 - Forbidden: credentials of another task\n")
+	case rec.ForeignTask != "":
+		rec.WouldRefuse = RefusedForeignTask
 	}
-	capture := r.method == "GET" && IsCredentialPath(r.path)
+	var capture bool
+	switch kind {
+	case EndpointIMDS:
+		capture = r.method == "GET" && IsCredentialPath(r.path)
+	case EndpointECS:
+		capture = credID != ""
+	case EndpointPodIdentity:
+		capture = r.method == "GET" && isPodIdentityCredentialPath(r.path)
+	}
 	res, err := cc.forward(r, capture)
 	if err != nil {
 		var ue *upstreamError
 		isUp := errors.As(err, &ue) || !res.wrote
 		if isUp {
-			b.log.Warn().Err(err).Str("event", "broker_upstream_failed").Str("path", r.path).Msg("forwarding to IMDS")
+			b.log.Warn().Err(err).Str("event", "broker_upstream_failed").Str("endpoint", string(kind)).Str("path", rec.Path).
+				Msg("forwarding to the endpoint")
 		}
 		if !res.wrote {
 			// Without the agent the client's own connection to IMDS would have failed:
@@ -790,8 +848,13 @@ func (cc *clientConn) dial() error {
 	if d := cc.info.r.Dst.Addr(); d.Is6() && !d.Is4In6() {
 		addr, sp = netip.AddrPortFrom(b.cfg.IMDS6, uint16(b.cfg.IMDSPort)), &b.spare6
 	}
+	if cc.info.kind != EndpointIMDS {
+		// Exactly where the client connected; no connection dialled ahead: these
+		// endpoints see a request per task start and credential refresh, not a stream.
+		addr, sp = cc.info.upstream, nil
+	}
 	var up net.Conn
-	if !cc.warm && cc.served == 0 {
+	if sp != nil && !cc.warm && cc.served == 0 {
 		select {
 		case up = <-sp.conns:
 		default:
@@ -801,10 +864,10 @@ func (cc *clientConn) dial() error {
 	if up == nil {
 		var err error
 		if up, err = b.dialer.Dial("tcp", addr.String()); err != nil {
-			return &upstreamError{fmt.Errorf("dial IMDS: %w", err)}
+			return &upstreamError{fmt.Errorf("dial %s: %w", cc.info.kind, err)}
 		}
 	}
-	if len(sp.conns) == 0 && !b.closing.Load() && sp.dialling.CompareAndSwap(false, true) {
+	if sp != nil && len(sp.conns) == 0 && !b.closing.Load() && sp.dialling.CompareAndSwap(false, true) {
 		go b.dialAhead(sp, addr)
 	}
 	cc.up, cc.served, cc.sp = up, 0, sp
@@ -836,7 +899,7 @@ func (cc *clientConn) release() {
 	if cc.up == nil {
 		return
 	}
-	if cc.served > 0 && cc.upbr.Buffered() == 0 && !cc.b.closing.Load() {
+	if cc.sp != nil && cc.served > 0 && cc.upbr.Buffered() == 0 && !cc.b.closing.Load() {
 		select {
 		case cc.sp.conns <- cc.up:
 			cc.up = nil
@@ -858,8 +921,12 @@ func (cc *clientConn) dropUpstream() {
 // without a reset: what the client still sends is read and dropped for a moment (as
 // net/http does), so that the answer is not lost to an RST.
 func answerError(c net.Conn, e *httpError) {
-	msg := fmt.Sprintf("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
-		e.status, http.StatusText(e.status), len(e.body), e.body)
+	ct := e.contentType
+	if ct == "" {
+		ct = "text/plain"
+	}
+	msg := fmt.Sprintf("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+		e.status, http.StatusText(e.status), ct, len(e.body), e.body)
 	if _, err := io.WriteString(c, msg); err != nil {
 		return
 	}

@@ -127,6 +127,12 @@ func (b *bed) recorded(want int) []Request {
 
 func start(t testing.TB, enforce bool, redirects Redirects) *bed {
 	t.Helper()
+	return startWith(t, enforce, redirects, nil, zerolog.Nop())
+}
+
+// startWith is start with the broker's configuration changed by set and its log.
+func startWith(t testing.TB, enforce bool, redirects Redirects, set func(*Config), log zerolog.Logger) *bed {
+	t.Helper()
 	tb := &bed{imds: &fakeIMDS{}}
 	up := httptest.NewUnstartedServer(tb.imds)
 	tb.upConns = map[net.Conn]bool{}
@@ -151,11 +157,14 @@ func start(t testing.TB, enforce bool, redirects Redirects) *bed {
 		MaxHeaderBytes: 4096, MaxBodyBytes: 1024, ReadTimeout: 300 * time.Millisecond,
 		IdleTimeout: time.Second, UpstreamTimeout: 2 * time.Second,
 	}
+	if set != nil {
+		set(&cfg)
+	}
 	b := New(cfg, redirects, func(r Request) {
 		tb.mu.Lock()
 		tb.requests = append(tb.requests, r)
 		tb.mu.Unlock()
-	}, zerolog.Nop())
+	}, log)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -16,8 +16,9 @@ import (
 
 // httpError is a request the broker answers itself and then closes the connection on.
 type httpError struct {
-	status int
-	body   string
+	status      int
+	body        string
+	contentType string // "": text/plain
 }
 
 func (e *httpError) Error() string { return e.body }
@@ -32,6 +33,7 @@ var (
 type request struct {
 	method        string
 	path          string // decoded, as the client spelt it; Segments gives its canonical form
+	query         string // after "?", undecoded; may hold a secret (ECS's v1 credentials id)
 	http11        bool
 	contentLength int64
 	close         bool // the client's connection ends after this exchange
@@ -97,6 +99,7 @@ func readHead(br *bufio.Reader, maxBytes int, buf []byte) (request, error) {
 	req.method = internMethod(method)
 	p := target
 	if i := bytes.IndexByte(p, '?'); i >= 0 {
+		req.query = string(p[i+1:])
 		p = p[:i]
 	}
 	if bytes.IndexByte(p, '%') >= 0 {

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -50,6 +51,7 @@ func NewCapturer(secret []byte, instance func() wire.Instance, addrs func() []ne
 // token to hash. SecretAccessKey is deliberately not a field.
 type credentials struct {
 	Code        string
+	RoleArn     string // ECS
 	AccessKeyID string `json:"AccessKeyId"`
 	Token       string
 	LastUpdated time.Time
@@ -60,6 +62,14 @@ type credentials struct {
 // tells pid reuse apart). It returns the fingerprint and true the first time this
 // process fetched this credential.
 func (c *Capturer) Observe(urlPath string, body []byte, proc wire.Process, procStart uint64, imdsVersion string) (wire.Fingerprint, bool, error) {
+	return c.ObserveEndpoint("imds", urlPath, body, proc, procStart, imdsVersion)
+}
+
+// ObserveEndpoint is Observe for a credential answer of endpoint ("imds", "ecs",
+// "pod_identity"). IMDS names the role in its path; ECS in the answer's RoleArn; the
+// Pod Identity agent not at all. urlPath is only read for IMDS: an ECS path holds the
+// task's credentials id, a secret.
+func (c *Capturer) ObserveEndpoint(endpoint, urlPath string, body []byte, proc wire.Process, procStart uint64, imdsVersion string) (wire.Fingerprint, bool, error) {
 	var cr credentials
 	if err := json.Unmarshal(body, &cr); err != nil {
 		return wire.Fingerprint{}, false, fmt.Errorf("decode credential answer: %w", errors.New("not JSON")) // never echo the body
@@ -74,11 +84,19 @@ func (c *Capturer) Observe(urlPath string, body []byte, proc wire.Process, procS
 	c.mu.Unlock()
 	fp := wire.Fingerprint{
 		AccessKeyID: cr.AccessKeyID,
-		Role:        path.Base(urlPath),
 		LastUpdated: cr.LastUpdated,
 		Expiration:  cr.Expiration,
 		Process:     proc,
 		IMDSVersion: imdsVersion,
+	}
+	switch endpoint {
+	case "imds":
+		fp.Role = path.Base(urlPath)
+	default:
+		fp.Endpoint = endpoint
+		if _, name, ok := strings.Cut(cr.RoleArn, ":role/"); ok {
+			fp.RoleARN, fp.Role = cr.RoleArn, path.Base(name)
+		}
 	}
 	if cr.Token != "" {
 		m := hmac.New(sha256.New, c.secret)

@@ -43,3 +43,26 @@ func TestCaptureKeepsNoSecrets(t *testing.T) {
 		t.Fatalf("bad body error %v", err)
 	}
 }
+
+// Credentials from the ECS and Pod Identity endpoints: the role from the answer (never
+// the path, which holds the task's credentials id), the endpoint named, no secret kept.
+func TestCaptureContainerEndpoints(t *testing.T) {
+	c := NewCapturer([]byte("k"), nil, nil)
+	ecs := []byte(`{"RoleArn":"arn:aws:iam::123456789012:role/app/task-a","AccessKeyId":"ASIAECS","SecretAccessKey":"ECSSECRET","Token":"ECSTOKEN","Expiration":"2026-11-23T16:00:00Z"}`)
+	fp, _, err := c.ObserveEndpoint("ecs", "/v2/credentials/SECRETID", ecs, wire.Process{PID: 1}, 1, "")
+	if err != nil || fp.Endpoint != "ecs" || fp.Role != "task-a" || fp.RoleARN != "arn:aws:iam::123456789012:role/app/task-a" ||
+		fp.AccessKeyID != "ASIAECS" || fp.Expiration.IsZero() {
+		t.Fatalf("ecs fingerprint %+v %v", fp, err)
+	}
+	pod := []byte(`{"AccessKeyId":"ASIAPOD","SecretAccessKey":"PODSECRET","Token":"PODTOKEN","AccountId":"123456789012","Expiration":"2026-11-23T16:00:00Z"}`)
+	fp2, _, err := c.ObserveEndpoint("pod_identity", "/v1/credentials", pod, wire.Process{PID: 1}, 1, "")
+	if err != nil || fp2.Endpoint != "pod_identity" || fp2.Role != "" || fp2.AccessKeyID != "ASIAPOD" {
+		t.Fatalf("pod identity fingerprint %+v %v", fp2, err)
+	}
+	out, _ := json.Marshal([]wire.Fingerprint{fp, fp2})
+	for _, s := range []string{"SECRETID", "ECSSECRET", "ECSTOKEN", "PODSECRET", "PODTOKEN"} {
+		if bytes.Contains(out, []byte(s)) {
+			t.Fatalf("fingerprint carries %s: %s", s, out)
+		}
+	}
+}

@@ -21,9 +21,12 @@ type Config struct {
 	// cgroup2 root, i.e. every process of the host.
 	Cgroup string `yaml:"cgroup"`
 	IMDS   IMDS   `yaml:"imds"`
-	Events Events `yaml:"events"`
-	Log    Log    `yaml:"log"`
-	Agent  Agent  `yaml:"agent"`
+	// Endpoints are the credential endpoints guarded: IMDS (at the imds keys' addresses)
+	// and, opted in, the ECS task credential endpoint and the EKS Pod Identity agent.
+	Endpoints []Endpoint `yaml:"endpoints"`
+	Events    Events     `yaml:"events"`
+	Log       Log        `yaml:"log"`
+	Agent     Agent      `yaml:"agent"`
 
 	// Mode is "audit" (record what the allowlist would deny, deny nothing) or
 	// "enforce" (EPERM at connect, 401 for IMDSv1 where a rule requires v2).
@@ -109,10 +112,11 @@ type Agent struct {
 // Default returns the configuration used for every key a file leaves out.
 func Default() Config {
 	return Config{
-		IMDS:   IMDS{IPv4: "169.254.169.254", IPv6: "fd00:ec2::254", Port: 80},
-		Events: Events{Output: "stdout"},
-		Log:    Log{Level: "info", Output: "stderr"},
-		Agent:  Agent{StatsInterval: 10 * time.Second, QueueSize: 4096},
+		IMDS:      IMDS{IPv4: "169.254.169.254", IPv6: "fd00:ec2::254", Port: 80},
+		Endpoints: defaultEndpoints(),
+		Events:    Events{Output: "stdout"},
+		Log:       Log{Level: "info", Output: "stderr"},
+		Agent:     Agent{StatsInterval: 10 * time.Second, QueueSize: 4096},
 
 		// A fresh install changes nothing but what is recorded: operators turn on
 		// enforcement once the events show what their hosts need.
@@ -153,6 +157,9 @@ func (c *Config) Validate(root *yaml.Node) error {
 	c.IMDS.Addr4, c.IMDS.Addr6 = a4, a6
 	if c.IMDS.Port < 1 || c.IMDS.Port > 65535 {
 		return bad("imds.port", "must be 1-65535, got %d", c.IMDS.Port)
+	}
+	if err := c.validateEndpoints(root); err != nil {
+		return err
 	}
 	if c.Events.Output == "" {
 		return bad("events.output", `must be "stdout" or a file path`)

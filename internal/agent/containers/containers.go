@@ -45,6 +45,11 @@ type ECSTask struct {
 	ARN       string
 	Family    string
 	Container string // the container's name in the task definition
+	// CredentialsID is the id the ECS agent handed the container's task for its task
+	// credentials (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/<id> in the
+	// container's environment, as the runtime's state holds it). Whoever holds it can
+	// fetch the task's credentials: it is a secret, never written out.
+	CredentialsID string
 }
 
 // runtimeCgroup is a place where a runtime puts a container's cgroup, with the

@@ -255,3 +255,42 @@ func TestBadStateIgnored(t *testing.T) {
 		t.Fatalf("Lookup of a truncated config.json = %+v, %v", got, ok)
 	}
 }
+
+// The ECS agent hands each task its credentials id in the containers' environment;
+// the resolver learns it from the runtime's state (Docker's config, the OCI bundle),
+// and tells which task an id was handed to.
+func TestECSCredentialsIDFromEnvironment(t *testing.T) {
+	docker, tasks := t.TempDir(), t.TempDir()
+	writeJSON(t, filepath.Join(docker, "containers", idA, "config.v2.json"), map[string]any{
+		"Name": "/app", "Config": map[string]any{
+			"Env": []string{"PATH=/bin", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/1111-aaaa"},
+			"Labels": map[string]string{"com.amazonaws.ecs.task-arn": "arn:aws:ecs:us-east-1:012345678910:task/c/1",
+				"com.amazonaws.ecs.task-definition-family": "billing"}},
+	})
+	writeJSON(t, filepath.Join(tasks, "moby", idB, "config.json"), map[string]any{
+		"process": map[string]any{"env": []string{"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/2222-bbbb"}},
+		"annotations": map[string]string{"com.amazonaws.ecs.task-arn": "arn:aws:ecs:us-east-1:012345678910:task/c/2",
+			"com.amazonaws.ecs.task-definition-family": "web"},
+	})
+	r := NewResolver(Sources{DockerData: docker, ContainerdTasks: tasks})
+	a, okA := r.Lookup(idA, Docker)
+	b, okB := r.Lookup(idB, "")
+	if !okA || !okB || a.ECS.CredentialsID != "1111-aaaa" || b.ECS.CredentialsID != "2222-bbbb" {
+		t.Fatalf("credentials ids: %+v %+v", a.ECS, b.ECS)
+	}
+	if task, ok := r.ECSTaskOfCredentials("2222-bbbb"); !ok || task.ARN != "arn:aws:ecs:us-east-1:012345678910:task/c/2" {
+		t.Fatalf("task of 2222-bbbb: %+v %v", task, ok)
+	}
+	if _, ok := r.ECSTaskOfCredentials("3333-cccc"); ok {
+		t.Fatal("an id no container was handed has an owner")
+	}
+	for _, env := range [][]string{
+		{"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v1/credentials?id=x"},
+		{"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/"},
+		{"X_AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/x"},
+	} {
+		if id := credentialsID(env); id != "" {
+			t.Errorf("credentialsID(%q) = %q", env, id)
+		}
+	}
+}

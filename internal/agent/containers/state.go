@@ -99,6 +99,22 @@ func (r *Resolver) Lookup(id, runtime string) (Info, bool) {
 	return info, ok
 }
 
+// ECSTaskOfCredentials returns the task of a known container that was handed the ECS
+// credentials id id.
+func (r *Resolver) ECSTaskOfCredentials(id string) (ECSTask, bool) {
+	if id == "" {
+		return ECSTask{}, false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, info := range r.found {
+		if info.ECS.CredentialsID == id {
+			return info.ECS, true
+		}
+	}
+	return ECSTask{}, false
+}
+
 // Forget drops what is cached of containers not in live, so that the cache follows the
 // host's containers.
 func (r *Resolver) Forget(live map[string]bool) {
@@ -146,7 +162,10 @@ func (r *Resolver) read(id, runtime string) (Info, bool) {
 		}
 		fromAnnotations(&info, spec)
 	}
-	if name, labels, ok := r.dockerConfig(id); ok {
+	if name, labels, env, ok := r.dockerConfig(id); ok {
+		if info.ECS.CredentialsID == "" {
+			info.ECS.CredentialsID = credentialsID(env)
+		}
 		found = true
 		if info.Runtime == "" {
 			info.Runtime = Docker
@@ -157,6 +176,7 @@ func (r *Resolver) read(id, runtime string) (Info, bool) {
 	if r.ecs != nil && (info.ECS.ARN == "" || info.ECS.Family == "") && (found || runtime == "" || runtime == Docker) {
 		if t, ok := r.ecs.taskOf(id); ok {
 			found = true
+			t.CredentialsID = info.ECS.CredentialsID
 			info.ECS = t
 		}
 	}
@@ -166,7 +186,10 @@ func (r *Resolver) read(id, runtime string) (Info, bool) {
 // spec is the part of an OCI runtime config that names the container.
 type spec struct {
 	Annotations map[string]string `json:"annotations"`
-	Mounts      []struct {
+	Process     struct {
+		Env []string `json:"env"`
+	} `json:"process"`
+	Mounts []struct {
 		Destination string `json:"destination"`
 		Source      string `json:"source"`
 	} `json:"mounts"`
@@ -219,20 +242,21 @@ func (r *Resolver) storageSpec(id string) (spec, bool) {
 	return spec{}, false
 }
 
-func (r *Resolver) dockerConfig(id string) (string, map[string]string, bool) {
+func (r *Resolver) dockerConfig(id string) (name string, labels map[string]string, env []string, ok bool) {
 	if r.src.DockerData == "" {
-		return "", nil, false
+		return "", nil, nil, false
 	}
 	var c struct {
 		Name   string
 		Config struct {
 			Labels map[string]string
+			Env    []string
 		}
 	}
 	if !readJSON(filepath.Join(r.src.DockerData, "containers", id, "config.v2.json"), &c) {
-		return "", nil, false
+		return "", nil, nil, false
 	}
-	return strings.TrimPrefix(c.Name, "/"), c.Config.Labels, true
+	return strings.TrimPrefix(c.Name, "/"), c.Config.Labels, c.Config.Env, true
 }
 
 // Annotations the CRI runtimes write into a container's OCI config.
@@ -264,7 +288,23 @@ var serviceAccountMounts = []string{
 	"/var/run/secrets/pods.eks.amazonaws.com/serviceaccount", // EKS Pod Identity
 }
 
+// credentialsID returns the ECS credentials id in a container's environment, "" when
+// there is none.
+func credentialsID(env []string) string {
+	for _, kv := range env {
+		if uri, ok := strings.CutPrefix(kv, "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI="); ok {
+			if id, ok := strings.CutPrefix(uri, "/v2/credentials/"); ok && id != "" && !strings.ContainsAny(id, "/?") {
+				return id
+			}
+		}
+	}
+	return ""
+}
+
 func fromAnnotations(info *Info, s spec) {
+	if info.ECS.CredentialsID == "" {
+		info.ECS.CredentialsID = credentialsID(s.Process.Env)
+	}
 	a := s.Annotations
 	set := func(dst *string, v string) {
 		if *dst == "" {

@@ -67,6 +67,8 @@ type Record struct {
 	UDP   bool      // they were UDP connects
 
 	// Request fields (KindRequest).
+	Endpoint    string // imds, ecs, pod_identity
+	ForeignTask string // ECS: the task another task's credentials id was handed to
 	Method      string
 	Path        string
 	IMDSVersion string // token, v1, v2
@@ -193,8 +195,11 @@ func (w *Writer) Write(r Record) {
 		}
 	}
 	if kind == KindRequest {
-		e = e.Str("method", r.Method).Str("path", r.Path).Str("imds_version", r.IMDSVersion).
+		e = e.Str("endpoint", r.Endpoint).Str("method", r.Method).Str("path", r.Path).Str("imds_version", r.IMDSVersion).
 			Int("status", r.Status).Float64("duration_ms", r.DurationMS)
+		if r.ForeignTask != "" {
+			e = e.Str("foreign_task_arn", r.ForeignTask)
+		}
 		if r.Refused != "" {
 			e = e.Str("refused", r.Refused)
 		}

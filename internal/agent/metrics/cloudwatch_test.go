@@ -88,7 +88,7 @@ func TestCloudWatchPutMetricDataOnTheWire(t *testing.T) {
 			t.Errorf("%s = %v (present %v), want %v", k, v, ok, want)
 		}
 	}
-	if len(sums) != 12+2+1+2+1 {
+	if len(sums) != 15+2+1+2+1 {
 		t.Errorf("%d distinct metrics: %v", len(sums), sums)
 	}
 	for _, d := range cw.Datums() {
@@ -163,9 +163,9 @@ func TestCloudWatchBackoffAndBoundedMemory(t *testing.T) {
 	}
 	elapsed := time.Since(start)
 	pending, dropped := c.Pending()
-	// 30 intervals of 14 data points each (12 per instance, 1 per executable, 1 per
-	// user): 420 queued, 40 kept.
-	if pending != 40 || dropped != 420-40 {
+	// 30 intervals of 17 data points each (15 per instance, 1 per executable, 1 per
+	// user): 510 queued, 40 kept.
+	if pending != 40 || dropped != 510-40 {
 		t.Errorf("pending %d, dropped %d", pending, dropped)
 	}
 	// With backoff 20→40→80ms, a few hundred ms of outage is a handful of attempts.

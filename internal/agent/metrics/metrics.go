@@ -34,6 +34,14 @@ const (
 	MetadataDenied
 	// CredentialFetches counts responses carrying IAM role credentials.
 	CredentialFetches
+	// TaskCredentialFetches counts task credentials the ECS endpoint handed out, and
+	// PodCredentialFetches those the EKS Pod Identity agent did (docs/metrics.md: why
+	// the endpoint is in the name, not a dimension).
+	TaskCredentialFetches
+	PodCredentialFetches
+	// ForeignTaskCredentials counts ECS credential requests for an id handed to
+	// another task (refused in enforce mode).
+	ForeignTaskCredentials
 
 	// EventsDropped counts kernel events lost (ring buffer or queue full).
 	EventsDropped
@@ -54,6 +62,7 @@ const (
 var kindNames = [numKinds]string{
 	"MetadataRequests", "MetadataNoToken", "MetadataNoTokenRejected", "MetadataWithToken",
 	"MetadataTokenRequests", "MetadataDenied", "CredentialFetches",
+	"TaskCredentialFetches", "PodCredentialFetches", "ForeignTaskCredentials",
 	"EventsDropped", "EventsAggregated", "BrokerErrors", "FailModeActivations", "BackstopDropped",
 }
 

@@ -19,6 +19,7 @@ import (
 var promNames = [numKinds]string{
 	"metadata_requests", "metadata_no_token", "metadata_no_token_rejected", "metadata_with_token",
 	"metadata_token_requests", "metadata_denied", "credential_fetches",
+	"task_credential_fetches", "pod_credential_fetches", "foreign_task_credentials",
 	"events_dropped", "events_aggregated", "broker_errors", "fail_mode_activations", "backstop_packets_dropped",
 }
 

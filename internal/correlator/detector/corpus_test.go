@@ -116,7 +116,8 @@ func TestFindingNamesProcessAndAggregates(t *testing.T) {
 		t.Fatal("no finding for the exfiltrated fingerprinted key")
 	}
 	if f.Count != 5 || f.InstanceID != ctcorpus.InstA1 || f.Role != "web" || f.AccountID != ctcorpus.Account || f.IMDSVersion != "v1" ||
-		len(f.Processes) != 1 || f.Processes[0].Exe != "/usr/bin/curl" || f.Processes[0].PID != 4242 || f.CredentialSource != "fingerprint" {
+		len(f.Processes) != 1 || f.Processes[0].Exe != "/usr/bin/curl" || f.Processes[0].PID != 4242 || f.CredentialSource != "fingerprint" ||
+		f.Endpoint != "imds" {
 		t.Fatalf("finding: %+v", f)
 	}
 	if !f.FirstSeen.Before(f.LastSeen) || len(f.APICalls) == 0 || f.ID == "" {

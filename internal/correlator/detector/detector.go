@@ -59,6 +59,8 @@ type Credential struct {
 	// trail's CreateFunction/UpdateFunctionConfiguration).
 	Source    string         `json:"source"`
 	Processes []wire.Process `json:"processes,omitempty"`
+	// Endpoint is where a fingerprinted key was fetched: imds, ecs or pod_identity.
+	Endpoint string `json:"endpoint,omitempty"`
 	// HostAddresses are the instance's addresses from its fingerprints.
 	HostAddresses []netip.Addr `json:"host_addresses,omitempty"`
 }
@@ -351,6 +353,10 @@ func (d *Detector) Credential(key string) (Credential, bool) {
 	c.AccessKeyID, c.Kind, c.InstanceID, c.AccountID = key, "instance", fp.Instance.ID, fp.Instance.AccountID
 	c.Role, c.Issued, c.Expiration, c.Source = fp.Role, fp.LastUpdated, fp.Expiration, "fingerprint"
 	c.IMDSVersion = fp.IMDSVersion
+	c.Endpoint = fp.Endpoint
+	if c.Endpoint == "" {
+		c.Endpoint = "imds" // agents before the field fetched from IMDS alone
+	}
 	c.Processes, c.HostAddresses = nil, nil
 	seen := map[netip.Addr]bool{}
 	for _, f := range fps {

@@ -44,6 +44,9 @@ type Finding struct {
 	IMDSVersion string `json:"imds_version,omitempty"`
 	// Processes that fetched the key on the host, from fingerprints.
 	Processes []wire.Process `json:"processes,omitempty"`
+	// Endpoint is where the host's process fetched the key, from its fingerprint:
+	// "imds" (the instance role), "ecs" (a task role), "pod_identity" (a pod's role).
+	Endpoint string `json:"endpoint,omitempty"`
 	// CredentialSource says how the key was tied to its instance or function:
 	// "fingerprint", "AssumeRole" or "userIdentity".
 	CredentialSource string `json:"credential_source"`

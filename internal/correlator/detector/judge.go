@@ -244,7 +244,7 @@ func (d *Detector) finding(g *Group, c Credential, v verdict) Finding {
 		ID: findingID(g.AccessKeyID, g.Source+"|"+g.VPCEndpointID, v.typ, g.WindowStart), Type: v.typ, Severity: v.severity,
 		AccessKeyID: g.AccessKeyID, SourceIP: g.Source, SourceAccountID: v.sourceAccount, VPCEndpointID: g.VPCEndpointID,
 		InstanceID: c.InstanceID, FunctionName: c.FunctionName, AccountID: c.AccountID, Role: c.Role, Region: g.Region,
-		IMDSVersion: c.IMDSVersion, Processes: c.Processes, CredentialSource: c.Source, WindowStart: g.WindowStart,
+		IMDSVersion: c.IMDSVersion, Processes: c.Processes, Endpoint: c.Endpoint, CredentialSource: c.Source, WindowStart: g.WindowStart,
 		FirstSeen: g.First, LastSeen: g.Last, Count: g.Count, Errors: g.Errors, Reason: v.reason, PlacedBy: v.placedBy,
 	}
 	if f.AccountID == "" {

@@ -210,6 +210,8 @@ type Event struct {
 	UDP      bool      `json:"udp"`
 	Backstop bool      `json:"backstop"`
 	// imds_request only
+	Endpoint    string  `json:"endpoint"`
+	ForeignTask string  `json:"foreign_task_arn"`
 	Method      string  `json:"method"`
 	Path        string  `json:"path"`
 	IMDSVersion string  `json:"imds_version"`
