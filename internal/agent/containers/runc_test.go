@@ -81,6 +81,18 @@ func TestPrivilegedRuncContainer(t *testing.T) {
 		t.Fatalf("runc state %s: %v", out, err)
 	}
 
+	// runc run --detach returns once it has told the container to start: its process
+	// may still be runc init, about to exec /sleeper. Wait for the exec.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(st.Pid), "cmdline"))
+		if strings.HasPrefix(string(cmdline), "/sleeper\x00") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the container's process never ran /sleeper: cmdline %q", cmdline)
+		}
+	}
+
 	// The kernel's view of the container's process: its pid and start time, and the id
 	// of the cgroup runc put it in.
 	stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(st.Pid), "stat"))
