@@ -2,10 +2,13 @@
 /* imdsguard's kernel side.
  *
  * connect4/connect6 run on every connect() in the guarded cgroup. A connect() that is not
- * to the Instance Metadata Service returns after a couple of compares and touches no map.
- * A connect() to IMDS is attributed to its process (one ring-buffer event), judged by the
- * allowlist (deny = EPERM, nothing leaves the host), and, when allowed from the host's
- * network namespace and the agent is alive, redirected to the agent's local broker.
+ * to a guarded credential endpoint (IMDS, and the ECS and Pod Identity endpoints when
+ * configured) returns after a few compares and touches no map. A connect() to one is
+ * attributed to its process (one ring-buffer event), judged by the allowlist (deny =
+ * ECONNREFUSED or EPERM, nothing leaves the host), and, when allowed and the agent is
+ * alive, redirected to the agent's broker on loopback: the host's for the agent's own
+ * network namespace, for another (a container's) the listener the agent made inside it,
+ * when it published one (netns_brokers); else containers.fallback decides.
  *
  * The agent's own IMDS sockets are recognised by their socket cookies, which only the
  * agent writes into own_sockets (an unpinned map: only the agent holds its fd), checked
@@ -457,8 +460,8 @@ static __always_inline void count(__u32 idx)
  *   cgroup_rule_bits() one ancestor level's rule lookup, likewise
  * judge() and emit() take only scalars and the context (what any kernel accepts), so
  * each reads what it needs of the current task itself, and the destination travels as
- * an enum dst: the programs call judge() only for the configured IMDS address, so the
- * address follows from it. exe_step() takes pointers to the event and to its walk state
+ * an enum dst with the index of the guarded entry matched, from which the address and
+ * port follow (guarded_daddr, guarded_dport). exe_step() takes pointers to the event and to its walk state
  * (global functions take pointers to memory from Linux 5.12; the agent needs 5.14).
  * Anything that would branch on every path (finding the first matching rule) is
  * computed without a branch.
