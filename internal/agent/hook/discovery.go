@@ -28,7 +28,7 @@ func (h *Hook) RunDiscovery(ctx context.Context, fn func(NetnsSeen)) error {
 	if err != nil {
 		return fmt.Errorf("open namespace ring buffer: %w", err)
 	}
-	defer rd.Close()
+	defer func() { _ = rd.Close() }()
 	stop := context.AfterFunc(ctx, func() { _ = rd.Close() })
 	defer stop()
 	var rec ringbuf.Record
