@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"github.com/imdsguard/imdsguard/internal/agent/cgroup"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
 	"github.com/imdsguard/imdsguard/internal/agent/netns"
@@ -11,7 +12,8 @@ import (
 // not redirect to them yet: until they do, the namespaces served are published to
 // memory only, and containers' connections keep the L4 allowlist.
 func (a *agent) serveNamespaces() error {
-	m, err := netns.New(netns.Config{Port: a.cfg.Broker.Port, MaxNamespaces: a.cfg.Containers.MaxNamespaces, HostNetns: a.netns},
+	m, err := netns.New(netns.Config{Port: a.cfg.Broker.Port, MaxNamespaces: a.cfg.Containers.MaxNamespaces, HostNetns: a.netns,
+		Cgroups: cgroup.NewPaths(a.cgroupRoot), CgroupRoot: a.cgroupRoot},
 		a.broker, netns.NewMemory(), a.log)
 	if err != nil {
 		return err
@@ -29,7 +31,8 @@ func (a *agent) ensureNamespace(ev hook.Event) {
 	if a.namespaces == nil || ev.NetnsCookie == a.netns || ev.Verdict == hook.VerdictDeny {
 		return // a denied process gains nothing from a broker
 	}
-	a.namespaces.Ensure(netns.Origin{Cookie: ev.NetnsCookie, PID: ev.PID, StartBoottime: ev.StartBoottime, PPID: ev.PPID})
+	a.namespaces.Ensure(netns.Origin{Cookie: ev.NetnsCookie, PID: ev.PID, StartBoottime: ev.StartBoottime, PPID: ev.PPID,
+		CgroupID: ev.CgroupID})
 }
 
 // closeNamespaces unpublishes and closes every namespace endpoint; a second call is a
