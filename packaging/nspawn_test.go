@@ -420,6 +420,10 @@ func TestPrivilegedNspawnService(t *testing.T) {
 		return
 	}
 
+	t.Run("a network namespace of the guarded cgroup is served", func(t *testing.T) {
+		c.servesNetns(t)
+	})
+
 	t.Run("start from nothing attached: active means attached", func(t *testing.T) {
 		c.mustRun(t, "systemctl", "stop", "imdsguard.service")
 		c.mustRun(t, "imdsguard", "uninstall", "--config", "/etc/imdsguard/config.yaml")
@@ -577,5 +581,64 @@ func TestPrivilegedNspawnService(t *testing.T) {
 		default:
 			t.Errorf("without bpffs: unit not running (%s) and the journal does not say why:\n%s", last, j)
 		}
+	})
+}
+
+// servesNetns starts a service with a network namespace of its own inside the container
+// (PrivateNetwork=yes: a new namespace with lo up, as a container runtime makes), in the
+// cgroup the agent guards, that connects to IMDS once and stays; the agent under the
+// packaged unit must then serve its broker in that namespace (setns needs
+// CAP_SYS_ADMIN and RestrictNamespaces= allowing net), and the endpoint must go with
+// the service.
+func (c *container) servesNetns(t *testing.T) {
+	t.Helper()
+	c.running(t, 10*time.Second)
+	const unit = "imdsguard-netns-client.service"
+	start := time.Now()
+	// No route to IMDS in a namespace with only lo: the connect fails, after the
+	// agent's hook has seen it. bash's /dev/tcp connects from bash itself, whose pid
+	// then stays, sleeping.
+	c.mustRun(t, "systemd-run", "--unit="+unit, "--property=PrivateNetwork=yes", "--service-type=exec", "--",
+		"bash", "-c", "echo >/dev/tcp/169.254.169.254/80; exec sleep 300")
+	defer func() { _, _ = c.run("systemctl", "stop", unit) }()
+	pid := strings.TrimSpace(c.mustRun(t, "systemctl", "show", unit, "--property=MainPID", "--value"))
+	inode := strings.TrimSpace(c.mustRun(t, "stat", "-L", "-c", "%i", "/proc/"+pid+"/ns/net"))
+	own := strings.TrimSpace(c.mustRun(t, "stat", "-L", "-c", "%i", "/proc/1/ns/net"))
+	if inode == own {
+		t.Fatalf("PrivateNetwork=yes gave the client the container's own network namespace (%s)", own)
+	}
+	var out string
+	ok, _ := c.poll(10*time.Second, func() (bool, string) {
+		out, _ = c.run("imdsguard", "status")
+		return strings.Contains(out, "1 network namespaces served"), out
+	})
+	j := c.journal(t, start)
+	if !ok {
+		t.Fatalf("imdsguard status does not list the client's network namespace (inode %s):\n%s\njournal:\n%s", inode, out, j)
+	}
+	served := false
+	for _, l := range strings.Split(out, "\n") {
+		// NETNS COOKIE  INODE  PID  FAMILIES  SINCE
+		if f := strings.Fields(l); len(f) >= 3 && f[1] == inode && f[2] == pid {
+			served = true
+		}
+	}
+	if !served {
+		t.Errorf("imdsguard status does not list namespace inode %s watched through the client (pid %s):\n%s", inode, pid, out)
+	}
+	if !strings.Contains(j, `"event":"netns_endpoint_added"`) || !strings.Contains(j, `"netns_inode":`+inode) {
+		t.Errorf("journal lacks netns_endpoint_added for namespace inode %s:\n%s", inode, j)
+	}
+	for _, bad := range []string{"netns_unavailable", "netns_endpoint_failed"} {
+		if strings.Contains(j, bad) {
+			t.Errorf("journal has %s:\n%s", bad, j)
+		}
+	}
+	t.Logf("imdsguard status:\n%s", out)
+	// The endpoint goes with the namespace's last process.
+	c.mustRun(t, "systemctl", "stop", unit)
+	c.wait(t, 10*time.Second, "the endpoint's removal", func() (bool, string) {
+		out, _ = c.run("imdsguard", "status")
+		return !strings.Contains(out, "network namespaces served"), out
 	})
 }
