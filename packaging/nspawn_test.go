@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -424,6 +425,10 @@ func TestPrivilegedNspawnService(t *testing.T) {
 		c.servesNetns(t)
 	})
 
+	t.Run("a host without containers drops CAP_SYS_ADMIN as documented", func(t *testing.T) {
+		c.withoutContainers(t, root)
+	})
+
 	t.Run("start from nothing attached: active means attached", func(t *testing.T) {
 		c.mustRun(t, "systemctl", "stop", "imdsguard.service")
 		c.mustRun(t, "imdsguard", "uninstall", "--config", "/etc/imdsguard/config.yaml")
@@ -641,4 +646,71 @@ func (c *container) servesNetns(t *testing.T) {
 		out, _ = c.run("imdsguard", "status")
 		return !strings.Contains(out, "network namespaces served"), out
 	})
+}
+
+// noContainersDropIn is the drop-in docs/install-and-operate.md gives a host that runs
+// no containers, with containers.max_namespaces: 0 in the agent's configuration.
+const noContainersDropIn = "[Service]\nCapabilityBoundingSet=~CAP_SYS_ADMIN\nRestrictNamespaces=yes\n"
+
+// withoutContainers applies the documented drop-in and configuration for a host without
+// containers: the agent runs and guards without CAP_SYS_ADMIN, serves no namespace, and
+// says nothing of it (the feature is off, not refused). Both are undone at the end.
+func (c *container) withoutContainers(t *testing.T, root string) {
+	t.Helper()
+	cfgPath := filepath.Join(root, "etc/imdsguard/config.yaml")
+	orig, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropin := filepath.Join(root, "etc/systemd/system/imdsguard.service.d")
+	if err := os.MkdirAll(dropin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := os.WriteFile(cfgPath, orig, 0o644); err != nil {
+			t.Error(err)
+		}
+		if err := os.RemoveAll(dropin); err != nil {
+			t.Error(err)
+		}
+		c.mustRun(t, "systemctl", "daemon-reload")
+		c.mustRun(t, "systemctl", "restart", "imdsguard.service")
+		c.running(t, 10*time.Second)
+	}()
+	if err := os.WriteFile(filepath.Join(dropin, "no-containers.conf"), []byte(noContainersDropIn), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfgPath, append(slices.Clone(orig), "\ncontainers:\n  max_namespaces: 0\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.mustRun(t, "systemctl", "daemon-reload")
+	st := c.show(t, "imdsguard.service", "CapabilityBoundingSet", "RestrictNamespaces")
+	if strings.Contains(st["CapabilityBoundingSet"], "cap_sys_admin") || !strings.Contains(st["CapabilityBoundingSet"], "cap_bpf") {
+		t.Errorf("with the drop-in, CapabilityBoundingSet=%s: want the unit's set without cap_sys_admin", st["CapabilityBoundingSet"])
+	}
+	if st["RestrictNamespaces"] != "yes" {
+		t.Errorf("with the drop-in, RestrictNamespaces=%s, want yes", st["RestrictNamespaces"])
+	}
+	start := time.Now()
+	c.mustRun(t, "systemctl", "restart", "imdsguard.service")
+	c.running(t, 10*time.Second)
+	if !c.guarding(t) {
+		t.Errorf("with the drop-in: no connect hooks attached: %v", c.attached(t))
+	}
+	const unit = "imdsguard-netns-client2.service"
+	c.mustRun(t, "systemd-run", "--unit="+unit, "--property=PrivateNetwork=yes", "--service-type=exec", "--",
+		"bash", "-c", "echo >/dev/tcp/169.254.169.254/80; exec sleep 300")
+	defer func() { _, _ = c.run("systemctl", "stop", unit) }()
+	// The client's connect event says the agent has seen it.
+	c.wait(t, 10*time.Second, "the client's connect event", func() (bool, string) {
+		j := c.journal(t, start)
+		return strings.Contains(j, `"unit":"`+unit+`"`), ""
+	})
+	j := c.journal(t, start)
+	if out := c.mustRun(t, "imdsguard", "status"); strings.Contains(out, "network namespaces served") {
+		t.Errorf("containers.max_namespaces: 0, yet a namespace is served:\n%s", out)
+	}
+	if strings.Contains(j, `"event":"netns_`) {
+		t.Errorf("containers.max_namespaces: 0, yet the agent logged about namespaces:\n%s", j)
+	}
 }
