@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -420,6 +421,14 @@ func TestPrivilegedNspawnService(t *testing.T) {
 		return
 	}
 
+	t.Run("a network namespace of the guarded cgroup is served", func(t *testing.T) {
+		c.servesNetns(t)
+	})
+
+	t.Run("a host without containers drops CAP_SYS_ADMIN as documented", func(t *testing.T) {
+		c.withoutContainers(t, root)
+	})
+
 	t.Run("start from nothing attached: active means attached", func(t *testing.T) {
 		c.mustRun(t, "systemctl", "stop", "imdsguard.service")
 		c.mustRun(t, "imdsguard", "uninstall", "--config", "/etc/imdsguard/config.yaml")
@@ -578,4 +587,138 @@ func TestPrivilegedNspawnService(t *testing.T) {
 			t.Errorf("without bpffs: unit not running (%s) and the journal does not say why:\n%s", last, j)
 		}
 	})
+}
+
+// servesNetns starts a service with a network namespace of its own inside the container
+// (PrivateNetwork=yes: a new namespace with lo up, as a container runtime makes), in the
+// cgroup the agent guards, that connects to IMDS once and stays; the agent under the
+// packaged unit must then serve its broker in that namespace (setns needs
+// CAP_SYS_ADMIN and RestrictNamespaces= allowing net), and the endpoint must go with
+// the service.
+func (c *container) servesNetns(t *testing.T) {
+	t.Helper()
+	c.running(t, 10*time.Second)
+	const unit = "imdsguard-netns-client.service"
+	start := time.Now()
+	// No route to IMDS in a namespace with only lo: the connect fails, after the
+	// agent's hook has seen it. bash's /dev/tcp connects from bash itself, whose pid
+	// then stays, sleeping.
+	c.mustRun(t, "systemd-run", "--unit="+unit, "--property=PrivateNetwork=yes", "--service-type=exec", "--",
+		"bash", "-c", "echo >/dev/tcp/169.254.169.254/80; exec sleep 300")
+	defer func() { _, _ = c.run("systemctl", "stop", unit) }()
+	pid := strings.TrimSpace(c.mustRun(t, "systemctl", "show", unit, "--property=MainPID", "--value"))
+	inode := strings.TrimSpace(c.mustRun(t, "stat", "-L", "-c", "%i", "/proc/"+pid+"/ns/net"))
+	own := strings.TrimSpace(c.mustRun(t, "stat", "-L", "-c", "%i", "/proc/1/ns/net"))
+	if inode == own {
+		t.Fatalf("PrivateNetwork=yes gave the client the container's own network namespace (%s)", own)
+	}
+	var out string
+	ok, _ := c.poll(10*time.Second, func() (bool, string) {
+		out, _ = c.run("imdsguard", "status")
+		return strings.Contains(out, "1 network namespaces served"), out
+	})
+	j := c.journal(t, start)
+	if !ok {
+		t.Fatalf("imdsguard status does not list the client's network namespace (inode %s):\n%s\njournal:\n%s", inode, out, j)
+	}
+	served := false
+	for _, l := range strings.Split(out, "\n") {
+		// NETNS COOKIE  INODE  PID  FAMILIES  SINCE
+		if f := strings.Fields(l); len(f) >= 3 && f[1] == inode && f[2] == pid {
+			served = true
+		}
+	}
+	if !served {
+		t.Errorf("imdsguard status does not list namespace inode %s watched through the client (pid %s):\n%s", inode, pid, out)
+	}
+	if !strings.Contains(j, `"event":"netns_endpoint_added"`) || !strings.Contains(j, `"netns_inode":`+inode) {
+		t.Errorf("journal lacks netns_endpoint_added for namespace inode %s:\n%s", inode, j)
+	}
+	for _, bad := range []string{"netns_unavailable", "netns_endpoint_failed"} {
+		if strings.Contains(j, bad) {
+			t.Errorf("journal has %s:\n%s", bad, j)
+		}
+	}
+	t.Logf("imdsguard status:\n%s", out)
+	// The endpoint goes with the namespace's last process.
+	c.mustRun(t, "systemctl", "stop", unit)
+	c.wait(t, 10*time.Second, "the endpoint's removal", func() (bool, string) {
+		out, _ = c.run("imdsguard", "status")
+		return !strings.Contains(out, "network namespaces served"), out
+	})
+}
+
+// noContainersDropIn is the drop-in docs/install-and-operate.md gives a host that runs
+// no containers, with containers.max_namespaces: 0 in the agent's configuration.
+const noContainersDropIn = "[Service]\nCapabilityBoundingSet=~CAP_SYS_ADMIN\nRestrictNamespaces=yes\n"
+
+// withoutContainers applies the documented drop-in and configuration for a host without
+// containers: the agent runs and guards without CAP_SYS_ADMIN, serves no namespace, and
+// says nothing of it (the feature is off, not refused). Both are undone at the end.
+func (c *container) withoutContainers(t *testing.T, root string) {
+	t.Helper()
+	cfgPath := filepath.Join(root, "etc/imdsguard/config.yaml")
+	orig, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropin := filepath.Join(root, "etc/systemd/system/imdsguard.service.d")
+	if err := os.MkdirAll(dropin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := os.WriteFile(cfgPath, orig, 0o644); err != nil {
+			t.Error(err)
+		}
+		if err := os.RemoveAll(dropin); err != nil {
+			t.Error(err)
+		}
+		c.mustRun(t, "systemctl", "daemon-reload")
+		c.mustRun(t, "systemctl", "restart", "imdsguard.service")
+		c.running(t, 10*time.Second)
+	}()
+	if err := os.WriteFile(filepath.Join(dropin, "no-containers.conf"), []byte(noContainersDropIn), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfgPath, append(slices.Clone(orig), "\ncontainers:\n  max_namespaces: 0\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.mustRun(t, "systemctl", "daemon-reload")
+	st := c.show(t, "imdsguard.service", "CapabilityBoundingSet", "RestrictNamespaces")
+	if strings.Contains(st["CapabilityBoundingSet"], "cap_sys_admin") || !strings.Contains(st["CapabilityBoundingSet"], "cap_bpf") {
+		t.Errorf("with the drop-in, CapabilityBoundingSet=%s: want the unit's set without cap_sys_admin", st["CapabilityBoundingSet"])
+	}
+	if st["RestrictNamespaces"] != "yes" {
+		t.Errorf("with the drop-in, RestrictNamespaces=%s, want yes", st["RestrictNamespaces"])
+	}
+	start := time.Now()
+	c.mustRun(t, "systemctl", "restart", "imdsguard.service")
+	c.running(t, 10*time.Second)
+	if !c.guarding(t) {
+		t.Errorf("with the drop-in: no connect hooks attached: %v", c.attached(t))
+	}
+	const unit = "imdsguard-netns-client2.service"
+	c.mustRun(t, "systemd-run", "--unit="+unit, "--property=PrivateNetwork=yes", "--service-type=exec", "--",
+		"bash", "-c", "echo >/dev/tcp/169.254.169.254/80; exec sleep 300")
+	defer func() { _, _ = c.run("systemctl", "stop", unit) }()
+	// The client's connect event says the agent has seen it.
+	// The journal's --since has whole seconds: what the previous agent logged in the
+	// same second is cut off at the restart.
+	sinceRestart := func() string {
+		j := c.journal(t, start)
+		if i := strings.LastIndex(j, "Starting imdsguard.service"); i >= 0 {
+			j = j[i:]
+		}
+		return j
+	}
+	c.wait(t, 10*time.Second, "the client's connect event", func() (bool, string) {
+		return strings.Contains(sinceRestart(), `"unit":"`+unit+`"`), ""
+	})
+	j := sinceRestart()
+	if out := c.mustRun(t, "imdsguard", "status"); strings.Contains(out, "network namespaces served") {
+		t.Errorf("containers.max_namespaces: 0, yet a namespace is served:\n%s", out)
+	}
+	if strings.Contains(j, `"event":"netns_`) {
+		t.Errorf("containers.max_namespaces: 0, yet the agent logged about namespaces:\n%s", j)
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsguard/imdsguard/internal/agent/status"
 	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
@@ -30,19 +32,26 @@ type sandboxed struct {
 	trace  string          // strace output file, when traced
 	client testbed.Event   // the event of the long-lived client, when seen
 	found  bool            // whether that event was seen
+	// served: the agent served the broker in the container's network namespace;
+	// netnsLog is its log line saying why not, when it did not.
+	served   bool
+	netnsLog string
 }
 
 // runSandboxed starts the agent with only caps in its bounding set (as root, like the
 // unit), connects to IMDS from a long-lived bash running as uid 65534, waits for its
-// event, and stops the agent. With trace, the agent runs under strace -f.
-func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, trace bool) (res sandboxed) {
+// event, then does the same from a container's network namespace (containerNetns, of
+// the bed's AddContainerNetns) and waits until the agent serves that namespace or says
+// why it cannot, and stops the agent. With trace, the agent runs under strace -f.
+func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, trace bool, containerNetns string) (res sandboxed) {
 	t.Helper()
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "config.yaml")
 	eventsPath := filepath.Join(dir, "events.json")
 	ready := filepath.Join(dir, "ready")
 	// Everything the agent touches stays in the bed: pins, sockets, state.
-	conf := bed.Config(eventsPath, filepath.Join(dir, "fingerprints.jsonl"), filepath.Join(dir, "status.sock"),
+	statusSock := filepath.Join(dir, "status.sock")
+	conf := bed.Config(eventsPath, filepath.Join(dir, "fingerprints.jsonl"), statusSock,
 		fmt.Sprintf("agent:\n  ready_file: %s\n", ready))
 	if err := os.WriteFile(cfgPath, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
@@ -58,8 +67,9 @@ func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, t
 	}
 	args = append(args, agent, "run", "--config", cfgPath)
 	cmd := exec.Command("nsenter", args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	// Read while the agent runs: whether it served the container's namespace.
+	stderr := &lockedBuffer{}
+	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	// Under strace the agent is strace's child: if strace goes first, it must not
 	// keep Wait waiting on the stderr pipe forever.
@@ -90,7 +100,7 @@ func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, t
 			return errors.New("agent did not stop within 15s of SIGTERM")
 		}
 	}
-	defer func() { res.log = stderr.String() }()
+	defer func() { res.log = string(stderr.Bytes()) }()
 
 	if err := waitFor(func() bool { _, err := os.Stat(ready); return err == nil }, exited); err != nil {
 		res.err = fmt.Errorf("agent never attached: %w", err)
@@ -103,16 +113,20 @@ func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, t
 	// bash connects, then blocks reading: alive while the agent reads its /proc.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	client, err := bed.Command(ctx, testbed.Placement{UID: testbed.NobodyUID, GID: testbed.NobodyUID},
-		"bash", "-c", "exec 3<>/dev/tcp/"+testbed.IMDSv4.String()+"/80 && read -t 20 line <&3")
-	if err != nil {
-		t.Fatal(err)
+	longClient := func(netns string) *exec.Cmd {
+		client, err := bed.Command(ctx, testbed.Placement{UID: testbed.NobodyUID, GID: testbed.NobodyUID, Netns: netns},
+			"bash", "-c", "exec 3<>/dev/tcp/"+testbed.IMDSv4.String()+"/80 && read -t 20 line <&3")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := client.Start(); err != nil {
+			t.Fatalf("start client: %v", err)
+		}
+		return client
 	}
-	if err := client.Start(); err != nil {
-		t.Fatalf("start client: %v", err)
-	}
+	client := longClient("")
 	pid := client.Process.Pid
-	err = waitFor(func() bool {
+	err := waitFor(func() bool {
 		res.events = readEvents(t, eventsPath)
 		for _, e := range res.events {
 			if e.PID == pid {
@@ -125,6 +139,32 @@ func runSandboxed(t *testing.T, bed *testbed.Bed, agent string, caps []string, t
 	_ = client.Wait()
 	if err != nil {
 		res.err = fmt.Errorf("no event for the client: %w", err)
+	}
+	if res.err == nil {
+		// The same client in a container's namespace: the agent enters it (setns,
+		// CAP_SYS_ADMIN), reads its /proc/PID/ns/net (another user's: CAP_SYS_PTRACE)
+		// and watches it (pidfd, epoll).
+		client := longClient(containerNetns)
+		err = waitFor(func() bool {
+			sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			if r, err := status.Fetch(sctx, statusSock); err == nil {
+				for _, n := range r.Namespaces {
+					res.served = res.served || n.PID == client.Process.Pid
+				}
+			}
+			for _, l := range strings.Split(string(stderr.Bytes()), "\n") {
+				if strings.Contains(l, `"event":"netns_`) && !strings.Contains(l, "netns_endpoint_added") {
+					res.netnsLog = l
+				}
+			}
+			return res.served || res.netnsLog != ""
+		}, exited)
+		_ = client.Process.Kill()
+		_ = client.Wait()
+		if err != nil {
+			res.err = fmt.Errorf("the container's namespace neither served nor refused: %w", err)
+		}
 	}
 	if e := stop(); e != nil && res.err == nil {
 		res.err = fmt.Errorf("agent exit: %w", e)
@@ -166,8 +206,11 @@ func readEvents(t *testing.T, path string) []testbed.Event {
 
 // TestPrivilegedUnitCapabilities runs the agent with exactly the unit's
 // CapabilityBoundingSet and proves it works (attaches, records the client with its
-// command line read from /proc), then drops each capability in turn and proves the
-// agent then fails or loses something: the set is measured, not guessed.
+// command line read from /proc, serves a container's network namespace), then drops
+// each capability in turn and proves the agent then fails or loses something: the set
+// is measured, not guessed. The kernel lets CAP_SYS_ADMIN stand in for CAP_BPF,
+// CAP_PERFMON and CAP_NET_ADMIN, so those are measured against the set of a host
+// without containers (the documented drop-in without CAP_SYS_ADMIN), which needs them.
 func TestPrivilegedUnitCapabilities(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	bed := testbed.Start(t, testbed.Options{})
@@ -175,24 +218,41 @@ func TestPrivilegedUnitCapabilities(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ns, err := bed.AddContainerNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
 	caps := unitCaps(t)
-	res := runSandboxed(t, bed, agent, caps, false)
+	if !slices.Contains(caps, "sys_admin") {
+		t.Fatalf("unit's CapabilityBoundingSet %v lacks CAP_SYS_ADMIN: containers' namespaces cannot be served", caps)
+	}
+	res := runSandboxed(t, bed, agent, caps, false, ns)
 	if res.err != nil {
 		t.Fatalf("agent under the unit's capabilities %v: %v\n%s", caps, res.err, res.log)
 	}
 	if len(res.client.Missing) > 0 || res.client.Exe != "/usr/bin/bash" && res.client.Exe != "/bin/bash" {
 		t.Fatalf("agent under the unit's capabilities lost fields: exe %q, missing %v", res.client.Exe, res.client.Missing)
 	}
+	if !res.served {
+		t.Fatalf("agent under the unit's capabilities did not serve the container's network namespace: %s", res.netnsLog)
+	}
+	noContainers := slices.DeleteFunc(slices.Clone(caps), func(c string) bool { return c == "sys_admin" })
 	for _, drop := range caps {
-		fewer := slices.DeleteFunc(slices.Clone(caps), func(c string) bool { return c == drop })
-		r := runSandboxed(t, bed, agent, fewer, false)
+		from, what := caps, "the unit's set"
+		if drop != "sys_admin" {
+			from, what = noContainers, "the set without CAP_SYS_ADMIN"
+		}
+		fewer := slices.DeleteFunc(slices.Clone(from), func(c string) bool { return c == drop })
+		r := runSandboxed(t, bed, agent, fewer, false, ns)
 		switch {
 		case r.err != nil:
-			t.Logf("without cap_%s: %v: %s", drop, r.err, agentError(r.log))
+			t.Logf("%s without cap_%s: %v: %s", what, drop, r.err, agentError(r.log))
 		case len(r.client.Missing) > 0:
-			t.Logf("without cap_%s: runs, but event lacks %v", drop, r.client.Missing)
+			t.Logf("%s without cap_%s: runs, but event lacks %v", what, drop, r.client.Missing)
+		case drop == "sys_admin" && !r.served:
+			t.Logf("%s without cap_%s: runs, but serves no container's namespace: %s", what, drop, r.netnsLog)
 		default:
-			t.Errorf("cap_%s is in the unit's CapabilityBoundingSet, but the agent works without it", drop)
+			t.Errorf("cap_%s is in the unit's CapabilityBoundingSet, but the agent works without it (from %s)", drop, what)
 		}
 	}
 }
@@ -237,9 +297,16 @@ func TestPrivilegedUnitSyscallFilter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res := runSandboxed(t, bed, agent, unitCaps(t), true)
+	ns, err := bed.AddContainerNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := runSandboxed(t, bed, agent, unitCaps(t), true, ns)
 	if res.err != nil {
 		t.Fatalf("agent under strace: %v\n%s", res.err, res.log)
+	}
+	if !res.served {
+		t.Fatalf("agent under strace did not serve the container's namespace (its system calls for that are not traced): %s", res.netnsLog)
 	}
 	// ExecStartPre runs preflight under the same filter. --no-imds, as in the unit:
 	// this runs in the machine's network namespace.
@@ -248,12 +315,27 @@ func TestPrivilegedUnitSyscallFilter(t *testing.T) {
 		"strace", "-f", "-qq", "-o", preTrace, agent, "preflight", "--no-imds").CombinedOutput(); err != nil {
 		t.Fatalf("preflight under the unit's capabilities: %v\n%s", err, out)
 	}
-	used, families := map[string]bool{}, map[string]bool{}
+	used, families, nsTypes := map[string]bool{}, map[string]bool{}, map[string]bool{}
 	for _, trace := range []string{res.trace, preTrace} {
-		if err := tracedCalls(trace, used, families); err != nil {
+		if err := tracedCalls(trace, used, families, nsTypes); err != nil {
 			t.Fatal(err)
 		}
 	}
+	// RestrictNamespaces= filters setns, unshare and clone by the namespace types in
+	// their flags, and refuses setns with none.
+	restrictNs := unitValues(t, "RestrictNamespaces")
+	if len(restrictNs) != 1 {
+		t.Fatalf("unit has %d RestrictNamespaces lines, want 1", len(restrictNs))
+	}
+	if !used["setns"] {
+		t.Errorf("the agent served a container's namespace without setns: the trace misses its calls")
+	}
+	for typ := range nsTypes {
+		if !slices.Contains(strings.Fields(restrictNs[0]), typ) {
+			t.Errorf("agent uses namespaces of type %q (setns/unshare/clone flags), which RestrictNamespaces=%s refuses", typ, restrictNs[0])
+		}
+	}
+	t.Logf("namespace types used: %v", slices.Sorted(maps.Keys(nsTypes)))
 	restrict := unitValues(t, "RestrictAddressFamilies")
 	if len(restrict) != 1 {
 		t.Fatalf("unit has %d RestrictAddressFamilies lines, want 1", len(restrict))
@@ -278,9 +360,15 @@ func TestPrivilegedUnitSyscallFilter(t *testing.T) {
 	}
 }
 
+// nsFlagTypes are RestrictNamespaces= names of the CLONE_NEW* flags strace prints.
+var nsFlagTypes = map[string]string{"CLONE_NEWCGROUP": "cgroup", "CLONE_NEWIPC": "ipc", "CLONE_NEWNET": "net",
+	"CLONE_NEWNS": "mnt", "CLONE_NEWPID": "pid", "CLONE_NEWUSER": "user", "CLONE_NEWUTS": "uts"}
+
 // tracedCalls adds the names of the system calls in an strace -f output file to used,
-// and the address families of the sockets opened to families.
-func tracedCalls(path string, used, families map[string]bool) error {
+// the address families of the sockets opened to families, and the RestrictNamespaces=
+// types of the namespace flags of setns, unshare and clone calls to nsTypes ("any" for
+// a setns with no type, which RestrictNamespaces= other than no refuses).
+func tracedCalls(path string, used, families, nsTypes map[string]bool) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -301,6 +389,18 @@ func tracedCalls(path string, used, families map[string]bool) error {
 			continue
 		}
 		used[name] = true
+		if name == "setns" || name == "unshare" || strings.HasPrefix(name, "clone") {
+			call := strings.Join(fields[1:], " ")
+			for flag, typ := range nsFlagTypes {
+				if regexp.MustCompile(`\b` + flag + `\b`).MatchString(call) {
+					nsTypes[typ] = true
+				}
+			}
+			// setns(5, 0) = 0
+			if name == "setns" && regexp.MustCompile(`^setns\(\d+, 0\)`).MatchString(call) {
+				nsTypes["any"] = true
+			}
+		}
 		if name == "socket" {
 			// socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 3
 			fam, _, _ := strings.Cut(strings.TrimPrefix(fields[1], "socket("), ",")

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 
+	"github.com/imdsguard/imdsguard/internal/agent/cgroup"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
 	"github.com/imdsguard/imdsguard/internal/agent/netns"
@@ -12,7 +13,8 @@ import (
 // namespaces (containers.max_namespaces > 0, with the broker). Each namespace served is
 // published to the kernel, which redirects its connections to the endpoint inside it.
 func (a *agent) serveNamespaces() error {
-	m, err := netns.New(netns.Config{Port: a.cfg.Broker.Port, MaxNamespaces: a.cfg.Containers.MaxNamespaces, HostNetns: a.netns},
+	m, err := netns.New(netns.Config{Port: a.cfg.Broker.Port, MaxNamespaces: a.cfg.Containers.MaxNamespaces, HostNetns: a.netns,
+		Cgroups: cgroup.NewPaths(a.cgroupRoot), CgroupRoot: a.cgroupRoot},
 		a.broker, kernelPublisher{a.h}, a.log)
 	if err != nil {
 		return err
@@ -44,7 +46,8 @@ func (a *agent) ensureNamespace(ev hook.Event) {
 	if a.namespaces == nil || ev.NetnsCookie == a.netns || (ev.Verdict == hook.VerdictDeny && !ev.NoBroker) {
 		return // a denied process gains nothing from a broker (unless a broker is what it lacked)
 	}
-	a.namespaces.Ensure(netns.Origin{Cookie: ev.NetnsCookie, PID: ev.PID, StartBoottime: ev.StartBoottime, PPID: ev.PPID})
+	a.namespaces.Ensure(netns.Origin{Cookie: ev.NetnsCookie, PID: ev.PID, StartBoottime: ev.StartBoottime, PPID: ev.PPID,
+		CgroupID: ev.CgroupID})
 }
 
 // closeNamespaces unpublishes and closes every namespace endpoint; a second call is a

@@ -25,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -68,6 +69,15 @@ type Config struct {
 	// a connect event from it tries again (5 s when 0).
 	RetryAfter time.Duration
 	Proc       string // /proc when ""
+	// Cgroups resolves an event's cgroup id to its directory under CgroupRoot
+	// (cgroup.Paths); nil when events' pids are always the agent's own.
+	Cgroups    CgroupPaths
+	CgroupRoot string
+}
+
+// CgroupPaths resolves cgroup ids to paths relative to the cgroup2 root (cgroup.Paths).
+type CgroupPaths interface {
+	Lookup(id uint64) (string, bool)
 }
 
 // Endpoint is one namespace served.
@@ -184,6 +194,10 @@ type Origin struct {
 	// within milliseconds, its shell lives on): whichever process is entered, only a
 	// namespace whose cookie is Cookie is served.
 	PPID uint32
+	// CgroupID is the process's cgroup. The kernel names processes by their pid in the
+	// initial pid namespace; an agent in a pid namespace of its own (systemd-nspawn, a
+	// container) finds the process among its cgroup's, by its start time.
+	CgroupID uint64
 }
 
 // Ensure serves the namespace o.Cookie, unless it is served, being served, or failed
@@ -224,6 +238,9 @@ func (m *Manager) Ensure(o Origin) {
 	m.ensures.Add(1)
 	m.mu.Unlock()
 	cands := []candidate{{pid: int(o.PID), startTicks: o.StartBoottime / procinfo.NsPerTick}}
+	if o.CgroupID != 0 && o.StartBoottime != 0 && m.cfg.Cgroups != nil {
+		cands = append(cands, candidate{cgroupID: o.CgroupID, startTicks: o.StartBoottime / procinfo.NsPerTick})
+	}
 	if o.PPID != 0 && o.PPID != o.PID {
 		cands = append(cands, candidate{pid: int(o.PPID)})
 	}
@@ -284,6 +301,9 @@ func (m *Manager) Serve(pid int, startTicks uint64) (Endpoint, error) {
 type candidate struct {
 	pid        int
 	startTicks uint64 // 0: unchecked
+	// cgroupID, when not 0: the process is the one of this cgroup that started at
+	// startTicks, whatever its pid (pid is 0).
+	cgroupID uint64
 }
 
 // serve serves the namespace of the first candidate still there (and in the namespace
@@ -292,6 +312,11 @@ func (m *Manager) serve(cands []candidate, want uint64) (Endpoint, error) {
 	var err error
 	var pid int
 	for _, c := range cands {
+		if c.cgroupID != 0 {
+			if c.pid, err = m.inCgroup(c.cgroupID, c.startTicks); err != nil {
+				continue
+			}
+		}
 		pid = c.pid
 		var ep Endpoint
 		if ep, err = m.open(c.pid, c.startTicks, want); err == nil {
@@ -364,8 +389,8 @@ func (m *Manager) open(pid int, startTicks, want uint64) (Endpoint, error) {
 	}
 	// Still alive: the pid was not reused between pidfd_open and the reads above, so
 	// the namespace and the start time are the pidfd's process's.
-	if err := unix.PidfdSendSignal(pidfd, 0, nil, 0); err != nil {
-		return Endpoint{}, fmt.Errorf("%w: %v", ErrNotSame, err)
+	if !alive(pidfd) {
+		return Endpoint{}, fmt.Errorf("%w: it exited", ErrNotSame)
 	}
 	if st.Ino == m.ownIno {
 		return Endpoint{}, ErrHostNetns
@@ -564,6 +589,53 @@ func (m *Manager) Close() error {
 	}
 	_ = unix.Close(m.wakefd)
 	return unix.Close(m.epfd)
+}
+
+// maxCgroupProcs bounds the processes of one cgroup looked at for an event's process.
+const maxCgroupProcs = 4096
+
+// inCgroup returns the pid, in the agent's pid namespace, of the process of the cgroup
+// id that started at startTicks (ErrNotSame: none).
+func (m *Manager) inCgroup(id, startTicks uint64) (int, error) {
+	rel, ok := m.cfg.Cgroups.Lookup(id)
+	if !ok {
+		return 0, fmt.Errorf("%w: cgroup %d is gone", ErrNotSame, id)
+	}
+	// cgroup.procs lists pids as the reader's pid namespace numbers them.
+	data, err := os.ReadFile(filepath.Join(m.cfg.CgroupRoot, rel, "cgroup.procs"))
+	if err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrNotSame, err)
+	}
+	for i, f := range strings.Fields(string(data)) {
+		if i >= maxCgroupProcs {
+			break
+		}
+		stat, err := os.ReadFile(filepath.Join(m.cfg.Proc, f, "stat"))
+		if err != nil {
+			continue
+		}
+		if got, err := procinfo.StartTicks(stat); err == nil && got == startTicks {
+			pid, err := strconv.Atoi(f)
+			if err == nil && pid > 0 {
+				return pid, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("%w: no process of cgroup %s started then", ErrNotSame, rel)
+}
+
+// alive reports whether the process of pidfd has not exited: a pidfd polls readable
+// once it has. Unlike a signal 0, this needs no permission over the process
+// (CAP_KILL for another user's).
+func alive(pidfd int) bool {
+	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+	for {
+		n, err := unix.Poll(fds, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		return err == nil && n == 0
+	}
 }
 
 // ownerUserns returns the inode of the user namespace that owns the namespace nsfd.

@@ -12,7 +12,9 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -22,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/imdsguard/imdsguard/internal/agent/broker"
+	"github.com/imdsguard/imdsguard/internal/agent/cgroup"
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/netns"
 	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
@@ -87,6 +90,12 @@ func (e *env) waitRemoved(t *testing.T, n uint64) {
 // test's own namespace.
 func start(t testing.TB, maxNamespaces int) *env {
 	t.Helper()
+	return startWith(t, maxNamespaces, func(*netns.Config) {})
+}
+
+// startWith is start with the manager's configuration changed by set.
+func startWith(t testing.TB, maxNamespaces int, set func(*netns.Config)) *env {
+	t.Helper()
 	testbed.RequirePrivileged(t)
 	imds := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "i-0123456789")
@@ -105,8 +114,9 @@ func start(t testing.TB, maxNamespaces int) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.m, err = netns.New(netns.Config{Port: port, MaxNamespaces: maxNamespaces, HostNetns: host, RetryAfter: time.Hour},
-		e.b, e.pub, testLog(t))
+	cfg := netns.Config{Port: port, MaxNamespaces: maxNamespaces, HostNetns: host, RetryAfter: time.Hour}
+	set(&cfg)
+	e.m, err = netns.New(cfg, e.b, e.pub, testLog(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -582,5 +592,67 @@ func TestPrivilegedEnsureThroughParent(t *testing.T) {
 	}
 	if eps := e.m.Endpoints(); len(eps) != 1 || eps[0].PID != parent.pid() {
 		t.Fatalf("endpoints %+v, want the parent watched", eps)
+	}
+}
+
+// cgroupPaths is a cgroup.Paths stand-in that knows one cgroup.
+type cgroupPaths map[uint64]string
+
+func (c cgroupPaths) Lookup(id uint64) (string, bool) { p, ok := c[id]; return p, ok }
+
+// An agent in a pid namespace of its own (systemd-nspawn) gets events naming processes
+// by their pid in the initial pid namespace, which means nothing in its /proc: the
+// process is found in the event's cgroup by its start time.
+func TestPrivilegedEnsureByCgroup(t *testing.T) {
+	root, err := cgroup.Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newNetnsProc(t, false)
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", p.pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rel string
+	for _, l := range strings.Split(string(data), "\n") {
+		if r, ok := strings.CutPrefix(l, "0::"); ok {
+			rel = r
+		}
+	}
+	id, err := cgroup.ID(filepath.Join(root, rel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := startWith(t, 8, func(c *netns.Config) { c.Cgroups, c.CgroupRoot = cgroupPaths{id: rel}, root })
+	cookie := cookieOf(t, holdNetns(t, p))
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ticks, err := procinfo.StartTicks(stat)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A pid that names no process here, as the kernel's pid of a process does in a
+	// pid namespace of the agent's own.
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	e.m.Ensure(netns.Origin{Cookie: cookie, PID: uint32(gone.Process.Pid), StartBoottime: ticks * procinfo.NsPerTick, CgroupID: id})
+	timeout := time.After(10 * time.Second)
+	for {
+		pub, changed := e.pub.Published()
+		if _, ok := pub[cookie]; ok {
+			break
+		}
+		select {
+		case <-changed:
+		case <-timeout:
+			t.Fatalf("namespace not served through the event's cgroup; stats %+v", e.m.Stats())
+		}
+	}
+	if eps := e.m.Endpoints(); len(eps) != 1 || eps[0].PID != p.pid() {
+		t.Fatalf("endpoints %+v, want pid %d watched", eps, p.pid())
 	}
 }

@@ -112,7 +112,7 @@ func (m *Manager) findProcess(inode uint64, exclude int) (int, int, error) {
 			// Checked again with the pidfd held, and the process still alive: the pid
 			// was not reused by a process of another namespace in between.
 			l, err := os.Readlink(link)
-			if err == nil && l == want && unix.PidfdSendSignal(pidfd, 0, nil, 0) == nil {
+			if err == nil && l == want && alive(pidfd) {
 				return pid, pidfd, nil
 			}
 			_ = unix.Close(pidfd)
