@@ -63,10 +63,27 @@ enum rule {
 	RULE_NONE = 0xff,
 };
 
-/* Set by the loader before load (spec.Variables); network byte order. */
-volatile const __u32 imds_ip4 = 0;
-volatile const __u32 imds_ip6[4] = {0, 0, 0, 0};
-volatile const __u16 imds_port = 0;
+/* The guarded destinations (endpoints: IMDS first, then the ECS and Pod Identity
+ * credential endpoints the configuration lists), set by the loader before load
+ * (spec.Variables); network byte order. The first guarded_n4 (guarded_n6) entries are
+ * used: the verifier knows these constants, so the compares of unused entries are dead
+ * code, and a connect() to anything else costs a compare or two per entry. */
+#define MAX_GUARDED 4
+volatile const __u32 guarded_ip4[MAX_GUARDED] = {};
+volatile const __u16 guarded_port4[MAX_GUARDED] = {};
+volatile const __u32 guarded_ip6[MAX_GUARDED][4] = {};
+volatile const __u16 guarded_port6[MAX_GUARDED] = {};
+volatile const __u8 guarded_n4 = 0;
+volatile const __u8 guarded_n6 = 0;
+/* The same destinations as events and redirect records name them, by enum dst kind and
+ * index: the address (IPv4 in the first word, the rest zero) and the port in host byte
+ * order. Tables, so that recording a destination takes no branch (every branch there
+ * doubles what the verifier walks after it). */
+volatile const __u32 guarded_daddr[4][MAX_GUARDED][4] = {};
+volatile const __u16 guarded_dport[4][MAX_GUARDED] = {};
+/* 1: containers.fallback is deny: an allowed TCP connection from a network namespace
+ * whose broker endpoint is not published is refused instead of let through direct. */
+volatile const __u8 containers_deny = 0;
 /* The broker's port, network byte order: lets sockops ignore other connections
  * without a map lookup. Fixed for the agent's life like the rest of the broker config. */
 volatile const __u16 broker_port = 0;
@@ -316,6 +333,21 @@ struct {
 	PINNED;
 } broker_conns SEC(".maps");
 
+/* The network namespaces (other than the agent's) where the agent's broker listens on
+ * loopback at the broker's port → their enum broker_family bits. Written by the agent
+ * once the listeners accept, removed before they close. Pinned so that the programs of
+ * the agent before and the new agent's share it, and cleared when an agent opens it: a
+ * new agent's listeners are not its predecessor's. While no agent beats, judge() applies
+ * the failure mode before it looks here. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u8);
+	PINNED;
+} netns_brokers SEC(".maps");
+
 /* Cookies of the agent's own sockets to IMDS, written by the agent before it connects
  * them. Never pinned: only the agent that created it holds an fd, so no other process
  * (short of root with CAP_SYS_ADMIN, which can detach the guard anyway) can add to it.
@@ -432,12 +464,15 @@ static __always_inline void count(__u32 idx)
  * computed without a branch.
  */
 
-/* Which IMDS address the client called. */
+/* Which guarded address the client called: its kind in the low two bits, the index of
+ * the entry in its table (guarded_ip4 or guarded_ip6) in the next two. */
 enum dst {
-	DST_IPV4 = 0,        /* imds_ip4 on an AF_INET socket */
-	DST_IPV6 = 1,        /* imds_ip6 */
-	DST_IPV4_MAPPED = 2, /* ::ffff:imds_ip4: IPv4 from a dual-stack AF_INET6 socket */
+	DST_IPV4 = 0,        /* guarded_ip4[i] on an AF_INET socket */
+	DST_IPV6 = 1,        /* guarded_ip6[i] */
+	DST_IPV4_MAPPED = 2, /* ::ffff:guarded_ip4[i]: IPv4 from a dual-stack AF_INET6 socket */
 };
+#define DST_KIND(dst) ((dst) & 3)
+#define DST_INDEX(dst) (((dst) >> 2) & (MAX_GUARDED - 1))
 
 /* judge()'s answer: deny (EPERM), let through as is, or redirect to the broker at the
  * port in the low 16 bits (network byte order). */
@@ -447,26 +482,24 @@ enum judgement {
 	JUDGE_REDIRECT = 0x10000,
 };
 
+/* AF_INET for DST_IPV4, AF_INET6 for the others; without a branch. */
 static __always_inline __u16 dst_family(__u32 dst)
 {
-	return dst == DST_IPV4 ? AF_INET : AF_INET6;
+	__u32 six = (dst | (dst >> 1)) & 1;
+	return AF_INET + six * (AF_INET6 - AF_INET);
+}
+
+/* The port the client called, host byte order. */
+static __always_inline __u16 dst_port(__u32 dst)
+{
+	return guarded_dport[DST_KIND(dst)][DST_INDEX(dst)];
 }
 
 /* The address as the client called it: IPv4 in the first 4 bytes, the rest zero. */
 static __always_inline void dst_addr(__u8 daddr[16], __u32 dst)
 {
-	__u32 ip[4] = {0, 0, 0, 0};
-	if (dst == DST_IPV4) {
-		ip[0] = imds_ip4;
-	} else if (dst == DST_IPV6) {
-		ip[0] = imds_ip6[0];
-		ip[1] = imds_ip6[1];
-		ip[2] = imds_ip6[2];
-		ip[3] = imds_ip6[3];
-	} else {
-		ip[2] = bpf_htonl(0x0000ffff);
-		ip[3] = imds_ip4;
-	}
+	__u32 k = DST_KIND(dst), i = DST_INDEX(dst);
+	__u32 ip[4] = {guarded_daddr[k][i][0], guarded_daddr[k][i][1], guarded_daddr[k][i][2], guarded_daddr[k][i][3]};
 	__builtin_memcpy(daddr, ip, 16);
 }
 
@@ -645,7 +678,7 @@ static __always_inline void fill_exe(struct event *e)
  * takes at most five). */
 static __always_inline __u64 meta(__u32 exe_dev, __u32 dst, __u8 verdict, __u8 rule, __u8 flags, __u8 udp_events)
 {
-	return (__u64)exe_dev << 32 | (__u64)(udp_events & 1) << 31 | (__u64)(dst & 3) << 24 | (__u64)flags << 16 |
+	return (__u64)exe_dev << 32 | (__u64)(udp_events & 1) << 31 | (__u64)(dst & 15) << 24 | (__u64)flags << 16 |
 	       (__u64)rule << 8 | verdict;
 }
 
@@ -675,7 +708,7 @@ static __always_inline int aggregated(struct bpf_sock_addr *ctx, __u64 cgroup_id
 	int quiet = udp && !((meta >> 31) & 1);
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u64 uid_gid = bpf_get_current_uid_gid();
-	__u32 dst = (meta >> 24) & 3;
+	__u32 dst = (meta >> 24) & 15;
 	struct agg n = {
 		.count = quiet ? 1 : 0,
 		.first_ns = now,
@@ -711,7 +744,7 @@ __noinline int emit(struct bpf_sock_addr *ctx, __u64 cookie, __u64 cgroup_id, __
 	}
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u64 uid_gid = bpf_get_current_uid_gid();
-	__u32 dst = (meta >> 24) & 3;
+	__u32 dst = (meta >> 24) & 15;
 
 	e->ktime_ns = bpf_ktime_get_ns();
 	e->cgroup_id = cgroup_id;
@@ -723,7 +756,6 @@ __noinline int emit(struct bpf_sock_addr *ctx, __u64 cookie, __u64 cgroup_id, __
 	e->tid = (__u32)pid_tgid;
 	e->uid = (__u32)uid_gid;
 	e->gid = uid_gid >> 32;
-	e->dport = bpf_ntohs(imds_port);
 	e->verdict = meta & 0xff;
 	e->rule = (meta >> 8) & 0xff;
 	e->flags = (meta >> 16) & 0xff;
@@ -733,11 +765,13 @@ __noinline int emit(struct bpf_sock_addr *ctx, __u64 cookie, __u64 cgroup_id, __
 	e->ppid = 0;
 	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
 	__builtin_memset(e->exe_names, 0, sizeof(e->exe_names));
+	/* Before the walk of the executable's path: each of the walk's exits is a path
+	 * the verifier follows to the end, so the end is kept short. */
+	e->family = dst_family(dst);
+	e->dport = dst_port(dst);
+	dst_addr(e->daddr, dst);
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	fill_exe(e);
-	/* Last: the one part that differs by dst, so the verifier's paths split only here. */
-	e->family = dst_family(dst);
-	dst_addr(e->daddr, dst);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
@@ -759,6 +793,12 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 	struct policy *p = bpf_map_lookup_elem(&policies, &gen);
 	struct task_view t;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
+	/* The destination part of the redirect record first, before the paths split: the
+	 * verifier would walk it again on each of them. */
+	struct redirect r = {};
+	dst_addr(r.daddr, dst);
+	r.dport = dst_port(dst);
+	r.family = dst_family(dst);
 
 	read_task(&t);
 	if (p)
@@ -792,13 +832,16 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 	}
 	__u8 verdict = allow ? VERDICT_ALLOW : VERDICT_AUDIT_DENY;
 
-	/* Only TCP from the agent's own network namespace goes through the broker (a
-	 * container's loopback is not the host's), and only to a family whose listener the
-	 * agent holds. A rule that requires IMDSv2 has no other way to be kept: a connection
-	 * it matches that cannot be brokered is refused. */
-	__u8 family = dst == DST_IPV6 ? BROKER_IPV6 : BROKER_IPV4;
-	if (!p->broker_port || sk->type != SOCK_STREAM || bpf_get_netns_cookie(ctx) != p->host_netns ||
-	    !(p->broker_families & family)) {
+	/* Only TCP goes through the broker, and only to a family whose listener the agent
+	 * holds: the host's loopback listeners for the agent's own network namespace, for
+	 * another (a container's) the listeners the agent made inside it, published in
+	 * netns_brokers (checked below, after the heartbeat). A rule that requires IMDSv2
+	 * has no other way to be kept: a connection it matches that cannot be brokered is
+	 * refused. */
+	__u8 family = DST_KIND(dst) == DST_IPV6 ? BROKER_IPV6 : BROKER_IPV4;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	int host = netns == p->host_netns;
+	if (!p->broker_port || sk->type != SOCK_STREAM || (host && !(p->broker_families & family))) {
 		if (allow && (flags & FLAG_V2_REQUIRED)) {
 			flags |= FLAG_NO_BROKER;
 			if (p->enforce) {
@@ -825,8 +868,27 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 		record(ctx, cookie, &t, dst, allow ? VERDICT_FAIL_OPEN : verdict, rule, flags);
 		return JUDGE_PASS;
 	}
+	if (!host) {
+		/* A container's connection: to its own namespace's endpoint, when the agent
+		 * published one for this family; else containers.fallback, and never direct
+		 * for a rule that requires IMDSv2. */
+		__u8 *fams = bpf_map_lookup_elem(&netns_brokers, &netns);
+		if (!fams || !(*fams & family)) {
+			flags |= FLAG_NO_BROKER;
+			if (allow && (containers_deny || (flags & FLAG_V2_REQUIRED))) {
+				if (p->enforce) {
+					count(STAT_DENIED);
+					record(ctx, cookie, &t, dst, VERDICT_DENY, rule, flags);
+					return JUDGE_DENY;
+				}
+				count(STAT_AUDIT_DENIED);
+				verdict = VERDICT_AUDIT_DENY;
+			}
+			record(ctx, cookie, &t, dst, verdict, rule, flags);
+			return JUDGE_PASS;
+		}
+	}
 
-	struct redirect r = {};
 	r.start_boottime = t.start_boottime;
 	r.cgroup_id = t.cgroup_id;
 	r.exe_ino = t.exe_ino;
@@ -835,9 +897,6 @@ __noinline int judge(struct bpf_sock_addr *ctx, __u32 dst)
 	r.tid = (__u32)t.pid_tgid;
 	r.uid = (__u32)t.uid_gid;
 	r.gid = t.uid_gid >> 32;
-	dst_addr(r.daddr, dst);
-	r.dport = bpf_ntohs(imds_port);
-	r.family = dst_family(dst);
 	r.rule = rule;
 	r.flags = flags | FLAG_REDIRECTED;
 	r.verdict = verdict;
@@ -870,13 +929,39 @@ static __always_inline int approve(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-/* A connect() judge() let through: 1, after pointing a redirected one at the broker. */
+/* The index of the guarded IPv4 entry ip:port (network byte order), -1 for none. The
+ * loop is unrolled and guarded_n4 is a constant: a connect() to anything else costs two
+ * compares per entry in use. */
+static __always_inline int guarded4(__u32 ip, __u32 port)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_GUARDED; i++) {
+		if (i < guarded_n4 && ip == guarded_ip4[i] && port == (__u32)guarded_port4[i])
+			return i;
+	}
+	return -1;
+}
+
+static __always_inline int guarded6(const __u32 ip[4], __u32 port)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_GUARDED; i++) {
+		if (i < guarded_n6 && port == (__u32)guarded_port6[i] && ip[3] == guarded_ip6[i][3] &&
+		    ip[2] == guarded_ip6[i][2] && ip[1] == guarded_ip6[i][1] && ip[0] == guarded_ip6[i][0])
+			return i;
+	}
+	return -1;
+}
+
+/* A connect() judge() let through: 1, after pointing a redirected one at the broker. In
+ * the client's own network namespace: for a container, the agent's listener there. */
 SEC("cgroup/connect4")
 int imds_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->user_ip4 != imds_ip4 || ctx->user_port != (__u32)imds_port)
+	int i = guarded4(ctx->user_ip4, ctx->user_port);
+	if (i < 0)
 		return 1;
-	int j = judge(ctx, DST_IPV4);
+	int j = judge(ctx, DST_IPV4 | (i << 2));
 	if (j & JUDGE_REDIRECT) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = j & 0xffff;
@@ -888,22 +973,25 @@ int imds_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int imds_connect6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->user_port != (__u32)imds_port)
-		return 1;
+	__u32 port = ctx->user_port;
 	__u32 ip[4];
 	ip[0] = ctx->user_ip6[0];
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
 	__u32 dst;
-	if (ip[0] == imds_ip6[0] && ip[1] == imds_ip6[1] && ip[2] == imds_ip6[2] && ip[3] == imds_ip6[3])
-		dst = DST_IPV6;
+	int i;
 	/* IPv4-mapped (::ffff:a.b.c.d): what a dual-stack socket uses for IPv4. */
-	else if (ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff) && ip[3] == imds_ip4)
+	if (ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff)) {
+		i = guarded4(ip[3], port);
 		dst = DST_IPV4_MAPPED;
-	else
+	} else {
+		i = guarded6(ip, port);
+		dst = DST_IPV6;
+	}
+	if (i < 0)
 		return 1;
-	int j = judge(ctx, dst);
+	int j = judge(ctx, dst | (i << 2));
 	if (j & JUDGE_REDIRECT) {
 		/* ::ffff:127.0.0.1 keeps a mapped connection IPv4; [::1] otherwise. */
 		int mapped = dst == DST_IPV4_MAPPED;
@@ -1052,6 +1140,29 @@ __noinline int backstop(struct __sk_buff *skb, __u32 family)
 	return !drop;
 }
 
+/* Whether ip is a guarded address, whatever the port: the backstop stops every packet
+ * to a credential endpoint's address from a socket no connect() approved. */
+static __always_inline int guarded_addr4(__u32 ip)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_GUARDED; i++) {
+		if (i < guarded_n4 && ip == guarded_ip4[i])
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int guarded_addr6(const __u32 ip[4])
+{
+#pragma unroll
+	for (int i = 0; i < MAX_GUARDED; i++) {
+		if (i < guarded_n6 && ip[3] == guarded_ip6[i][3] && ip[2] == guarded_ip6[i][2] &&
+		    ip[1] == guarded_ip6[i][1] && ip[0] == guarded_ip6[i][0])
+			return 1;
+	}
+	return 0;
+}
+
 SEC("cgroup_skb/egress")
 int imds_egress(struct __sk_buff *skb)
 {
@@ -1062,16 +1173,14 @@ int imds_egress(struct __sk_buff *skb)
 			d[0] = *(__u32 *)(data + 16);
 		else if (bpf_skb_load_bytes(skb, 16, d, 4))
 			return 1;
-		return d[0] != imds_ip4 ? 1 : backstop(skb, AF_INET) & 1;
+		return guarded_addr4(d[0]) ? backstop(skb, AF_INET) & 1 : 1;
 	}
 	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		if (data + 40 <= end)
 			__builtin_memcpy(d, data + 24, 16);
 		else if (bpf_skb_load_bytes(skb, 24, d, 16))
 			return 1;
-		if (d[3] != imds_ip6[3] || d[2] != imds_ip6[2] || d[1] != imds_ip6[1] || d[0] != imds_ip6[0])
-			return 1;
-		return backstop(skb, AF_INET6) & 1;
+		return guarded_addr6(d) ? backstop(skb, AF_INET6) & 1 : 1;
 	}
 	return 1;
 }

@@ -130,7 +130,13 @@ func (a *agent) start() error {
 			a.cfg.PinPath = ""
 		}
 	}
-	target := hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port)}
+	target := hook.Target{IPv4: cfg.IMDS.Addr4, IPv6: cfg.IMDS.Addr6, Port: uint16(cfg.IMDS.Port),
+		ContainersDeny: cfg.Containers.Fallback.Denies()}
+	for _, g := range cfg.GuardedAddrs() {
+		if g.Kind != config.EndpointIMDS {
+			target.Others = append(target.Others, g.AddrPort)
+		}
+	}
 	if cfg.Broker.Enabled {
 		target.BrokerPort = uint16(cfg.Broker.Port)
 	}

@@ -7,12 +7,11 @@ import (
 )
 
 // serveNamespaces starts the manager of the broker's endpoints in containers' network
-// namespaces (containers.max_namespaces > 0, with the broker). The kernel programs do
-// not redirect to them yet: until they do, the namespaces served are published to
-// memory only, and containers' connections keep the L4 allowlist.
+// namespaces (containers.max_namespaces > 0, with the broker). Each namespace served is
+// published to the kernel, which redirects its connections to the endpoint inside it.
 func (a *agent) serveNamespaces() error {
 	m, err := netns.New(netns.Config{Port: a.cfg.Broker.Port, MaxNamespaces: a.cfg.Containers.MaxNamespaces, HostNetns: a.netns},
-		a.broker, netns.NewMemory(), a.log)
+		a.broker, kernelPublisher{a.h}, a.log)
 	if err != nil {
 		return err
 	}
@@ -26,8 +25,8 @@ func (a *agent) serveNamespaces() error {
 // other than the agent's. Cheap for a namespace already served or being served (one
 // map look-up): it runs for every event.
 func (a *agent) ensureNamespace(ev hook.Event) {
-	if a.namespaces == nil || ev.NetnsCookie == a.netns || ev.Verdict == hook.VerdictDeny {
-		return // a denied process gains nothing from a broker
+	if a.namespaces == nil || ev.NetnsCookie == a.netns || (ev.Verdict == hook.VerdictDeny && !ev.NoBroker) {
+		return // a denied process gains nothing from a broker (unless a broker is what it lacked)
 	}
 	a.namespaces.Ensure(netns.Origin{Cookie: ev.NetnsCookie, PID: ev.PID, StartBoottime: ev.StartBoottime, PPID: ev.PPID})
 }
@@ -51,3 +50,12 @@ func (a *agent) reportNamespaces() {
 	s := a.namespaces.Stats()
 	a.tel.Metrics.SetNetns(metrics.NetnsStats{Served: s.Served, Added: s.Added, Removed: s.Removed, Failed: s.Failed + s.Refused})
 }
+
+// kernelPublisher publishes the namespaces served to the kernel programs.
+type kernelPublisher struct{ h *hook.Hook }
+
+func (p kernelPublisher) Add(cookie uint64, f netns.Families) error {
+	return p.h.PublishNetns(cookie, f.IPv4, f.IPv6)
+}
+
+func (p kernelPublisher) Remove(cookie uint64) error { return p.h.UnpublishNetns(cookie) }

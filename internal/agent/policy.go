@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"reflect"
 
 	"github.com/imdsguard/imdsguard/internal/agent/config"
 	"github.com/imdsguard/imdsguard/internal/agent/policy"
@@ -91,6 +92,7 @@ func restartOnly(old, new config.Config) []string {
 	check("events", old.Events != new.Events)
 	check("pin_path", old.PinPath != new.PinPath)
 	check("broker", old.Broker != new.Broker)
+	check("endpoints", !reflect.DeepEqual(old.GuardedAddrs(), new.GuardedAddrs()))
 	check("containers", old.Containers != new.Containers)
 	check("control_socket", old.ControlSocket != new.ControlSocket)
 	check("log", old.Log != new.Log)

@@ -22,14 +22,31 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Target is the IMDS endpoint the programs watch for, and the broker's port (0: no
-// broker), fixed at load time.
+// Target is the IMDS endpoint the programs watch for, the other credential endpoints
+// they guard the same way, the broker's port (0: no broker) and what becomes of a
+// container's connection that cannot be brokered; fixed at load time.
 type Target struct {
 	IPv4       netip.Addr
 	IPv6       netip.Addr
 	Port       uint16
 	BrokerPort uint16
+	// Others are the other guarded endpoints' addresses (ECS, Pod Identity): with IMDS's,
+	// at most MaxGuarded IPv4 and MaxGuarded IPv6 ones.
+	Others []netip.AddrPort
+	// ContainersDeny: an allowed TCP connection from a network namespace without a
+	// published broker endpoint (PublishNetns) is refused; otherwise it goes direct.
+	ContainersDeny bool
 }
+
+// The kernel's enum dst kinds.
+const (
+	dstIPv4       = 0
+	dstIPv6       = 1
+	dstIPv4Mapped = 2
+)
+
+// MaxGuarded is how many IPv4 (and, apart, IPv6) destinations the programs guard.
+const MaxGuarded = 4
 
 // layoutVersion names the pin directory. Bump it when a map's layout changes: pins of
 // the old layout are then left to the old agent and the new one starts a fresh set.
@@ -141,6 +158,12 @@ func Open(t Target, pinDir string) (*Hook, error) {
 		return nil, fmt.Errorf("assign BPF maps: %w", err)
 	}
 	coll.Close() // what Assign did not take: the constants
+	// The namespaces an earlier agent published had its listeners, which died with it:
+	// none of them is served until this agent publishes it again.
+	if err := clearMap[uint64, uint8](h.objs.NetnsBrokers); err != nil {
+		_ = h.objs.Close()
+		return nil, fmt.Errorf("clear published network namespaces: %w", err)
+	}
 	rd, err := ringbuf.NewReader(h.objs.Events)
 	if err != nil {
 		_ = h.objs.Close()
@@ -153,6 +176,26 @@ func Open(t Target, pinDir string) (*Hook, error) {
 		return nil, fmt.Errorf("open ring buffer: %w", err)
 	}
 	return h, nil
+}
+
+// clearMap deletes every entry of m.
+func clearMap[K comparable, V any](m *ebpf.Map) error {
+	var keys []K
+	var k K
+	var v V
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 // LoadPrograms loads and verifies the programs against the maps Open opened. Nothing is
@@ -257,17 +300,48 @@ func targetSpec(t Target) (*ebpf.CollectionSpec, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load BPF spec: %w", err)
 	}
-	ip4 := t.IPv4.As4()
-	ip6 := t.IPv6.As16()
-	port := [2]byte{byte(t.Port >> 8), byte(t.Port)}
-	bport := [2]byte{byte(t.BrokerPort >> 8), byte(t.BrokerPort)}
 	// The programs compare raw context words, which hold network byte order; these
 	// byte arrays are written as-is, so they land in memory in network order too.
+	var ip4 [MaxGuarded][4]byte
+	var ip6 [MaxGuarded][16]byte
+	var port4, port6 [MaxGuarded][2]byte
+	var n4, n6 uint8
+	// By enum dst kind (IPv4, IPv6, IPv4-mapped) and index: the address and port as
+	// events and redirect records carry them (host byte order for the port).
+	var daddr [4][MaxGuarded][16]byte
+	var dport [4][MaxGuarded]uint16
+	all := append([]netip.AddrPort{netip.AddrPortFrom(t.IPv4, t.Port), netip.AddrPortFrom(t.IPv6, t.Port)}, t.Others...)
+	for _, ap := range all {
+		a, port := ap.Addr().Unmap(), [2]byte{byte(ap.Port() >> 8), byte(ap.Port())}
+		switch {
+		case ap.Port() == 0 || !a.IsValid():
+			return nil, fmt.Errorf("load hooks: guarded destination %s has no address or port", ap)
+		case a.Is4() && n4 == MaxGuarded, a.Is6() && n6 == MaxGuarded:
+			return nil, fmt.Errorf("load hooks: more than %d guarded IPv4 or IPv6 destinations (endpoints): %v", MaxGuarded, all)
+		case a.Is4():
+			ip4[n4], port4[n4] = a.As4(), port
+			copy(daddr[dstIPv4][n4][:], ip4[n4][:])
+			daddr[dstIPv4Mapped][n4] = netip.AddrFrom4(ip4[n4]).As16()
+			dport[dstIPv4][n4], dport[dstIPv4Mapped][n4] = ap.Port(), ap.Port()
+			n4++
+		default:
+			ip6[n6], port6[n6] = a.As16(), port
+			daddr[dstIPv6][n6], dport[dstIPv6][n6] = ip6[n6], ap.Port()
+			n6++
+		}
+	}
+	bport := [2]byte{byte(t.BrokerPort >> 8), byte(t.BrokerPort)}
 	for name, val := range map[string]any{
-		imdsguardVarImdsIp4:    ip4,
-		imdsguardVarImdsIp6:    ip6,
-		imdsguardVarImdsPort:   port,
-		imdsguardVarBrokerPort: bport,
+		imdsguardVarGuardedIp4:     ip4,
+		imdsguardVarGuardedPort4:   port4,
+		imdsguardVarGuardedIp6:     ip6,
+		imdsguardVarGuardedPort6:   port6,
+		imdsguardVarGuardedDaddr:   daddr,
+		imdsguardVarGuardedDport:   dport,
+		imdsguardVarGuardedN4:      n4,
+		imdsguardVarGuardedN6:      n6,
+		imdsguardVarBrokerPort:     bport,
+		imdsguardVarContainersDeny: boolByte(t.ContainersDeny),
 	} {
 		v, ok := spec.Variables[name]
 		if !ok {
@@ -436,7 +510,7 @@ func (h *Hook) Unpin() error {
 func (m *imdsguardMaps) unpin() error {
 	var errs []error
 	for _, mp := range []*ebpf.Map{m.Policies, m.ActiveGen, m.Heartbeat, m.RuleUids, m.RuleGids, m.RuleExes,
-		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats, m.ExecIds, m.SkVerdicts} {
+		m.RuleCgroups, m.Redirects, m.BrokerConns, m.Stats, m.ExecIds, m.SkVerdicts, m.NetnsBrokers} {
 		if err := mp.Unpin(); err != nil {
 			errs = append(errs, err)
 		}

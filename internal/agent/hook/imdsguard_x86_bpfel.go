@@ -209,6 +209,7 @@ const (
 	imdsguardMapEventsRefused      = "events_refused"
 	imdsguardMapExecIds            = "exec_ids"
 	imdsguardMapHeartbeat          = "heartbeat"
+	imdsguardMapNetnsBrokers       = "netns_brokers"
 	imdsguardMapOwnSockets         = "own_sockets"
 	imdsguardMapPolicies           = "policies"
 	imdsguardMapRedirects          = "redirects"
@@ -227,11 +228,17 @@ const (
 	imdsguardProgImdsGetpeername6  = "imds_getpeername6"
 	imdsguardProgImdsSockops       = "imds_sockops"
 	imdsguardVarBrokerPort         = "broker_port"
+	imdsguardVarContainersDeny     = "containers_deny"
 	imdsguardVarDenyRefused        = "deny_refused"
 	imdsguardVarExecIdentity       = "exec_identity"
-	imdsguardVarImdsIp4            = "imds_ip4"
-	imdsguardVarImdsIp6            = "imds_ip6"
-	imdsguardVarImdsPort           = "imds_port"
+	imdsguardVarGuardedDaddr       = "guarded_daddr"
+	imdsguardVarGuardedDport       = "guarded_dport"
+	imdsguardVarGuardedIp4         = "guarded_ip4"
+	imdsguardVarGuardedIp6         = "guarded_ip6"
+	imdsguardVarGuardedN4          = "guarded_n4"
+	imdsguardVarGuardedN6          = "guarded_n6"
+	imdsguardVarGuardedPort4       = "guarded_port4"
+	imdsguardVarGuardedPort6       = "guarded_port6"
 	imdsguardVarUnusedAgg          = "unused_agg"
 	imdsguardVarUnusedAggKey       = "unused_agg_key"
 	imdsguardVarUnusedBrokerFamily = "unused_broker_family"
@@ -308,6 +315,7 @@ type imdsguardMapSpecs struct {
 	EventsRefused *ebpf.MapSpec `ebpf:"events_refused"`
 	ExecIds       *ebpf.MapSpec `ebpf:"exec_ids"`
 	Heartbeat     *ebpf.MapSpec `ebpf:"heartbeat"`
+	NetnsBrokers  *ebpf.MapSpec `ebpf:"netns_brokers"`
 	OwnSockets    *ebpf.MapSpec `ebpf:"own_sockets"`
 	Policies      *ebpf.MapSpec `ebpf:"policies"`
 	Redirects     *ebpf.MapSpec `ebpf:"redirects"`
@@ -324,11 +332,17 @@ type imdsguardMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardVariableSpecs struct {
 	BrokerPort         *ebpf.VariableSpec `ebpf:"broker_port"`
+	ContainersDeny     *ebpf.VariableSpec `ebpf:"containers_deny"`
 	DenyRefused        *ebpf.VariableSpec `ebpf:"deny_refused"`
 	ExecIdentity       *ebpf.VariableSpec `ebpf:"exec_identity"`
-	ImdsIp4            *ebpf.VariableSpec `ebpf:"imds_ip4"`
-	ImdsIp6            *ebpf.VariableSpec `ebpf:"imds_ip6"`
-	ImdsPort           *ebpf.VariableSpec `ebpf:"imds_port"`
+	GuardedDaddr       *ebpf.VariableSpec `ebpf:"guarded_daddr"`
+	GuardedDport       *ebpf.VariableSpec `ebpf:"guarded_dport"`
+	GuardedIp4         *ebpf.VariableSpec `ebpf:"guarded_ip4"`
+	GuardedIp6         *ebpf.VariableSpec `ebpf:"guarded_ip6"`
+	GuardedN4          *ebpf.VariableSpec `ebpf:"guarded_n4"`
+	GuardedN6          *ebpf.VariableSpec `ebpf:"guarded_n6"`
+	GuardedPort4       *ebpf.VariableSpec `ebpf:"guarded_port4"`
+	GuardedPort6       *ebpf.VariableSpec `ebpf:"guarded_port6"`
 	UnusedAgg          *ebpf.VariableSpec `ebpf:"unused_agg"`
 	UnusedAggKey       *ebpf.VariableSpec `ebpf:"unused_agg_key"`
 	UnusedBrokerFamily *ebpf.VariableSpec `ebpf:"unused_broker_family"`
@@ -369,6 +383,7 @@ type imdsguardMaps struct {
 	EventsRefused *ebpf.Map `ebpf:"events_refused"`
 	ExecIds       *ebpf.Map `ebpf:"exec_ids"`
 	Heartbeat     *ebpf.Map `ebpf:"heartbeat"`
+	NetnsBrokers  *ebpf.Map `ebpf:"netns_brokers"`
 	OwnSockets    *ebpf.Map `ebpf:"own_sockets"`
 	Policies      *ebpf.Map `ebpf:"policies"`
 	Redirects     *ebpf.Map `ebpf:"redirects"`
@@ -389,6 +404,7 @@ func (m *imdsguardMaps) Close() error {
 		m.EventsRefused,
 		m.ExecIds,
 		m.Heartbeat,
+		m.NetnsBrokers,
 		m.OwnSockets,
 		m.Policies,
 		m.Redirects,
@@ -406,11 +422,17 @@ func (m *imdsguardMaps) Close() error {
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardVariables struct {
 	BrokerPort         *ebpf.Variable `ebpf:"broker_port"`
+	ContainersDeny     *ebpf.Variable `ebpf:"containers_deny"`
 	DenyRefused        *ebpf.Variable `ebpf:"deny_refused"`
 	ExecIdentity       *ebpf.Variable `ebpf:"exec_identity"`
-	ImdsIp4            *ebpf.Variable `ebpf:"imds_ip4"`
-	ImdsIp6            *ebpf.Variable `ebpf:"imds_ip6"`
-	ImdsPort           *ebpf.Variable `ebpf:"imds_port"`
+	GuardedDaddr       *ebpf.Variable `ebpf:"guarded_daddr"`
+	GuardedDport       *ebpf.Variable `ebpf:"guarded_dport"`
+	GuardedIp4         *ebpf.Variable `ebpf:"guarded_ip4"`
+	GuardedIp6         *ebpf.Variable `ebpf:"guarded_ip6"`
+	GuardedN4          *ebpf.Variable `ebpf:"guarded_n4"`
+	GuardedN6          *ebpf.Variable `ebpf:"guarded_n6"`
+	GuardedPort4       *ebpf.Variable `ebpf:"guarded_port4"`
+	GuardedPort6       *ebpf.Variable `ebpf:"guarded_port6"`
 	UnusedAgg          *ebpf.Variable `ebpf:"unused_agg"`
 	UnusedAggKey       *ebpf.Variable `ebpf:"unused_agg_key"`
 	UnusedBrokerFamily *ebpf.Variable `ebpf:"unused_broker_family"`

@@ -1,13 +1,21 @@
 package hook
 
 import (
+	"net/netip"
 	"testing"
 	"time"
 
 	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
-var benchTarget = Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort, BrokerPort: 8080}
+// benchTarget fills the table of guarded destinations (IMDS, ECS, Pod Identity and one
+// more of each family): the budgets hold for the largest table the programs take.
+var benchTarget = Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort, BrokerPort: 8080,
+	Others: []netip.AddrPort{
+		netip.MustParseAddrPort("169.254.170.2:80"), netip.MustParseAddrPort("169.254.170.23:80"),
+		netip.MustParseAddrPort("[fd00:ec2::23]:80"), netip.MustParseAddrPort("169.254.170.24:8080"),
+		netip.MustParseAddrPort("[fd00:ec2::24]:80"), netip.MustParseAddrPort("[fd00:ec2::25]:80"),
+	}}
 
 // The verifier's processed-instruction count is deterministic: a change to bpf/ that
 // makes the kernel walk more paths fails here, before it makes the agent slow to start.

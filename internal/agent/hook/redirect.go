@@ -35,8 +35,15 @@ var ErrNotRedirected = errors.New("connection was not redirected by the kernel")
 // address, or outside the guarded cgroup) finds nothing. The entry is consumed: ports
 // are reused.
 func (h *Hook) LookupRedirect(client, server netip.AddrPort) (Redirect, error) {
+	return h.LookupRedirectIn(h.netns.Load(), client, server)
+}
+
+// LookupRedirectIn is LookupRedirect for a connection accepted on a listener in the
+// network namespace netns (a container's, see PublishNetns): the kernel redirected the
+// connection to the broker's port inside that namespace and keyed it by its cookie.
+func (h *Hook) LookupRedirectIn(netns uint64, client, server netip.AddrPort) (Redirect, error) {
 	k := imdsguardConnKey{
-		Netns:  h.netns.Load(),
+		Netns:  netns,
 		Client: client.Addr().As16(), Server: server.Addr().As16(),
 		ClientPort: client.Port(), ServerPort: server.Port(),
 	}
@@ -70,6 +77,37 @@ func (h *Hook) LookupRedirect(client, server netip.AddrPort) (Redirect, error) {
 		Dst: netip.AddrPortFrom(addr, r.Dport), Rule: ruleIndex(r.Rule),
 		V2Required: r.Flags&flagV2Required != 0, Verdict: Verdict(r.Verdict),
 	}, nil
+}
+
+// PublishNetns tells the kernel that the broker listens at its port on loopback inside
+// the network namespace cookie, for IPv4 and or IPv6: the programs redirect that
+// namespace's connections of those families to it. Publish only once the listeners
+// accept; with neither family it unpublishes.
+func (h *Hook) PublishNetns(cookie uint64, ipv4, ipv6 bool) error {
+	var fams uint8
+	if ipv4 {
+		fams |= uint8(imdsguardBrokerFamilyBROKER_IPV4)
+	}
+	if ipv6 {
+		fams |= uint8(imdsguardBrokerFamilyBROKER_IPV6)
+	}
+	if fams == 0 {
+		return h.UnpublishNetns(cookie)
+	}
+	if err := h.objs.NetnsBrokers.Put(cookie, fams); err != nil {
+		return fmt.Errorf("publish network namespace %d: %w", cookie, err)
+	}
+	return nil
+}
+
+// UnpublishNetns withdraws the namespace's endpoint (before its listeners close): its
+// connections get containers.fallback from then on. An endpoint not published is no
+// error.
+func (h *Hook) UnpublishNetns(cookie uint64) error {
+	if err := h.objs.NetnsBrokers.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("unpublish network namespace %d: %w", cookie, err)
+	}
+	return nil
 }
 
 // RegisterOwnSocket tells the kernel that the socket fd, not yet connected, is the
