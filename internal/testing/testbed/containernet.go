@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"syscall"
 )
 
 // Addresses of the container credential endpoints inside the bed, the same as on ECS
@@ -112,4 +113,14 @@ func (ns *ContainerNetns) Detach() error {
 // the bed's namespace is gone.
 func (ns *ContainerNetns) Freed() bool {
 	return run("ip", "-n", ns.bed.Name, "link", "show", ns.HostVeth) != nil
+}
+
+// Inode is the namespace's inode number (as `ip netns`, lsns and the agent's status
+// name it); 0 once it has been detached.
+func (ns *ContainerNetns) Inode() uint64 {
+	var st syscall.Stat_t
+	if err := syscall.Stat(ns.Path, &st); err != nil {
+		return 0
+	}
+	return st.Ino
 }

@@ -129,7 +129,7 @@ func (b *Bed) agentArgv(bin string, args ...string) []string {
 	if b.containerView {
 		argv = append(argv, "--cgroup=/proc/"+strconv.Itoa(b.cgroupnsPID)+"/ns/cgroup", "--",
 			"unshare", "--mount", "--propagation", "private", "--",
-			"sh", "-c", `mount -t cgroup2 cgroup2 "$0" && exec "$@"`, b.CgroupRoot)
+			"sh", "-c", `umount -l "$0" && mount -t cgroup2 cgroup2 "$0" && exec "$@"`, b.CgroupRoot)
 	} else {
 		argv = append(argv, "--")
 	}
