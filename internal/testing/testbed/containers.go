@@ -65,6 +65,9 @@ type ContainerSpec struct {
 	Netns *ContainerNetns
 	// UID runs the container's process as this uid (and gid); 0 means 65534.
 	UID int
+	// Unguarded puts the container's cgroup beside the bed's instead of below it: the
+	// bed's agent does not guard it (a baseline for benchmarks).
+	Unguarded bool
 }
 
 // Container is a container the bed runs with runc.
@@ -93,10 +96,11 @@ type containerState struct {
 	cgroupnsPID int    // the process that holds the agent's cgroup namespace
 	runcRoot    string // runc's state directory
 
-	ecsMu    sync.Mutex
-	ecsTasks map[string]ECSTask // by container id: the introspection stand-in's view
-	ecs      *containercreds.ECS
-	podID    *containercreds.PodIdentity
+	ecsMu         sync.Mutex
+	ecsTasks      map[string]ECSTask // by container id: the introspection stand-in's view
+	unguardedOnce sync.Once
+	ecs           *containercreds.ECS
+	podID         *containercreds.PodIdentity
 }
 
 // ECS returns the bed's ECS stand-in (Options.CredentialEndpoints), nil without one.
@@ -107,16 +111,20 @@ func (b *Bed) PodIdentity() *containercreds.PodIdentity { return b.podID }
 
 // containerFiles builds the programs containers run (static: a container has no libc).
 func containerFiles() (client, sleeper string, err error) {
-	if client, err = build("github.com/imdsguard/imdsguard/internal/testing/testbed/imdsclient", "imds-client-static", "CGO_ENABLED=0"); err != nil {
+	static := func(name, dir string) (string, error) {
+		// Keyed apart from the bed's other builds of the same package (ClientBinary is
+		// the same client, linked against the host's libc).
+		return compileOnce(name, name, func(root, out string) *exec.Cmd {
+			cmd := exec.Command("go", "build", "-o", out, "./"+dir)
+			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+			return cmd
+		})
+	}
+	if client, err = static("imds-client-static", "internal/testing/testbed/imdsclient"); err != nil {
 		return "", "", err
 	}
-	sleeper, err = compileOnce("sleeper", "sleeper", func(root, out string) *exec.Cmd {
-		src := filepath.Join(root, "internal", "testing", "testbed", "sleeper")
-		cmd := exec.Command("go", "build", "-o", out, src)
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		return cmd
-	})
+	sleeper, err = static("sleeper", "internal/testing/testbed/sleeper")
 	return client, sleeper, err
 }
 
@@ -228,7 +236,16 @@ func (b *Bed) prepareContainer(spec ContainerSpec) (*Container, error) {
 	default:
 		c.CgroupRel = "/system.slice/docker-" + c.ID + ".scope"
 	}
-	c.Cgroup = filepath.Join(b.Cgroup, c.CgroupRel)
+	top := b.Name
+	if spec.Unguarded {
+		top = b.Name + "-u"
+		b.unguardedOnce.Do(func() {
+			b.closers = append(b.closers, func() error {
+				return errors.Join(RemoveCgroupEverywhere(top), removeCgroup(filepath.Join(b.CgroupRoot, top)))
+			})
+		})
+	}
+	c.Cgroup = filepath.Join(b.CgroupRoot, top, c.CgroupRel)
 	args := spec.Args
 	if len(args) == 0 {
 		args = []string{"/sleeper"}
@@ -245,7 +262,7 @@ func (b *Bed) prepareContainer(spec ContainerSpec) (*Container, error) {
 		"annotations": annotations,
 		"linux": map[string]any{
 			// Below the bed's cgroup: the bed's agent guards it, and sees it as the root.
-			"cgroupsPath": "/" + b.Name + c.CgroupRel,
+			"cgroupsPath": "/" + top + c.CgroupRel,
 			"namespaces": []map[string]string{{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
 				{"type": "network", "path": c.Netns.Path}},
 			"maskedPaths":   []string{"/proc/kcore", "/proc/keys"},
