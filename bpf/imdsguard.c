@@ -2,10 +2,13 @@
 /* imdsguard's kernel side.
  *
  * connect4/connect6 run on every connect() in the guarded cgroup. A connect() that is not
- * to the Instance Metadata Service returns after a couple of compares and touches no map.
- * A connect() to IMDS is attributed to its process (one ring-buffer event), judged by the
- * allowlist (deny = EPERM, nothing leaves the host), and, when allowed from the host's
- * network namespace and the agent is alive, redirected to the agent's local broker.
+ * to a guarded credential endpoint (IMDS, and the ECS and Pod Identity endpoints when
+ * configured) returns after a few compares and touches no map. A connect() to one is
+ * attributed to its process (one ring-buffer event), judged by the allowlist (deny =
+ * ECONNREFUSED or EPERM, nothing leaves the host), and, when allowed and the agent is
+ * alive, redirected to the agent's broker on loopback: the host's for the agent's own
+ * network namespace, for another (a container's) the listener the agent made inside it,
+ * when it published one (netns_brokers); else containers.fallback decides.
  *
  * The agent's own IMDS sockets are recognised by their socket cookies, which only the
  * agent writes into own_sockets (an unpinned map: only the agent holds its fd), checked
@@ -348,6 +351,45 @@ struct {
 	PINNED;
 } netns_brokers SEC(".maps");
 
+/* ---- discovery: a new network namespace's first socket ----
+ *
+ * sock_create runs on every socket() in the guarded cgroup. Each process's first socket
+ * in a network namespace other than the agent's (runc init's netlink socket, as it brings
+ * the container's lo up, before the container's process runs) writes one
+ * netns_seen_event, and the agent serves the namespace at once: a container that
+ * connects as it starts finds its broker endpoint there. Per process, not per
+ * namespace: the first socket of a new namespace is often made by a process that exits
+ * at once (runc's intermediate stages), which the agent cannot enter; the agent drops
+ * the events of a namespace it serves with one map look-up. netns_seen remembers the
+ * (namespace, process) pairs already reported; not pinned, so a new agent hears of each
+ * namespace again at its next socket(). */
+volatile const __u64 host_netns_cookie = 0; /* 0: discovery off */
+
+struct netns_seen_event {
+	__u64 netns_cookie;
+	__u64 start_boottime; /* of the process that made the socket */
+	__u32 tgid;
+	__u32 ppid;
+};
+
+struct netns_seen_key {
+	__u64 netns;
+	__u32 tgid;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct netns_seen_key);
+	__type(value, __u8);
+} netns_seen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 << 10);
+} netns_events SEC(".maps");
+
 /* Cookies of the agent's own sockets to IMDS, written by the agent before it connects
  * them. Never pinned: only the agent that created it holds an fd, so no other process
  * (short of root with CAP_SYS_ADMIN, which can detach the guard anyway) can add to it.
@@ -430,6 +472,7 @@ const struct redirect *unused_redirect __attribute__((unused));
 const struct conn_key *unused_conn_key __attribute__((unused));
 const struct agg_key *unused_agg_key __attribute__((unused));
 const struct agg *unused_agg __attribute__((unused));
+const struct netns_seen_event *unused_netns_seen_event __attribute__((unused));
 const enum broker_family *unused_broker_family __attribute__((unused));
 const enum verdict *unused_verdict __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
@@ -457,8 +500,8 @@ static __always_inline void count(__u32 idx)
  *   cgroup_rule_bits() one ancestor level's rule lookup, likewise
  * judge() and emit() take only scalars and the context (what any kernel accepts), so
  * each reads what it needs of the current task itself, and the destination travels as
- * an enum dst: the programs call judge() only for the configured IMDS address, so the
- * address follows from it. exe_step() takes pointers to the event and to its walk state
+ * an enum dst with the index of the guarded entry matched, from which the address and
+ * port follow (guarded_daddr, guarded_dport). exe_step() takes pointers to the event and to its walk state
  * (global functions take pointers to memory from Linux 5.12; the agent needs 5.14).
  * Anything that would branch on every path (finding the first matching rule) is
  * computed without a branch.
@@ -1074,6 +1117,32 @@ int imds_sockops(struct bpf_sock_ops *skops)
 	__builtin_memcpy(server, r6, 16);
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&broker_conns, &k, &cookie, BPF_ANY);
+	return 1;
+}
+
+SEC("cgroup/sock_create")
+int imds_sock_create(struct bpf_sock *ctx)
+{
+	if (!host_netns_cookie)
+		return 1;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	if (netns == host_netns_cookie)
+		return 1;
+	struct netns_seen_key k = {.netns = netns, .tgid = bpf_get_current_pid_tgid() >> 32};
+	if (bpf_map_lookup_elem(&netns_seen, &k))
+		return 1;
+	__u8 one = 1;
+	if (bpf_map_update_elem(&netns_seen, &k, &one, BPF_NOEXIST))
+		return 1; /* another thread reported it first */
+	struct netns_seen_event *e = bpf_ringbuf_reserve(&netns_events, sizeof(*e), 0);
+	if (!e)
+		return 1;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	e->netns_cookie = netns;
+	e->tgid = k.tgid;
+	e->start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
+	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	bpf_ringbuf_submit(e, 0);
 	return 1;
 }
 

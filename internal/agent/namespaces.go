@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"context"
+
 	"github.com/imdsguard/imdsguard/internal/agent/hook"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
 	"github.com/imdsguard/imdsguard/internal/agent/netns"
@@ -18,6 +20,20 @@ func (a *agent) serveNamespaces() error {
 	a.namespaces = m
 	a.tel.namespaces.Store(m)
 	a.onClose(func() { a.closeNamespaces() })
+	// Namespaces reported by the kernel at their first socket (a container being set
+	// up), served before the container's process connects.
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		err := a.h.RunDiscovery(ctx, func(s hook.NetnsSeen) {
+			m.Ensure(netns.Origin{Cookie: s.NetnsCookie, PID: s.PID, StartBoottime: s.StartBoottime, PPID: s.PPID})
+		})
+		if err != nil {
+			a.log.Error().Err(err).Str("event", "netns_discovery_failed").Msg("new network namespaces are served from their connect events only")
+		}
+	}()
+	a.onClose(func() { cancel(); <-done })
 	return nil
 }
 

@@ -22,6 +22,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"sort"
 	"strconv"
@@ -214,7 +215,12 @@ func sendOverhead(bed *testbed.Bed, client string) error {
 // alternating detached and attached rounds so drift hits both alike, and returns the
 // medians.
 func hookOverhead(bed *testbed.Bed, rounds int, argv ...string) (detached, attached float64, err error) {
-	h, err := hook.Load(hook.Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort}, "")
+	// Every endpoint guarded (IMDS, ECS, Pod Identity): a connect elsewhere is compared
+	// with each of their addresses.
+	h, err := hook.Load(hook.Target{IPv4: testbed.IMDSv4, IPv6: testbed.IMDSv6, Port: testbed.IMDSPort, Others: []netip.AddrPort{
+		netip.MustParseAddrPort("169.254.170.2:80"), netip.MustParseAddrPort("169.254.170.23:80"),
+		netip.MustParseAddrPort("[fd00:ec2::23]:80"),
+	}}, "")
 	if err != nil {
 		return 0, 0, err
 	}

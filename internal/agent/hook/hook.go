@@ -237,6 +237,10 @@ func (h *Hook) loadPrograms(refused, execID bool) error {
 	if err := spec.Variables[imdsguardVarExecIdentity].Set(boolByte(execID)); err != nil {
 		return fmt.Errorf("set %s: %w", imdsguardVarExecIdentity, err)
 	}
+	// Discovery of new namespaces needs to know which one is the agent's (0: off).
+	if err := spec.Variables[imdsguardVarHostNetnsCookie].Set(h.netns.Load()); err != nil {
+		return fmt.Errorf("set %s: %w", imdsguardVarHostNetnsCookie, err)
+	}
 	if !execID {
 		delete(spec.Programs, imdsguardProgImdsExec)
 		delete(spec.Programs, imdsguardProgImdsFork)
@@ -252,6 +256,7 @@ func (h *Hook) loadPrograms(refused, execID bool) error {
 		imdsguardProgImdsGetpeername4: &p.ImdsGetpeername4, imdsguardProgImdsGetpeername6: &p.ImdsGetpeername6,
 		imdsguardProgImdsSockops: &p.ImdsSockops, imdsguardProgImdsEgress: &p.ImdsEgress,
 		imdsguardProgImdsExec: &p.ImdsExec, imdsguardProgImdsFork: &p.ImdsFork,
+		imdsguardProgImdsSockCreate: &p.ImdsSockCreate,
 	} {
 		*dst = coll.DetachProgram(name) // nil for a program not loaded
 	}
@@ -368,6 +373,7 @@ func (h *Hook) programs() []program {
 		{"getpeername6", h.objs.ImdsGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 		{"sockops", h.objs.ImdsSockops, ebpf.AttachCGroupSockOps},
 		{"egress", h.objs.ImdsEgress, ebpf.AttachCGroupInetEgress},
+		{"sock_create", h.objs.ImdsSockCreate, ebpf.AttachCGroupInetSockCreate},
 	}
 }
 

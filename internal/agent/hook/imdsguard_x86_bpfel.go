@@ -119,6 +119,21 @@ type imdsguardIdKey struct {
 	Id  uint32
 }
 
+type imdsguardNetnsSeenEvent struct {
+	_             structs.HostLayout
+	NetnsCookie   uint64
+	StartBoottime uint64
+	Tgid          uint32
+	Ppid          uint32
+}
+
+type imdsguardNetnsSeenKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Tgid  uint32
+	Pad   uint32
+}
+
 type imdsguardPolicy struct {
 	_              structs.HostLayout
 	HasUid         uint64
@@ -202,54 +217,59 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	imdsguardMapActiveGen          = "active_gen"
-	imdsguardMapAggregates         = "aggregates"
-	imdsguardMapBrokerConns        = "broker_conns"
-	imdsguardMapEvents             = "events"
-	imdsguardMapEventsRefused      = "events_refused"
-	imdsguardMapExecIds            = "exec_ids"
-	imdsguardMapHeartbeat          = "heartbeat"
-	imdsguardMapNetnsBrokers       = "netns_brokers"
-	imdsguardMapOwnSockets         = "own_sockets"
-	imdsguardMapPolicies           = "policies"
-	imdsguardMapRedirects          = "redirects"
-	imdsguardMapRuleCgroups        = "rule_cgroups"
-	imdsguardMapRuleExes           = "rule_exes"
-	imdsguardMapRuleGids           = "rule_gids"
-	imdsguardMapRuleUids           = "rule_uids"
-	imdsguardMapSkVerdicts         = "sk_verdicts"
-	imdsguardMapStats              = "stats"
-	imdsguardProgImdsConnect4      = "imds_connect4"
-	imdsguardProgImdsConnect6      = "imds_connect6"
-	imdsguardProgImdsEgress        = "imds_egress"
-	imdsguardProgImdsExec          = "imds_exec"
-	imdsguardProgImdsFork          = "imds_fork"
-	imdsguardProgImdsGetpeername4  = "imds_getpeername4"
-	imdsguardProgImdsGetpeername6  = "imds_getpeername6"
-	imdsguardProgImdsSockops       = "imds_sockops"
-	imdsguardVarBrokerPort         = "broker_port"
-	imdsguardVarContainersDeny     = "containers_deny"
-	imdsguardVarDenyRefused        = "deny_refused"
-	imdsguardVarExecIdentity       = "exec_identity"
-	imdsguardVarGuardedDaddr       = "guarded_daddr"
-	imdsguardVarGuardedDport       = "guarded_dport"
-	imdsguardVarGuardedIp4         = "guarded_ip4"
-	imdsguardVarGuardedIp6         = "guarded_ip6"
-	imdsguardVarGuardedN4          = "guarded_n4"
-	imdsguardVarGuardedN6          = "guarded_n6"
-	imdsguardVarGuardedPort4       = "guarded_port4"
-	imdsguardVarGuardedPort6       = "guarded_port6"
-	imdsguardVarUnusedAgg          = "unused_agg"
-	imdsguardVarUnusedAggKey       = "unused_agg_key"
-	imdsguardVarUnusedBrokerFamily = "unused_broker_family"
-	imdsguardVarUnusedConnKey      = "unused_conn_key"
-	imdsguardVarUnusedEvent        = "unused_event"
-	imdsguardVarUnusedFlag         = "unused_flag"
-	imdsguardVarUnusedPolicy       = "unused_policy"
-	imdsguardVarUnusedRedirect     = "unused_redirect"
-	imdsguardVarUnusedRule         = "unused_rule"
-	imdsguardVarUnusedStat         = "unused_stat"
-	imdsguardVarUnusedVerdict      = "unused_verdict"
+	imdsguardMapActiveGen            = "active_gen"
+	imdsguardMapAggregates           = "aggregates"
+	imdsguardMapBrokerConns          = "broker_conns"
+	imdsguardMapEvents               = "events"
+	imdsguardMapEventsRefused        = "events_refused"
+	imdsguardMapExecIds              = "exec_ids"
+	imdsguardMapHeartbeat            = "heartbeat"
+	imdsguardMapNetnsBrokers         = "netns_brokers"
+	imdsguardMapNetnsEvents          = "netns_events"
+	imdsguardMapNetnsSeen            = "netns_seen"
+	imdsguardMapOwnSockets           = "own_sockets"
+	imdsguardMapPolicies             = "policies"
+	imdsguardMapRedirects            = "redirects"
+	imdsguardMapRuleCgroups          = "rule_cgroups"
+	imdsguardMapRuleExes             = "rule_exes"
+	imdsguardMapRuleGids             = "rule_gids"
+	imdsguardMapRuleUids             = "rule_uids"
+	imdsguardMapSkVerdicts           = "sk_verdicts"
+	imdsguardMapStats                = "stats"
+	imdsguardProgImdsConnect4        = "imds_connect4"
+	imdsguardProgImdsConnect6        = "imds_connect6"
+	imdsguardProgImdsEgress          = "imds_egress"
+	imdsguardProgImdsExec            = "imds_exec"
+	imdsguardProgImdsFork            = "imds_fork"
+	imdsguardProgImdsGetpeername4    = "imds_getpeername4"
+	imdsguardProgImdsGetpeername6    = "imds_getpeername6"
+	imdsguardProgImdsSockCreate      = "imds_sock_create"
+	imdsguardProgImdsSockops         = "imds_sockops"
+	imdsguardVarBrokerPort           = "broker_port"
+	imdsguardVarContainersDeny       = "containers_deny"
+	imdsguardVarDenyRefused          = "deny_refused"
+	imdsguardVarExecIdentity         = "exec_identity"
+	imdsguardVarGuardedDaddr         = "guarded_daddr"
+	imdsguardVarGuardedDport         = "guarded_dport"
+	imdsguardVarGuardedIp4           = "guarded_ip4"
+	imdsguardVarGuardedIp6           = "guarded_ip6"
+	imdsguardVarGuardedN4            = "guarded_n4"
+	imdsguardVarGuardedN6            = "guarded_n6"
+	imdsguardVarGuardedPort4         = "guarded_port4"
+	imdsguardVarGuardedPort6         = "guarded_port6"
+	imdsguardVarHostNetnsCookie      = "host_netns_cookie"
+	imdsguardVarUnusedAgg            = "unused_agg"
+	imdsguardVarUnusedAggKey         = "unused_agg_key"
+	imdsguardVarUnusedBrokerFamily   = "unused_broker_family"
+	imdsguardVarUnusedConnKey        = "unused_conn_key"
+	imdsguardVarUnusedEvent          = "unused_event"
+	imdsguardVarUnusedFlag           = "unused_flag"
+	imdsguardVarUnusedNetnsSeenEvent = "unused_netns_seen_event"
+	imdsguardVarUnusedPolicy         = "unused_policy"
+	imdsguardVarUnusedRedirect       = "unused_redirect"
+	imdsguardVarUnusedRule           = "unused_rule"
+	imdsguardVarUnusedStat           = "unused_stat"
+	imdsguardVarUnusedVerdict        = "unused_verdict"
 )
 
 // loadImdsguard returns the embedded CollectionSpec for imdsguard.
@@ -301,6 +321,7 @@ type imdsguardProgramSpecs struct {
 	ImdsFork         *ebpf.ProgramSpec `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.ProgramSpec `ebpf:"imds_getpeername4"`
 	ImdsGetpeername6 *ebpf.ProgramSpec `ebpf:"imds_getpeername6"`
+	ImdsSockCreate   *ebpf.ProgramSpec `ebpf:"imds_sock_create"`
 	ImdsSockops      *ebpf.ProgramSpec `ebpf:"imds_sockops"`
 }
 
@@ -316,6 +337,8 @@ type imdsguardMapSpecs struct {
 	ExecIds       *ebpf.MapSpec `ebpf:"exec_ids"`
 	Heartbeat     *ebpf.MapSpec `ebpf:"heartbeat"`
 	NetnsBrokers  *ebpf.MapSpec `ebpf:"netns_brokers"`
+	NetnsEvents   *ebpf.MapSpec `ebpf:"netns_events"`
+	NetnsSeen     *ebpf.MapSpec `ebpf:"netns_seen"`
 	OwnSockets    *ebpf.MapSpec `ebpf:"own_sockets"`
 	Policies      *ebpf.MapSpec `ebpf:"policies"`
 	Redirects     *ebpf.MapSpec `ebpf:"redirects"`
@@ -331,29 +354,31 @@ type imdsguardMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type imdsguardVariableSpecs struct {
-	BrokerPort         *ebpf.VariableSpec `ebpf:"broker_port"`
-	ContainersDeny     *ebpf.VariableSpec `ebpf:"containers_deny"`
-	DenyRefused        *ebpf.VariableSpec `ebpf:"deny_refused"`
-	ExecIdentity       *ebpf.VariableSpec `ebpf:"exec_identity"`
-	GuardedDaddr       *ebpf.VariableSpec `ebpf:"guarded_daddr"`
-	GuardedDport       *ebpf.VariableSpec `ebpf:"guarded_dport"`
-	GuardedIp4         *ebpf.VariableSpec `ebpf:"guarded_ip4"`
-	GuardedIp6         *ebpf.VariableSpec `ebpf:"guarded_ip6"`
-	GuardedN4          *ebpf.VariableSpec `ebpf:"guarded_n4"`
-	GuardedN6          *ebpf.VariableSpec `ebpf:"guarded_n6"`
-	GuardedPort4       *ebpf.VariableSpec `ebpf:"guarded_port4"`
-	GuardedPort6       *ebpf.VariableSpec `ebpf:"guarded_port6"`
-	UnusedAgg          *ebpf.VariableSpec `ebpf:"unused_agg"`
-	UnusedAggKey       *ebpf.VariableSpec `ebpf:"unused_agg_key"`
-	UnusedBrokerFamily *ebpf.VariableSpec `ebpf:"unused_broker_family"`
-	UnusedConnKey      *ebpf.VariableSpec `ebpf:"unused_conn_key"`
-	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedFlag         *ebpf.VariableSpec `ebpf:"unused_flag"`
-	UnusedPolicy       *ebpf.VariableSpec `ebpf:"unused_policy"`
-	UnusedRedirect     *ebpf.VariableSpec `ebpf:"unused_redirect"`
-	UnusedRule         *ebpf.VariableSpec `ebpf:"unused_rule"`
-	UnusedStat         *ebpf.VariableSpec `ebpf:"unused_stat"`
-	UnusedVerdict      *ebpf.VariableSpec `ebpf:"unused_verdict"`
+	BrokerPort           *ebpf.VariableSpec `ebpf:"broker_port"`
+	ContainersDeny       *ebpf.VariableSpec `ebpf:"containers_deny"`
+	DenyRefused          *ebpf.VariableSpec `ebpf:"deny_refused"`
+	ExecIdentity         *ebpf.VariableSpec `ebpf:"exec_identity"`
+	GuardedDaddr         *ebpf.VariableSpec `ebpf:"guarded_daddr"`
+	GuardedDport         *ebpf.VariableSpec `ebpf:"guarded_dport"`
+	GuardedIp4           *ebpf.VariableSpec `ebpf:"guarded_ip4"`
+	GuardedIp6           *ebpf.VariableSpec `ebpf:"guarded_ip6"`
+	GuardedN4            *ebpf.VariableSpec `ebpf:"guarded_n4"`
+	GuardedN6            *ebpf.VariableSpec `ebpf:"guarded_n6"`
+	GuardedPort4         *ebpf.VariableSpec `ebpf:"guarded_port4"`
+	GuardedPort6         *ebpf.VariableSpec `ebpf:"guarded_port6"`
+	HostNetnsCookie      *ebpf.VariableSpec `ebpf:"host_netns_cookie"`
+	UnusedAgg            *ebpf.VariableSpec `ebpf:"unused_agg"`
+	UnusedAggKey         *ebpf.VariableSpec `ebpf:"unused_agg_key"`
+	UnusedBrokerFamily   *ebpf.VariableSpec `ebpf:"unused_broker_family"`
+	UnusedConnKey        *ebpf.VariableSpec `ebpf:"unused_conn_key"`
+	UnusedEvent          *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedFlag           *ebpf.VariableSpec `ebpf:"unused_flag"`
+	UnusedNetnsSeenEvent *ebpf.VariableSpec `ebpf:"unused_netns_seen_event"`
+	UnusedPolicy         *ebpf.VariableSpec `ebpf:"unused_policy"`
+	UnusedRedirect       *ebpf.VariableSpec `ebpf:"unused_redirect"`
+	UnusedRule           *ebpf.VariableSpec `ebpf:"unused_rule"`
+	UnusedStat           *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedVerdict        *ebpf.VariableSpec `ebpf:"unused_verdict"`
 }
 
 // imdsguardObjects contains all objects after they have been loaded into the kernel.
@@ -384,6 +409,8 @@ type imdsguardMaps struct {
 	ExecIds       *ebpf.Map `ebpf:"exec_ids"`
 	Heartbeat     *ebpf.Map `ebpf:"heartbeat"`
 	NetnsBrokers  *ebpf.Map `ebpf:"netns_brokers"`
+	NetnsEvents   *ebpf.Map `ebpf:"netns_events"`
+	NetnsSeen     *ebpf.Map `ebpf:"netns_seen"`
 	OwnSockets    *ebpf.Map `ebpf:"own_sockets"`
 	Policies      *ebpf.Map `ebpf:"policies"`
 	Redirects     *ebpf.Map `ebpf:"redirects"`
@@ -405,6 +432,8 @@ func (m *imdsguardMaps) Close() error {
 		m.ExecIds,
 		m.Heartbeat,
 		m.NetnsBrokers,
+		m.NetnsEvents,
+		m.NetnsSeen,
 		m.OwnSockets,
 		m.Policies,
 		m.Redirects,
@@ -421,29 +450,31 @@ func (m *imdsguardMaps) Close() error {
 //
 // It can be passed to loadImdsguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type imdsguardVariables struct {
-	BrokerPort         *ebpf.Variable `ebpf:"broker_port"`
-	ContainersDeny     *ebpf.Variable `ebpf:"containers_deny"`
-	DenyRefused        *ebpf.Variable `ebpf:"deny_refused"`
-	ExecIdentity       *ebpf.Variable `ebpf:"exec_identity"`
-	GuardedDaddr       *ebpf.Variable `ebpf:"guarded_daddr"`
-	GuardedDport       *ebpf.Variable `ebpf:"guarded_dport"`
-	GuardedIp4         *ebpf.Variable `ebpf:"guarded_ip4"`
-	GuardedIp6         *ebpf.Variable `ebpf:"guarded_ip6"`
-	GuardedN4          *ebpf.Variable `ebpf:"guarded_n4"`
-	GuardedN6          *ebpf.Variable `ebpf:"guarded_n6"`
-	GuardedPort4       *ebpf.Variable `ebpf:"guarded_port4"`
-	GuardedPort6       *ebpf.Variable `ebpf:"guarded_port6"`
-	UnusedAgg          *ebpf.Variable `ebpf:"unused_agg"`
-	UnusedAggKey       *ebpf.Variable `ebpf:"unused_agg_key"`
-	UnusedBrokerFamily *ebpf.Variable `ebpf:"unused_broker_family"`
-	UnusedConnKey      *ebpf.Variable `ebpf:"unused_conn_key"`
-	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
-	UnusedFlag         *ebpf.Variable `ebpf:"unused_flag"`
-	UnusedPolicy       *ebpf.Variable `ebpf:"unused_policy"`
-	UnusedRedirect     *ebpf.Variable `ebpf:"unused_redirect"`
-	UnusedRule         *ebpf.Variable `ebpf:"unused_rule"`
-	UnusedStat         *ebpf.Variable `ebpf:"unused_stat"`
-	UnusedVerdict      *ebpf.Variable `ebpf:"unused_verdict"`
+	BrokerPort           *ebpf.Variable `ebpf:"broker_port"`
+	ContainersDeny       *ebpf.Variable `ebpf:"containers_deny"`
+	DenyRefused          *ebpf.Variable `ebpf:"deny_refused"`
+	ExecIdentity         *ebpf.Variable `ebpf:"exec_identity"`
+	GuardedDaddr         *ebpf.Variable `ebpf:"guarded_daddr"`
+	GuardedDport         *ebpf.Variable `ebpf:"guarded_dport"`
+	GuardedIp4           *ebpf.Variable `ebpf:"guarded_ip4"`
+	GuardedIp6           *ebpf.Variable `ebpf:"guarded_ip6"`
+	GuardedN4            *ebpf.Variable `ebpf:"guarded_n4"`
+	GuardedN6            *ebpf.Variable `ebpf:"guarded_n6"`
+	GuardedPort4         *ebpf.Variable `ebpf:"guarded_port4"`
+	GuardedPort6         *ebpf.Variable `ebpf:"guarded_port6"`
+	HostNetnsCookie      *ebpf.Variable `ebpf:"host_netns_cookie"`
+	UnusedAgg            *ebpf.Variable `ebpf:"unused_agg"`
+	UnusedAggKey         *ebpf.Variable `ebpf:"unused_agg_key"`
+	UnusedBrokerFamily   *ebpf.Variable `ebpf:"unused_broker_family"`
+	UnusedConnKey        *ebpf.Variable `ebpf:"unused_conn_key"`
+	UnusedEvent          *ebpf.Variable `ebpf:"unused_event"`
+	UnusedFlag           *ebpf.Variable `ebpf:"unused_flag"`
+	UnusedNetnsSeenEvent *ebpf.Variable `ebpf:"unused_netns_seen_event"`
+	UnusedPolicy         *ebpf.Variable `ebpf:"unused_policy"`
+	UnusedRedirect       *ebpf.Variable `ebpf:"unused_redirect"`
+	UnusedRule           *ebpf.Variable `ebpf:"unused_rule"`
+	UnusedStat           *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedVerdict        *ebpf.Variable `ebpf:"unused_verdict"`
 }
 
 // imdsguardPrograms contains all programs after they have been loaded into the kernel.
@@ -457,6 +488,7 @@ type imdsguardPrograms struct {
 	ImdsFork         *ebpf.Program `ebpf:"imds_fork"`
 	ImdsGetpeername4 *ebpf.Program `ebpf:"imds_getpeername4"`
 	ImdsGetpeername6 *ebpf.Program `ebpf:"imds_getpeername6"`
+	ImdsSockCreate   *ebpf.Program `ebpf:"imds_sock_create"`
 	ImdsSockops      *ebpf.Program `ebpf:"imds_sockops"`
 }
 
@@ -469,6 +501,7 @@ func (p *imdsguardPrograms) Close() error {
 		p.ImdsFork,
 		p.ImdsGetpeername4,
 		p.ImdsGetpeername6,
+		p.ImdsSockCreate,
 		p.ImdsSockops,
 	)
 }

@@ -20,6 +20,7 @@ package netns
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -230,17 +231,32 @@ func (m *Manager) Ensure(o Origin) {
 		defer m.ensures.Done()
 		m.sem <- struct{}{}
 		_, err := m.serve(cands, cookie)
+		// A namespace reported at its first socket (hook discovery) is still being
+		// set up: runc init opens its netlink socket to bring lo up moments later.
+		for i := 0; i < loopbackWaits && errors.Is(err, ErrLoopbackDown); i++ {
+			time.Sleep(loopbackWait)
+			_, err = m.serve(cands, cookie)
+		}
 		<-m.sem
 		m.mu.Lock()
 		delete(m.inflight, cookie)
 		// Busy: another call is serving the same namespace (under another cookie
 		// the events named); the next event from this one tries again.
-		if err != nil && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrBusy) {
+		// Gone: the processes named exited (a runtime's short-lived stage that made
+		// the namespace's first socket); the next event, from a live one, tries again.
+		gone := errors.Is(err, fs.ErrNotExist) || errors.Is(err, ErrNotSame)
+		if err != nil && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrBusy) && !gone {
 			m.markFailed(cookie, time.Now())
 		}
 		m.mu.Unlock()
 	}()
 }
+
+// How long Ensure waits for a namespace's lo to come up: 20 × 5 ms.
+const (
+	loopbackWaits = 20
+	loopbackWait  = 5 * time.Millisecond
+)
 
 // markFailed remembers a namespace not to try again too soon; bounded. Called locked.
 func (m *Manager) markFailed(cookie uint64, now time.Time) {
