@@ -11,6 +11,9 @@
 //  3. The agent's resident memory, idle and at its peak under that load. Goal <= 30 MB.
 //  5. Restarts (graceful and SIGKILL) while clients loop through the agent: no lapse
 //     into the failure mode; after SIGKILL, enforced again within 500 ms.
+//  6. Containers (runc): broker vs direct from inside a container; a namespace's first
+//     process to its broker endpoint (goal <= 100 ms); agent memory with 100
+//     namespaces served (containers.go).
 package main
 
 import (
@@ -69,6 +72,13 @@ func run() error {
 		fmt.Println()
 		fmt.Println("== 5. restarts while clients loop through the agent (issue 16)")
 		if err := restarts(bed, 5); err != nil {
+			return err
+		}
+	}
+	if os.Getenv("BENCH_ONLY") == "" || os.Getenv("BENCH_ONLY") == "containers" {
+		fmt.Println()
+		fmt.Println("== 6. containers (runc, each in its own network namespace): broker in the namespace vs direct, endpoint latency, memory")
+		if err := containers(); err != nil {
 			return err
 		}
 	}

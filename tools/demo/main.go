@@ -1,6 +1,7 @@
 // Command demo is what `sudo make demo` runs: it brings up the test bed, starts the
 // agent on it, runs the standard IMDS clients, and prints who touched IMDS according to
-// the agent's own events. Everything it creates is removed before it exits.
+// the agent's own events; then a pod's and an ECS task's containers, their IMDSv1
+// refused and their credential fetches attributed to the pod and the task. Everything it creates is removed before it exits.
 package main
 
 import (
@@ -29,7 +30,7 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	fmt.Println("== bringing up the test bed: network namespace with IMDS (amazon-ec2-metadata-mock) and a child cgroup")
-	bed, err := testbed.New(testbed.Options{})
+	bed, err := testbed.New(testbed.Options{ContainerView: true, CredentialEndpoints: true})
 	if err != nil {
 		return err
 	}
@@ -61,6 +62,14 @@ func run() error {
 		return err
 	}
 	fmt.Println("== what each client got, and what the agent recorded")
+	fmt.Println()
+	printTable(header, rows)
+	fmt.Printf("\n== containers (runc, each in its own network namespace): a Kubernetes pod and an ECS task, with this policy:\n%s\n", indent(containersPolicy))
+	header, rows, err = containersTable(ctx, bed)
+	if err != nil {
+		return err
+	}
+	fmt.Println("== what each container got, brokered inside its own namespace, and whom the agent attributed it to")
 	fmt.Println()
 	printTable(header, rows)
 	return nil

@@ -12,7 +12,7 @@ import (
 // both tables is filled from what the agent recorded, requests included (the go-sdk row
 // of the enforce table was once printed before its requests were written).
 func TestPrivilegedDemoTablesFilled(t *testing.T) {
-	bed := testbed.Start(t, testbed.Options{})
+	bed := testbed.Start(t, testbed.Options{ContainerView: true, CredentialEndpoints: true})
 	ctx := context.Background()
 	who, err := whoTouched(ctx, bed)
 	if err != nil {
@@ -31,6 +31,17 @@ func TestPrivilegedDemoTablesFilled(t *testing.T) {
 		if r[0] == "go-sdk" && !strings.Contains(r[5], "v2 200") {
 			t.Errorf("go-sdk row without its IMDSv2 requests: %q", r)
 		}
+	}
+	// Containers: the pod's IMDSv1 refused, its IMDSv2 and the task's credentials
+	// attributed.
+	header, rows, err = containersTable(ctx, bed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRows(t, header, rows, "REQUESTS (version status)")
+	if len(rows) != 3 || !strings.Contains(rows[0][4], "v1 401 refused: imdsv2_required") || !strings.Contains(rows[0][5], "pod payments/api-0") ||
+		!strings.Contains(rows[1][4], "v2 200") || !strings.Contains(rows[2][3], "ecs") || !strings.Contains(rows[2][5], "family billing") {
+		t.Errorf("containers table %q", rows)
 	}
 }
 

@@ -17,12 +17,17 @@ const Redacted = "[REDACTED]"
 //     (AWS_SECRET_ACCESS_KEY=…, AWS_SESSION_TOKEN=…, DB_PASSWORD=…);
 //   - values of options whose name says secret (--secret-access-key V,
 //     --session-token=V, --password V);
-//   - passwords in URLs (https://user:secret@host).
+//   - passwords in URLs (https://user:secret@host);
+//   - ECS task credentials ids in URLs: AWS documents `curl
+//     169.254.170.2$AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`, and the id is a bearer
+//     secret (/v2/credentials/<id>, /v1/credentials?id=<id>).
 var (
 	secretHeader = regexp.MustCompile(`(?i)((?:x-aws-ec2-metadata-token|authorization|proxy-authorization|x-amz-security-token|cookie)\s*:).*`)
 	secretName   = regexp.MustCompile(`(?i)(secret|token|passw(or)?d|credential|private[-_]?key|session[-_]?key)`)
 	envLike      = regexp.MustCompile(`^([A-Za-z_][A-Za-z0-9_]*)=`)
 	urlPassword  = regexp.MustCompile(`(://[^/@:\s]+:)[^/@\s]+@`)
+	ecsCredsV2   = regexp.MustCompile(`(/v2/credentials/)[^/?#\s]+`)
+	ecsCredsV1   = regexp.MustCompile(`(/v1/credentials\?(?:[^#\s]*&)?id=)[^&#\s]+`)
 	// notSecret are names that match secretName but hold no secret.
 	notSecret = regexp.MustCompile(`(?i)token[-_]?ttl`)
 )
@@ -58,6 +63,8 @@ func RedactCmdline(args []string) []string {
 			}
 			continue
 		}
+		a = ecsCredsV2.ReplaceAllString(a, "${1}"+Redacted)
+		a = ecsCredsV1.ReplaceAllString(a, "${1}"+Redacted)
 		out[i] = urlPassword.ReplaceAllString(a, "${1}"+Redacted+"@")
 	}
 	return out

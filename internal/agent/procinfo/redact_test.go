@@ -28,6 +28,9 @@ func TestRedactCmdline(t *testing.T) {
 		{[]string{"git", "clone", "https://user:" + secret + "@example.com/r.git"},
 			[]string{"git", "clone", "https://user:[REDACTED]@example.com/r.git"}},
 		{[]string{"curl", "-s", "http://169.254.169.254/latest/meta-data/"}, []string{"curl", "-s", "http://169.254.169.254/latest/meta-data/"}},
+		// AWS's ECS example: curl 169.254.170.2$AWS_CONTAINER_CREDENTIALS_RELATIVE_URI.
+		{[]string{"curl", "169.254.170.2/v2/credentials/" + secret}, []string{"curl", "169.254.170.2/v2/credentials/[REDACTED]"}},
+		{[]string{"wget", "-qO-", "http://169.254.170.2/v1/credentials?x=1&id=" + secret}, []string{"wget", "-qO-", "http://169.254.170.2/v1/credentials?x=1&id=[REDACTED]"}},
 	}
 	for _, c := range cases {
 		in := slices.Clone(c.in)

@@ -59,11 +59,12 @@ func (b *Bed) StartAgentFiles(extraYAML string, files []*os.File, args ...string
 	if err := os.WriteFile(a.ConfigPath, []byte(conf), 0o600); err != nil {
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
-	a.Cmd = exec.Command("nsenter", append([]string{"--net=" + b.NetnsPath, bin, "run", "--config", a.ConfigPath}, args...)...)
+	argv := b.agentArgv(bin, append([]string{"run", "--config", a.ConfigPath}, args...)...)
+	a.Cmd = exec.Command(argv[0], argv[1:]...)
 	if len(files) > 0 {
 		// LISTEN_PID must be the agent's pid: the shell's, which exec keeps (nsenter
 		// without --pid execs too).
-		a.Cmd = exec.Command("sh", append([]string{"-c", `export LISTEN_PID=$$ LISTEN_FDS=` + strconv.Itoa(len(files)) + `; exec "$@"`, "sh", "nsenter", "--net=" + b.NetnsPath, bin, "run", "--config", a.ConfigPath}, args...)...)
+		a.Cmd = exec.Command("sh", append([]string{"-c", `export LISTEN_PID=$$ LISTEN_FDS=` + strconv.Itoa(len(files)) + `; exec "$@"`, "sh"}, argv...)...)
 		a.Cmd.ExtraFiles = files
 	}
 	a.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
@@ -118,7 +119,7 @@ func (b *Bed) StartAgentFiles(extraYAML string, files []*os.File, args ...string
 // except fingerprints:, which is merged).
 func (b *Bed) Config(eventsPath, fingerprintsPath, statusSocket, extraYAML string) string {
 	return fmt.Sprintf("cgroup: %s\nimds:\n  ipv4: %s\n  ipv6: %s\n  port: %d\nevents:\n  output: %s\npin_path: %s\ncontrol_socket: %s\nstate_dir: %s\nstatus:\n  socket: %s\n%s",
-		b.Cgroup, IMDSv4, IMDSv6, IMDSPort, eventsPath, b.PinPath(), b.ControlSocket(),
+		b.agentCgroup(), IMDSv4, IMDSv6, IMDSPort, eventsPath, b.PinPath(), b.ControlSocket(),
 		filepath.Join(b.Dir, "state"), statusSocket, b.fingerprintsYAML(fingerprintsPath, extraYAML))
 }
 

@@ -56,6 +56,7 @@ func ReapStale() {
 			}
 		}
 	}
+	reapBundles(dead)
 	if entries, err := os.ReadDir(os.TempDir()); err == nil {
 		for _, e := range entries {
 			if e.IsDir() && dead(e.Name()) {

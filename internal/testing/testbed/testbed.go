@@ -64,6 +64,15 @@ type Options struct {
 	IMDSv2Only bool
 	// Log receives the emulator's output; nil discards it.
 	Log io.Writer
+	// ContainerView readies the bed for real containers (StartContainer, RunContainer):
+	// its agent sees the bed's cgroup as the cgroup root, as an agent on a node sees
+	// the host's, and an ECS agent introspection stand-in answers in the bed.
+	ContainerView bool
+	// CredentialEndpoints serves the ECS and Pod Identity stand-ins
+	// (internal/testing/containercreds) at 169.254.170.2:80, 169.254.170.23:80 and
+	// [fd00:ec2::23]:80 in the bed, and IMDS's emulator on IMDS's addresses only (one
+	// per address, which costs start time).
+	CredentialEndpoints bool
 }
 
 // Bed is one running test bed.
@@ -84,14 +93,19 @@ type Bed struct {
 	BPFFS            string // a bpf file system of the bed's own, for pins
 	EmulatorPID      int
 
-	emulator *exec.Cmd
-	waitErr  chan error
-	stopOnce sync.Once
+	emulator  *exec.Cmd
+	emulators []emulatorProc
+	waitErr   chan error
+	stopOnce  sync.Once
 
 	mu        sync.Mutex
 	cgroupFDs map[*exec.Cmd]func() // cgroup fds of commands not yet started
 	closers   []func() error
 	closed    bool
+
+	netnsSeq atomic.Int64 // container namespaces made
+	containerState
+	containerView bool
 }
 
 var (
@@ -146,6 +160,16 @@ func New(opts Options) (b *Bed, err error) {
 	}
 	if err := b.makeCgroup(); err != nil {
 		return nil, err
+	}
+	if opts.ContainerView {
+		if err := b.setUpContainerView(); err != nil {
+			return nil, err
+		}
+	}
+	if opts.CredentialEndpoints {
+		if err := b.setUpCredentialEndpoints(); err != nil {
+			return nil, err
+		}
 	}
 	if err := b.startEmulator(opts); err != nil {
 		return nil, err
@@ -263,40 +287,70 @@ func (b *Bed) startEmulator(opts Options) error {
 		return fmt.Errorf("write emulator config: %w", err)
 	}
 	// 0.0.0.0 listens dual-stack, so one emulator serves both IMDS addresses; the
-	// namespace is private, so nothing else can reach it.
-	args := []string{"--net=" + b.NetnsPath, bin, "-n", "0.0.0.0", "-p", strconv.Itoa(IMDSPort), "-c", confPath}
-	if opts.IMDSv2Only {
-		args = append(args, "-I")
+	// namespace is private, so nothing else can reach it. With the credential
+	// endpoints on port 80 too, one emulator per IMDS address.
+	hosts := []string{"0.0.0.0"}
+	if opts.CredentialEndpoints {
+		hosts = []string{IMDSv4.String(), "[" + IMDSv6.String() + "]"} // joined to the port with ":"
 	}
-	cmd := exec.Command("nsenter", args...)
-	cmd.Dir = b.Dir
-	cmd.Env = append(os.Environ(), "HOME="+b.Dir)
 	w := opts.Log
 	if w == nil {
 		w = io.Discard
 	}
-	cmd.Stdout, cmd.Stderr = w, w
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	waitErr, err := startPinned(cmd)
-	if err != nil {
-		return fmt.Errorf("start emulator: %w", err)
+	b.waitErr = make(chan error, len(hosts))
+	for _, host := range hosts {
+		args := []string{"--net=" + b.NetnsPath, bin, "-n", host, "-p", strconv.Itoa(IMDSPort), "-c", confPath}
+		if opts.IMDSv2Only {
+			args = append(args, "-I")
+		}
+		cmd := exec.Command("nsenter", args...)
+		cmd.Dir = b.Dir
+		cmd.Env = append(os.Environ(), "HOME="+b.Dir)
+		cmd.Stdout, cmd.Stderr = w, w
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		waitErr, err := startPinned(cmd)
+		if err != nil {
+			return fmt.Errorf("start emulator: %w", err)
+		}
+		if b.emulator == nil {
+			b.emulator, b.EmulatorPID = cmd, cmd.Process.Pid
+		}
+		b.emulators = append(b.emulators, emulatorProc{cmd, waitErr})
 	}
-	b.emulator, b.EmulatorPID = cmd, cmd.Process.Pid
-	b.waitErr = make(chan error, 1)
-	go func() { b.waitErr <- <-waitErr }()
+	go func() {
+		for _, e := range b.emulators {
+			b.waitErr <- <-e.done
+		}
+	}()
 	b.closers = append(b.closers, func() error {
 		b.StopEmulator()
 		return nil
 	})
-	return b.waitReady()
+	if err := b.waitReady("http://" + IMDSv4.String()); err != nil {
+		return err
+	}
+	if len(hosts) > 1 {
+		return b.waitReady("http://[" + IMDSv6.String() + "]")
+	}
+	return nil
+}
+
+// emulatorProc is one running emulator.
+type emulatorProc struct {
+	cmd  *exec.Cmd
+	done <-chan error
 }
 
 // StopEmulator kills the emulator: IMDS is down and its address refuses connections,
 // for tests of what clients see then. Close does it too.
 func (b *Bed) StopEmulator() {
 	b.stopOnce.Do(func() {
-		_ = b.emulator.Process.Kill()
-		<-b.waitErr
+		for _, e := range b.emulators {
+			_ = e.cmd.Process.Kill()
+		}
+		for range b.emulators {
+			<-b.waitErr
+		}
 	})
 }
 
@@ -334,7 +388,7 @@ func (b *Bed) signIdentity(now time.Time) (map[string]any, error) {
 }
 
 // waitReady polls the emulator from inside the namespace until it answers.
-func (b *Bed) waitReady() error {
+func (b *Bed) waitReady(base string) error {
 	client := b.HTTPClient()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -344,7 +398,7 @@ func (b *Bed) waitReady() error {
 			return fmt.Errorf("emulator exited before it was ready: %v", err)
 		default:
 		}
-		resp, err := client.Get("http://" + IMDSv4.String() + "/latest/meta-data/instance-id")
+		resp, err := client.Get(base + "/latest/meta-data/instance-id")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusUnauthorized {
@@ -398,39 +452,6 @@ func (b *Bed) DialContext(ctx context.Context, network, addr string) (net.Conn, 
 }
 
 var buildMu sync.Mutex
-
-// AddContainerNetns creates a second network namespace joined to the bed's by a veth
-// pair, routed so that IMDS is reachable from it the way a container on a bridge reaches
-// the host's IMDS. It returns the namespace's path for Placement.Netns.
-func (b *Bed) AddContainerNetns() (string, error) {
-	name := b.Name + "-c"
-	if err := run("ip", "netns", "add", name); err != nil {
-		return "", fmt.Errorf("create container namespace: %w", err)
-	}
-	b.closers = append(b.closers, func() error { return run("ip", "netns", "del", name) })
-	// Link-local /30 of our own, only inside the bed's namespaces.
-	for _, args := range [][]string{
-		{"-n", name, "link", "set", "lo", "up"},
-		{"link", "add", "imdsgv" + strconv.Itoa(os.Getpid()%100000), "netns", b.Name, "type", "veth", "peer", "name", "eth0", "netns", name},
-	} {
-		if err := run("ip", args...); err != nil {
-			return "", fmt.Errorf("set up container namespace: %w", err)
-		}
-	}
-	host := "imdsgv" + strconv.Itoa(os.Getpid()%100000)
-	for _, args := range [][]string{
-		{"-n", b.Name, "addr", "add", "169.254.99.1/30", "dev", host},
-		{"-n", b.Name, "link", "set", host, "up"},
-		{"-n", name, "addr", "add", "169.254.99.2/30", "dev", "eth0"},
-		{"-n", name, "link", "set", "eth0", "up"},
-		{"-n", name, "route", "add", IMDSv4.String() + "/32", "via", "169.254.99.1"},
-	} {
-		if err := run("ip", args...); err != nil {
-			return "", fmt.Errorf("set up container namespace: %w", err)
-		}
-	}
-	return "/run/netns/" + name, nil
-}
 
 // startPinned starts cmd from an OS thread that stays alive until cmd exits. Pdeathsig
 // is tied to the thread that started the child, not the process: a child started from

@@ -16,6 +16,15 @@
 //	                           N sequential IMDSv2 GETs of instance-id; prints JSON with
 //	                           p50/p99 latency (µs) and requests per second
 //	imds-client peername       connect to IMDS and print what getpeername(2) says
+//	imds-client get URL        one GET without a token (IMDSv1); prints JSON with the
+//	                           status, or exits 1 with the connection error
+//	imds-client creds-container
+//	                           credentials through aws-sdk-go-v2's default chain from
+//	                           AWS_CONTAINER_CREDENTIALS_RELATIVE_URI (ECS) or _FULL_URI
+//	                           with its token file (EKS Pod Identity), as a program in a
+//	                           task or pod gets them; prints the key id
+//	imds-client touch-sleep    connect to IMDS once (whatever comes of it), then sleep
+//	                           until killed: a namespace's one long-lived process
 //	imds-client hold           connect to IMDS, print "connected", keep it open until killed
 //	imds-client udp-flood RATE SECONDS ADDR:PORT
 //	                           UDP connect() to ADDR:PORT at RATE/s (0: flat out); UDP
@@ -48,6 +57,7 @@ import (
 	"github.com/aws/aws-sdk-go/aws/session"     //nolint:staticcheck // see above
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/config"
 	ec2rolecredsv2 "github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 )
@@ -86,6 +96,18 @@ func run(args []string) error {
 		return peername()
 	case "http-load":
 		return httpLoad(args[1:])
+	case "get":
+		if len(args) != 2 {
+			return fmt.Errorf("usage: get URL")
+		}
+		return getV1(ctx, args[1])
+	case "creds-container":
+		return credsContainer(ctx)
+	case "touch-sleep":
+		if c, err := net.DialTimeout("tcp", "169.254.169.254:80", 2*time.Second); err == nil {
+			c.Close()
+		}
+		select {}
 	}
 	return fmt.Errorf("unknown mode %q", args[0])
 }
@@ -385,4 +407,34 @@ func peername() error {
 	}
 	fmt.Printf("%s\n", netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)))
 	return nil
+}
+
+// getV1 sends one GET without a token and reports the status.
+func getV1(ctx context.Context, url string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	c := &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 5 * time.Second}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	return json.NewEncoder(os.Stdout).Encode(map[string]any{"pid": os.Getpid(), "status": resp.StatusCode, "bytes": len(body)})
+}
+
+// credsContainer resolves credentials the way a program in an ECS task or an EKS pod
+// does: the SDK's default chain, which reads the container credential variables.
+func credsContainer(ctx context.Context) error {
+	cfg, err := config.LoadDefaultConfig(ctx, config.WithRegion("us-east-1"))
+	if err != nil {
+		return fmt.Errorf("load config: %w", err)
+	}
+	creds, err := cfg.Credentials.Retrieve(ctx)
+	if err != nil {
+		return fmt.Errorf("retrieve credentials: %w", err)
+	}
+	return printKey(creds.AccessKeyID)
 }
