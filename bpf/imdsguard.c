@@ -368,6 +368,9 @@ volatile const __u64 host_netns_cookie = 0; /* 0: discovery off */
 struct netns_seen_event {
 	__u64 netns_cookie;
 	__u64 start_boottime; /* of the process that made the socket */
+	/* Its cgroup: the runtime's stages that make a namespace's first sockets exit at
+	 * once, and the container's init, which the agent can enter, shares their cgroup. */
+	__u64 cgroup_id;
 	__u32 tgid;
 	__u32 ppid;
 };
@@ -1142,6 +1145,7 @@ int imds_sock_create(struct bpf_sock *ctx)
 	e->tgid = k.tgid;
 	e->start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
 	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	e->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_ringbuf_submit(e, 0);
 	return 1;
 }

@@ -29,7 +29,8 @@ func (a *agent) serveNamespaces() error {
 	go func() {
 		defer close(done)
 		err := a.h.RunDiscovery(ctx, func(s hook.NetnsSeen) {
-			m.Ensure(netns.Origin{Cookie: s.NetnsCookie, PID: s.PID, StartBoottime: s.StartBoottime, PPID: s.PPID})
+			m.Ensure(netns.Origin{Cookie: s.NetnsCookie, PID: s.PID, StartBoottime: s.StartBoottime, PPID: s.PPID,
+				CgroupID: s.CgroupID})
 		})
 		if err != nil {
 			a.log.Error().Err(err).Str("event", "netns_discovery_failed").Msg("new network namespaces are served from their connect events only")

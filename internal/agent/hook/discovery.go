@@ -17,6 +17,7 @@ type NetnsSeen struct {
 	PID           uint32 // the process that made the socket (thread-group id)
 	PPID          uint32
 	StartBoottime uint64 // its start, ns since boot
+	CgroupID      uint64 // its cgroup, where the namespace's later processes are too
 }
 
 // RunDiscovery hands each namespace the programs report to fn, once per namespace
@@ -43,6 +44,6 @@ func (h *Hook) RunDiscovery(ctx context.Context, fn func(NetnsSeen)) error {
 			return fmt.Errorf("decode namespace event: %d bytes", len(rec.RawSample))
 		}
 		e := (*imdsguardNetnsSeenEvent)(unsafe.Pointer(unsafe.SliceData(rec.RawSample)))
-		fn(NetnsSeen{NetnsCookie: e.NetnsCookie, PID: e.Tgid, PPID: e.Ppid, StartBoottime: e.StartBoottime})
+		fn(NetnsSeen{NetnsCookie: e.NetnsCookie, PID: e.Tgid, PPID: e.Ppid, StartBoottime: e.StartBoottime, CgroupID: e.CgroupId})
 	}
 }

@@ -123,6 +123,7 @@ type imdsguardNetnsSeenEvent struct {
 	_             structs.HostLayout
 	NetnsCookie   uint64
 	StartBoottime uint64
+	CgroupId      uint64
 	Tgid          uint32
 	Ppid          uint32
 }

@@ -1,6 +1,7 @@
 package netns
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -72,22 +73,33 @@ func enterAndListen(nsfd, port int) (ls nsListeners, err error) {
 			ls, err = nsListeners{}, fmt.Errorf("%w: %v", errThreadTainted, rerr)
 		}
 	}()
-	// What runc (its loopback network), CNI's loopback plugin and Docker do for a new
-	// namespace: lo is up. Down, nothing in the namespace reaches 127.0.0.1 anyway, and
-	// bringing it up is not the agent's business.
-	lo, err := net.InterfaceByName("lo")
-	if err != nil {
-		return ls, fmt.Errorf("%w: %v", ErrLoopbackDown, err)
-	}
-	if lo.Flags&net.FlagUp == 0 {
-		return ls, ErrLoopbackDown
-	}
+	// Bound with IP_FREEBIND/IPV6_FREEBIND: a namespace is often served while the
+	// runtime is still setting it up (the kernel reports its first socket, which is
+	// runc's netlink socket that brings lo up), before lo has 127.0.0.1 and ::1.
+	// Waiting for lo lost the race with a container that connects as it starts; a
+	// listener bound early is there the moment lo comes up, and until then nothing in
+	// the namespace reaches 127.0.0.1 anyway. A port another process holds is still
+	// refused (EADDRINUSE): FREEBIND relaxes only the address check.
+	lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if network == "tcp6" {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_FREEBIND, 1)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
 	for _, fam := range []struct {
 		network, host string
 		ln            *net.Listener
 	}{{"tcp4", "127.0.0.1", &ls.ln4}, {"tcp6", "::1", &ls.ln6}} {
 		addr := net.JoinHostPort(fam.host, strconv.Itoa(port))
-		ln, err := net.Listen(fam.network, addr)
+		ln, err := lc.Listen(context.Background(), fam.network, addr)
 		switch {
 		case errors.Is(err, syscall.EADDRINUSE):
 			ls.taken = append(ls.taken, addr)

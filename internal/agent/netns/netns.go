@@ -244,6 +244,12 @@ func (m *Manager) Ensure(o Origin) {
 	if o.PPID != 0 && o.PPID != o.PID {
 		cands = append(cands, candidate{pid: int(o.PPID)})
 	}
+	if o.CgroupID != 0 && m.cfg.Cgroups != nil {
+		// Last: any process of the cgroup. The first sockets of a container's new
+		// namespace come from the runtime's stages (runc's nsexec), which exit at once;
+		// the container's init, already in the same cgroup and namespace, stays.
+		cands = append(cands, candidate{cgroupID: o.CgroupID, anyInCgroup: true})
+	}
 	go func() {
 		defer m.ensures.Done()
 		m.sem <- struct{}{}
@@ -304,6 +310,16 @@ type candidate struct {
 	// cgroupID, when not 0: the process is the one of this cgroup that started at
 	// startTicks, whatever its pid (pid is 0).
 	cgroupID uint64
+	// anyInCgroup: every process of cgroupID is a candidate (the namespace's cookie,
+	// checked on its listener, says which is in it).
+	anyInCgroup bool
+}
+
+// gone reports whether err says a candidate process was not there (any more) or not in
+// the namespace wanted: the next candidate may still be.
+func gone(err error) bool {
+	return errors.Is(err, ErrNotSame) || errors.Is(err, ErrMoved) || errors.Is(err, fs.ErrNotExist) ||
+		errors.Is(err, unix.ESRCH)
 }
 
 // serve serves the namespace of the first candidate still there (and in the namespace
@@ -312,6 +328,33 @@ func (m *Manager) serve(cands []candidate, want uint64) (Endpoint, error) {
 	var err error
 	var pid int
 	for _, c := range cands {
+		if c.anyInCgroup {
+			if want == 0 {
+				continue // only a namespace's cookie can tell which process is in it
+			}
+			var pids []int
+			if pids, err = m.cgroupProcs(c.cgroupID); err != nil {
+				continue
+			}
+			if len(pids) == 0 {
+				err = fmt.Errorf("%w: cgroup %d has no process", ErrNotSame, c.cgroupID)
+				continue
+			}
+			for _, p := range pids {
+				pid = p
+				var ep Endpoint
+				if ep, err = m.open(p, 0, want); err == nil {
+					return ep, nil
+				}
+				if !gone(err) {
+					break
+				}
+			}
+			if err != nil && !gone(err) {
+				break
+			}
+			continue
+		}
 		if c.cgroupID != 0 {
 			if c.pid, err = m.inCgroup(c.cgroupID, c.startTicks); err != nil {
 				continue
@@ -322,7 +365,7 @@ func (m *Manager) serve(cands []candidate, want uint64) (Endpoint, error) {
 		if ep, err = m.open(c.pid, c.startTicks, want); err == nil {
 			return ep, nil
 		}
-		if !errors.Is(err, ErrNotSame) && !errors.Is(err, ErrMoved) {
+		if !gone(err) {
 			break
 		}
 	}
@@ -597,31 +640,44 @@ const maxCgroupProcs = 4096
 // inCgroup returns the pid, in the agent's pid namespace, of the process of the cgroup
 // id that started at startTicks (ErrNotSame: none).
 func (m *Manager) inCgroup(id, startTicks uint64) (int, error) {
-	rel, ok := m.cfg.Cgroups.Lookup(id)
-	if !ok {
-		return 0, fmt.Errorf("%w: cgroup %d is gone", ErrNotSame, id)
-	}
-	// cgroup.procs lists pids as the reader's pid namespace numbers them.
-	data, err := os.ReadFile(filepath.Join(m.cfg.CgroupRoot, rel, "cgroup.procs"))
+	pids, err := m.cgroupProcs(id)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %v", ErrNotSame, err)
+		return 0, err
 	}
-	for i, f := range strings.Fields(string(data)) {
-		if i >= maxCgroupProcs {
-			break
-		}
+	for _, pid := range pids {
+		f := strconv.Itoa(pid)
 		stat, err := os.ReadFile(filepath.Join(m.cfg.Proc, f, "stat"))
 		if err != nil {
 			continue
 		}
 		if got, err := procinfo.StartTicks(stat); err == nil && got == startTicks {
-			pid, err := strconv.Atoi(f)
-			if err == nil && pid > 0 {
-				return pid, nil
-			}
+			return pid, nil
 		}
 	}
-	return 0, fmt.Errorf("%w: no process of cgroup %s started then", ErrNotSame, rel)
+	return 0, fmt.Errorf("%w: no process of cgroup %d started then", ErrNotSame, id)
+}
+
+// cgroupProcs lists (the first maxCgroupProcs of) the processes of cgroup id, as the
+// agent's pid namespace numbers them.
+func (m *Manager) cgroupProcs(id uint64) ([]int, error) {
+	rel, ok := m.cfg.Cgroups.Lookup(id)
+	if !ok {
+		return nil, fmt.Errorf("%w: cgroup %d is gone", ErrNotSame, id)
+	}
+	data, err := os.ReadFile(filepath.Join(m.cfg.CgroupRoot, rel, "cgroup.procs"))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrNotSame, err)
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(data)) {
+		if len(pids) >= maxCgroupProcs {
+			break
+		}
+		if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
 }
 
 // alive reports whether the process of pidfd has not exited: a pidfd polls readable
