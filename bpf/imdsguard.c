@@ -1150,6 +1150,15 @@ int imds_sock_create(struct bpf_sock *ctx)
 	return 1;
 }
 
+/* The guarded cgroup, set by the agent when it attaches: the network namespaces its
+ * processes fork into are the ones worth serving (imds_fork below). */
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} guarded_cgroup SEC(".maps");
+
 /* ---- the last packets: cgroup_skb egress ----
  *
  * A packet to IMDS from a socket connect4/6 did not let through to it is dropped: a raw
@@ -1281,6 +1290,35 @@ int imds_exec(unsigned long long *ctx)
 	return 0;
 }
 
+/* A process of the guarded cgroup forked into a network namespace not yet reported
+ * (runc's nsexec unshares CLONE_NEWNET and forks the container's init, which stays):
+ * reported at that fork, milliseconds before the container's process runs, where its
+ * first socket (sock_create above) comes about a millisecond before a container that
+ * connects at once does. One hash look-up per fork in such a namespace. */
+static __always_inline void report_netns(struct task_struct *child)
+{
+	if (!host_netns_cookie)
+		return;
+	__u64 cookie = BPF_CORE_READ(child, nsproxy, net_ns, net_cookie);
+	if (!cookie || cookie == host_netns_cookie)
+		return;
+	if (bpf_current_task_under_cgroup(&guarded_cgroup, 0) != 1)
+		return;
+	struct netns_seen_key k = {.netns = cookie, .tgid = child->tgid};
+	__u8 one = 1;
+	if (bpf_map_update_elem(&netns_seen, &k, &one, BPF_NOEXIST))
+		return;
+	struct netns_seen_event *e = bpf_ringbuf_reserve(&netns_events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->netns_cookie = cookie;
+	e->tgid = k.tgid;
+	e->start_boottime = child->start_boottime;
+	e->ppid = bpf_get_current_pid_tgid() >> 32;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_ringbuf_submit(e, 0);
+}
+
 /* A new process runs its parent's executable until it execs. */
 /* ctx: struct task_struct *parent, struct task_struct *child */
 SEC("tp_btf/sched_process_fork")
@@ -1291,6 +1329,7 @@ int imds_fork(unsigned long long *ctx)
 	/* Threads are judged by their leader's record: only a new process needs one. */
 	if (child->group_leader != child)
 		return 0;
+	report_netns(child);
 	struct exec_id *from = bpf_task_storage_get(&exec_ids, parent->group_leader, 0, 0);
 	if (!from)
 		return 0;

@@ -29,6 +29,7 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_CGROUP_ARRAY = 8,
 	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_SK_STORAGE = 24,
 	BPF_MAP_TYPE_RINGBUF = 27,
@@ -183,4 +184,14 @@ struct task_struct {
 	struct task_struct *group_leader;
 	struct mm_struct *mm;
 	__u64 start_boottime;
+	struct nsproxy *nsproxy;
+} __attribute__((preserve_access_index));
+
+/* A network namespace: only its cookie (a plain u64 since Linux 5.14). */
+struct net {
+	__u64 net_cookie;
+} __attribute__((preserve_access_index));
+
+struct nsproxy {
+	struct net *net_ns;
 } __attribute__((preserve_access_index));

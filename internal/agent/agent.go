@@ -230,6 +230,10 @@ func (a *agent) start() error {
 		a.log.Warn().Str("event", "exec_identity_unavailable").Err(err).
 			Msg("cannot record executables at exec (tp_btf sched_process_exec/fork with task storage): exe rules match mm->exe_file, which an unprivileged process in a user namespace can point at another file (prctl PR_SET_MM_MAP)")
 	}
+	if err := a.h.NetnsTracing(); err != nil && a.namespaces != nil {
+		a.log.Info().Str("event", "netns_creation_unreported").Err(err).
+			Msg("new network namespaces are reported at their first socket, not as they are made: a container that connects as it starts may get containers.fallback for its first connection")
+	}
 	if cfg.Agent.ReadyFile != "" {
 		if err := writeReady(cfg.Agent.ReadyFile); err != nil {
 			return err

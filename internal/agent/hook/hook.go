@@ -242,6 +242,8 @@ func (h *Hook) loadPrograms(refused, execID bool) error {
 		return fmt.Errorf("set %s: %w", imdsguardVarHostNetnsCookie, err)
 	}
 	if !execID {
+		// Tracing programs do not load here (the fork program also reports the
+		// network namespaces processes fork into; their first socket still does).
 		delete(spec.Programs, imdsguardProgImdsExec)
 		delete(spec.Programs, imdsguardProgImdsFork)
 	}
@@ -382,6 +384,9 @@ func (h *Hook) programs() []program {
 // ones in place (bpf_link_update): no connect() is ever unguarded during a restart or an
 // upgrade. Pinned links for another cgroup are replaced.
 func (h *Hook) Attach(path string) error {
+	if err := h.setGuardedCgroup(path); err != nil {
+		return err
+	}
 	var cgroupID uint64
 	if h.pinDir != "" {
 		var st unix.Stat_t
@@ -413,6 +418,29 @@ func (h *Hook) Attach(path string) error {
 		h.links = append(h.links, attached{p.name, l})
 	}
 	return h.attachExecTracing()
+}
+
+// setGuardedCgroup tells the programs which cgroup is guarded (its processes' new
+// network namespaces are reported).
+func (h *Hook) setGuardedCgroup(path string) error {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open cgroup %s: %w", path, err)
+	}
+	defer func() { _ = unix.Close(fd) }()
+	if err := h.objs.GuardedCgroup.Put(uint32(0), uint32(fd)); err != nil {
+		return fmt.Errorf("set guarded cgroup: %w", err)
+	}
+	return nil
+}
+
+// NetnsTracing says why network namespaces are not reported as processes fork into
+// them (nil: they are, by the fork tracing program).
+func (h *Hook) NetnsTracing() error {
+	if !h.execIdentity {
+		return fmt.Errorf("the fork tracing program is not attached: %w", h.execWhy)
+	}
+	return nil
 }
 
 // attachExecTracing attaches the programs that record each task's executable at exec

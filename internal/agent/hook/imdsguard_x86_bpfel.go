@@ -224,6 +224,7 @@ const (
 	imdsguardMapEvents               = "events"
 	imdsguardMapEventsRefused        = "events_refused"
 	imdsguardMapExecIds              = "exec_ids"
+	imdsguardMapGuardedCgroup        = "guarded_cgroup"
 	imdsguardMapHeartbeat            = "heartbeat"
 	imdsguardMapNetnsBrokers         = "netns_brokers"
 	imdsguardMapNetnsEvents          = "netns_events"
@@ -336,6 +337,7 @@ type imdsguardMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	EventsRefused *ebpf.MapSpec `ebpf:"events_refused"`
 	ExecIds       *ebpf.MapSpec `ebpf:"exec_ids"`
+	GuardedCgroup *ebpf.MapSpec `ebpf:"guarded_cgroup"`
 	Heartbeat     *ebpf.MapSpec `ebpf:"heartbeat"`
 	NetnsBrokers  *ebpf.MapSpec `ebpf:"netns_brokers"`
 	NetnsEvents   *ebpf.MapSpec `ebpf:"netns_events"`
@@ -408,6 +410,7 @@ type imdsguardMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	EventsRefused *ebpf.Map `ebpf:"events_refused"`
 	ExecIds       *ebpf.Map `ebpf:"exec_ids"`
+	GuardedCgroup *ebpf.Map `ebpf:"guarded_cgroup"`
 	Heartbeat     *ebpf.Map `ebpf:"heartbeat"`
 	NetnsBrokers  *ebpf.Map `ebpf:"netns_brokers"`
 	NetnsEvents   *ebpf.Map `ebpf:"netns_events"`
@@ -431,6 +434,7 @@ func (m *imdsguardMaps) Close() error {
 		m.Events,
 		m.EventsRefused,
 		m.ExecIds,
+		m.GuardedCgroup,
 		m.Heartbeat,
 		m.NetnsBrokers,
 		m.NetnsEvents,

@@ -101,7 +101,6 @@ type Stats struct {
 // Errors of Serve.
 var (
 	ErrPortTaken     = errors.New("another process holds the broker's port in the namespace")
-	ErrLoopbackDown  = errors.New("the namespace's loopback interface is down")
 	ErrNoLoopback    = errors.New("the namespace has no loopback address to listen on")
 	ErrHostNetns     = errors.New("the process is in the agent's own network namespace")
 	ErrTooMany       = errors.New("max_namespaces reached")
@@ -253,13 +252,9 @@ func (m *Manager) Ensure(o Origin) {
 	go func() {
 		defer m.ensures.Done()
 		m.sem <- struct{}{}
+		// A namespace reported as a process forks into it is still being set up (lo
+		// down): the listeners are bound with FREEBIND, ready when lo comes up.
 		_, err := m.serve(cands, cookie)
-		// A namespace reported at its first socket (hook discovery) is still being
-		// set up: runc init opens its netlink socket to bring lo up moments later.
-		for i := 0; i < loopbackWaits && errors.Is(err, ErrLoopbackDown); i++ {
-			time.Sleep(loopbackWait)
-			_, err = m.serve(cands, cookie)
-		}
 		<-m.sem
 		m.mu.Lock()
 		delete(m.inflight, cookie)
@@ -267,19 +262,12 @@ func (m *Manager) Ensure(o Origin) {
 		// the events named); the next event from this one tries again.
 		// Gone: the processes named exited (a runtime's short-lived stage that made
 		// the namespace's first socket); the next event, from a live one, tries again.
-		gone := errors.Is(err, fs.ErrNotExist) || errors.Is(err, ErrNotSame)
-		if err != nil && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrBusy) && !gone {
+		if err != nil && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrBusy) && !gone(err) {
 			m.markFailed(cookie, time.Now())
 		}
 		m.mu.Unlock()
 	}()
 }
-
-// How long Ensure waits for a namespace's lo to come up: 20 × 5 ms.
-const (
-	loopbackWaits = 20
-	loopbackWait  = 5 * time.Millisecond
-)
 
 // markFailed remembers a namespace not to try again too soon; bounded. Called locked.
 func (m *Manager) markFailed(cookie uint64, now time.Time) {

@@ -499,12 +499,26 @@ func TestPrivilegedMaxNamespaces(t *testing.T) {
 	}
 }
 
-// A namespace whose lo is down is not served: nothing in it reaches 127.0.0.1.
+// A namespace whose lo is still down (a runtime setting it up) is served at once: the
+// listeners are bound with IP_FREEBIND, and answer from the moment lo comes up.
 func TestPrivilegedLoopbackDown(t *testing.T) {
 	e := start(t, 8)
 	p := newNetnsProc(t, true)
-	if _, err := e.m.Serve(p.pid(), 0); !errors.Is(err, netns.ErrLoopbackDown) {
-		t.Fatalf("lo down: %v, want ErrLoopbackDown", err)
+	ep, err := e.m.Serve(p.pid(), 0)
+	if err != nil {
+		t.Fatalf("lo down: %v", err)
+	}
+	if !ep.Families.IPv4 || !ep.Families.IPv6 {
+		t.Fatalf("lo down: endpoint %+v, want both families", ep)
+	}
+	if out, err := exec.Command("nsenter", "-t", strconv.Itoa(p.pid()), "-n", "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up: %v: %s", err, out)
+	}
+	path := fmt.Sprintf("/proc/%d/ns/net", p.pid())
+	for _, addr := range []string{"127.0.0.1:254", "[::1]:254"} {
+		if st, _, err := get(path, addr); err != nil || st != 200 {
+			t.Fatalf("%s once lo is up: %d %v", addr, st, err)
+		}
 	}
 }
 
