@@ -182,6 +182,17 @@ var migrations = []string{
 		body     TEXT NOT NULL,
 		saved_at BIGINT NOT NULL -- unix nanoseconds
 	);`,
+	// 5: the objects whose records are in the shared detector state, each recorded in
+	// the turn that appended its delta, so that a redelivered object is not counted
+	// again; see StateTurn.RecordObjects.
+	`CREATE TABLE objects_read (
+		bucket     TEXT NOT NULL,
+		object_key TEXT NOT NULL,
+		etag       TEXT NOT NULL,   -- the object's ETag as GetObject gave it ('' when none)
+		read_at    BIGINT NOT NULL, -- unix nanoseconds
+		PRIMARY KEY (bucket, object_key, etag)
+	);
+	CREATE INDEX objects_read_read_at ON objects_read (read_at);`,
 }
 
 // migrate applies the migrations the database lacks, all in one transaction. On
