@@ -13,6 +13,10 @@ import (
 	"github.com/imdsguard/imdsguard/internal/wire"
 )
 
+// DecodeBatch is the intake's decoder of a batch body (see decodeBatch), for
+// benchmarks that hold the intake against decoding alone.
+func DecodeBatch(data []byte) (wire.Batch, [][]byte, error) { return decodeBatch(data) }
+
 // decodeBatch decodes one batch body (a wire.Batch) in one pass and returns each
 // fingerprint's bytes as sent, for the store to keep without encoding them again.
 //

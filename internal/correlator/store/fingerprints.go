@@ -25,10 +25,12 @@ type putRequest struct {
 	done   chan struct{}
 }
 
-// Group commit bounds: a commit takes at most this many Puts or fingerprints.
+// Group commit bounds: a commit takes at most this many Puts or fingerprints, and
+// waits at most groupWindow for the Puts it expects.
 const (
 	groupMaxPuts         = 128
 	groupMaxFingerprints = 10000
+	groupWindow          = time.Millisecond
 )
 
 // Put stores fps: all of them or, on error, none. A fingerprint whose id is already
@@ -69,7 +71,9 @@ func (s *DB) PutRaw(ctx context.Context, fps []wire.Fingerprint, bodies [][]byte
 	}
 	// Once queued the request is committed or failed whatever ctx does: the caller
 	// waits for the answer, so that a stored batch is never reported as lost.
-	s.waiting.Add(1)
+	n := s.waiting.Add(1)
+	for p := s.peak.Load(); n > p && !s.peak.CompareAndSwap(p, n); p = s.peak.Load() {
+	}
 	<-req.done
 	s.waiting.Add(-1)
 	return req.added, req.dups, req.err
@@ -87,7 +91,15 @@ func (s *DB) startCommitter() {
 }
 
 // commitLoop takes a Put, then every Put already waiting, and commits them together.
+//
+// It also waits (at most groupWindow) for as many Puts as were waiting at once during
+// the commit before: senders that wait for their answer (batches of 1 from a few
+// agents) come back together after a commit, a few hundred microseconds apart, and
+// without the wait they pair off, one committed alone while the others queue for the
+// next commit. Senders that stop make it wait once, for a window; when no more than
+// one Put waits at a time it never waits.
 func (s *DB) commitLoop() {
+	expected := 1
 	for {
 		var group []*putRequest
 		select {
@@ -97,17 +109,39 @@ func (s *DB) commitLoop() {
 			return
 		}
 		n := len(group[0].fps)
+		var window *time.Timer
 	more:
 		for len(group) < groupMaxPuts && n < groupMaxFingerprints {
 			select {
 			case req := <-s.puts:
 				group = append(group, req)
 				n += len(req.fps)
+				continue
 			default:
+			}
+			if len(group) >= expected {
+				break
+			}
+			if window == nil {
+				window = time.NewTimer(groupWindow)
+			}
+			select {
+			case req := <-s.puts:
+				group = append(group, req)
+				n += len(req.fps)
+			case <-window.C:
+				break more
+			case <-s.closed:
 				break more
 			}
 		}
+		if window != nil {
+			window.Stop()
+		}
 		s.commitGroup(group)
+		// The Puts of this group are answered now: the peak counts them and those
+		// that queued meanwhile.
+		expected = int(min(max(s.peak.Swap(s.waiting.Load()), 1), groupMaxPuts))
 	}
 }
 

@@ -46,6 +46,7 @@ type DB struct {
 	closeOnce     sync.Once
 	commits       atomic.Int64
 	waiting       atomic.Int64 // Puts queued or in a commit
+	peak          atomic.Int64 // most Puts waiting at once since the last commit
 }
 
 // Open connects to the database and applies the migrations it lacks. For SQLite, dsn
