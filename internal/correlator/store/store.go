@@ -36,7 +36,7 @@ type DB struct {
 	// SQLite has one writer at a time; taking turns here is cheaper than retrying
 	// SQLITE_BUSY. PostgreSQL needs no such thing.
 	writeMu sync.Mutex
-	inserts map[int]*sql.Stmt // SQLite's fingerprint inserts by rows (under writeMu)
+	inserts map[insertKey]*sql.Stmt // SQLite's fingerprint inserts (under writeMu)
 
 	// The intake's group commit (see Put).
 	committerOnce sync.Once

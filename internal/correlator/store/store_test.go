@@ -112,6 +112,18 @@ func TestFingerprints(t *testing.T) {
 		if err != nil || added != 2 || dups != 1 {
 			t.Fatalf("put: %d %d %v", added, dups, err)
 		}
+		// One stored before, one new: the insert that counts rows finds the duplicate
+		// and names the rows added instead.
+		added, dups, err = db.Put(ctx, []wire.Fingerprint{{ID: "c", AccessKeyID: "ASIA2"}, {ID: "b", AccessKeyID: "ASIA1"}}, "instance:x")
+		if err != nil || added != 1 || dups != 1 {
+			t.Fatalf("put again: %d %d %v", added, dups, err)
+		}
+		if got := db.ByAccessKey("ASIA2"); len(got) != 1 {
+			t.Fatalf("new fingerprint of a batch with a duplicate: %+v", got)
+		}
+		if _, err := db.SQL().Exec(`DELETE FROM fingerprints WHERE id = 'c'`); err != nil {
+			t.Fatal(err)
+		}
 		if got := db.ByAccessKey("ASIA1"); len(got) != 2 || got[0].ID != "a" || !got[0].Expiration.Equal(exp) {
 			t.Fatalf("%+v", got)
 		}
