@@ -38,10 +38,10 @@ func openStore(ctx context.Context, e *env) (*store.DB, error) {
 
 // ledger is where serve records the findings it published: in the database when
 // there is one, so that neither a restart nor a second replica publishes an update
-// twice. Replicas on a queue share it on PostgreSQL only: a SQLite file is no place
-// for them to meet. Without a database it is in memory.
-func ledger(db *store.DB, queue bool) outputs.Ledger {
-	if db != nil && (db.Driver() == store.Postgres || !queue) {
+// twice (replicas share it on PostgreSQL: a SQLite file is no place for them to meet).
+// Without a database it is in memory.
+func ledger(db *store.DB) outputs.Ledger {
+	if db != nil {
 		return db
 	}
 	return &outputs.MemoryLedger{}

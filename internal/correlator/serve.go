@@ -127,6 +127,7 @@ type detection struct {
 	shared      *sharedState
 	delta       *detector.Detector
 	deltaLatest time.Time
+	objects     []trailqueue.Object // read into delta, recorded with it
 	out         *outputs.Dispatcher
 	interval    time.Duration
 	latest      time.Time // latest event time seen
@@ -147,7 +148,7 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (
 	if cfg.Serve.Checkpoint == "" {
 		e.log.Warn().Str("event", "no_checkpoint").Msg("serve.checkpoint is not set: a restart reads every file again")
 	}
-	out, err := newDispatcher(ctx, e, stdout, ledger(db, cfg.Serve.SQS.QueueURL != ""))
+	out, err := newDispatcher(ctx, e, stdout, ledger(db))
 	if err != nil {
 		return nil, err
 	}
@@ -190,8 +191,12 @@ func newDetection(ctx context.Context, e *env, stdout io.Writer, db *store.DB) (
 	for _, l := range listers {
 		d.followers = append(d.followers, &trailwatch.Follower{Lister: l, Checkpoint: cp, Read: d.read, Log: e.log})
 	}
-	if db != nil && d.queue != nil && db.Driver() == store.Postgres {
+	if db != nil && d.queue != nil {
+		// On SQLite a single replica keeps its state the same way: a turn records
+		// the objects read with their counts, so neither a restart nor a redelivered
+		// message counts an object twice.
 		d.shared, d.delta = &sharedState{db: db, applied: -1}, e.detector("")
+		d.queue.Counted = d.shared.counted
 	}
 	if db != nil && d.queue == nil {
 		d.state, d.checkpoint = db, cp
@@ -293,9 +298,10 @@ func (d *detection) cycle(ctx context.Context) error {
 		// The queue's messages are deleted only after publish has recorded their
 		// findings.
 		var recordErr error
-		n, err := d.queue.Poll(ctx, func(ctx context.Context) error {
+		n, err := d.queue.Poll(ctx, func(ctx context.Context, objs []trailqueue.Object) error {
 			published = true
-			recordErr = d.publish(ctx, read)
+			d.objects = append(d.objects, objs...)
+			recordErr = d.publish(ctx, read+len(objs))
 			return recordErr
 		})
 		read += n

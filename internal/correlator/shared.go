@@ -9,9 +9,11 @@ import (
 
 	"github.com/imdsguard/imdsguard/internal/correlator/detector"
 	"github.com/imdsguard/imdsguard/internal/correlator/store"
+	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue"
 )
 
-// sharedState is the detector state that replicas on one queue share in PostgreSQL.
+// sharedState is the detector state that replicas on one queue share in PostgreSQL
+// (on SQLite, the state of one process on a queue, kept the same way).
 // Each replica reads its objects into a delta detector of its own (the expensive part,
 // in parallel); then, in its turn at the database's lock, it merges the deltas the
 // others appended since its last turn, appends and merges its own, judges, claims the
@@ -48,8 +50,8 @@ func (d *detection) publishShared(ctx context.Context, files int) error {
 	sh := d.shared
 	// What was read this cycle counts only if this turn commits: otherwise its
 	// messages stay on the queue and are read again.
-	delta := d.delta
-	d.delta = d.e.detector("")
+	delta, objs := d.delta, d.objects
+	d.delta, d.objects = d.e.detector(""), nil
 	turn, err := sh.db.TakeStateTurn(ctx)
 	if err != nil {
 		return err
@@ -75,6 +77,21 @@ func (d *detection) publishShared(ctx context.Context, files int) error {
 			return fmt.Errorf("shared state delta %d: %w", dl.Seq, err)
 		}
 		applied = dl.Seq
+	}
+	// Under the lock, so no other turn records the same object meanwhile: an object
+	// that another replica counted while this one read it (its message came back after
+	// the visibility timeout) must not count twice. The whole delta is dropped then,
+	// and the messages come back to be read again without that object.
+	already, err := turn.RecordObjects(ctx, storeObjects(objs))
+	if err != nil {
+		return err
+	}
+	if len(already) > 0 {
+		for _, o := range already {
+			d.e.log.Warn().Str("event", "object_already_read").Str("file", "s3://"+o.Bucket+"/"+o.Key).Str("etag", o.ETag).
+				Msg("object counted by another replica while this one read it: this cycle is dropped and read again")
+		}
+		return fmt.Errorf("%d objects of this cycle were counted meanwhile", len(already))
 	}
 	if delta.Stats().Records > 0 {
 		body, err := encodeShared(delta, d.deltaLatest)
@@ -102,6 +119,9 @@ func (d *detection) publishShared(ctx context.Context, files int) error {
 		if err := turn.Compact(ctx, applied, body); err != nil {
 			return err
 		}
+		if err := turn.ForgetObjects(ctx, time.Now().Add(-store.ObjectsReadRetention)); err != nil {
+			return err
+		}
 	}
 	if err := turn.Commit(); err != nil {
 		return err
@@ -116,6 +136,20 @@ func (d *detection) publishShared(ctx context.Context, files int) error {
 		Int64("malformed", d.stats.Malformed).Int("groups", d.det.Stats().Groups).Int64("shared_seq", applied).Int("deltas_merged", len(deltas)).
 		Msg("detection cycle")
 	return nil
+}
+
+// counted is trailqueue.Consumer.Counted: whether the object's records are in the
+// shared state.
+func (sh *sharedState) counted(ctx context.Context, o trailqueue.Object) (bool, error) {
+	return sh.db.ObjectRead(ctx, store.Object{Bucket: o.Bucket, Key: o.Key, ETag: o.ETag})
+}
+
+func storeObjects(objs []trailqueue.Object) []store.Object {
+	out := make([]store.Object, len(objs))
+	for i, o := range objs {
+		out[i] = store.Object{Bucket: o.Bucket, Key: o.Key, ETag: o.ETag}
+	}
+	return out
 }
 
 // rebuild replaces the detector's state with the shared base and returns the base's seq.

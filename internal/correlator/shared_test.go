@@ -3,17 +3,24 @@ package correlator
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
+	"github.com/imdsguard/imdsguard/internal/correlator/store"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailqueue/sqstest"
 	"github.com/imdsguard/imdsguard/internal/correlator/trailwatch/trailwatchtest"
 	"github.com/imdsguard/imdsguard/internal/testing/ctcorpus"
@@ -297,5 +304,162 @@ func TestServeSQSSurvivesPostgresRestart(t *testing.T) {
 	}
 	if len(got) != len(want) {
 		t.Errorf("%d findings printed, detect gives %d", len(got), len(want))
+	}
+}
+
+// deleteHoldingQueue serves the SQS stand-in but, until released, holds every
+// DeleteMessageBatch until the client goes away, and tells when it holds the first.
+type deleteHoldingQueue struct {
+	q        *sqstest.Queue
+	once     sync.Once
+	deleting chan struct{}
+	released atomic.Bool
+}
+
+func (h *deleteHoldingQueue) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("X-Amz-Target") == "AmazonSQS.DeleteMessageBatch" && !h.released.Load() {
+		// The body read, the server notices the client going away.
+		_, _ = io.Copy(io.Discard, r.Body)
+		h.once.Do(func() { close(h.deleting) })
+		<-r.Context().Done()
+		return
+	}
+	h.q.ServeHTTP(w, r)
+}
+
+// A replica SIGKILLed after its turn committed and before it deleted its messages:
+// the messages come back, and the replica that gets them counts none of their objects
+// again (object_already_read). The counts recorded in the ledger are those detect
+// gives for the whole corpus, on either engine; no update is printed twice.
+func TestServeSQSObjectCountedOnce(t *testing.T) {
+	for _, driver := range []string{"sqlite", "postgres"} {
+		t.Run(driver, func(t *testing.T) { testObjectCountedOnce(t, driver) })
+	}
+}
+
+func testObjectCountedOnce(t *testing.T, driver string) {
+	dir := sharedCorpus(t)
+	dsn := filepath.Join(t.TempDir(), "state.db")
+	if driver == "postgres" {
+		dsn = postgresDSN(t)
+	}
+	base, _ := os.ReadFile(filepath.Join(dir, "config.yaml"))
+	// A window of a day: serve forgets nothing of the corpus's day.
+	day := regexp.MustCompile(`(?m)^window: .*$`).ReplaceAll(base, []byte("window: 24h"))
+	detectCfg := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(detectCfg, day, 0o600)
+	code, out, errs := runCmd(t, "", "detect", "--config", detectCfg, filepath.Join(dir, "cloudtrail", "AWSLogs"))
+	if code != 0 {
+		t.Fatalf("detect exit %d: %s", code, errs)
+	}
+	want := map[string]int64{}
+	for _, f := range decodeFindings(t, out) {
+		want[f.ID] = f.Count
+	}
+	fake := trailwatchtest.NewS3("trail")
+	queue := &sqstest.Queue{}
+	objects := 0
+	filepath.Walk(filepath.Join(dir, "cloudtrail", "AWSLogs"), func(p string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			data, _ := os.ReadFile(p)
+			rel, _ := filepath.Rel(filepath.Join(dir, "cloudtrail"), p)
+			fake.Put(filepath.ToSlash(rel), string(data))
+			queue.Send(fmt.Sprintf(`{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"trail"},"object":{"key":%q}}}]}`, filepath.ToSlash(rel)))
+			objects++
+		}
+		return nil
+	})
+	if objects < 3 || len(want) == 0 {
+		t.Fatalf("corpus: %d objects, %d findings", objects, len(want))
+	}
+	holding := &deleteHoldingQueue{q: queue, deleting: make(chan struct{})}
+	s3srv, sqsSrv := httptest.NewServer(fake), httptest.NewServer(holding)
+	defer s3srv.Close()
+	defer sqsSrv.Close()
+	t.Setenv("AWS_ACCESS_KEY_ID", trailwatchtest.AccessKeyID)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	cfg := filepath.Join(t.TempDir(), "serve.yaml")
+	os.WriteFile(cfg, append(slices.Clone(day), []byte("serve:\n  s3:\n    endpoint: "+s3srv.URL+"\n    path_style: true\n"+
+		"  sqs:\n    queue_url: "+sqsSrv.URL+"/123456789012/trail\n    endpoint: "+sqsSrv.URL+"\n    visibility_timeout: 1s\n"+
+		"  poll_interval: 200ms\nstore:\n  driver: "+driver+"\n  dsn: \""+dsn+"\"\n")...), 0o600)
+
+	// Replica 1, a process of its own, is killed while it deletes its first messages:
+	// their objects' counts are committed.
+	var out1, err1 syncbuf.Buffer
+	child := exec.Command(os.Args[0], "serve", "--config", cfg)
+	child.Env = append(os.Environ(), "IMDSGUARD_TEST_CORRELATOR=1")
+	child.Stdout, child.Stderr = &out1, &err1
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer child.Process.Kill()
+	select {
+	case <-holding.deleting:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("replica 1 never deleted a message:\n%s", err1.String())
+	}
+	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	child.Wait()
+	if queue.Deleted() != 0 || !strings.Contains(err1.String(), `"event":"detect_cycle"`) {
+		t.Fatalf("killed replica deleted %d messages; log:\n%s", queue.Deleted(), err1.String())
+	}
+
+	// Replica 2 gets every message back after the visibility timeout.
+	holding.released.Store(true)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out2, err2 syncbuf.Buffer
+	done := make(chan int, 1)
+	go func() { done <- Run(ctx, "", []string{"serve", "--config", cfg}, nil, &out2, &err2) }()
+	waitFor(t, "every message deleted", 30*time.Second, func() bool { return queue.Len() == 0 }, err2.String)
+	cancel()
+	if code := <-done; code != 0 {
+		t.Fatalf("replica 2 exit %d: %s", code, err2.String())
+	}
+	if !strings.Contains(err2.String(), `"event":"object_already_read"`) {
+		t.Errorf("replica 2 logged no object_already_read:\n%s", err2.String())
+	}
+	db, err := store.Open(context.Background(), driver, dsn, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	rows, err := db.SQL().Query(`SELECT finding_id, count FROM published_findings`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	got := map[string]int64{}
+	for rows.Next() {
+		var id string
+		var n int64
+		if err := rows.Scan(&id, &n); err != nil {
+			t.Fatal(err)
+		}
+		got[id] = n
+	}
+	for id, c := range want {
+		if got[id] != c {
+			t.Errorf("finding %s: recorded count %d, detect says %d", id, got[id], c)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("%d findings recorded, detect gives %d", len(got), len(want))
+	}
+	seen := map[string]int{}
+	for _, o := range []string{out1.String(), out2.String()} {
+		for _, f := range decodeFindings(t, o) {
+			seen[fmt.Sprintf("%s/%d", f.ID, f.Count)]++
+		}
+	}
+	for k, n := range seen {
+		if n != 1 {
+			t.Errorf("update %s printed %d times", k, n)
+		}
 	}
 }

@@ -2,9 +2,12 @@
 // accepts over loopback HTTPS (identity document verified, batch stored with group
 // commit in SQLite with synchronous=FULL, then in a PostgreSQL started for the run),
 // against a baseline handler that only decodes the same JSON over the same TLS, in one
-// run, for batches of 100 and of 1:
+// run (two baselines: encoding/json, strict, as the intake decoded before and as the
+// figures so far were measured; and the intake's own one-pass decoder, which shows
+// what everything but decoding costs), for batches of 100 and of 1, with 4 concurrent senders (the figures so far) and
+// with 16 (a fleet posts concurrently, and batches of 1 share commits then):
 //
-//	go run ./tools/bench-intake [-senders 4] [-fingerprints 20000] [-single 2000] [-rounds 3] [-cpuprofile FILE]
+//	go run ./tools/bench-intake [-senders 4,16] [-fingerprints 20000] [-single 2000] [-rounds 3] [-cpuprofile FILE]
 package main
 
 import (
@@ -30,6 +33,8 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -48,12 +53,21 @@ const (
 )
 
 func main() {
-	senders := flag.Int("senders", 4, "concurrent senders (keep-alive connections)")
+	sendersFlag := flag.String("senders", "4,16", "concurrent senders (keep-alive connections), a comma-separated list")
 	many := flag.Int("fingerprints", 20000, "fingerprints per round in batches of 100")
 	single := flag.Int("single", 2000, "fingerprints per round in batches of 1")
 	rounds := flag.Int("rounds", 3, "alternating rounds of baseline and intake; the median is reported")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	flag.Parse()
+	var senders []int
+	for _, f := range strings.Split(*sendersFlag, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			fmt.Fprintf(os.Stderr, "bench-intake: -senders: %q is not a positive number\n", f)
+			os.Exit(2)
+		}
+		senders = append(senders, n)
+	}
 	if *cpuprofile != "" {
 		f, err := os.Create(*cpuprofile)
 		if err == nil {
@@ -66,7 +80,7 @@ func main() {
 		defer f.Close()
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(*senders, *many, *single, *rounds); err != nil {
+	if err := run(senders, *many, *single, *rounds); err != nil {
 		fmt.Fprintf(os.Stderr, "bench-intake: %v\n", err)
 		pprof.StopCPUProfile()
 		os.Exit(1)
@@ -79,7 +93,7 @@ type server struct {
 	close func()
 }
 
-func run(senders, many, single, rounds int) error {
+func run(senders []int, many, single, rounds int) error {
 	dir, err := os.MkdirTemp("", "bench-intake")
 	if err != nil {
 		return fmt.Errorf("create temp dir: %w", err)
@@ -98,13 +112,21 @@ func run(senders, many, single, rounds int) error {
 	if err != nil {
 		return err
 	}
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, MaxIdleConnsPerHost: senders}, Timeout: time.Minute}
+	var clients []*http.Client
+	for _, n := range senders {
+		clients = append(clients, &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, MaxIdleConnsPerHost: n}, Timeout: time.Minute})
+	}
 	base, err := serve(http.HandlerFunc(decodeOnly), tlsCfg)
 	if err != nil {
 		return err
 	}
 	defer base.close()
-	fmt.Printf("intake: loopback HTTPS (TLS 1.3), %d senders, RSA-2048 signed identity document\n", senders)
+	same, err := serve(http.HandlerFunc(decodeSame), tlsCfg)
+	if err != nil {
+		return err
+	}
+	defer same.close()
+	fmt.Printf("intake: loopback HTTPS (TLS 1.3), RSA-2048 signed identity document, senders %v\n", senders)
 	seq := 0
 	engines := []struct {
 		name, driver string
@@ -135,7 +157,7 @@ func run(senders, many, single, rounds int) error {
 		if err != nil {
 			return err
 		}
-		err = bench(e.name, e.driver, dsn, client, &base, signer, tlsCfg, doc, p7, many, single, rounds, &seq)
+		err = bench(e.name, e.driver, dsn, clients, [2]*server{&base, &same}, signer, tlsCfg, doc, p7, many, single, rounds, &seq)
 		stop()
 		if err != nil {
 			return err
@@ -145,41 +167,24 @@ func run(senders, many, single, rounds int) error {
 }
 
 // bench measures the intake on one database engine against the decode-only baseline.
-func bench(name, driver, dsn string, client *http.Client, base *server, signer *iddoc.Signer, tlsCfg *tls.Config, doc, p7 string, many, single, rounds int, seq *int) error {
+func bench(name, driver, dsn string, clients []*http.Client, base [2]*server, signer *iddoc.Signer, tlsCfg *tls.Config, doc, p7 string, many, single, rounds int, seq *int) error {
 	st, err := store.Open(context.Background(), driver, dsn, zerolog.Nop())
 	if err != nil {
 		return err
 	}
 	defer st.Close()
 	h := intake.NewHandler(intake.Options{Store: st, AWSCertificates: []*x509.Certificate{signer.Cert}, AllowedAccounts: []string{account}, Log: zerolog.Nop()})
-	in, err := serve(h, tlsCfg)
+	inSrv, err := serve(h, tlsCfg)
 	if err != nil {
 		return err
 	}
-	defer in.close()
+	defer inSrv.close()
+	in := &inSrv
 	fmt.Printf("%s:\n", name)
-	for _, c := range []struct{ total, size int }{{many, 100}, {single, 1}} {
-		var baseRates, inRates []float64
-		commits := st.Commits()
-		for r := 0; r < rounds; r++ {
-			bodies, err := makeBodies(doc, p7, c.total, c.size, seq)
-			if err != nil {
-				return err
-			}
-			rate, err := send(client, base.url, bodies, c.size, senders(client))
-			if err != nil {
-				return fmt.Errorf("baseline: %w", err)
-			}
-			baseRates = append(baseRates, rate)
-			if rate, err = send(client, in.url, bodies, c.size, senders(client)); err != nil {
-				return fmt.Errorf("intake: %w", err)
-			}
-			inRates = append(inRates, rate)
+	for _, client := range clients {
+		if err := benchSenders(client, base, in, st, doc, p7, many, single, rounds, seq); err != nil {
+			return err
 		}
-		b, i := median(baseRates), median(inRates)
-		perCommit := float64(c.total*rounds) / float64(max(1, st.Commits()-commits))
-		fmt.Printf("  batches of %3d: decode-only baseline %8.0f fingerprints/s; intake %8.0f fingerprints/s (%6.0f batches/s, %5.0f fingerprints per commit); ratio %.2f\n",
-			c.size, b, i, i/float64(c.size), perCommit, i/b)
 	}
 	n, err := st.Len(context.Background())
 	if err != nil {
@@ -187,6 +192,38 @@ func bench(name, driver, dsn string, client *http.Client, base *server, signer *
 	}
 	counts := h.Counts()
 	fmt.Printf("  stored %d fingerprints, %d accepted, %d duplicates, refused %v\n", n, counts.Accepted, counts.Duplicates, refusedTotal(counts))
+	return nil
+}
+
+// benchSenders measures batches of 100 and of 1 from one client's senders.
+func benchSenders(client *http.Client, base [2]*server, in *server, st *store.DB, doc, p7 string, many, single, rounds int, seq *int) error {
+	for _, c := range []struct{ total, size int }{{many, 100}, {single, 1}} {
+		var baseRates, sameRates, inRates []float64
+		commits := st.Commits()
+		for r := 0; r < rounds; r++ {
+			bodies, err := makeBodies(doc, p7, c.total, c.size, seq)
+			if err != nil {
+				return err
+			}
+			rate, err := send(client, base[0].url, bodies, c.size, senders(client))
+			if err != nil {
+				return fmt.Errorf("baseline: %w", err)
+			}
+			baseRates = append(baseRates, rate)
+			if rate, err = send(client, base[1].url, bodies, c.size, senders(client)); err != nil {
+				return fmt.Errorf("baseline: %w", err)
+			}
+			sameRates = append(sameRates, rate)
+			if rate, err = send(client, in.url, bodies, c.size, senders(client)); err != nil {
+				return fmt.Errorf("intake: %w", err)
+			}
+			inRates = append(inRates, rate)
+		}
+		b, bs, i := median(baseRates), median(sameRates), median(inRates)
+		perCommit := float64(c.total*rounds) / float64(max(1, st.Commits()-commits))
+		fmt.Printf("  %2d senders, batches of %3d: decode-only baseline %8.0f fingerprints/s (one-pass decoder %8.0f); intake %8.0f fingerprints/s (%6.0f batches/s, %5.0f fingerprints per commit); ratio %.2f (%.2f against the one-pass baseline)\n",
+			senders(client), c.size, b, bs, i, i/float64(c.size), perCommit, i/b, i/bs)
+	}
 	return nil
 }
 
@@ -207,6 +244,22 @@ func decodeOnly(w http.ResponseWriter, r *http.Request) {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, intake.MaxBodyBytes))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&b); err != nil {
+		http.Error(w, `{"error":"decode"}`, http.StatusBadRequest)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	fmt.Fprintf(w, "{\"accepted\":%d,\"duplicates\":0}\n", len(b.Fingerprints))
+}
+
+// decodeSame is the baseline with the intake's own decoder.
+func decodeSame(w http.ResponseWriter, r *http.Request) {
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, intake.MaxBodyBytes))
+	if err != nil {
+		http.Error(w, `{"error":"read"}`, http.StatusBadRequest)
+		return
+	}
+	b, _, err := intake.DecodeBatch(data)
+	if err != nil {
 		http.Error(w, `{"error":"decode"}`, http.StatusBadRequest)
 		return
 	}

@@ -166,7 +166,7 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, b *Batch) (Resu
 	if r.ContentLength > MaxBodyBytes {
 		return Result{}, "", refuse(http.StatusRequestEntityTooLarge, reasonTooLarge, "body of %d bytes is larger than %d", r.ContentLength, MaxBodyBytes)
 	}
-	raws, ref := decode(http.MaxBytesReader(w, r.Body, MaxBodyBytes), b)
+	raws, ref := decode(http.MaxBytesReader(w, r.Body, MaxBodyBytes), r.ContentLength, b)
 	if ref != nil {
 		return Result{}, "", ref
 	}
@@ -195,46 +195,25 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, b *Batch) (Resu
 	return Result{Accepted: added, Duplicates: dups}, sender, nil
 }
 
-// rawBatch is a Batch whose fingerprints are kept as sent, each decoded after: the
-// store keeps the bytes the agent sent instead of encoding them again (encoding cost
-// as much as decoding).
-type rawBatch struct {
-	Batch
-	Fingerprints []json.RawMessage `json:"fingerprints"` // shadows Batch.Fingerprints
-}
-
-// decode reads one batch strictly into b and returns each fingerprint's bytes.
-func decode(body io.Reader, b *Batch) ([][]byte, *refusal) {
-	var rb rawBatch
-	dec := json.NewDecoder(body)
-	dec.DisallowUnknownFields()
-	err := dec.Decode(&rb)
-	if err == nil {
-		// One JSON value and nothing after it but white space.
-		if _, err = dec.Token(); errors.Is(err, io.EOF) {
-			err = nil
-		} else if err == nil {
-			err = errors.New("data after the batch")
-		}
-	}
+// decode reads one batch strictly into b and returns each fingerprint's bytes as
+// sent: the store keeps them instead of encoding the fingerprints again.
+// size is the body's announced length (-1 when unknown), to read it in one buffer.
+func decode(body io.Reader, size int64, b *Batch) ([][]byte, *refusal) {
+	buf := bytes.NewBuffer(make([]byte, 0, min(max(size, 0), MaxBodyBytes)+bytes.MinRead))
+	_, err := buf.ReadFrom(body)
+	data := buf.Bytes()
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
 			return nil, refuse(http.StatusRequestEntityTooLarge, reasonTooLarge, "body is larger than %d bytes", MaxBodyBytes)
 		}
+		return nil, refuse(http.StatusBadRequest, reasonMalformed, "read batch: %v", err)
+	}
+	batch, raws, err := decodeBatch(data)
+	if err != nil {
 		return nil, refuse(http.StatusBadRequest, reasonMalformed, "decode batch: %v", err)
 	}
-	*b = rb.Batch
-	b.Fingerprints = make([]wire.Fingerprint, len(rb.Fingerprints))
-	raws := make([][]byte, len(rb.Fingerprints))
-	for i, raw := range rb.Fingerprints {
-		fd := json.NewDecoder(bytes.NewReader(raw))
-		fd.DisallowUnknownFields()
-		if err := fd.Decode(&b.Fingerprints[i]); err != nil {
-			return nil, refuse(http.StatusBadRequest, reasonMalformed, "decode batch: fingerprints[%d]: %v", i, err)
-		}
-		raws[i] = raw
-	}
+	*b = batch
 	return raws, nil
 }
 

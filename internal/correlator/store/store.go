@@ -36,7 +36,7 @@ type DB struct {
 	// SQLite has one writer at a time; taking turns here is cheaper than retrying
 	// SQLITE_BUSY. PostgreSQL needs no such thing.
 	writeMu sync.Mutex
-	inserts map[int]*sql.Stmt // SQLite's fingerprint inserts by rows (under writeMu)
+	inserts map[insertKey]*sql.Stmt // SQLite's fingerprint inserts (under writeMu)
 
 	// The intake's group commit (see Put).
 	committerOnce sync.Once
@@ -46,6 +46,7 @@ type DB struct {
 	closeOnce     sync.Once
 	commits       atomic.Int64
 	waiting       atomic.Int64 // Puts queued or in a commit
+	peak          atomic.Int64 // most Puts waiting at once since the last commit
 }
 
 // Open connects to the database and applies the migrations it lacks. For SQLite, dsn
@@ -182,6 +183,17 @@ var migrations = []string{
 		body     TEXT NOT NULL,
 		saved_at BIGINT NOT NULL -- unix nanoseconds
 	);`,
+	// 5: the objects whose records are in the shared detector state, each recorded in
+	// the turn that appended its delta, so that a redelivered object is not counted
+	// again; see StateTurn.RecordObjects.
+	`CREATE TABLE objects_read (
+		bucket     TEXT NOT NULL,
+		object_key TEXT NOT NULL,
+		etag       TEXT NOT NULL,   -- the object's ETag as GetObject gave it ('' when none)
+		read_at    BIGINT NOT NULL, -- unix nanoseconds
+		PRIMARY KEY (bucket, object_key, etag)
+	);
+	CREATE INDEX objects_read_read_at ON objects_read (read_at);`,
 }
 
 // migrate applies the migrations the database lacks, all in one transaction. On

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"os"
@@ -110,6 +111,18 @@ func TestFingerprints(t *testing.T) {
 		added, dups, err := db.Put(ctx, fps, "instance:x")
 		if err != nil || added != 2 || dups != 1 {
 			t.Fatalf("put: %d %d %v", added, dups, err)
+		}
+		// One stored before, one new: the insert that counts rows finds the duplicate
+		// and names the rows added instead.
+		added, dups, err = db.Put(ctx, []wire.Fingerprint{{ID: "c", AccessKeyID: "ASIA2"}, {ID: "b", AccessKeyID: "ASIA1"}}, "instance:x")
+		if err != nil || added != 1 || dups != 1 {
+			t.Fatalf("put again: %d %d %v", added, dups, err)
+		}
+		if got := db.ByAccessKey("ASIA2"); len(got) != 1 {
+			t.Fatalf("new fingerprint of a batch with a duplicate: %+v", got)
+		}
+		if _, err := db.SQL().Exec(`DELETE FROM fingerprints WHERE id = 'c'`); err != nil {
+			t.Fatal(err)
 		}
 		if got := db.ByAccessKey("ASIA1"); len(got) != 2 || got[0].ID != "a" || !got[0].Expiration.Equal(exp) {
 			t.Fatalf("%+v", got)
@@ -392,6 +405,73 @@ func TestPutRawKeepsTheSendersBytes(t *testing.T) {
 		}
 		if _, _, err := db.PutRaw(ctx, fps, nil, "x"); err == nil {
 			t.Fatal("bodies missing: no error")
+		}
+	})
+}
+
+// Every SQLite connection commits durably: WAL with synchronous=FULL (a batch the
+// intake acknowledged survives a power loss), on each connection of the pool, also
+// the ones opened while others are busy.
+func TestSQLiteDurability(t *testing.T) {
+	s := openT(t, SQLite, filepath.Join(t.TempDir(), "c.db"))
+	ctx := context.Background()
+	conns := make([]*sql.Conn, 3)
+	for i := range conns {
+		c, err := s.SQL().Conn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns[i] = c
+	}
+	for i, c := range conns {
+		var mode string
+		var sync int
+		if err := c.QueryRowContext(ctx, `PRAGMA journal_mode`).Scan(&mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.QueryRowContext(ctx, `PRAGMA synchronous`).Scan(&sync); err != nil {
+			t.Fatal(err)
+		}
+		if mode != "wal" || sync != 2 {
+			t.Errorf("connection %d: journal_mode %s, synchronous %d; want wal, 2 (FULL)", i, mode, sync)
+		}
+	}
+}
+
+// The objects read are recorded in the turn: a second turn recording the same object
+// (bucket, key and ETag) learns that it was, another ETag is another object, and
+// ObjectRead sees what a committed turn recorded and nothing of a rolled-back one.
+func TestObjectsRead(t *testing.T) {
+	engines(t, func(t *testing.T, open func() *DB) {
+		s := open()
+		ctx := context.Background()
+		a := Object{Bucket: "trail", Key: "k1", ETag: `"e1"`}
+		b := Object{Bucket: "trail", Key: "k1", ETag: `"e2"`}
+		turn, err := s.TakeStateTurn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if already, err := turn.RecordObjects(ctx, []Object{a}); err != nil || len(already) != 0 {
+			t.Fatalf("first record: %v %v", already, err)
+		}
+		if err := turn.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		turn, err = s.TakeStateTurn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		already, err := turn.RecordObjects(ctx, []Object{b, a})
+		if err != nil || len(already) != 1 || already[0] != a {
+			t.Fatalf("second record: %v %v", already, err)
+		}
+		turn.Rollback()
+		if read, err := s.ObjectRead(ctx, a); err != nil || !read {
+			t.Errorf("committed object: read %v, %v", read, err)
+		}
+		if read, err := s.ObjectRead(ctx, b); err != nil || read {
+			t.Errorf("rolled-back object: read %v, %v", read, err)
 		}
 	})
 }

@@ -27,7 +27,8 @@ import (
 // Object is one S3 object a notification names.
 type Object struct {
 	Bucket, Key string
-	Size        int64 // 0 when the notification does not say
+	Size        int64  // 0 when the notification does not say
+	ETag        string // as GetObject gave it, once read
 }
 
 // ParseNotification returns the objects of one SQS message body: an S3 event
@@ -104,13 +105,17 @@ type Consumer struct {
 	MaxObjectBytes int64
 	// Read consumes one object (the cloudtrail reader: it never fails on content).
 	Read func(name string, r io.Reader) error
-	Log  zerolog.Logger
+	// Counted, when set, tells whether an object's records were already counted (a
+	// replica that died after recording them and before deleting their message):
+	// such an object is not read again, and its message is deleted.
+	Counted func(ctx context.Context, o Object) (bool, error)
+	Log     zerolog.Logger
 }
 
-// Poll receives up to 10 messages, reads their objects, calls record (which must make
-// the findings durable) and then deletes the messages whose objects were all read.
-// It returns how many objects it read.
-func (c *Consumer) Poll(ctx context.Context, record func(ctx context.Context) error) (int, error) {
+// Poll receives up to 10 messages, reads their objects, calls record with every object
+// read (it must make their counts and findings durable) and then deletes the messages
+// whose objects were all read. It returns how many objects it read.
+func (c *Consumer) Poll(ctx context.Context, record func(ctx context.Context, read []Object) error) (int, error) {
 	out, err := c.SQS.ReceiveMessage(ctx, &sqs.ReceiveMessageInput{
 		QueueUrl: aws.String(c.QueueURL), MaxNumberOfMessages: 10,
 		WaitTimeSeconds:             int32(min(c.Wait, 20*time.Second) / time.Second),
@@ -121,13 +126,14 @@ func (c *Consumer) Poll(ctx context.Context, record func(ctx context.Context) er
 		return 0, fmt.Errorf("receive from %s: %w", c.QueueURL, err)
 	}
 	var done []types.DeleteMessageBatchRequestEntry
-	read := 0
+	// Every object read goes to record, those of a message that failed later too:
+	// their records are counted, and the message's redelivery must not count them again.
+	p := &pollRead{}
 	for i, m := range out.Messages {
-		n, err := c.handle(ctx, m)
-		read += n
+		err := c.handle(ctx, m, p)
 		if err != nil {
 			if ctx.Err() != nil {
-				return read, ctx.Err()
+				return len(p.objects), ctx.Err()
 			}
 			receives, _ := strconv.Atoi(m.Attributes[string(types.MessageSystemAttributeNameApproximateReceiveCount)])
 			c.Log.Error().Str("event", "poison_message").Str("message_id", aws.ToString(m.MessageId)).Int("receive_count", receives).Err(err).
@@ -142,7 +148,8 @@ func (c *Consumer) Poll(ctx context.Context, record func(ctx context.Context) er
 	// The findings of what was read are recorded before any message goes: a replica
 	// that dies here has its messages redelivered, and the ledger keeps their findings
 	// from going out twice.
-	if err := record(ctx); err != nil {
+	read := len(p.objects)
+	if err := record(ctx, p.objects); err != nil {
 		return read, fmt.Errorf("record findings: %w", err)
 	}
 	if len(done) == 0 {
@@ -160,21 +167,27 @@ func (c *Consumer) Poll(ctx context.Context, record func(ctx context.Context) er
 	return read, nil
 }
 
-// handle reads every object of one message.
-func (c *Consumer) handle(ctx context.Context, m types.Message) (int, error) {
-	objs, err := ParseNotification(aws.ToString(m.Body))
-	if err != nil {
-		return 0, err
-	}
-	for i, o := range objs {
-		if err := c.readObject(ctx, o); err != nil {
-			return i, err
-		}
-	}
-	return len(objs), nil
+// pollRead is what one Poll has read.
+type pollRead struct {
+	objects []Object
+	seen    map[Object]bool // by bucket, key and ETag (Size zero)
 }
 
-func (c *Consumer) readObject(ctx context.Context, o Object) error {
+// handle reads every object of one message.
+func (c *Consumer) handle(ctx context.Context, m types.Message, p *pollRead) error {
+	objs, err := ParseNotification(aws.ToString(m.Body))
+	if err != nil {
+		return err
+	}
+	for _, o := range objs {
+		if err := c.readObject(ctx, o, p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Consumer) readObject(ctx context.Context, o Object, p *pollRead) error {
 	name := "s3://" + o.Bucket + "/" + o.Key
 	if c.MaxObjectBytes > 0 && o.Size > c.MaxObjectBytes {
 		return fmt.Errorf("%s: %d bytes, more than %d", name, o.Size, c.MaxObjectBytes)
@@ -187,6 +200,18 @@ func (c *Consumer) readObject(ctx context.Context, o Object) error {
 	if c.MaxObjectBytes > 0 && aws.ToInt64(out.ContentLength) > c.MaxObjectBytes {
 		return fmt.Errorf("%s: %d bytes, more than %d", name, aws.ToInt64(out.ContentLength), c.MaxObjectBytes)
 	}
+	id := Object{Bucket: o.Bucket, Key: o.Key, ETag: aws.ToString(out.ETag)}
+	counted := p.seen[id] // the same object named twice in one receive (SQS delivers at least once)
+	if !counted && c.Counted != nil {
+		if counted, err = c.Counted(ctx, id); err != nil {
+			return err
+		}
+	}
+	if counted {
+		c.Log.Info().Str("event", "object_already_read").Str("file", name).Str("etag", id.ETag).
+			Msg("object already counted (its message was redelivered): not read again")
+		return nil
+	}
 	var r io.Reader = out.Body
 	if c.MaxObjectBytes > 0 {
 		r = io.LimitReader(out.Body, c.MaxObjectBytes)
@@ -194,5 +219,10 @@ func (c *Consumer) readObject(ctx context.Context, o Object) error {
 	if err := c.Read(name, r); err != nil {
 		return fmt.Errorf("read %s: %w", name, err)
 	}
+	if p.seen == nil {
+		p.seen = map[Object]bool{}
+	}
+	p.seen[id] = true
+	p.objects = append(p.objects, id)
 	return nil
 }

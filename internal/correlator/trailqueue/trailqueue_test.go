@@ -36,9 +36,9 @@ func TestParseNotification(t *testing.T) {
 		want []Object
 		err  string
 	}{
-		{direct, []Object{{"trail", "AWSLogs/1/CloudTrail/us-east-1/2026/11/20/a b=.json.gz", 10}}, ""},
-		{sns, []Object{{"trail", "AWSLogs/1/CloudTrail/us-east-1/2026/11/20/a b=.json.gz", 10}}, ""},
-		{`{"s3Bucket":"trail","s3ObjectKey":["k1","k2"]}`, []Object{{"trail", "k1", 0}, {"trail", "k2", 0}}, ""},
+		{direct, []Object{{"trail", "AWSLogs/1/CloudTrail/us-east-1/2026/11/20/a b=.json.gz", 10, ""}}, ""},
+		{sns, []Object{{"trail", "AWSLogs/1/CloudTrail/us-east-1/2026/11/20/a b=.json.gz", 10, ""}}, ""},
+		{`{"s3Bucket":"trail","s3ObjectKey":["k1","k2"]}`, []Object{{"trail", "k1", 0, ""}, {"trail", "k2", 0, ""}}, ""},
 		{`{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"trail"}`, nil, ""},
 		{`{"Records":[{"eventSource":"aws:s3","eventName":"ObjectRemoved:Delete","s3":{"bucket":{"name":"b"},"object":{"key":"k"}}}]}`, nil, ""},
 		{`not json`, nil, "not a JSON notification"},
@@ -98,14 +98,14 @@ func TestConsumerDeletesOnlyRecorded(t *testing.T) {
 	b.q.Send(fmt.Sprintf(`{"Type":"Notification","Message":%q}`, S3Event("trail", "AWSLogs/b.json", 1)))
 	ctx := context.Background()
 	// Recording fails: nothing is deleted, both come back after the visibility timeout.
-	n, err := b.c.Poll(ctx, func(context.Context) error { return errors.New("database down") })
+	n, err := b.c.Poll(ctx, func(context.Context, []Object) error { return errors.New("database down") })
 	if n != 2 || err == nil || b.q.Deleted() != 0 {
 		t.Fatalf("read %d, err %v, deleted %d", n, err, b.q.Deleted())
 	}
 	recorded := 0
 	deadline := time.Now().Add(10 * time.Second)
 	for b.q.Len() > 0 && time.Now().Before(deadline) {
-		if _, err := b.c.Poll(ctx, func(context.Context) error { recorded++; return nil }); err != nil {
+		if _, err := b.c.Poll(ctx, func(context.Context, []Object) error { recorded++; return nil }); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -132,7 +132,7 @@ func TestConsumerPoisonGoesToRedrive(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("dead %v, left %d", b.q.Dead(), b.q.Len())
 		}
-		if _, err := b.c.Poll(ctx, func(context.Context) error { return nil }); err != nil {
+		if _, err := b.c.Poll(ctx, func(context.Context, []Object) error { return nil }); err != nil {
 			t.Fatal(err)
 		}
 	}
