@@ -58,6 +58,13 @@ func TestPrivilegedContainerNetnsServed(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-done })
 	r := waitNamespaces(t, agent, 1)
 	ep := r.Namespaces[0]
+	// The process watched is the first one reported in the namespace: the shell, or
+	// curl when the kernel reported its fork first; once curl exits, the shell.
+	for deadline := time.Now().Add(5 * time.Second); ep.PID != cmd.Process.Pid && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if r = waitNamespaces(t, agent, 1); len(r.Namespaces) == 1 {
+			ep = r.Namespaces[0]
+		}
+	}
 	if ep.PID != cmd.Process.Pid || !ep.Families.IPv4 || !ep.Families.IPv6 {
 		t.Errorf("endpoint %+v: want the shell (pid %d) watched, both families", ep, cmd.Process.Pid)
 	}

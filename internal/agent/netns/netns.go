@@ -98,11 +98,15 @@ type Stats struct {
 	Refused uint64 // namespaces refused over max_namespaces
 }
 
+// procNetInitIno is the inode number of the kernel's initial network namespace
+// (PROC_NET_INIT_INO, fixed since Linux 3.8).
+const procNetInitIno = 0xEFFFFFF9
+
 // Errors of Serve.
 var (
 	ErrPortTaken     = errors.New("another process holds the broker's port in the namespace")
 	ErrNoLoopback    = errors.New("the namespace has no loopback address to listen on")
-	ErrHostNetns     = errors.New("the process is in the agent's own network namespace")
+	ErrHostNetns     = errors.New("the process is in the agent's own network namespace, or pid 1's")
 	ErrTooMany       = errors.New("max_namespaces reached")
 	ErrNotSame       = errors.New("the pid is not the process the event named (it exited)")
 	ErrMoved         = errors.New("the process is no longer in the namespace the event named")
@@ -120,6 +124,7 @@ type Manager struct {
 	pub       Publisher
 	log       zerolog.Logger
 	ownIno    uint64 // the agent's network namespace
+	initIno   uint64 // pid 1's, when it is not the agent's (0: unknown)
 	ownUserns uint64 // and user namespace
 
 	epfd, wakefd int
@@ -158,6 +163,14 @@ func New(cfg Config, b Broker, pub Publisher, log zerolog.Logger) (*Manager, err
 	if err != nil {
 		return nil, fmt.Errorf("own network namespace: %w", err)
 	}
+	// An agent in a network namespace of its own (the test bed) guards processes that
+	// may still be in the host's (pid 1's, or the kernel's initial one): that namespace
+	// is never a container's, and the agent must not listen there. Where pid 1 shares
+	// the agent's namespace (a host, or systemd-nspawn), this excludes nothing more.
+	initIno, err := nsInode(filepath.Join(cfg.Proc, "1/ns/net"))
+	if err != nil {
+		initIno = procNetInitIno // pid 1 may hold capabilities the agent lacks
+	}
 	userns, err := nsInode(filepath.Join(cfg.Proc, "self/ns/user"))
 	if err != nil {
 		return nil, fmt.Errorf("own user namespace: %w", err)
@@ -176,7 +189,7 @@ func New(cfg Config, b Broker, pub Publisher, log zerolog.Logger) (*Manager, err
 		_ = unix.Close(wakefd)
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
-	m := &Manager{cfg: cfg, broker: b, pub: pub, log: log, ownIno: ino, ownUserns: userns, epfd: epfd, wakefd: wakefd,
+	m := &Manager{cfg: cfg, broker: b, pub: pub, log: log, ownIno: ino, initIno: initIno, ownUserns: userns, epfd: epfd, wakefd: wakefd,
 		loopDone: make(chan struct{}), sem: make(chan struct{}, 4),
 		byCookie: map[uint64]*endpoint{}, byIno: map[uint64]*endpoint{}, byPidfd: map[int]*endpoint{},
 		pending: map[uint64]bool{}, inflight: map[uint64]bool{}, failed: map[uint64]time.Time{}}
@@ -423,7 +436,7 @@ func (m *Manager) open(pid int, startTicks, want uint64) (Endpoint, error) {
 	if !alive(pidfd) {
 		return Endpoint{}, fmt.Errorf("%w: it exited", ErrNotSame)
 	}
-	if st.Ino == m.ownIno {
+	if st.Ino == m.ownIno || st.Ino == m.initIno || st.Ino == procNetInitIno {
 		return Endpoint{}, ErrHostNetns
 	}
 	// Only namespaces of root's runtimes: any user may create network namespaces of
