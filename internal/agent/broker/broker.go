@@ -390,8 +390,9 @@ func (b *Broker) accept(l *listener) {
 			c.Close()
 			return
 		case !ok:
-			resetConn(c)
+			// Counted before the reset: whoever sees the reset sees it counted.
 			b.refusedOverCap(cc.info, reason)
+			resetConn(c)
 			continue
 		}
 		go cc.serve()
