@@ -39,7 +39,7 @@ type Prometheus struct {
 	// byCtr has the container (ContainerValue) and, for a pod's, its namespace: a label
 	// derived from the first, so it adds no series, for sums by namespace.
 	byCtr [numKinds]*prometheus.CounterVec
-	info   *prometheus.GaugeVec
+	info  *prometheus.GaugeVec
 	// The netns endpoints' gauge and counters, and the cumulative counts last added.
 	netnsServed                           prometheus.Gauge
 	netnsAdded, netnsRemoved, netnsFailed prometheus.Counter
