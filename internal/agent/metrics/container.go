@@ -1,7 +1,6 @@
 package metrics
 
 import (
-	"regexp"
 	"strings"
 
 	"github.com/imdsguard/imdsguard/internal/agent/containers"
@@ -65,11 +64,8 @@ func PodNamespace(value string) string {
 // (k8s.io/apimachinery/pkg/util/rand: no vowels, no 0, 1 or 3, so no words).
 const kubeAlphabet = "bcdfghjklmnpqrstvwxz2456789"
 
-var (
-	kubeRandomSuffix = regexp.MustCompile(`^(.+)-[` + kubeAlphabet + `]{5}$`)
-	kubeTemplateHash = regexp.MustCompile(`^(.+)-[` + kubeAlphabet + `]{6,10}$`)
-	kubeCronJobTime  = regexp.MustCompile(`^(.+)-[0-9]{8,}$`)
-)
+func isKubeRandom(c byte) bool { return strings.IndexByte(kubeAlphabet, c) >= 0 }
+func isDigit(c byte) bool      { return c >= '0' && c <= '9' }
 
 // Workload is a pod's name without what its controller added to make it unique: the
 // Deployment (or ReplicaSet), DaemonSet, Job or CronJob that made it, by the names those
@@ -77,18 +73,37 @@ var (
 // <cronjob>-<minutes since 1970>-<5 random>). A StatefulSet's <name>-<ordinal> and a pod
 // named by hand are kept: they are stable. Only the pod's name is known on the host (the
 // owner references are the API server's), so a hand-made name ending like a random
-// suffix loses it; the events keep the full pod name.
+// suffix loses it; the events keep the full pod name. It runs for every observation of
+// a pod's process, hence bytes rather than regular expressions.
 func Workload(pod string) string {
-	m := kubeRandomSuffix.FindStringSubmatch(pod)
-	if m == nil {
+	name, ok := cutSuffix(pod, 5, 5, isKubeRandom)
+	if !ok {
 		return pod
 	}
-	name := m[1]
-	if m := kubeCronJobTime.FindStringSubmatch(name); m != nil {
-		return m[1]
+	if n, ok := cutSuffix(name, 8, 20, isDigit); ok {
+		return n
 	}
-	if m := kubeTemplateHash.FindStringSubmatch(name); m != nil {
-		return m[1]
+	if n, ok := cutSuffix(name, 6, 10, isKubeRandom); ok {
+		return n
 	}
 	return name
+}
+
+// cutSuffix cuts "-SUFFIX" off name when SUFFIX has lo to hi bytes, each of them in, and
+// something is left before it.
+func cutSuffix(name string, lo, hi int, in func(byte) bool) (string, bool) {
+	i := strings.LastIndexByte(name, '-')
+	if i < 1 {
+		return name, false
+	}
+	suffix := name[i+1:]
+	if len(suffix) < lo || len(suffix) > hi {
+		return name, false
+	}
+	for j := range len(suffix) {
+		if !in(suffix[j]) {
+			return name, false
+		}
+	}
+	return name[:i], true
 }

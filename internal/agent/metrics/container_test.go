@@ -58,6 +58,9 @@ func TestWorkload(t *testing.T) {
 		"coredns-5d78c9869d-9mdbh":          "coredns",
 		"etcd-ip-10-0-1-2.ec2.internal":     "etcd-ip-10-0-1-2.ec2.internal", // static pod
 		"job-with-random-suffix-only-xk2vb": "job-with-random-suffix-only",
+		"-x2x7k":                            "-x2x7k", // nothing before the suffix
+		"report-28912345":                   "report-28912345",
+		"x2x7k":                             "x2x7k",
 	} {
 		if got := Workload(pod); got != want {
 			t.Errorf("Workload(%q) = %q, want %q", pod, got, want)
@@ -171,5 +174,15 @@ func TestPrometheusByContainer(t *testing.T) {
 	v2 := got["imdsguard_metadata_with_token_by_container_total"]
 	if len(v2) != 3 || v2[series{"pod/shop/web/app", "shop"}] != 1 || v2[series{Host, ""}] != 1 || v2[series{Other, ""}] != 1 {
 		t.Errorf("with_token by container %v", v2)
+	}
+}
+
+// ContainerValue runs for every counted observation of a process in a pod.
+func BenchmarkContainerValue(b *testing.B) {
+	pod := containers.Info{ID: testContainerID, Runtime: containers.Containerd,
+		Pod: containers.Pod{Namespace: "shop", Name: "web-7d9f8b6c5d-x2x7k", Container: "app"}}
+	b.ReportAllocs()
+	for b.Loop() {
+		_ = ContainerValue(pod)
 	}
 }
