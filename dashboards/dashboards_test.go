@@ -17,9 +17,32 @@ import (
 	"github.com/imdsguard/imdsguard/internal/agent/metrics/metricstest"
 )
 
-// The dimension sets the agent emits (metrics.Datums), as sorted, comma-joined names.
-var emittedDimensionSets = map[string]bool{
-	"InstanceId": true, "Executable,InstanceId": true, "InstanceId,User": true,
+// emittedDimensionSets is what the agent's CloudWatch sink sends (metrics.Datums) for an
+// interval in which every kind was seen in a process of a container: each data point's
+// dimension names, sorted and comma-joined, and the metric names sent with each.
+func emittedDimensionSets(t *testing.T) map[string]map[string]bool {
+	t.Helper()
+	agg := metrics.NewAggregator(10, 10)
+	for _, k := range metrics.Kinds() {
+		agg.Observe(metrics.Observation{Kind: k, Exe: "/bin/x", User: "root", Container: "pod/ns/web/app"})
+	}
+	sets := map[string]map[string]bool{}
+	for _, d := range metrics.Datums(agg.Flush(time.Now()), hostid.Identity{InstanceID: "i-1"}, true) {
+		var names []string
+		for _, dim := range d.Dimensions {
+			names = append(names, *dim.Name)
+		}
+		sort.Strings(names)
+		set := strings.Join(names, ",")
+		if sets[set] == nil {
+			sets[set] = map[string]bool{}
+		}
+		sets[set][*d.MetricName] = true
+	}
+	if len(sets) < 4 {
+		t.Fatalf("dimension sets emitted: %v", sets)
+	}
+	return sets
 }
 
 var searchRE = regexp.MustCompile(`^SEARCH\('\{([^}]*)\} MetricName="([A-Za-z]+)"', '(Sum|SampleCount|Average|Maximum|Minimum)', \d+\)$`)
@@ -37,10 +60,7 @@ func TestCloudWatchDashboardUsesEmittedMetrics(t *testing.T) {
 	if err := json.Unmarshal(CloudWatch, &body); err != nil {
 		t.Fatalf("cloudwatch.json: %v", err)
 	}
-	names := map[string]metrics.Kind{}
-	for _, k := range metrics.Kinds() {
-		names[k.String()] = k
-	}
+	emitted := emittedDimensionSets(t)
 	used := map[string]bool{}
 	for i, w := range body.Widgets {
 		if w.Type != "metric" {
@@ -67,14 +87,12 @@ func TestCloudWatchDashboardUsesEmittedMetrics(t *testing.T) {
 			}
 			dims := slices.Clone(schema[1:])
 			sort.Strings(dims)
-			k, ok := names[sm[2]]
+			set, ok := emitted[strings.Join(dims, ",")]
 			switch {
 			case !ok:
-				t.Errorf("widget %d: metric %q is not emitted", i, sm[2])
-			case !emittedDimensionSets[strings.Join(dims, ",")]:
 				t.Errorf("widget %d: dimension set %v is not emitted", i, dims)
-			case !k.PerProcess() && len(dims) != 1:
-				t.Errorf("widget %d: %s is emitted per instance only, not by %v", i, k, dims)
+			case !set[sm[2]]:
+				t.Errorf("widget %d: metric %q is not emitted with dimensions %v", i, sm[2], dims)
 			}
 			used[sm[2]] = true
 		}
@@ -105,7 +123,7 @@ func TestGrafanaDashboardUsesEmittedMetrics(t *testing.T) {
 	p := metrics.NewPrometheus(10, zerolog.Nop())
 	agg := metrics.NewAggregator(10, 10)
 	for _, k := range metrics.Kinds() {
-		agg.Observe(metrics.Observation{Kind: k, Exe: "/bin/x", User: "root"})
+		agg.Observe(metrics.Observation{Kind: k, Exe: "/bin/x", User: "root", Container: "pod/ns/web/app"})
 	}
 	if err := p.Publish(t.Context(), agg.Flush(time.Now()), hostid.Identity{}, false); err != nil {
 		t.Fatal(err)

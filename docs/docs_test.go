@@ -151,9 +151,10 @@ func TestAgentMetricsTable(t *testing.T) {
 		if len(r.Keys) != 1 || len(r.Cells) < 3 {
 			continue
 		}
-		says := strings.Contains(r.Cells[2], "executable") && strings.Contains(r.Cells[2], "user")
+		says := strings.Contains(r.Cells[2], "executable") && strings.Contains(r.Cells[2], "user") &&
+			strings.Contains(r.Cells[2], "container")
 		if says != perProcess[r.Keys[0]] {
-			t.Errorf("%s:%d: %s: the dimensions column says executable and user = %v, the code publishes them = %v",
+			t.Errorf("%s:%d: %s: the dimensions column says executable, user and container = %v, the code publishes them = %v",
 				page, r.Line, r.Keys[0], says, perProcess[r.Keys[0]])
 		}
 	}
@@ -168,7 +169,7 @@ func TestPrometheusFamiliesTable(t *testing.T) {
 		all[i] = 1
 	}
 	snap := metrics.Snapshot{Totals: all, ByExecutable: []metrics.Series{{Value: "/e", Counts: all}},
-		ByUser: []metrics.Series{{Value: "u", Counts: all}}}
+		ByUser: []metrics.Series{{Value: "u", Counts: all}}, ByContainer: []metrics.Series{{Value: "pod/ns/w/c", Counts: all}}}
 	if err := p.Publish(context.Background(), snap, hostid.Identity{InstanceID: "i-1"}, true); err != nil {
 		t.Fatal(err)
 	}

@@ -137,7 +137,7 @@ func (a *agent) observeRequest(req broker.Request, rec events.Record) {
 	var kind metrics.Kind
 	who := tally.Who{Exe: rec.Exe, Unit: rec.Unit, User: rec.User}
 	if req.ForeignTask != "" {
-		a.tel.observeProcess(metrics.ForeignTaskCredentials, rec.Exe, rec.User, rec.UID, req.Started)
+		a.tel.observeProcess(metrics.ForeignTaskCredentials, rec, req.Started)
 	}
 	if req.Endpoint != "" && req.Endpoint != broker.EndpointIMDS {
 		a.observeEndpointRequest(req, rec)
@@ -165,9 +165,9 @@ func (a *agent) observeRequest(req broker.Request, rec events.Record) {
 		kind = metrics.MetadataTokenRequests
 		a.ledger.Observe(tally.Token, who, req.Started)
 	}
-	a.tel.observeProcess(kind, rec.Exe, rec.User, rec.UID, req.Started)
+	a.tel.observeProcess(kind, rec, req.Started)
 	if req.Body != nil {
-		a.tel.observeProcess(metrics.CredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
+		a.tel.observeProcess(metrics.CredentialFetches, rec, req.Started)
 		a.ledger.Observe(tally.Credential, who, req.Started)
 	}
 }
@@ -182,8 +182,8 @@ func (a *agent) observeEndpointRequest(req broker.Request, rec events.Record) {
 		a.tel.Metrics.Observe(metrics.Observation{Kind: metrics.BrokerErrors, Count: 1})
 	case req.Body == nil:
 	case req.Endpoint == broker.EndpointECS:
-		a.tel.observeProcess(metrics.TaskCredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
+		a.tel.observeProcess(metrics.TaskCredentialFetches, rec, req.Started)
 	case req.Endpoint == broker.EndpointPodIdentity:
-		a.tel.observeProcess(metrics.PodCredentialFetches, rec.Exe, rec.User, rec.UID, req.Started)
+		a.tel.observeProcess(metrics.PodCredentialFetches, rec, req.Started)
 	}
 }

@@ -146,18 +146,35 @@ func (t *telemetry) observeConnect(rec events.Record) {
 	if rec.Verdict == hook.VerdictDeny.String() {
 		kind = metrics.MetadataDenied
 	}
-	t.observeProcess(kind, rec.Exe, rec.User, rec.UID, rec.Time)
+	t.observeProcess(kind, rec, rec.Time)
 }
 
 // observeProcess counts one thing a process did: the broker's classifications
 // (MetadataNoToken, MetadataNoTokenRejected, MetadataWithToken, MetadataTokenRequests,
-// CredentialFetches) come in here. A user without a name is counted by uid, so that
-// it stays distinct.
-func (t *telemetry) observeProcess(kind metrics.Kind, exe, user string, uid uint32, at time.Time) {
-	if user == "" {
-		user = strconv.FormatUint(uint64(uid), 10)
+// CredentialFetches) come in here, with the record of the process's connect.
+func (t *telemetry) observeProcess(kind metrics.Kind, rec events.Record, at time.Time) {
+	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: rec.Exe, User: userValue(rec),
+		Container: containerValue(rec), Time: at})
+}
+
+// userValue is the User dimension value: a user without a name is counted by uid, so
+// that it stays distinct.
+func userValue(rec events.Record) string {
+	if rec.User == "" {
+		return strconv.FormatUint(uint64(rec.UID), 10)
 	}
-	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: exe, User: user, Time: at})
+	return rec.User
+}
+
+// containerValue is the Container dimension value of the record's process: the
+// workload its container belongs to, metrics.Host for none, and "" (counted as
+// unknown) when its cgroup is not known. Only a container its runtime made counts
+// (rec.Container): a cgroup in a delegated subtree merely named like one is the host's.
+func containerValue(rec events.Record) string {
+	if rec.Cgroup == "" {
+		return ""
+	}
+	return metrics.ContainerValue(rec.Container)
 }
 
 // observeSummary counts the connects of one summary: in the per-process counts as
@@ -174,11 +191,8 @@ func (t *telemetry) observeSummary(rec events.Record) {
 	if rec.Verdict == hook.VerdictDeny.String() {
 		kind = metrics.MetadataDenied
 	}
-	user := rec.User
-	if user == "" {
-		user = strconv.FormatUint(uint64(rec.UID), 10)
-	}
-	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: rec.Exe, User: user, Time: rec.Time, Count: rec.Count})
+	t.Metrics.Observe(metrics.Observation{Kind: kind, Exe: rec.Exe, User: userValue(rec),
+		Container: containerValue(rec), Time: rec.Time, Count: rec.Count})
 	t.Metrics.Observe(metrics.Observation{Kind: metrics.EventsAggregated, Count: rec.Count})
 }
 

@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 	"github.com/imdsguard/imdsguard/internal/agent/events"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics"
 )
@@ -27,5 +29,36 @@ func TestObserveConnect(t *testing.T) {
 	}
 	if !users["root"] || !users["4242"] {
 		t.Errorf("users %v", s.ByUser)
+	}
+}
+
+// Every per-process count carries the workload of the record's container: the pod, the
+// host for a process in none, unknown when its cgroup is not known, and the host for a
+// cgroup merely named like a container (no runtime made it: rec.Container is empty).
+func TestObserveByContainer(t *testing.T) {
+	tel := &telemetry{Metrics: metrics.NewAggregator(20, 100)}
+	now := time.Now()
+	pod := containers.Info{ID: "c0ffee", Runtime: containers.CRIO,
+		Pod: containers.Pod{Namespace: "shop", Name: "web-7d9f8b6c5d-x2x7k", Container: "app"}}
+	tel.observeConnect(events.Record{Time: now, Exe: "/app", User: "root", Verdict: "allow",
+		Cgroup: "/kubepods.slice/x/crio-c0ffee.scope", ContainerID: "c0ffee", Container: pod})
+	tel.observeProcess(metrics.MetadataNoToken, events.Record{Exe: "/app", UID: 0, Cgroup: "/kubepods.slice/x", Container: pod}, now)
+	tel.observeSummary(events.Record{Time: now, Exe: "/usr/bin/curl", User: "root", Verdict: "deny", Count: 4,
+		Cgroup: "/system.slice/cloud-init.service"})
+	tel.observeConnect(events.Record{Time: now, Exe: "/x", User: "u", Verdict: "allow",
+		Cgroup: "/user.slice/user-1000.slice/docker-" + strings.Repeat("a", 64) + ".scope", ContainerID: strings.Repeat("a", 64)})
+	tel.observeConnect(events.Record{Time: now, Exe: "/gone", Verdict: "allow"})
+	got := map[string]metrics.Counts{}
+	for _, sr := range tel.Metrics.Flush(now).ByContainer {
+		got[sr.Value] = sr.Counts
+	}
+	if c := got["pod/shop/web/app"]; len(got) != 3 || c.Get(metrics.MetadataRequests) != 1 || c.Get(metrics.MetadataNoToken) != 1 {
+		t.Errorf("pod: %v", got)
+	}
+	if c := got[metrics.Host]; c.Get(metrics.MetadataDenied) != 4 || c.Get(metrics.MetadataRequests) != 1 {
+		t.Errorf("host: %v", c)
+	}
+	if c := got[metrics.Unknown]; c.Get(metrics.MetadataRequests) != 1 {
+		t.Errorf("unknown: %v", c)
 	}
 }

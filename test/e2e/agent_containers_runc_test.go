@@ -224,6 +224,17 @@ metrics:
 		t.Errorf("shop and payments share network namespace %d", e.Netns)
 	}
 	waitNoToken(t, bed, agent, "http://"+promAddr+"/metrics")
+	// Per container, the workload: shop's IMDSv1, payments' refusal.
+	fams, err := metricstest.Scrape(bed.HTTPClient(), "http://"+promAddr+"/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := metricstest.Counter(fams, "imdsguard_metadata_no_token_by_container_total", "container", "pod/shop/web-0/app"); v < 1 {
+		t.Errorf("MetadataNoToken{container=pod/shop/web-0/app} = %v, want at least 1", v)
+	}
+	if v, _ := metricstest.Counter(fams, "imdsguard_metadata_no_token_rejected_by_container_total", "container", "pod/payments/api-0/app"); v < 1 {
+		t.Errorf("MetadataNoTokenRejected{container=pod/payments/api-0/app} = %v, want at least 1", v)
+	}
 
 	// sandbox: denied by its pod namespace, as a refused connection.
 	d := until(t, sandbox, imdsInstanceID, "sandbox denied", func(g getResult) bool { return g.Err != "" })

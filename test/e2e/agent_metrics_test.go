@@ -103,6 +103,8 @@ func TestPrivilegedAgentPublishesMetrics(t *testing.T) {
 		want["MetadataRequests{"+inst+"}"]++
 		want["MetadataRequests{Executable="+e.Exe+","+inst+"}"]++
 		want["MetadataRequests{"+inst+",User="+e.User+"}"]++
+		// The test bed's cgroup is no runtime's container: the host.
+		want["MetadataRequests{Container=host,"+inst+"}"]++
 	}
 	if want["MetadataRequests{"+inst+",User=nobody}"] != 1 || want["MetadataRequests{Executable=/usr/bin/curl,"+inst+"}"] < 5 {
 		t.Fatalf("unexpected events: %v", want)
@@ -246,6 +248,8 @@ func promLabel(key string) (string, string) {
 			return "executable", v
 		case "User":
 			return "user", v
+		case "Container":
+			return "container", v
 		}
 	}
 	return "", ""

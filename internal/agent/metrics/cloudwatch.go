@@ -143,7 +143,7 @@ func (c *CloudWatch) Publish(_ context.Context, s Snapshot, id hostid.Identity, 
 
 // Datums turns an interval into CloudWatch data points: every kind per instance (zeros
 // included, so that alarms on "no IMDSv1" see data), and the non-zero per-process kinds
-// per executable and per user. Without the identity, the InstanceId dimension is left
+// per executable, per user and per container. Without the identity, the InstanceId dimension is left
 // out rather than invented.
 func Datums(s Snapshot, id hostid.Identity, known bool) []types.MetricDatum {
 	var base []types.Dimension
@@ -159,10 +159,7 @@ func Datums(s Snapshot, id hostid.Identity, known bool) []types.MetricDatum {
 	for _, k := range Kinds() {
 		out = append(out, datum(k, s.Totals[k], base))
 	}
-	for _, group := range []struct {
-		dim    string
-		series []Series
-	}{{DimExecutable, s.ByExecutable}, {DimUser, s.ByUser}} {
+	for _, group := range s.groups() {
 		for _, sr := range group.series {
 			dims := append(append([]types.Dimension{}, base...),
 				types.Dimension{Name: aws.String(group.dim), Value: aws.String(sr.Value)})

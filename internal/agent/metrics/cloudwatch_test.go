@@ -12,6 +12,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/rs/zerolog"
 
+	"github.com/imdsguard/imdsguard/internal/agent/containers"
 	"github.com/imdsguard/imdsguard/internal/agent/hostid"
 	"github.com/imdsguard/imdsguard/internal/agent/metrics/metricstest"
 )
@@ -53,9 +54,11 @@ func TestCloudWatchPutMetricDataOnTheWire(t *testing.T) {
 	c := newTestCloudWatch(t, srv.URL, CloudWatchOptions{})
 
 	a := NewAggregator(20, 100)
-	a.Observe(Observation{Kind: MetadataRequests, Exe: "/usr/bin/curl", User: "root", Count: 3})
-	a.Observe(Observation{Kind: MetadataNoToken, Exe: "/usr/bin/curl", User: "root", Count: 2})
-	a.Observe(Observation{Kind: MetadataRequests, Exe: "/usr/bin/python3", User: "nobody"})
+	pod := ContainerValue(containers.Info{ID: strings.Repeat("ab", 32), Runtime: containers.Containerd,
+		Pod: containers.Pod{Namespace: "shop", Name: "web-7d9f8b6c5d-x2x7k", Container: "app"}})
+	a.Observe(Observation{Kind: MetadataRequests, Exe: "/usr/bin/curl", User: "root", Container: pod, Count: 3})
+	a.Observe(Observation{Kind: MetadataNoToken, Exe: "/usr/bin/curl", User: "root", Container: pod, Count: 2})
+	a.Observe(Observation{Kind: MetadataRequests, Exe: "/usr/bin/python3", User: "nobody", Container: Host})
 	a.Observe(Observation{Kind: EventsDropped, Count: 5})
 	end := time.Date(2026, 11, 23, 10, 1, 0, 0, time.UTC)
 	if err := c.Publish(context.Background(), a.Flush(end), testID, true); err != nil {
@@ -83,12 +86,16 @@ func TestCloudWatchPutMetricDataOnTheWire(t *testing.T) {
 		"MetadataRequests{Executable=/usr/bin/python3,InstanceId=i-0abc1234def567890}": 1,
 		"MetadataRequests{InstanceId=i-0abc1234def567890,User=root}":                   3,
 		"MetadataRequests{InstanceId=i-0abc1234def567890,User=nobody}":                 1,
+		"MetadataRequests{Container=pod/shop/web/app,InstanceId=i-0abc1234def567890}":  3,
+		"MetadataNoToken{Container=pod/shop/web/app,InstanceId=i-0abc1234def567890}":   2,
+		"MetadataRequests{Container=host,InstanceId=i-0abc1234def567890}":              1,
 	} {
 		if v, ok := sums[k]; !ok || v != want {
 			t.Errorf("%s = %v (present %v), want %v", k, v, ok, want)
 		}
 	}
-	if len(sums) != 15+2+1+2+1 {
+	// Per instance every kind; per executable, user and container the non-zero ones.
+	if len(sums) != 15+(2+1)+(2+1)+(2+1) {
 		t.Errorf("%d distinct metrics: %v", len(sums), sums)
 	}
 	for _, d := range cw.Datums() {
@@ -163,9 +170,9 @@ func TestCloudWatchBackoffAndBoundedMemory(t *testing.T) {
 	}
 	elapsed := time.Since(start)
 	pending, dropped := c.Pending()
-	// 30 intervals of 17 data points each (15 per instance, 1 per executable, 1 per
-	// user): 510 queued, 40 kept.
-	if pending != 40 || dropped != 510-40 {
+	// 30 intervals of 18 data points each (15 per instance, 1 per executable, 1 per
+	// user, 1 per container): 540 queued, 40 kept.
+	if pending != 40 || dropped != 540-40 {
 		t.Errorf("pending %d, dropped %d", pending, dropped)
 	}
 	// With backoff 20→40→80ms, a few hundred ms of outage is a handful of attempts.

@@ -14,8 +14,8 @@ import (
 )
 
 // EMF writes each interval as CloudWatch Embedded Metric Format JSON lines, for the
-// CloudWatch agent to ship: one line per instance, one per executable and one per user
-// (EMF carries one value per dimension per document).
+// CloudWatch agent to ship: one line per instance, one per executable, one per user and
+// one per container (EMF carries one value per dimension per document).
 type EMF struct {
 	namespace string
 	path      string // "" for a writer given to NewEMF (stdout, tests)
@@ -90,10 +90,7 @@ func (e *EMF) Publish(_ context.Context, s Snapshot, id hostid.Identity, known b
 	if err := e.line(ts, "", "", Kinds(), s.Totals, id, known); err != nil {
 		return err
 	}
-	for _, group := range []struct {
-		dim    string
-		series []Series
-	}{{DimExecutable, s.ByExecutable}, {DimUser, s.ByUser}} {
+	for _, group := range s.groups() {
 		for _, sr := range group.series {
 			if err := e.line(ts, group.dim, sr.Value, nonZeroPerProcess(sr.Counts), sr.Counts, id, known); err != nil {
 				return err
@@ -111,6 +108,7 @@ const (
 	DimInstanceID = "InstanceId"
 	DimExecutable = "Executable"
 	DimUser       = "User"
+	DimContainer  = "Container"
 )
 
 type emfMetric struct {

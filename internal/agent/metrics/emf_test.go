@@ -17,8 +17,8 @@ import (
 
 func TestEMFLinesAreValid(t *testing.T) {
 	a := NewAggregator(20, 100)
-	a.Observe(Observation{Kind: MetadataRequests, Exe: "/usr/bin/curl", User: "root", Count: 2})
-	a.Observe(Observation{Kind: MetadataNoToken, Exe: "/usr/bin/curl", User: "root"})
+	a.Observe(Observation{Kind: MetadataRequests, Exe: "/usr/bin/curl", User: "root", Container: "ecs/billing/api", Count: 2})
+	a.Observe(Observation{Kind: MetadataNoToken, Exe: "/usr/bin/curl", User: "root", Container: "ecs/billing/api"})
 	a.Observe(Observation{Kind: EventsDropped, Count: 4})
 	end := time.Date(2026, 11, 23, 10, 1, 0, 0, time.UTC)
 	snap := a.Flush(end)
@@ -47,8 +47,8 @@ func TestEMFLinesAreValid(t *testing.T) {
 			got[k] += v
 		}
 	}
-	if lines != 6 {
-		t.Errorf("%d lines, want 3 per publish (instance, executable, user)", lines)
+	if lines != 8 {
+		t.Errorf("%d lines, want 4 per publish (instance, executable, user, container)", lines)
 	}
 	for k, want := range map[string]float64{
 		"MetadataRequests{InstanceId=i-0abc}":                          2,
@@ -59,6 +59,8 @@ func TestEMFLinesAreValid(t *testing.T) {
 		"MetadataNoToken{InstanceId=i-0abc,User=root}":                 1,
 		"MetadataRequests{}":                                           2,
 		"MetadataRequests{Executable=/usr/bin/curl}":                   2,
+		"MetadataNoToken{Container=ecs/billing/api,InstanceId=i-0abc}": 1,
+		"MetadataRequests{Container=ecs/billing/api}":                  2,
 	} {
 		if v, ok := got[k]; !ok || v != want {
 			t.Errorf("%s = %v (present %v), want %v", k, v, ok, want)

@@ -1,7 +1,7 @@
 // Package metrics turns what the agent sees about IMDS traffic into MetadataNoToken-style
-// counters with the process behind them: per interval, per instance, per executable and
-// per user, with the number of executables and users capped so that one host cannot run
-// up a CloudWatch bill. Sinks publish each interval to CloudWatch (PutMetricData),
+// counters with the process behind them: per interval, per instance, per executable, per
+// user and per container (the workload: pod, ECS task, named container, or the host), with
+// the number of values of each capped so that one host cannot run up a CloudWatch bill. Sinks publish each interval to CloudWatch (PutMetricData),
 // Embedded Metric Format lines and a Prometheus endpoint. The aggregator also keeps a
 // lifetime per-process table for `imdsguard status`.
 package metrics
@@ -17,7 +17,7 @@ import (
 type Kind int
 
 // Kinds of observation. The first group describes IMDS traffic and carries the process
-// (Executable, User dimensions); the second is the agent's own health and is published
+// (Executable, User, Container dimensions); the second is the agent's own health and is published
 // per instance only.
 const (
 	// MetadataRequests counts every IMDS request (today: every connect() the hook sees).
@@ -74,7 +74,8 @@ func (k Kind) String() string {
 	return kindNames[k]
 }
 
-// PerProcess says whether the kind is published with Executable and User dimensions.
+// PerProcess says whether the kind is published with Executable, User and Container
+// dimensions.
 func (k Kind) PerProcess() bool { return k < EventsDropped }
 
 // Kinds lists every kind in publishing order.
@@ -86,8 +87,9 @@ func Kinds() []Kind {
 	return out
 }
 
-// Other is the dimension value that stands for every executable (or user) beyond the
-// cap of an interval. Unknown stands for an empty one.
+// Other is the dimension value that stands for every executable (user, container) beyond
+// the cap of an interval. Unknown stands for an empty one: for a container, a process
+// whose cgroup is not known.
 const (
 	Other   = "other"
 	Unknown = "unknown"
@@ -98,11 +100,14 @@ const maxDimensionValue = 1024
 
 // Observation is one thing seen. Count 0 means 1; Time zero means now.
 type Observation struct {
-	Kind  Kind
-	Exe   string // executable path; ignored for health kinds
-	User  string // user name, or the uid in decimal when the host has no name for it
-	Count uint64
-	Time  time.Time
+	Kind Kind
+	Exe  string // executable path; ignored for health kinds
+	User string // user name, or the uid in decimal when the host has no name for it
+	// Container is the ContainerValue of the process's container (Host for none); ""
+	// when its cgroup is not known.
+	Container string
+	Count     uint64
+	Time      time.Time
 }
 
 // Counts holds one number per kind.
@@ -111,7 +116,8 @@ type Counts [numKinds]uint64
 // Get returns the count of k.
 func (c *Counts) Get(k Kind) uint64 { return c[k] }
 
-// Series is the counts of one dimension value (an executable or a user) in an interval.
+// Series is the counts of one dimension value (an executable, a user or a container) in
+// an interval.
 type Series struct {
 	Value  string
 	Counts Counts
@@ -125,10 +131,22 @@ type Snapshot struct {
 	// the interval's end: the agent's own health, published to Prometheus only (it
 	// would cost CloudWatch metrics on every host, containers or not).
 	Netns NetnsStats
-	// ByExecutable and ByUser hold at most the cap, plus Other when something was
-	// folded into it, ranked with the most IMDSv1 use first.
+	// ByExecutable, ByUser and ByContainer hold at most the cap, plus Other when
+	// something was folded into it, ranked with the most IMDSv1 use first.
 	ByExecutable []Series
 	ByUser       []Series
+	ByContainer  []Series
+}
+
+// seriesGroup is one per-process dimension and its capped series in an interval.
+type seriesGroup struct {
+	dim    string
+	series []Series
+}
+
+// groups lists the per-process dimensions in publishing order, for the sinks.
+func (s Snapshot) groups() []seriesGroup {
+	return []seriesGroup{{DimExecutable, s.ByExecutable}, {DimUser, s.ByUser}, {DimContainer, s.ByContainer}}
 }
 
 // ProcessStats is the lifetime count of one (executable, user) pair, for status.
@@ -147,9 +165,9 @@ type ProcessStats struct {
 }
 
 // Aggregator counts observations per interval. It is safe for concurrent use; Observe
-// takes one short lock and allocates only for a new executable or user.
+// takes one short lock and allocates only for a new executable, user or container.
 type Aggregator struct {
-	maxValues int // the cap per interval, for executables and for users
+	maxValues int // the cap per interval, for executables, users and containers
 	maxProcs  int // lifetime table size
 	now       func() time.Time
 
@@ -159,6 +177,7 @@ type Aggregator struct {
 	netns  NetnsStats
 	byExe  map[string]*Counts
 	byUser map[string]*Counts
+	byCtr  map[string]*Counts
 	procs  map[procKey]*ProcessStats
 }
 
@@ -170,7 +189,7 @@ type procKey struct{ exe, user string }
 const maxTracked = 10000
 
 // NewAggregator returns an aggregator publishing at most maxExecutables executables
-// (and as many users) per interval, the rest as Other. maxProcs bounds the status table
+// (and as many users, and containers) per interval, the rest as Other. maxProcs bounds the status table
 // (the least recently seen pair is forgotten first).
 func NewAggregator(maxExecutables, maxProcs int) *Aggregator {
 	a := &Aggregator{maxValues: max(1, maxExecutables), maxProcs: max(1, maxProcs), now: time.Now}
@@ -184,6 +203,7 @@ func (a *Aggregator) reset(start time.Time) {
 	a.totals = Counts{}
 	a.byExe = map[string]*Counts{}
 	a.byUser = map[string]*Counts{}
+	a.byCtr = map[string]*Counts{}
 }
 
 // Observe counts one observation.
@@ -207,6 +227,7 @@ func (a *Aggregator) Observe(o Observation) {
 	exe, user := dimValue(o.Exe), dimValue(o.User)
 	bump(a.byExe, exe, o.Kind, n)
 	bump(a.byUser, user, o.Kind, n)
+	bump(a.byCtr, dimValue(o.Container), o.Kind, n)
 	a.recordProcess(exe, user, o.Kind, n, o.Time)
 }
 
@@ -302,11 +323,12 @@ func (a *Aggregator) SetNetns(n NetnsStats) {
 func (a *Aggregator) Flush(now time.Time) Snapshot {
 	a.mu.Lock()
 	s := Snapshot{Start: a.start, End: now, Totals: a.totals, Netns: a.netns}
-	byExe, byUser := a.byExe, a.byUser
+	byExe, byUser, byCtr := a.byExe, a.byUser, a.byCtr
 	a.reset(now)
 	a.mu.Unlock()
 	s.ByExecutable = capSeries(byExe, a.maxValues)
 	s.ByUser = capSeries(byUser, a.maxValues)
+	s.ByContainer = capSeries(byCtr, a.maxValues)
 	return s
 }
 

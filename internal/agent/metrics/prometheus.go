@@ -29,14 +29,17 @@ func PromName(k Kind) string { return "imdsguard_" + promNames[k] + "_total" }
 // Prometheus serves the counters on /metrics. Counters advance once per interval, from
 // the same capped snapshots as the other sinks, so every sink tells the same numbers.
 // Counters are cumulative, so label values accumulate over the agent's life: at most
-// labelLimit distinct executables (and users) get a label of their own, later ones
-// count as Other.
+// labelLimit distinct executables (users, containers) get a label of their own, later
+// ones count as Other.
 type Prometheus struct {
 	reg    *prometheus.Registry
 	total  [numKinds]prometheus.Counter
 	byExe  [numKinds]*prometheus.CounterVec
 	byUser [numKinds]*prometheus.CounterVec
-	info   *prometheus.GaugeVec
+	// byCtr has the container (ContainerValue) and, for a pod's, its namespace: a label
+	// derived from the first, so it adds no series, for sums by namespace.
+	byCtr [numKinds]*prometheus.CounterVec
+	info  *prometheus.GaugeVec
 	// The netns endpoints' gauge and counters, and the cumulative counts last added.
 	netnsServed                           prometheus.Gauge
 	netnsAdded, netnsRemoved, netnsFailed prometheus.Counter
@@ -46,6 +49,7 @@ type Prometheus struct {
 	labelLimit int
 	exeLabels  map[string]bool
 	userLabels map[string]bool
+	ctrLabels  map[string]bool
 	srv        *http.Server
 	log        zerolog.Logger
 }
@@ -53,7 +57,7 @@ type Prometheus struct {
 // NewPrometheus registers the families; labelLimit bounds label values per dimension.
 func NewPrometheus(labelLimit int, log zerolog.Logger) *Prometheus {
 	p := &Prometheus{reg: prometheus.NewRegistry(), labelLimit: max(1, labelLimit), log: log,
-		exeLabels: map[string]bool{}, userLabels: map[string]bool{}}
+		exeLabels: map[string]bool{}, userLabels: map[string]bool{}, ctrLabels: map[string]bool{}}
 	for k := Kind(0); k < numKinds; k++ {
 		help := "IMDS " + k.String() + " counted by imdsguard"
 		p.total[k] = prometheus.NewCounter(prometheus.CounterOpts{Name: PromName(k), Help: help + "."})
@@ -69,7 +73,11 @@ func NewPrometheus(labelLimit int, log zerolog.Logger) *Prometheus {
 			Name: "imdsguard_" + promNames[k] + "_by_user_total",
 			Help: help + ", by user (top N per interval, the rest as \"other\").",
 		}, []string{"user"})
-		p.reg.MustRegister(p.byExe[k], p.byUser[k])
+		p.byCtr[k] = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsguard_" + promNames[k] + "_by_container_total",
+			Help: help + ", by container: pod/NS/WORKLOAD/CONTAINER, ecs/FAMILY/CONTAINER, RUNTIME/NAME or host (top N per interval, the rest as \"other\").",
+		}, []string{"container", "pod_namespace"})
+		p.reg.MustRegister(p.byExe[k], p.byUser[k], p.byCtr[k])
 	}
 	p.info = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "imdsguard_instance_info",
@@ -141,12 +149,15 @@ func (p *Prometheus) Publish(_ context.Context, s Snapshot, id hostid.Identity, 
 		}
 	}
 	p.netnsLast = s.Netns
-	p.add(p.byExe, p.exeLabels, s.ByExecutable)
-	p.add(p.byUser, p.userLabels, s.ByUser)
+	p.add(p.byExe, p.exeLabels, s.ByExecutable, nil)
+	p.add(p.byUser, p.userLabels, s.ByUser, nil)
+	p.add(p.byCtr, p.ctrLabels, s.ByContainer, PodNamespace)
 	return nil
 }
 
-func (p *Prometheus) add(vecs [numKinds]*prometheus.CounterVec, seen map[string]bool, series []Series) {
+// add advances the labelled counters by the interval's series; derive, when not nil,
+// gives the value of a second label from the first.
+func (p *Prometheus) add(vecs [numKinds]*prometheus.CounterVec, seen map[string]bool, series []Series, derive func(string) string) {
 	for _, sr := range series {
 		label := sr.Value
 		if !seen[label] {
@@ -155,9 +166,13 @@ func (p *Prometheus) add(vecs [numKinds]*prometheus.CounterVec, seen map[string]
 			}
 			seen[label] = true
 		}
+		values := []string{label}
+		if derive != nil {
+			values = append(values, derive(label))
+		}
 		for k := Kind(0); k < numKinds; k++ {
 			if k.PerProcess() && sr.Counts[k] > 0 {
-				vecs[k].WithLabelValues(label).Add(float64(sr.Counts[k]))
+				vecs[k].WithLabelValues(values...).Add(float64(sr.Counts[k]))
 			}
 		}
 	}
