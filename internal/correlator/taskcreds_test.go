@@ -169,7 +169,7 @@ intake:
 "requestParameters":{"instanceId":"i-0a01d000000000001","publicIp":"3.5.1.11"}}`, now.Add(-time.Hour).Format(time.RFC3339))
 	calls := []string{
 		moved,
-		tcCall(at, 1, tcTaskKey, "3.5.1.11"),                // (a) the host's public address
+		tcCall(at, 1, tcTaskKey, "3.5.1.11"), // (a) the host's public address
 		tcCall(at, 2, tcTaskKey, "2600:1f18:1111:2222::20"), // (a) the task's awsvpc interface, attached to the host
 		tcCall(at, 3, tcPodKey, "3.5.1.11"),                 // (a)
 		tcCall(at, 4, tcTaskKey, "198.51.100.23"),           // (b) outside AWS
