@@ -357,6 +357,12 @@ func (d *Detector) Credential(key string) (Credential, bool) {
 	if c.Endpoint == "" {
 		c.Endpoint = "imds" // agents before the field fetched from IMDS alone
 	}
+	if c.Role == "" {
+		// The Pod Identity agent's answer names no role: the trail's session does.
+		if s, ok := d.pl.sessions[key]; ok {
+			c.Role = s.role
+		}
+	}
 	c.Processes, c.HostAddresses = nil, nil
 	seen := map[netip.Addr]bool{}
 	for _, f := range fps {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/imdsguard/imdsguard/internal/correlator/config"
@@ -55,9 +56,21 @@ func (d *Detector) prepare() *judgeCtx {
 	jc := &judgeCtx{fpClaims: map[netip.Addr][]claim{}, hasClaims: map[string]bool{}, firstInAWS: map[string]netip.Addr{},
 		placedBy: map[string]string{}, creds: map[string]Credential{}}
 	if d.opt.Fingerprints != nil {
+		var firstUse map[string]time.Time
 		d.opt.Fingerprints.All(func(fp wire.Fingerprint) {
+			since := fp.LastUpdated
+			if since.IsZero() {
+				// The ECS and Pod Identity answers carry no LastUpdated. The host had
+				// these addresses when the key was fetched, which was before its first
+				// use: claiming them from the first use is late but never too early
+				// (a claim from the zero time would outrank an older owner's).
+				if firstUse == nil {
+					firstUse = d.firstUses()
+				}
+				since = firstUse[fp.AccessKeyID]
+			}
 			for _, a := range fp.HostAddresses {
-				jc.fpClaims[a.Unmap()] = append(jc.fpClaims[a.Unmap()], claim{instance: fp.Instance.ID, account: fp.Instance.AccountID, since: fp.LastUpdated, from: "fingerprint"})
+				jc.fpClaims[a.Unmap()] = append(jc.fpClaims[a.Unmap()], claim{instance: fp.Instance.ID, account: fp.Instance.AccountID, since: since, from: "fingerprint"})
 				jc.hasClaims[fp.Instance.ID] = true
 			}
 		})
@@ -111,6 +124,17 @@ func (d *Detector) prepare() *judgeCtx {
 		}
 	}
 	return jc
+}
+
+// firstUses is the earliest call seen with each key.
+func (d *Detector) firstUses() map[string]time.Time {
+	out := map[string]time.Time{}
+	for gk, g := range d.groups {
+		if t, ok := out[gk.key]; !ok || g.First.Before(t) {
+			out[gk.key] = g.First
+		}
+	}
+	return out
 }
 
 func (d *Detector) egress(a netip.Addr) bool {
@@ -247,6 +271,9 @@ func (d *Detector) finding(g *Group, c Credential, v verdict) Finding {
 		IMDSVersion: c.IMDSVersion, Processes: c.Processes, Endpoint: c.Endpoint, CredentialSource: c.Source, WindowStart: g.WindowStart,
 		FirstSeen: g.First, LastSeen: g.Last, Count: g.Count, Errors: g.Errors, Reason: v.reason, PlacedBy: v.placedBy,
 	}
+	if who := containerCredential(c); who != "" {
+		f.Reason += "; " + who
+	}
 	if f.AccountID == "" {
 		f.AccountID = g.Account
 	}
@@ -320,4 +347,54 @@ func anyPrefix(ps []netip.Prefix, a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// containerCredential names whose credentials a task or pod key is, from its
+// fingerprints' processes: "credentials of ECS task ARN (family F, container C) on
+// instance I". Empty for instance and Lambda credentials.
+func containerCredential(c Credential) string {
+	var whose string
+	switch c.Endpoint {
+	case "ecs":
+		whose = "ECS task"
+	case "pod_identity":
+		whose = "EKS Pod Identity"
+	default:
+		return ""
+	}
+	var names []string
+	seen := map[string]bool{}
+	for _, p := range c.Processes {
+		var n string
+		switch {
+		case p.ECSTask != nil:
+			n = "ECS task " + p.ECSTask.ARN + describe("family", p.ECSTask.Family, "container", p.ECSTask.Container)
+		case p.Pod != nil:
+			n = "pod " + p.Pod.Namespace + "/" + p.Pod.Name + describe("service account", p.Pod.ServiceAccount, "container", p.Pod.Container)
+		case p.ContainerID != "":
+			n = "container " + p.ContainerID
+		}
+		if n != "" && !seen[n] {
+			seen[n] = true
+			names = append(names, n)
+		}
+	}
+	if len(names) == 0 {
+		return fmt.Sprintf("%s credentials fetched on instance %s", whose, c.InstanceID)
+	}
+	return fmt.Sprintf("%s credentials of %s on instance %s", whose, strings.Join(names, ", "), c.InstanceID)
+}
+
+// describe is " (k1 v1, k2 v2)" for the pairs whose value is set.
+func describe(kv ...string) string {
+	var parts []string
+	for i := 0; i+1 < len(kv); i += 2 {
+		if kv[i+1] != "" {
+			parts = append(parts, kv[i]+" "+kv[i+1])
+		}
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(parts, ", ") + ")"
 }
