@@ -265,6 +265,10 @@ func (p *parser) fingerprint(fp *wire.Fingerprint) error {
 			return p.stringInto(&fp.IMDSVersion)
 		case "TOKEN_HMAC":
 			return p.stringInto(&fp.TokenHMAC)
+		case "ENDPOINT":
+			return p.stringInto(&fp.Endpoint)
+		case "ROLE_ARN":
+			return p.stringInto(&fp.RoleARN)
 		}
 		return p.errorf("unknown field %q", key)
 	})

@@ -168,3 +168,51 @@ func BenchmarkDecode(b *testing.B) {
 		})
 	}
 }
+
+// Every field of the wire types, filled by reflection, decodes as encoding/json decodes
+// it: a field added to internal/wire and not to the decoder fails here (the decoder
+// refuses unknown fields), not at the first agent that sends it.
+func TestDecodeBatchKnowsEveryWireField(t *testing.T) {
+	var fp wire.Fingerprint
+	fill(reflect.ValueOf(&fp).Elem())
+	b := wire.Batch{Document: "doc", PKCS7: "sig", BatchID: "b-1", Fingerprints: []wire.Fingerprint{fp}}
+	data, err := json.Marshal(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := decodeBatch(data); err != nil {
+		t.Fatalf("decode a batch with every wire field: %v\n%s", err, data)
+	}
+	agree(t, data)
+}
+
+// fill sets every string, integer, time and slice field it can reach to a non-zero
+// value, so that omitempty leaves none out.
+func fill(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.String:
+		v.SetString("x")
+	case reflect.Int, reflect.Int32, reflect.Int64, reflect.Uint32, reflect.Uint64:
+		if v.CanInt() {
+			v.SetInt(7)
+		} else {
+			v.SetUint(7)
+		}
+	case reflect.Pointer:
+		v.Set(reflect.New(v.Type().Elem()))
+		fill(v.Elem())
+	case reflect.Slice:
+		v.Set(reflect.MakeSlice(v.Type(), 1, 1))
+		fill(v.Index(0))
+	case reflect.Struct:
+		if v.Type() == reflect.TypeOf(time.Time{}) {
+			v.Set(reflect.ValueOf(time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)))
+			return
+		}
+		for i := 0; i < v.NumField(); i++ {
+			if v.Type().Field(i).IsExported() {
+				fill(v.Field(i))
+			}
+		}
+	}
+}

@@ -67,8 +67,12 @@ func otherSigner(t testing.TB) *iddoc.Signer {
 	return otherSign
 }
 
+// fpTime is the issue time of every test fingerprint: one instant for the whole run,
+// so that two fingerprints made a second apart (a replay) are equal.
+var fpTime = time.Now().UTC().Truncate(time.Second)
+
 func fp(id, inst, acct string) wire.Fingerprint {
-	now := time.Now().UTC().Truncate(time.Second)
+	now := fpTime
 	return wire.Fingerprint{
 		ID: id, AccessKeyID: "ASIA" + strings.ToUpper(id), Role: "web",
 		LastUpdated: now, Expiration: now.Add(6 * time.Hour),
