@@ -89,6 +89,12 @@ func (c *Capturer) ObserveEndpoint(endpoint, urlPath string, body []byte, proc w
 		Process:     proc,
 		IMDSVersion: imdsVersion,
 	}
+	if fp.LastUpdated.IsZero() {
+		// The ECS and Pod Identity answers carry no issue time: the host had the key
+		// from this fetch at the latest. Late rather than early, so the correlator
+		// never dates the host's claim on the key before the host could have had it.
+		fp.LastUpdated = time.Now().UTC().Truncate(time.Second)
+	}
 	switch endpoint {
 	case "imds":
 		fp.Role = path.Base(urlPath)

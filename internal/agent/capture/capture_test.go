@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/imdsguard/imdsguard/internal/wire"
 )
@@ -48,6 +49,7 @@ func TestCaptureKeepsNoSecrets(t *testing.T) {
 // the path, which holds the task's credentials id), the endpoint named, no secret kept.
 func TestCaptureContainerEndpoints(t *testing.T) {
 	c := NewCapturer([]byte("k"), nil, nil)
+	before := time.Now().UTC().Truncate(time.Second)
 	ecs := []byte(`{"RoleArn":"arn:aws:iam::123456789012:role/app/task-a","AccessKeyId":"ASIAECS","SecretAccessKey":"ECSSECRET","Token":"ECSTOKEN","Expiration":"2026-11-23T16:00:00Z"}`)
 	fp, _, err := c.ObserveEndpoint("ecs", "/v2/credentials/SECRETID", ecs, wire.Process{PID: 1}, 1, "")
 	if err != nil || fp.Endpoint != "ecs" || fp.Role != "task-a" || fp.RoleARN != "arn:aws:iam::123456789012:role/app/task-a" ||
@@ -58,6 +60,13 @@ func TestCaptureContainerEndpoints(t *testing.T) {
 	fp2, _, err := c.ObserveEndpoint("pod_identity", "/v1/credentials", pod, wire.Process{PID: 1}, 1, "")
 	if err != nil || fp2.Endpoint != "pod_identity" || fp2.Role != "" || fp2.AccessKeyID != "ASIAPOD" {
 		t.Fatalf("pod identity fingerprint %+v %v", fp2, err)
+	}
+	// Neither answer says when its key was issued: the fetch is when the host had it.
+	after := time.Now().UTC()
+	for _, f := range []wire.Fingerprint{fp, fp2} {
+		if f.LastUpdated.Before(before) || f.LastUpdated.After(after) {
+			t.Fatalf("%s: last_updated %v, want the fetch time (%v..%v)", f.Endpoint, f.LastUpdated, before, after)
+		}
 	}
 	out, _ := json.Marshal([]wire.Fingerprint{fp, fp2})
 	for _, s := range []string{"SECRETID", "ECSSECRET", "ECSTOKEN", "PODSECRET", "PODTOKEN"} {
