@@ -235,6 +235,16 @@ metrics:
 	if v, _ := metricstest.Counter(fams, "imdsguard_metadata_no_token_rejected_by_container_total", "container", "pod/payments/api-0/app"); v < 1 {
 		t.Errorf("MetadataNoTokenRejected{container=pod/payments/api-0/app} = %v, want at least 1", v)
 	}
+	// And `imdsguard status` has a row for the pod's workload.
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
+	rep, err := status.Fetch(ctx2, agent.StatusSocket)
+	cancel2()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(rep.Processes, func(p metrics.ProcessStats) bool { return p.Container == "pod/shop/web-0/app" && p.V1 > 0 }) {
+		t.Errorf("status has no IMDSv1 row for container pod/shop/web-0/app: %+v", rep.Processes)
+	}
 
 	// sandbox: denied by its pod namespace, as a refused connection.
 	d := until(t, sandbox, imdsInstanceID, "sandbox denied", func(g getResult) bool { return g.Err != "" })

@@ -153,6 +153,7 @@ func (s Snapshot) groups() []seriesGroup {
 type ProcessStats struct {
 	Exe       string    `json:"exe"`
 	User      string    `json:"user"`
+	Container string    `json:"container"` // the workload, as the Container dimension names it
 	Requests  uint64    `json:"requests"`
 	V1        uint64    `json:"v1"`
 	V1Refused uint64    `json:"v1_rejected"`
@@ -181,7 +182,7 @@ type Aggregator struct {
 	procs  map[procKey]*ProcessStats
 }
 
-type procKey struct{ exe, user string }
+type procKey struct{ exe, user, container string }
 
 // maxTracked bounds the distinct executables (and users) held within one interval,
 // before the cap is applied at its end: a host spawning endless new binaries costs at
@@ -227,8 +228,9 @@ func (a *Aggregator) Observe(o Observation) {
 	exe, user := dimValue(o.Exe), dimValue(o.User)
 	bump(a.byExe, exe, o.Kind, n)
 	bump(a.byUser, user, o.Kind, n)
-	bump(a.byCtr, dimValue(o.Container), o.Kind, n)
-	a.recordProcess(exe, user, o.Kind, n, o.Time)
+	ctr := dimValue(o.Container)
+	bump(a.byCtr, ctr, o.Kind, n)
+	a.recordProcess(exe, user, ctr, o.Kind, n, o.Time)
 }
 
 func dimValue(v string) string {
@@ -259,14 +261,14 @@ func bump(m map[string]*Counts, key string, k Kind, n uint64) {
 	c[k] += n
 }
 
-func (a *Aggregator) recordProcess(exe, user string, k Kind, n uint64, t time.Time) {
-	key := procKey{exe, user}
+func (a *Aggregator) recordProcess(exe, user, ctr string, k Kind, n uint64, t time.Time) {
+	key := procKey{exe, user, ctr}
 	p, ok := a.procs[key]
 	if !ok {
 		if len(a.procs) >= a.maxProcs {
 			a.evictOldest()
 		}
-		p = &ProcessStats{Exe: exe, User: user, FirstSeen: t}
+		p = &ProcessStats{Exe: exe, User: user, Container: ctr, FirstSeen: t}
 		a.procs[key] = p
 	}
 	if t.After(p.LastSeen) {

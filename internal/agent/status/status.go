@@ -187,8 +187,8 @@ func Fetch(ctx context.Context, path string) (Report, error) {
 	return r, nil
 }
 
-// WriteTable prints the report for people: one row per executable and user, most
-// recently seen first. V1 is IMDSv1 answered, V1-REJECTED refused by policy, V2 answered
+// WriteTable prints the report for people: one row per executable, user and container
+// (the workload, as the Container metric dimension names it), most recently seen first. V1 is IMDSv1 answered, V1-REJECTED refused by policy, V2 answered
 // with a token, DENIED refused at connect() by the allowlist.
 func WriteTable(w io.Writer, r Report) error {
 	if r.Identity != nil {
@@ -200,9 +200,13 @@ func WriteTable(w io.Writer, r Report) error {
 		}
 	} else {
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "EXE\tUSER\tREQUESTS\tV1\tV1-REJECTED\tV2\tTOKENS\tDENIED\tCREDS\tLAST SEEN")
+		fmt.Fprintln(tw, "EXE\tUSER\tCONTAINER\tREQUESTS\tV1\tV1-REJECTED\tV2\tTOKENS\tDENIED\tCREDS\tLAST SEEN")
 		for _, p := range r.Processes {
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", p.Exe, p.User, p.Requests, p.V1, p.V1Refused,
+			ctr := p.Container
+			if ctr == "" {
+				ctr = "-" // an older agent's report
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", p.Exe, p.User, ctr, p.Requests, p.V1, p.V1Refused,
 				p.V2, p.Tokens, p.Denied, p.Creds, ago(r.Time, p.LastSeen))
 		}
 		if err := tw.Flush(); err != nil {

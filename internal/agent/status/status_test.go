@@ -25,7 +25,7 @@ func TestPrivilegedStatusOverSocket(t *testing.T) {
 	seen := time.Now().Add(-90 * time.Second)
 	agg.Observe(metrics.Observation{Kind: metrics.MetadataRequests, Exe: "/usr/bin/curl", User: "root", Time: seen})
 	agg.Observe(metrics.Observation{Kind: metrics.MetadataNoToken, Exe: "/usr/bin/curl", User: "root", Time: seen})
-	agg.Observe(metrics.Observation{Kind: metrics.MetadataDenied, Exe: "/tmp/evil", User: "nobody"})
+	agg.Observe(metrics.Observation{Kind: metrics.MetadataDenied, Exe: "/tmp/evil", User: "nobody", Container: "pod/shop/web/app"})
 	id := hostid.Identity{InstanceID: "i-0abc", Region: "eu-west-1", AccountID: "123456789012"}
 	srv, err := Listen(path, Source{Processes: agg.Processes, Identity: func() (hostid.Identity, bool) { return id, true }},
 		zerolog.New(zerolog.NewTestWriter(t)))
@@ -60,11 +60,11 @@ func TestPrivilegedStatusOverSocket(t *testing.T) {
 	if len(lines) != 5 || !strings.HasPrefix(lines[2], "EXE") || !strings.HasPrefix(lines[3], "/tmp/evil") {
 		t.Fatalf("table:\n%s", out)
 	}
-	if f := strings.Fields(lines[4]); len(f) < 11 || f[0] != "/usr/bin/curl" || f[1] != "root" || f[2] != "1" ||
-		f[3] != "1" || f[9] != "1m" {
+	if f := strings.Fields(lines[4]); len(f) < 12 || f[0] != "/usr/bin/curl" || f[1] != "root" || f[2] != "unknown" ||
+		f[3] != "1" || f[4] != "1" || f[10] != "1m" {
 		t.Errorf("curl row %q", lines[4])
 	}
-	if f := strings.Fields(lines[3]); f[7] != "1" {
+	if f := strings.Fields(lines[3]); f[2] != "pod/shop/web/app" || f[8] != "1" {
 		t.Errorf("denied row %q", lines[3])
 	}
 	if err := srv.Close(); err != nil {
