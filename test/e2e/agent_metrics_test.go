@@ -159,7 +159,7 @@ func TestPrivilegedAgentPublishesMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatalf("imdsguard status: %v\n%s", err, out)
 	}
-	if !strings.Contains(string(out), "instance "+bed.InstanceID) || !statusRow(string(out), "/usr/bin/curl", "nobody", 1) {
+	if !strings.Contains(string(out), "instance "+bed.InstanceID) || !statusRow(string(out), "/usr/bin/curl", "nobody", "host", 1) {
 		t.Errorf("status table:\n%s", out)
 	}
 	t.Logf("imdsguard status:\n%s", out)
@@ -255,10 +255,10 @@ func promLabel(key string) (string, string) {
 	return "", ""
 }
 
-func statusRow(table, exe, user string, requests int) bool {
+func statusRow(table, exe, user, container string, requests int) bool {
 	for _, line := range strings.Split(table, "\n") {
 		f := strings.Fields(line)
-		if len(f) > 3 && f[0] == exe && f[1] == user && f[2] == fmt.Sprint(requests) {
+		if len(f) > 4 && f[0] == exe && f[1] == user && f[2] == container && f[3] == fmt.Sprint(requests) {
 			return true
 		}
 	}
