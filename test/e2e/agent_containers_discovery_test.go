@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
@@ -86,7 +85,7 @@ func TestPrivilegedContainerDiscoveredBeforeFirstConnect(t *testing.T) {
 		_, _ = rand.Read(idb)
 		id := "imdsguard-disc-" + hex.EncodeToString(idb)
 		cgroupsPath := "/" + rel + "/" + id
-		removeRuncCgroups(t, cgroupsPath)
+		testbed.RemoveRuncCgroups(t, cgroupsPath)
 		spec := map[string]any{
 			"ociVersion": "1.0.2-dev",
 			"process":    map[string]any{"user": map[string]any{"uid": 65534, "gid": 65534}, "args": []string{"/client"}, "cwd": "/"},
@@ -115,37 +114,4 @@ func TestPrivilegedContainerDiscoveredBeforeFirstConnect(t *testing.T) {
 		t.Errorf("%d of %d containers that connect as they start were brokered from their first connection, want at least %d\n%s",
 			won, containers, atLeast, agent.Log())
 	}
-}
-
-// removeRuncCgroups removes, when the test ends, the directories runc is about to create
-// for path in every cgroup hierarchy (hybrid mode makes them, parents included, in the
-// v1 ones too), deepest first, and only those.
-func removeRuncCgroups(t *testing.T, path string) {
-	t.Helper()
-	mounts, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var created []string
-	for line := range strings.Lines(string(mounts)) {
-		f := strings.Fields(line)
-		if len(f) < 3 || (f[2] != "cgroup" && f[2] != "cgroup2") {
-			continue
-		}
-		for d := filepath.Join(f[1], path); d != f[1]; d = filepath.Dir(d) {
-			if _, err := os.Stat(d); os.IsNotExist(err) {
-				created = append(created, d) // child before parent
-			}
-		}
-	}
-	t.Cleanup(func() {
-		for _, d := range created {
-			for i := 0; i < 50 && os.Remove(d) != nil; i++ {
-				if _, err := os.Stat(d); os.IsNotExist(err) {
-					break
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-		}
-	})
 }

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -47,7 +46,7 @@ func TestPrivilegedRuncContainer(t *testing.T) {
 	}
 	sleeper(t, filepath.Join(rootfs, "sleeper"))
 	rel := "/kubepods/besteffort/pod" + podUID + "/" + id
-	removeCreatedCgroups(t, "/kubepods/besteffort/pod"+podUID)
+	testbed.RemoveRuncCgroups(t, "/kubepods/besteffort/pod"+podUID)
 	writeBundle(t, bundle, rel)
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -128,34 +127,6 @@ func TestPrivilegedRuncContainer(t *testing.T) {
 	if got := p.Kernel.Rules[1].Cgroups; len(got) != 0 {
 		t.Errorf("pod_namespace shop resolved to %v, want nothing", got)
 	}
-}
-
-// removeCreatedCgroups removes, when the test ends, the directories of path (and its
-// ancestors) that runc is about to create in every cgroup hierarchy (in hybrid mode it
-// makes the container's cgroup in the v1 hierarchies too), and only those.
-func removeCreatedCgroups(t *testing.T, path string) {
-	t.Helper()
-	mounts, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var created []string
-	for line := range strings.Lines(string(mounts)) {
-		f := strings.Fields(line)
-		if len(f) < 3 || (f[2] != "cgroup" && f[2] != "cgroup2") {
-			continue
-		}
-		for d := path; d != "/"; d = filepath.Dir(d) {
-			if _, err := os.Stat(filepath.Join(f[1], d)); errors.Is(err, os.ErrNotExist) {
-				created = append(created, filepath.Join(f[1], d)) // deepest first
-			}
-		}
-	}
-	t.Cleanup(func() { // registered first, so it runs after the container is deleted
-		for _, d := range created {
-			_ = os.Remove(d)
-		}
-	})
 }
 
 func randHex(t *testing.T, n int) string {

@@ -4,16 +4,14 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/imdsguard/imdsguard/internal/agent/procinfo"
+	"github.com/imdsguard/imdsguard/internal/testing/testbed"
 )
 
 // TestPrivilegedRuncContainer serves a real container: Debian's runc makes its network
@@ -45,7 +43,7 @@ func TestPrivilegedRuncContainer(t *testing.T) {
 		t.Fatalf("build sleeper: %v: %s", err, out)
 	}
 	cgroupsPath := "/" + id
-	removeCreatedCgroups(t, cgroupsPath)
+	testbed.RemoveRuncCgroups(t, cgroupsPath)
 	spec := map[string]any{
 		"ociVersion": "1.0.2-dev",
 		"process":    map[string]any{"user": map[string]any{"uid": 65534, "gid": 65534}, "args": []string{"/sleeper"}, "cwd": "/"},
@@ -110,35 +108,4 @@ func TestPrivilegedRuncContainer(t *testing.T) {
 	remove()
 	waitUnpublished(t, e.pub, ep.Cookie)
 	e.waitRemoved(t, 1)
-}
-
-// removeCreatedCgroups removes, when the test ends, the directories of path that runc
-// is about to create in every cgroup hierarchy (hybrid mode makes them in the v1
-// hierarchies too), and only those.
-func removeCreatedCgroups(t *testing.T, path string) {
-	t.Helper()
-	mounts, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var created []string
-	for line := range strings.Lines(string(mounts)) {
-		f := strings.Fields(line)
-		if len(f) < 3 || (f[2] != "cgroup" && f[2] != "cgroup2") {
-			continue
-		}
-		if _, err := os.Stat(filepath.Join(f[1], path)); errors.Is(err, os.ErrNotExist) {
-			created = append(created, filepath.Join(f[1], path))
-		}
-	}
-	t.Cleanup(func() { // registered first, so it runs after the container is deleted
-		for _, d := range created {
-			for i := 0; i < 50 && os.Remove(d) != nil; i++ {
-				if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
-					break
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-		}
-	})
 }

@@ -1,8 +1,12 @@
 package testbed
 
 import (
+	"errors"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 )
 
 // PrivilegedEnv gates tests that need root, BPF and namespaces. `make test` sets it;
@@ -36,4 +40,40 @@ func Start(tb testing.TB, opts Options) *Bed {
 		}
 	})
 	return b
+}
+
+// RemoveRuncCgroups removes, when the test ends, the directories of path (a cgroup path
+// as an OCI config's cgroupsPath names it) and of its ancestors that runc is about to
+// create, in every cgroup hierarchy (on a hybrid host runc makes them in the v1 ones
+// too), deepest first, and only those. Call it before starting the container: its
+// cleanup, registered first, runs after the container's is done.
+func RemoveRuncCgroups(tb testing.TB, path string) {
+	tb.Helper()
+	mounts, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var created []string
+	for line := range strings.Lines(string(mounts)) {
+		f := strings.Fields(line)
+		if len(f) < 3 || (f[2] != "cgroup" && f[2] != "cgroup2") {
+			continue
+		}
+		for d := filepath.Join(f[1], path); d != f[1]; d = filepath.Dir(d) {
+			if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
+				created = append(created, d) // child before parent
+			}
+		}
+	}
+	tb.Cleanup(func() {
+		for _, d := range created {
+			// A cgroup whose last process just exited is busy for a moment.
+			for i := 0; i < 50 && os.Remove(d) != nil; i++ {
+				if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	})
 }
