@@ -326,21 +326,26 @@ func (p *parser) process(pr *wire.Process) error {
 	})
 }
 
-// pod reads a pod: null makes it nil, an object decodes into the pod there is (a key
-// given twice) or a new one.
-func (p *parser) pod(pp **wire.Pod) error {
-	if p.peek() == 'n' {
+// objectPtr reads an object into *pp, as encoding/json fills a pointer: null makes it
+// nil, an object decodes into the value there is (a key given twice) or a new one.
+func objectPtr[T any](p *parser, what string, pp **T, field func(v *T, key []byte) error) error {
+	switch p.peek() {
+	case 'n':
 		*pp = nil
 		return p.literal("null")
-	}
-	if p.peek() != '{' {
-		return p.errorf("pod is not an object")
+	case '{':
+	default:
+		return p.errorf("%s is not an object", what)
 	}
 	if *pp == nil {
-		*pp = &wire.Pod{}
+		*pp = new(T)
 	}
-	pod := *pp
-	return p.object(func(key []byte) error {
+	v := *pp
+	return p.object(func(key []byte) error { return field(v, key) })
+}
+
+func (p *parser) pod(pp **wire.Pod) error {
+	return objectPtr(p, "pod", pp, func(pod *wire.Pod, key []byte) error {
 		switch string(p.fold(key)) {
 		case "NAMESPACE":
 			return p.stringInto(&pod.Namespace)
@@ -358,18 +363,7 @@ func (p *parser) pod(pp **wire.Pod) error {
 }
 
 func (p *parser) ecsTask(tp **wire.ECSTask) error {
-	if p.peek() == 'n' {
-		*tp = nil
-		return p.literal("null")
-	}
-	if p.peek() != '{' {
-		return p.errorf("ecs_task is not an object")
-	}
-	if *tp == nil {
-		*tp = &wire.ECSTask{}
-	}
-	task := *tp
-	return p.object(func(key []byte) error {
+	return objectPtr(p, "ecs_task", tp, func(task *wire.ECSTask, key []byte) error {
 		switch string(p.fold(key)) {
 		case "ARN":
 			return p.stringInto(&task.ARN)
